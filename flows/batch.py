@@ -1,0 +1,235 @@
+"""The ``medvlm-batch`` flow: one manifest -> completions (and quarantine, runs) Parquet tables.
+
+Steps: read and check the manifest; identify and load the model (once per process); map the inference
+task over chunks of manifest rows; turn any failed chunk into error rows; publish the run's tables
+atomically; write a summary artifact. A problem that stops the run before any document is processed
+(unreadable manifest, missing model, ...) ends the flow run Failed with one clear message.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict
+from typing import Any
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+from prefect.states import Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+import medvlm_core
+from medvlm_core import storage as st
+from medvlm_core.config import EngineConfig, GenerationParams, ImageOptions, Settings, params_json
+from medvlm_core.errors import RunError
+from medvlm_core.pipeline import RunSpec
+from medvlm_core.prompts import get_prompt
+from medvlm_core.results import utc_now
+from medvlm_core.storage import Storage
+from tasks.inference import ChunkSummary, infer_chunk, stage_failed_chunk
+from tasks.prepare import identify_model, load_model, read_manifest
+from tasks.publish import publish_run, run_date_of
+
+
+def make_run_id(started) -> str:
+    """Sortable, unique run id: UTC start time + the flow run id (so Prefect and tables join)."""
+    source = (flow_run.id or uuid.uuid4().hex).replace("-", "")
+    return f"{started:%Y%m%dT%H%M%SZ}-{source[:8]}"
+
+
+def split_chunks(items: list, size: int) -> list[list]:
+    """Consecutive chunks of at most ``size`` items."""
+    size = max(1, size)
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@flow(name="medvlm-batch", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False)
+def medvlm_batch(
+    manifest: str,
+    output: str,
+    model: str,
+    mmproj: str,
+    prompt_id: str | None = None,
+    prompt: str | None = None,
+    max_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 0.95,
+    top_k: int = 40,
+    min_p: float = 0.05,
+    repeat_penalty: float = 1.0,
+    seed: int = 0,
+    stop: list[str] | None = None,
+    n_gpu_layers: int = -1,
+    n_ctx: int = 8192,
+    n_threads: int | None = None,
+    chat_format: str | None = None,
+    max_pixels: int = ImageOptions.max_pixels,
+    pdf_dpi: int = ImageOptions.pdf_dpi,
+    chunk_size: int | None = None,
+) -> Any:
+    """Run a VLM over every page of the manifest's documents and publish the result tables under ``output``.
+
+    Returns a summary dict (run id, counts, published URLs). Every manifest row ends as a result row, an
+    error row or a quarantine row; ``reconciled`` in the summary and the runs row says the counts add up.
+    """
+    logger = get_run_logger()
+    try:
+        settings = Settings.from_env()
+        generation = GenerationParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            repeat_penalty=repeat_penalty, seed=seed, stop=tuple(stop or ()),
+        )
+        images = ImageOptions(max_pixels=max_pixels, pdf_dpi=pdf_dpi)
+        engine = EngineConfig(
+            model_path=st.normalize(model), mmproj_path=st.normalize(mmproj), chat_format=chat_format,
+            n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+        )
+        default_prompt = get_prompt(prompt_id, prompt)
+        return _run(
+            logger, settings, Storage(), st.normalize(manifest), st.normalize(output), engine, generation, images,
+            default_prompt, chunk_size or settings.chunk_size,
+        )
+    except RunError as exc:
+        logger.error("run failed: %s", exc)
+        return Failed(message=str(exc))
+
+
+def _run(logger, settings, storage, manifest, output, engine, generation, images, default_prompt, chunk_size) -> dict:
+    started = utc_now()
+    run_id = make_run_id(started)
+    logger.info("run %s: reading manifest", run_id)
+    plan = read_manifest(manifest, storage)
+    identity = identify_model(engine, engine.chat_format, str(settings.cache_dir))
+    load_seconds = load_model(engine, identity.chat_format)
+    logger.info(
+        "run %s: %d manifest rows (%d quarantined); model %s (%s) loaded in %.1f s",
+        run_id, plan.total_rows, len(plan.quarantined), identity.model_name, identity.chat_format, load_seconds,
+    )
+    spec = RunSpec(
+        run_id=run_id, output=output, engine=engine, model=identity, generation=generation, images=images,
+        default_prompt=default_prompt, params_json=params_json(generation, images, identity.chat_format),
+        log_phi=settings.log_phi,
+    )
+    chunks = split_chunks(plan.rows, chunk_size)
+    futures = infer_chunk.map(list(range(len(chunks))), chunks, unmapped(spec), unmapped(storage))
+    summaries: list[ChunkSummary] = []
+    done_rows = 0
+    for index, future in enumerate(futures):
+        try:
+            summary = future.result()
+        except Exception as exc:  # the chunk's rows must still be accounted for
+            logger.error("chunk %d failed (%s); recording its %d rows as errors", index, type(exc).__name__, len(chunks[index]))
+            summary = stage_failed_chunk(index, chunks[index], spec, storage, f"inference task failed ({type(exc).__name__})")
+        summaries.append(summary)
+        done_rows += len(chunks[index])
+        logger.info("progress: %d/%d manifest rows processed", done_rows, len(plan.rows))
+
+    finished = utc_now()
+    run_row = _run_row(spec, manifest, output, plan, summaries, started, finished, default_prompt, generation, images)
+    quarantine_rows = [
+        {
+            "run_id": run_id, "manifest_uri": manifest, "row_number": q.row_number, "row_json": q.row_json,
+            "column": q.column, "check": q.check, "failing_value": q.value, "reason": q.reason, "created_at": finished,
+        }
+        for q in plan.quarantined
+    ]
+    published = publish_run(
+        output, run_id, run_date_of(started), [s.staged_url for s in summaries], quarantine_rows, run_row, storage
+    )
+    summary = {
+        "run_id": run_id,
+        "manifest_rows": run_row["manifest_rows"],
+        "quarantined_rows": run_row["quarantined_rows"],
+        "skipped_rows": run_row["skipped_rows"],
+        "pages_ok": run_row["pages_ok"],
+        "pages_error": run_row["pages_error"],
+        "reconciled": run_row["reconciled"],
+        "error_types": _merge_counts(s.error_types for s in summaries),
+        "wall_seconds": run_row["wall_seconds"],
+        "pages_per_second": run_row["pages_per_second"],
+        "completion_tokens_per_second": run_row["completion_tokens_per_second"],
+        "slowest": sorted((x for s in summaries for x in s.slowest), reverse=True)[:5],
+        "published": published,
+        "output": output,
+    }
+    _publish_artifact(summary)
+    logger.info(
+        "run %s done: %d ok, %d error pages, %d quarantined rows, reconciled=%s",
+        run_id, summary["pages_ok"], summary["pages_error"], summary["quarantined_rows"], summary["reconciled"],
+    )
+    return summary
+
+
+def _merge_counts(counts) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            merged[k] = merged.get(k, 0) + v
+    return dict(sorted(merged.items()))
+
+
+def _run_row(spec, manifest, output, plan, summaries, started, finished, default_prompt, generation, images) -> dict:
+    wall = max((finished - started).total_seconds(), 1e-9)
+    pages_ok = sum(s.pages_ok for s in summaries)
+    covered = {n for s in summaries for n in s.manifest_rows}
+    expected = {r.row_number for r in plan.rows}
+    skipped = 0
+    reconciled = covered == expected and len(plan.quarantined) + skipped + len(covered) == plan.total_rows
+    completion_tokens = sum(s.completion_tokens for s in summaries)
+    return {
+        "run_id": spec.run_id,
+        "flow_run_id": str(flow_run.id) if flow_run.id else None,
+        "status": "completed",
+        "started_at": started,
+        "finished_at": finished,
+        "wall_seconds": wall,
+        "manifest_uri": manifest,
+        "output_uri": output,
+        "model_name": spec.model.model_name,
+        "model_sha256": spec.model.model_sha256,
+        "mmproj_sha256": spec.model.mmproj_sha256,
+        "chat_format": spec.model.chat_format,
+        "prompt_id": default_prompt.prompt_id,
+        "prompt_sha256": default_prompt.sha256,
+        "params_json": spec.params_json,
+        "manifest_rows": plan.total_rows,
+        "quarantined_rows": len(plan.quarantined),
+        "skipped_rows": skipped,
+        "processed_rows": len(covered),
+        "pages_ok": pages_ok,
+        "pages_error": sum(s.pages_error for s in summaries),
+        "reconciled": reconciled,
+        "prompt_tokens": sum(s.prompt_tokens for s in summaries),
+        "completion_tokens": completion_tokens,
+        "pages_per_second": pages_ok / wall,
+        "completion_tokens_per_second": completion_tokens / wall,
+        "medvlm_version": medvlm_core.__version__,
+    }
+
+
+def _publish_artifact(summary: dict) -> None:
+    """A markdown artifact with the counts a person checks first (no document data)."""
+    lines = [
+        f"# medvlm run {summary['run_id']}",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| manifest rows | {summary['manifest_rows']} |",
+        f"| pages ok | {summary['pages_ok']} |",
+        f"| pages error | {summary['pages_error']} |",
+        f"| quarantined rows | {summary['quarantined_rows']} |",
+        f"| skipped rows | {summary['skipped_rows']} |",
+        f"| reconciled | {summary['reconciled']} |",
+        f"| pages/s | {summary['pages_per_second']:.3f} |",
+        f"| completion tokens/s | {summary['completion_tokens_per_second']:.1f} |",
+        "",
+        "| error type | pages |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in summary["error_types"].items()],
+        "",
+        "Tables: " + ", ".join(f"`{k}`: {v}" for k, v in summary["published"].items()),
+    ]
+    try:
+        create_markdown_artifact(markdown="\n".join(lines), key="medvlm-run-summary", description="medvlm run summary")
+    except Exception:  # an artifact is a convenience: never fail a finished run over it
+        pass

@@ -1,0 +1,196 @@
+"""The ``medvlm`` command line: ``run``, ``demo`` and ``make-tiny-model``.
+
+``medvlm run`` executes the ``medvlm-batch`` Prefect flow in this process (an ephemeral Prefect server
+when PREFECT_API_URL is not set). Exit status: 0 when every manifest row is accounted for, 1 when the
+run finished but the counts do not reconcile, 2 when the run cannot start (the message says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_OK, EXIT_UNRECONCILED, EXIT_CANNOT_RUN = 0, 1, 2
+
+
+def _prefect_defaults() -> None:
+    """Settings that make the first run work offline; set before Prefect is imported, never overriding."""
+    # A fresh ephemeral server needs more than Prefect's 20 s default to migrate its database.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    from medvlm_core.config import EngineConfig, GenerationParams, ImageOptions
+
+    g = GenerationParams()
+    p.add_argument("--prompt-id", help="prompt of the library (default clinical_analysis)")
+    p.add_argument("--prompt", help="free prompt text for every row (rows may still set their own)")
+    p.add_argument("--max-tokens", type=int, default=g.max_tokens)
+    p.add_argument("--temperature", type=float, default=g.temperature)
+    p.add_argument("--top-p", type=float, default=g.top_p)
+    p.add_argument("--top-k", type=int, default=g.top_k)
+    p.add_argument("--min-p", type=float, default=g.min_p)
+    p.add_argument("--repeat-penalty", type=float, default=g.repeat_penalty)
+    p.add_argument("--seed", type=int, default=g.seed)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--n-gpu-layers", type=int, default=EngineConfig.n_gpu_layers, help="-1 = all layers")
+    p.add_argument("--n-ctx", type=int, default=EngineConfig.n_ctx)
+    p.add_argument("--n-threads", type=int, default=None)
+    p.add_argument("--chat-format", default=None, help="override the chat format picked from the model")
+    p.add_argument("--max-pixels", type=int, default=ImageOptions.max_pixels, help="pixel budget per page image")
+    p.add_argument("--pdf-dpi", type=int, default=ImageOptions.pdf_dpi)
+    p.add_argument("--chunk-size", type=int, default=None, help="manifest rows per inference task")
+
+
+def _flow_params(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        prompt_id=args.prompt_id, prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
+        stop=args.stop, n_gpu_layers=args.n_gpu_layers, n_ctx=args.n_ctx, n_threads=args.n_threads,
+        chat_format=args.chat_format, max_pixels=args.max_pixels, pdf_dpi=args.pdf_dpi, chunk_size=args.chunk_size,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``medvlm`` command."""
+    parser = argparse.ArgumentParser(prog="medvlm", description="Clinical document images -> VLM -> Parquet tables.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the batch flow over a manifest")
+    run.add_argument("--manifest", required=True, help="manifest URI (.csv, .jsonl or .parquet)")
+    run.add_argument("--output", required=True, help="output folder URI for the Parquet tables")
+    run.add_argument("--model", required=True, help="text model GGUF")
+    run.add_argument("--mmproj", required=True, help="vision projector (mmproj) GGUF")
+    _add_run_options(run)
+
+    demo = sub.add_parser("demo", help="render synthetic documents and run the whole flow on them")
+    demo.add_argument("--workdir", default="./medvlm-demo")
+    demo.add_argument("--model", help="text model GGUF (default: generate the tiny random model)")
+    demo.add_argument("--mmproj", help="vision projector GGUF (with --model)")
+    demo.add_argument("--family", default="llava", help="tiny model family when generating (llava, qwen2vl)")
+    demo.add_argument("--max-tokens", type=int, default=48)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight VLM (text GGUF + mmproj) for tests")
+    tiny.add_argument("--out", required=True)
+    tiny.add_argument("--family", default="llava")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run_flow(**params: Any) -> tuple[int, dict | None, str | None]:
+    """Run the batch flow in-process. Returns (exit status, summary or None, error message or None)."""
+    _prefect_defaults()
+    from flows.batch import medvlm_batch
+
+    state = medvlm_batch(return_state=True, **params)
+    if not state.is_completed():
+        return EXIT_CANNOT_RUN, None, state.message or "the run failed"
+    summary = state.result()
+    return (EXIT_OK if summary["reconciled"] else EXIT_UNRECONCILED), summary, None
+
+
+def print_summary(summary: dict, out=sys.stdout) -> None:
+    """Counts and locations of a finished run (no document data)."""
+    print(f"run {summary['run_id']}: {summary['manifest_rows']} manifest rows -> "
+          f"{summary['pages_ok']} ok pages, {summary['pages_error']} error pages, "
+          f"{summary['quarantined_rows']} quarantined, {summary['skipped_rows']} skipped; "
+          f"reconciled={summary['reconciled']}", file=out)
+    if summary["error_types"]:
+        print("errors by type: " + ", ".join(f"{k}={v}" for k, v in summary["error_types"].items()), file=out)
+    print(f"throughput: {summary['pages_per_second']:.2f} pages/s, "
+          f"{summary['completion_tokens_per_second']:.1f} completion tokens/s over {summary['wall_seconds']:.1f} s", file=out)
+    for table, url in summary["published"].items():
+        print(f"  {table}: {url}", file=out)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    code, summary, error = run_flow(
+        manifest=args.manifest, output=args.output, model=args.model, mmproj=args.mmproj, **_flow_params(args)
+    )
+    if error is not None:
+        print(f"medvlm: error: {error}", file=sys.stderr)
+        return code
+    print_summary(summary)
+    if code == EXIT_UNRECONCILED:
+        print("medvlm: error: the run's counts do not reconcile; see the runs table", file=sys.stderr)
+    return code
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from medvlm_core.tiny_model import make_tiny_model
+
+    try:
+        model = make_tiny_model(args.out, family=args.family, seed=args.seed)
+    except ValueError as exc:
+        print(f"medvlm: error: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    print(f"model:  {model.model_path}\nmmproj: {model.mmproj_path}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medvlm_core.demo_docs import write_demo_documents
+    from medvlm_core.tiny_model import make_tiny_model
+
+    workdir = Path(args.workdir).resolve()
+    records = write_demo_documents(workdir / "documents")
+    manifest = workdir / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    tiny = args.model is None
+    if tiny:
+        made = make_tiny_model(workdir / "model", family=args.family)
+        model, mmproj = str(made.model_path), str(made.mmproj_path)
+    elif not args.mmproj:
+        print("medvlm: error: --model needs --mmproj", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    else:
+        model, mmproj = args.model, args.mmproj
+    print(f"demo: {len(records)} synthetic documents and a manifest in {workdir}")
+    code, summary, error = run_flow(
+        manifest=str(manifest), output=str(workdir / "output"), model=model, mmproj=mmproj,
+        max_tokens=args.max_tokens, n_ctx=4096,
+    )
+    if error is not None:
+        print(f"medvlm: error: {error}", file=sys.stderr)
+        return code
+    print()
+    print_summary(summary)
+    _print_demo_rows(summary["published"]["completions"])
+    print()
+    if tiny:
+        print("Note: the model is a tiny random-weight model generated for this demo; its text is meaningless.")
+        print("Point the demo at a real VLM to get real answers, for example:")
+        print("  medvlm demo --model Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf --mmproj mmproj-Qwen2.5-VL-7B-Instruct-f16.gguf")
+    print(f"Query the tables: duckdb -c \"select * from read_parquet('{workdir}/output/completions/*/*.parquet', hive_partitioning=true)\"")
+    return code
+
+
+def _print_demo_rows(completions_url: str) -> None:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(completions_url).to_pylist()
+    print()
+    print(f"{'document_id':<16} {'page':>4} {'status':<6} {'tokens':>6} {'ms':>7}  completion (first 50 chars)")
+    for r in table:
+        text = (r["completion"] or r["error_type"] or "").replace("\n", " ")[:50]
+        print(f"{r['document_id']:<16} {r['page'] or '':>4} {r['status']:<6} {r['completion_tokens'] or 0:>6} "
+              f"{r['latency_ms'] or 0:>7.0f}  {text}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``medvlm`` console script."""
+    args = build_parser().parse_args(argv)
+    handlers = {"run": cmd_run, "demo": cmd_demo, "make-tiny-model": cmd_make_tiny_model}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The llama.cpp vision-language engine: load a text GGUF + mmproj once, then answer image + prompt.
+
+``VisionEngine`` separates setup (``load``: model weights, vision projector, chat handler) from the
+per-page work (``generate``), the way Ray Data LLM processors and NeMo Curator stages do. One engine holds
+one llama.cpp context, which runs one sequence at a time; ``generate`` is serialised with a lock so that
+threads may share an engine safely.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from medvlm_core import errors
+from medvlm_core.config import EngineConfig, GenerationParams
+from medvlm_core.errors import DocumentError, RunError
+from medvlm_core.images import to_data_uri
+
+# chat format -> llama_cpp.llama_chat_format class name
+_HANDLER_CLASSES = {
+    "llava-1-5": "Llava15ChatHandler",
+    "llava-1-6": "Llava16ChatHandler",
+    "qwen2.5-vl": "Qwen25VLChatHandler",
+    "minicpm-v-2.6": "MiniCPMv26ChatHandler",
+    "moondream2": "MoondreamChatHandler",
+    "nanollava": "NanoLlavaChatHandler",
+    "llama-3-vision-alpha": "Llama3VisionAlphaChatHandler",
+    "obsidian": "ObsidianChatHandler",
+    "mtmd": "MTMDChatHandler",
+}
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One completion and what it cost."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+
+
+def _quiet_native_logs() -> None:
+    """Route libmtmd's logging through llama-cpp-python's logger (errors only unless verbose)."""
+    import llama_cpp._logger as llama_logger
+    import llama_cpp.mtmd_cpp as mtmd_cpp
+
+    mtmd_cpp.mtmd_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_helper_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+class VisionEngine:
+    """A loaded llama.cpp VLM. Create, ``load()`` once, then ``generate()`` for every page."""
+
+    def __init__(self, config: EngineConfig, chat_format: str, verbose: bool = False):
+        if chat_format not in _HANDLER_CLASSES:
+            raise RunError(f"unknown chat format {chat_format!r}; known: {', '.join(_HANDLER_CLASSES)}")
+        self.config = config
+        self.chat_format = chat_format
+        self.verbose = verbose
+        self._llm: Any = None
+        self._lock = threading.Lock()
+        self.load_seconds = 0.0
+
+    @property
+    def loaded(self) -> bool:
+        """True between ``load()`` and ``close()``."""
+        return self._llm is not None
+
+    def load(self) -> "VisionEngine":
+        """Load weights and the vision projector. RunError with a clear message if llama.cpp refuses them."""
+        if self._llm is not None:
+            return self
+        for path in (self.config.model_path, self.config.mmproj_path):
+            if not os.path.isfile(path):
+                raise RunError(f"{path}: model file not found")
+        started = time.perf_counter()
+        import llama_cpp
+        from llama_cpp import llama_chat_format
+
+        _quiet_native_logs()
+        handler_cls = getattr(llama_chat_format, _HANDLER_CLASSES[self.chat_format])
+        try:
+            handler = handler_cls(clip_model_path=self.config.mmproj_path, verbose=self.verbose)
+            kwargs: dict[str, Any] = dict(
+                model_path=self.config.model_path,
+                chat_handler=handler,
+                n_ctx=self.config.n_ctx,
+                n_batch=self.config.n_batch,
+                n_ubatch=self.config.n_batch,
+                n_gpu_layers=self.config.n_gpu_layers,
+                verbose=self.verbose,
+            )
+            if self.config.n_threads:
+                kwargs["n_threads"] = self.config.n_threads
+                kwargs["n_threads_batch"] = self.config.n_threads
+            llm = llama_cpp.Llama(**kwargs)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise RunError(f"llama.cpp could not load {self.config.model_path}: {_short(exc)}") from None
+        self._llm = llm
+        self.load_seconds = time.perf_counter() - started
+        return self
+
+    def generate(self, image: Image.Image, prompt: str, params: GenerationParams) -> Generation:
+        """Answer ``prompt`` about ``image``. DocumentError (inference_error / context_overflow) on failure."""
+        if self._llm is None:
+            raise RunError("engine is not loaded; call load() first")
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": to_data_uri(image)}},
+                    {"type": "text", "text": prompt},
+                ],
+            }
+        ]
+        with self._lock:
+            started = time.perf_counter()
+            try:
+                response = self._llm.create_chat_completion(
+                    messages=messages,
+                    max_tokens=params.max_tokens,
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    top_k=params.top_k,
+                    min_p=params.min_p,
+                    repeat_penalty=params.repeat_penalty,
+                    seed=params.seed,
+                    stop=list(params.stop) or None,
+                )
+            except ValueError as exc:
+                if "exceed context window" in str(exc) or "context" in str(exc).lower():
+                    raise DocumentError(
+                        errors.CONTEXT_OVERFLOW,
+                        f"image and prompt do not fit in n_ctx={self.config.n_ctx}; raise --n-ctx or lower the pixel budget",
+                    ) from None
+                raise DocumentError(errors.INFERENCE_ERROR, f"llama.cpp rejected the request ({type(exc).__name__})") from None
+            except Exception as exc:  # a native error surfaces as many types; the run must go on
+                raise DocumentError(errors.INFERENCE_ERROR, f"llama.cpp failed ({type(exc).__name__})") from None
+            latency_ms = (time.perf_counter() - started) * 1000.0
+        choice = response["choices"][0]
+        usage = response.get("usage") or {}
+        return Generation(
+            text=choice["message"].get("content") or "",
+            finish_reason=choice.get("finish_reason") or "stop",
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            latency_ms=latency_ms,
+        )
+
+    def close(self) -> None:
+        """Free the model (explicitly: ``Llama.__del__`` at interpreter exit can raise)."""
+        with self._lock:
+            if self._llm is not None:
+                self._llm.close()
+                self._llm = None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:300]
+
+
+_SHARED: dict[tuple, VisionEngine] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_engine(config: EngineConfig, chat_format: str) -> VisionEngine:
+    """The process-wide engine for this config, loaded on first use and reused after (one load per process).
+
+    A worker process running many chunks (or many flow runs in one process) loads the model once.
+    Loading another config closes the previous engine first, so two models never sit in memory at once.
+    """
+    key = (config, chat_format)
+    with _SHARED_LOCK:
+        engine = _SHARED.get(key)
+        if engine is not None and engine.loaded:
+            return engine
+        for other in list(_SHARED.values()):
+            other.close()
+        _SHARED.clear()
+        engine = VisionEngine(config, chat_format).load()
+        _SHARED[key] = engine
+        return engine
+
+
+def close_shared_engines() -> None:
+    """Close every shared engine (tests, process shutdown)."""
+    with _SHARED_LOCK:
+        for engine in _SHARED.values():
+            engine.close()
+        _SHARED.clear()
+
+
+# Free models before interpreter teardown: Llama.__del__ during shutdown raises (its ctypes are gone).
+atexit.register(close_shared_engines)

@@ -1,0 +1,54 @@
+"""Errors and the stable error types written into result rows.
+
+Two kinds of failure exist and they are kept apart on purpose:
+
+* ``RunError``: the run as a whole cannot start or cannot finish (missing model, unreadable manifest,
+  missing required column). It carries one clear, PHI-free message for the user.
+* ``DocumentError``: one document or page failed (missing image, corrupt file). It becomes an error row
+  with a stable ``error_type`` and the run goes on.
+"""
+
+from __future__ import annotations
+
+
+class RunError(Exception):
+    """The run cannot start or finish; the message is shown to the user as is."""
+
+
+class DocumentError(Exception):
+    """One document (or page) failed; recorded as an error row, the run goes on.
+
+    ``error_type`` is one of the stable values below, so that analysts can group and count failures.
+    The message names the file and the reason, never document content.
+    """
+
+    def __init__(self, error_type: str, message: str):
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+
+# Stable error_type values (the contract of the ``error_type`` column).
+NOT_FOUND = "not_found"
+READ_FAILED = "read_failed"
+UNREADABLE_IMAGE = "unreadable_image"
+UNSUPPORTED_FORMAT = "unsupported_format"
+TOO_LARGE = "too_large"
+SHA256_MISMATCH = "sha256_mismatch"
+PAGE_OUT_OF_RANGE = "page_out_of_range"
+INFERENCE_ERROR = "inference_error"
+CONTEXT_OVERFLOW = "context_overflow"
+TASK_FAILED = "task_failed"
+
+ERROR_TYPES = (
+    NOT_FOUND,
+    READ_FAILED,
+    UNREADABLE_IMAGE,
+    UNSUPPORTED_FORMAT,
+    TOO_LARGE,
+    SHA256_MISMATCH,
+    PAGE_OUT_OF_RANGE,
+    INFERENCE_ERROR,
+    CONTEXT_OVERFLOW,
+    TASK_FAILED,
+)

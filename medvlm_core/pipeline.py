@@ -1,0 +1,280 @@
+"""The per-chunk work of a run, free of orchestration: manifest rows in, result rows out.
+
+Stages, each with a clear input and output:
+
+1. ``fetch_documents``: manifest rows -> (row, bytes + sha256 | DocumentError), fetched concurrently in a
+   bounded window so the model never waits on storage when it does not have to.
+2. ``iter_page_work``: fetched documents -> pages decoded to model-ready images (multi-page documents
+   expand into one item per page), or the error that stopped them.
+3. ``process_rows``: pages -> engine -> result rows (``ok`` or ``error``), in manifest order.
+
+Stages 1 and 2 run on background threads (``prefetch``) while the engine works on the current page, and
+only a few pages are held in memory at any time, however long the chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+from medvlm_core import errors
+from medvlm_core.config import EngineConfig, GenerationParams, ImageOptions
+from medvlm_core.engine import VisionEngine
+from medvlm_core.errors import DocumentError, RunError
+from medvlm_core.images import PageImage, load_pages
+from medvlm_core.manifest import ManifestRow
+from medvlm_core.prompts import Prompt, get_prompt
+from medvlm_core.results import STATUS_ERROR, STATUS_OK, result_key, utc_now
+from medvlm_core.storage import Storage
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model produced a row: the audit trail of every result."""
+
+    model_name: str
+    model_sha256: str
+    mmproj_sha256: str
+    chat_format: str
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a chunk of a run needs. Plain data: picklable, and free of secrets and document data."""
+
+    run_id: str
+    output: str
+    engine: EngineConfig
+    model: ModelIdentity
+    generation: GenerationParams
+    images: ImageOptions
+    default_prompt: Prompt
+    params_json: str
+    fetch_workers: int = 4
+    log_phi: bool = False
+
+
+@dataclass
+class FetchedDocument:
+    """A document's bytes and where they came from."""
+
+    data: bytes
+    sha256: str
+    fetch_ms: float
+
+
+@dataclass
+class PageWork:
+    """One unit for the engine: a page image, or the error that replaced it."""
+
+    row: ManifestRow
+    page: int | None
+    page_count: int | None = None
+    image: PageImage | None = None
+    error: DocumentError | None = None
+    image_sha256: str | None = None
+    fetch_ms: float | None = None
+    preprocess_ms: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def fetch_document(row: ManifestRow, storage: Storage, options: ImageOptions) -> FetchedDocument:
+    """Read one document's bytes, hash them and check the expected sha256 if the row gives one."""
+    started = time.perf_counter()
+    data = storage.read_bytes(row.image_uri, max_bytes=options.max_bytes)
+    digest = hashlib.sha256(data).hexdigest()
+    if row.sha256 and row.sha256 != digest:
+        raise DocumentError(
+            errors.SHA256_MISMATCH, f"{row.image_uri}: sha256 of the file does not match the manifest's sha256"
+        )
+    return FetchedDocument(data=data, sha256=digest, fetch_ms=(time.perf_counter() - started) * 1000.0)
+
+
+def fetch_documents(
+    rows: Iterable[ManifestRow], storage: Storage, options: ImageOptions, workers: int = 4
+) -> Iterator[tuple[ManifestRow, FetchedDocument | DocumentError]]:
+    """Fetch documents concurrently, at most ``2 * workers`` in flight, yielding in manifest order."""
+    window = max(1, 2 * workers)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="medvlm-fetch") as pool:
+        pending: list[tuple[ManifestRow, Future]] = []
+        for row in rows:
+            pending.append((row, pool.submit(fetch_document, row, storage, options)))
+            if len(pending) >= window:
+                yield _settle(*pending.pop(0))
+        while pending:
+            yield _settle(*pending.pop(0))
+
+
+def _settle(row: ManifestRow, future: Future) -> tuple[ManifestRow, FetchedDocument | DocumentError]:
+    try:
+        return row, future.result()
+    except DocumentError as exc:
+        return row, exc
+    except Exception as exc:  # storage libraries raise many types; one document must not stop the chunk
+        return row, DocumentError(errors.READ_FAILED, f"{row.image_uri}: read failed ({type(exc).__name__})")
+
+
+def iter_page_work(
+    fetched: Iterable[tuple[ManifestRow, FetchedDocument | DocumentError]], options: ImageOptions
+) -> Iterator[PageWork]:
+    """Decode each fetched document into pages; a failure mid-document becomes one error item."""
+    for row, doc in fetched:
+        if isinstance(doc, DocumentError):
+            yield PageWork(row=row, page=row.page, error=doc)
+            continue
+        common = dict(row=row, image_sha256=doc.sha256, fetch_ms=doc.fetch_ms)
+        next_page = row.page or 1
+        try:
+            started = time.perf_counter()
+            for page in load_pages(doc.data, row.image_uri, options, page=row.page):
+                elapsed = (time.perf_counter() - started) * 1000.0
+                yield PageWork(page=page.page, page_count=page.page_count, image=page, preprocess_ms=elapsed, **common)
+                next_page = page.page + 1
+                started = time.perf_counter()
+        except DocumentError as exc:
+            yield PageWork(page=row.page if row.page else (next_page if next_page > 1 else None), error=exc, **common)
+        except Exception as exc:  # a decoder bug must cost one document, not the chunk
+            err = DocumentError(errors.UNREADABLE_IMAGE, f"{row.image_uri}: image decoding failed ({type(exc).__name__})")
+            yield PageWork(page=row.page, error=err, **common)
+
+
+_DONE = object()
+
+
+def prefetch(source: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Run ``source`` on a background thread, at most ``depth`` items ahead of the consumer.
+
+    Exceptions from ``source`` are re-raised in the consumer. Stopping early (break, close) stops the
+    producer too, so no thread is left blocked.
+    """
+    items: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in source:
+                if not put((item, None)):
+                    return
+            put((_DONE, None))
+        except BaseException as exc:  # hand the failure to the consumer
+            put((_DONE, exc))
+
+    thread = threading.Thread(target=produce, name="medvlm-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = items.get()
+            if item is _DONE:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def row_prompt(row: ManifestRow, default: Prompt) -> Prompt:
+    """The prompt for a row: its own text, else its prompt id, else the run's prompt."""
+    if row.prompt:
+        return Prompt(row.prompt_id or "custom", row.prompt)
+    if row.prompt_id:
+        return get_prompt(row.prompt_id)
+    return default
+
+
+def base_row(work: PageWork, spec: RunSpec, prompt: Prompt) -> dict[str, Any]:
+    """The columns every result row has, ok or error."""
+    row = work.row
+    image = work.image
+    return {
+        "run_id": spec.run_id,
+        "result_key": result_key(
+            work.image_sha256, work.page, spec.model.model_sha256, spec.model.mmproj_sha256, prompt.sha256, spec.params_json
+        ),
+        "document_id": row.document_id,
+        "page": work.page,
+        "page_count": work.page_count,
+        "manifest_row": row.row_number,
+        "image_uri": row.image_uri,
+        "image_sha256": work.image_sha256,
+        "image_format": image.source_format if image else None,
+        "image_width": image.image.width if image else None,
+        "image_height": image.image.height if image else None,
+        "patient_id": row.patient_id,
+        "encounter_id": row.encounter_id,
+        "prompt_id": prompt.prompt_id,
+        "prompt_sha256": prompt.sha256,
+        "model_name": spec.model.model_name,
+        "model_sha256": spec.model.model_sha256,
+        "mmproj_sha256": spec.model.mmproj_sha256,
+        "chat_format": spec.model.chat_format,
+        "params_json": spec.params_json,
+        "fetch_ms": work.fetch_ms,
+        "preprocess_ms": work.preprocess_ms,
+        "created_at": utc_now(),
+    }
+
+
+def error_row(work: PageWork, spec: RunSpec, prompt: Prompt, error: DocumentError) -> dict[str, Any]:
+    """A result row recording why this page (or document) produced no completion."""
+    row = base_row(work, spec, prompt)
+    row.update(status=STATUS_ERROR, error_type=error.error_type, error_message=error.message)
+    return row
+
+
+def process_rows(
+    engine: VisionEngine,
+    rows: Iterable[ManifestRow],
+    spec: RunSpec,
+    storage: Storage,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Run the engine over manifest rows, yielding one result row per page (``ok`` or ``error``).
+
+    Never raises for a document's failure; RunError (the engine itself is unusable) does propagate.
+    """
+    pages = prefetch(iter_page_work(fetch_documents(rows, storage, spec.images, spec.fetch_workers), spec.images))
+    for work in pages:
+        try:
+            prompt = row_prompt(work.row, spec.default_prompt)
+        except RunError as exc:
+            prompt = spec.default_prompt
+            work.error = work.error or DocumentError("invalid_row", str(exc))
+        if work.error is not None:
+            out = error_row(work, spec, prompt, work.error)
+        else:
+            try:
+                generation = engine.generate(work.image.image, prompt.text, spec.generation)
+            except DocumentError as exc:
+                out = error_row(work, spec, prompt, exc)
+            else:
+                out = base_row(work, spec, prompt)
+                out.update(
+                    status=STATUS_OK,
+                    completion=generation.text,
+                    finish_reason=generation.finish_reason,
+                    prompt_tokens=generation.prompt_tokens,
+                    completion_tokens=generation.completion_tokens,
+                    latency_ms=generation.latency_ms,
+                )
+            work.image = None  # free the pixels before the next page
+        if on_row is not None:
+            on_row(out)
+        yield out

@@ -1,0 +1,202 @@
+"""The result tables: their schemas (the contract downstream queries use), row builders and the writers.
+
+Layout under the output URI (hive-partitioned by ``run_date``, one file per table per run):
+
+    completions/run_date=YYYY-MM-DD/part-<run_id>.parquet   one row per document page (ok or error)
+    quarantine/run_date=YYYY-MM-DD/part-<run_id>.parquet    manifest rows refused before processing
+    runs/run_date=YYYY-MM-DD/run-<run_id>.parquet           one row per run: counts and parameters
+    _staging/<run_id>/...                                  chunk files while the run is in flight
+    _commits/<run_id>.json                                 written once, create-if-absent, when published
+
+Readers (pyarrow.dataset, DuckDB globs) skip ``_``-prefixed folders, and every published file is written
+atomically, so a reader sees all of a run's rows in a table or none of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from medvlm_core import storage as st
+from medvlm_core.storage import Storage
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+COMPLETIONS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("result_key", pa.string()),
+        ("document_id", pa.string()),
+        ("page", pa.int32()),
+        ("page_count", pa.int32()),
+        ("manifest_row", pa.int64()),
+        ("image_uri", pa.string()),
+        ("image_sha256", pa.string()),
+        ("image_format", pa.string()),
+        ("image_width", pa.int32()),
+        ("image_height", pa.int32()),
+        ("patient_id", pa.string()),
+        ("encounter_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("prompt_sha256", pa.string()),
+        ("model_name", pa.string()),
+        ("model_sha256", pa.string()),
+        ("mmproj_sha256", pa.string()),
+        ("chat_format", pa.string()),
+        ("params_json", pa.string()),
+        ("completion", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("fetch_ms", pa.float64()),
+        ("preprocess_ms", pa.float64()),
+        ("latency_ms", pa.float64()),
+        ("status", pa.string()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("created_at", TIMESTAMP),
+    ]
+)
+
+RUNS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("flow_run_id", pa.string()),
+        ("status", pa.string()),
+        ("started_at", TIMESTAMP),
+        ("finished_at", TIMESTAMP),
+        ("wall_seconds", pa.float64()),
+        ("manifest_uri", pa.string()),
+        ("output_uri", pa.string()),
+        ("model_name", pa.string()),
+        ("model_sha256", pa.string()),
+        ("mmproj_sha256", pa.string()),
+        ("chat_format", pa.string()),
+        ("prompt_id", pa.string()),
+        ("prompt_sha256", pa.string()),
+        ("params_json", pa.string()),
+        ("manifest_rows", pa.int64()),
+        ("quarantined_rows", pa.int64()),
+        ("skipped_rows", pa.int64()),
+        ("processed_rows", pa.int64()),
+        ("pages_ok", pa.int64()),
+        ("pages_error", pa.int64()),
+        ("reconciled", pa.bool_()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("pages_per_second", pa.float64()),
+        ("completion_tokens_per_second", pa.float64()),
+        ("medvlm_version", pa.string()),
+    ]
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("manifest_uri", pa.string()),
+        ("row_number", pa.int64()),
+        ("row_json", pa.string()),
+        ("column", pa.string()),
+        ("check", pa.string()),
+        ("failing_value", pa.string()),
+        ("reason", pa.string()),
+        ("created_at", TIMESTAMP),
+    ]
+)
+
+TABLES = {"completions": COMPLETIONS_SCHEMA, "runs": RUNS_SCHEMA, "quarantine": QUARANTINE_SCHEMA}
+
+
+def utc_now() -> datetime:
+    """Timezone-aware UTC now (all timestamps in the tables are UTC)."""
+    return datetime.now(timezone.utc)
+
+
+def result_key(
+    image_sha256: str | None,
+    page: int | None,
+    model_sha256: str,
+    mmproj_sha256: str,
+    prompt_sha256: str,
+    params_json: str,
+) -> str:
+    """Deterministic key of one page's result: same inputs, model, prompt and parameters -> same key."""
+    parts = [image_sha256 or "", str(page or 0), model_sha256, mmproj_sha256, prompt_sha256, params_json]
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
+
+
+def table_part_url(output: str, table: str, run_date: str, run_id: str) -> str:
+    """The published file of one run in one table."""
+    prefix = "run" if table == "runs" else "part"
+    return st.join(output, table, f"run_date={run_date}", f"{prefix}-{run_id}.parquet")
+
+
+def staging_root(output: str, run_id: str) -> str:
+    """The folder of an in-flight run's chunk files (ignored by readers: under ``_staging``)."""
+    return st.join(output, "_staging", run_id)
+
+
+def staging_url(output: str, run_id: str, table: str, name: str) -> str:
+    """A chunk file of an in-flight run."""
+    return st.join(staging_root(output, run_id), table, name)
+
+
+def commit_url(output: str, run_id: str) -> str:
+    """The run's commit record, written once when its tables are published."""
+    return st.join(output, "_commits", f"{run_id}.json")
+
+
+def to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts) as an Arrow table of exactly ``schema`` (missing keys become nulls)."""
+    names = schema.names
+    return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], schema=schema)
+
+
+def write_parquet(storage: Storage, url: str, table: pa.Table) -> None:
+    """Write one Parquet file atomically (readers never see a partial file)."""
+    with storage.open_atomic(url) as f:
+        pq.write_table(table, f, compression="zstd")
+
+
+def merge_parquet(storage: Storage, sources: list[str], url: str, schema: pa.Schema) -> int:
+    """Stream ``sources`` (same schema) into one Parquet file at ``url``, atomically. Returns rows written.
+
+    Row groups are copied one at a time, so memory stays at one row group however long the run was.
+    """
+    rows = 0
+    with storage.open_atomic(url) as f:
+        with pq.ParquetWriter(f, schema, compression="zstd") as writer:
+            for src in sources:
+                fs, path = storage.filesystem(src)
+                with fs.open(path, "rb") as handle:
+                    parquet = pq.ParquetFile(handle)
+                    for i in range(parquet.num_row_groups):
+                        group = parquet.read_row_group(i).cast(schema)
+                        rows += group.num_rows
+                        writer.write_table(group)
+    return rows
+
+
+def read_table(storage: Storage, output: str, table: str) -> pa.Table:
+    """All published rows of one table under ``output`` (``run_date`` included as a column)."""
+    import pyarrow.dataset as ds
+
+    base = st.join(output, table)
+    if not storage.exists(base):
+        return TABLES[table].empty_table()
+    fs, path = storage.filesystem(base)
+    dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+    return dataset.to_table()
+
+
+def commit_record(run_id: str, tables: dict[str, str]) -> bytes:
+    """The JSON body of a commit record."""
+    return json.dumps({"run_id": run_id, "committed_at": utc_now().isoformat(), "tables": tables}, sort_keys=True).encode()

@@ -1,0 +1,230 @@
+"""One storage interface over local paths and object stores (fsspec URLs: ``/abs/path``, ``s3://b/k``).
+
+Everything that reads or writes a manifest, an image, a model or a result table goes through ``Storage``,
+so local and S3 behave the same and the atomic-write rules live in one place:
+
+* ``write_bytes_atomic``: a reader sees the whole object or none of it (local: temp file + rename;
+  object stores: one PUT, which is atomic per object).
+* ``put_if_absent``: create-if-absent, for commit records that must be written exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator
+from urllib.parse import urlparse
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from medvlm_core import errors
+from medvlm_core.errors import DocumentError
+
+LOCAL = "file"
+
+
+def protocol_of(url: str) -> str:
+    """``"s3"`` for ``s3://...``, ``"file"`` for local paths and ``file://`` URLs."""
+    if "://" not in url:
+        return LOCAL
+    scheme = url.split("://", 1)[0].lower()
+    return "s3" if scheme in ("s3", "s3a") else scheme
+
+
+def normalize(url: str) -> str:
+    """Canonical form: absolute local paths without ``file://``, ``s3a://`` as ``s3://``."""
+    url = str(url)
+    proto = protocol_of(url)
+    if proto == LOCAL:
+        if url.startswith("file://"):
+            url = urlparse(url).path
+        return os.path.abspath(os.path.expanduser(url))
+    if url.lower().startswith("s3a://"):
+        return "s3://" + url[6:]
+    return url
+
+
+def is_absolute(uri: str) -> bool:
+    """True for URLs with a scheme and for absolute local paths."""
+    return "://" in uri or os.path.isabs(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a URL or path with ``/``."""
+    if protocol_of(base) == LOCAL:
+        return os.path.join(base, *parts)
+    return posixpath.join(base.rstrip("/"), *parts)
+
+
+def dirname(url: str) -> str:
+    """The folder (prefix) holding ``url``."""
+    if protocol_of(url) == LOCAL:
+        return os.path.dirname(url)
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://{posixpath.dirname(rest)}"
+
+
+def resolve(uri: str, base_dir: str) -> str:
+    """Resolve ``uri`` (absolute URL, absolute path, or path relative to ``base_dir``) to a full URL."""
+    if is_absolute(uri):
+        return normalize(uri)
+    if protocol_of(base_dir) == LOCAL:
+        return os.path.normpath(os.path.join(base_dir, uri))
+    scheme, rest = base_dir.split("://", 1)
+    return f"{scheme}://{posixpath.normpath(posixpath.join(rest, uri))}"
+
+
+class Storage:
+    """Reads and writes local paths and object-store URLs through fsspec.
+
+    ``options`` maps a protocol to its fsspec storage options, e.g.
+    ``{"s3": {"endpoint_url": "http://127.0.0.1:8333"}}``. Credentials normally come from the standard
+    AWS environment variables or profile; never log this object's options.
+    """
+
+    def __init__(self, options: dict[str, dict[str, Any]] | None = None):
+        self._options = {k: dict(v) for k, v in (options or {}).items()}
+        self._filesystems: dict[str, fsspec.AbstractFileSystem] = {}
+
+    def __repr__(self) -> str:  # never print credentials
+        return f"Storage(protocols={sorted(self._options)})"
+
+    def filesystem(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        """The fsspec filesystem for ``url`` (cached per protocol) and the path within it."""
+        url = normalize(url)
+        proto = protocol_of(url)
+        fs = self._filesystems.get(proto)
+        if fs is None:
+            fs, _ = url_to_fs(url, **self._options.get(proto, {}))
+            self._filesystems[proto] = fs
+        return fs, fs._strip_protocol(url)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def read_bytes(self, url: str, max_bytes: int | None = None) -> bytes:
+        """Whole object as bytes. Missing -> DocumentError(not_found); over ``max_bytes`` -> too_large."""
+        fs, path = self.filesystem(url)
+        try:
+            if max_bytes is not None:
+                size = fs.size(path)
+                if size is not None and size > max_bytes:
+                    raise DocumentError(
+                        errors.TOO_LARGE, f"{url}: file is {size} bytes, over the max_bytes limit {max_bytes}"
+                    )
+            with fs.open(path, "rb") as f:
+                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        except DocumentError:
+            raise
+        except FileNotFoundError:
+            raise DocumentError(errors.NOT_FOUND, f"{url}: file not found") from None
+        except IsADirectoryError:
+            raise DocumentError(errors.NOT_FOUND, f"{url}: is a directory, not a file") from None
+        except PermissionError:
+            raise DocumentError(errors.READ_FAILED, f"{url}: access denied") from None
+        except OSError as exc:
+            raise DocumentError(errors.READ_FAILED, f"{url}: read failed ({type(exc).__name__})") from None
+        if max_bytes is not None and len(data) > max_bytes:
+            raise DocumentError(errors.TOO_LARGE, f"{url}: file is over the max_bytes limit {max_bytes}")
+        return data
+
+    def exists(self, url: str) -> bool:
+        """True when the object or folder exists."""
+        fs, path = self.filesystem(url)
+        return fs.exists(path)
+
+    def list_files(self, prefix: str, suffix: str = "") -> list[str]:
+        """Full URLs of the files under ``prefix`` (recursive) whose names end with ``suffix``, sorted."""
+        fs, path = self.filesystem(prefix)
+        if not fs.exists(path):
+            return []
+        found = fs.find(path)
+        proto = protocol_of(normalize(prefix))
+        out = []
+        for p in found:
+            if p.endswith(suffix):
+                out.append(p if proto == LOCAL else f"{proto}://{p}")
+        return sorted(out)
+
+    # -- writing ---------------------------------------------------------------------------------
+    def makedirs(self, url: str) -> None:
+        """Create a local folder (object stores have no folders: nothing to do)."""
+        if protocol_of(normalize(url)) == LOCAL:
+            os.makedirs(normalize(url), exist_ok=True)
+
+    @contextmanager
+    def open_atomic(self, url: str) -> Iterator[Any]:
+        """A binary file handle whose content becomes visible at ``url`` only when the block succeeds."""
+        url = normalize(url)
+        fs, path = self.filesystem(url)
+        if protocol_of(url) == LOCAL:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            # A dot name is skipped by pyarrow.dataset and never matches a *.parquet glob.
+            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    yield f
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            # One PUT (or one completed multipart upload) per object: atomic for readers. s3fs aborts
+            # the multipart upload when the block raises, so nothing half-written becomes visible.
+            with fs.open(path, "wb") as f:
+                yield f
+
+    def write_bytes_atomic(self, url: str, data: bytes) -> None:
+        """Write ``data`` so that readers see all of it or nothing."""
+        with self.open_atomic(url) as f:
+            f.write(data)
+
+    def put_if_absent(self, url: str, data: bytes) -> bool:
+        """Create ``url`` with ``data`` unless it exists. True if this call created it."""
+        url = normalize(url)
+        fs, path = self.filesystem(url)
+        if protocol_of(url) == LOCAL:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        if fs.exists(path):
+            return False
+        try:
+            # "xb" sends If-None-Match: * so two writers racing cannot both win.
+            with fs.open(path, "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            return False
+        except OSError:
+            # SeaweedFS reports the 412 refusal as OSError(EINVAL): treat "now exists" as lost race.
+            if fs.exists(path):
+                return False
+            raise
+        return True
+
+    def move(self, src: str, dst: str) -> None:
+        """Move one file (local: rename; object stores: copy then delete)."""
+        fs, src_path = self.filesystem(src)
+        _, dst_path = self.filesystem(dst)
+        if protocol_of(normalize(src)) == LOCAL:
+            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+            os.replace(src_path, dst_path)
+        else:
+            fs.copy(src_path, dst_path)
+            fs.rm(src_path)
+
+    def remove_tree(self, url: str) -> None:
+        """Delete a folder/prefix and everything under it; missing is fine."""
+        fs, path = self.filesystem(url)
+        try:
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass

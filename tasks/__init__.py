@@ -1,0 +1,1 @@
+"""Thin Prefect tasks over medvlm_core: each wraps one stage and adds retries, logging and state."""

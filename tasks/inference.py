@@ -1,0 +1,80 @@
+"""The mapped inference task: one chunk of manifest rows -> one staged Parquet file of result rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from medvlm_core import errors, results
+from medvlm_core.engine import shared_engine
+from medvlm_core.errors import DocumentError, RunError
+from medvlm_core.manifest import ManifestRow
+from medvlm_core.pipeline import PageWork, RunSpec, error_row, process_rows, row_prompt
+from medvlm_core.storage import Storage
+
+
+@dataclass
+class ChunkSummary:
+    """What a chunk produced: counts only (no document data), for progress, the run row and the artifact."""
+
+    chunk_index: int
+    staged_url: str
+    manifest_rows: list[int] = field(default_factory=list)
+    pages_ok: int = 0
+    pages_error: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error_types: dict[str, int] = field(default_factory=dict)
+    slowest: list[tuple[float, str, int | None]] = field(default_factory=list)  # (latency_ms, document_id, page)
+
+    def add(self, row: dict) -> None:
+        """Count one result row."""
+        if row["status"] == results.STATUS_OK:
+            self.pages_ok += 1
+            self.prompt_tokens += row.get("prompt_tokens") or 0
+            self.completion_tokens += row.get("completion_tokens") or 0
+            self.slowest.append((row.get("latency_ms") or 0.0, row["document_id"], row.get("page")))
+            self.slowest = sorted(self.slowest, reverse=True)[:5]
+        else:
+            self.pages_error += 1
+            self.error_types[row["error_type"]] = self.error_types.get(row["error_type"], 0) + 1
+        self.manifest_rows.append(row["manifest_row"])
+
+
+def chunk_file_name(chunk_index: int) -> str:
+    """Staged file name of a chunk (deterministic: a retried chunk overwrites its own file)."""
+    return f"chunk-{chunk_index:06d}.parquet"
+
+
+@task(name="infer-chunk", cache_policy=NO_CACHE)
+def infer_chunk(chunk_index: int, rows: list[ManifestRow], spec: RunSpec, storage: Storage) -> ChunkSummary:
+    """Run the shared engine over a chunk's rows and stage the result rows as one Parquet file."""
+    logger = get_run_logger()
+    engine = shared_engine(spec.engine, spec.model.chat_format)
+    summary = ChunkSummary(chunk_index, results.staging_url(spec.output, spec.run_id, "completions", chunk_file_name(chunk_index)))
+    out = list(process_rows(engine, rows, spec, storage, on_row=summary.add))
+    results.write_parquet(storage, summary.staged_url, results.to_table(out, results.COMPLETIONS_SCHEMA))
+    logger.info(
+        "chunk %d: %d manifest rows -> %d ok, %d error pages", chunk_index, len(rows), summary.pages_ok, summary.pages_error
+    )
+    return summary
+
+
+def stage_failed_chunk(chunk_index: int, rows: list[ManifestRow], spec: RunSpec, storage: Storage, reason: str) -> ChunkSummary:
+    """Record every row of a chunk whose task failed as an error row, so that no row is lost."""
+    summary = ChunkSummary(chunk_index, results.staging_url(spec.output, spec.run_id, "completions", chunk_file_name(chunk_index)))
+    error = DocumentError(errors.TASK_FAILED, reason)
+    out = []
+    for row in rows:
+        try:
+            prompt = row_prompt(row, spec.default_prompt)
+        except RunError:
+            prompt = spec.default_prompt
+        item = error_row(PageWork(row=row, page=row.page), spec, prompt, error)
+        summary.add(item)
+        out.append(item)
+    results.write_parquet(storage, summary.staged_url, results.to_table(out, results.COMPLETIONS_SCHEMA))
+    return summary

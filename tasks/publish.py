@@ -1,0 +1,55 @@
+"""Publishing a run: staged chunk files -> one file per table, then the runs row, then the commit record."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from medvlm_core import results
+from medvlm_core.storage import Storage
+
+
+@task(name="publish-run", cache_policy=NO_CACHE)
+def publish_run(
+    output: str,
+    run_id: str,
+    run_date: str,
+    staged_completions: list[str],
+    quarantine_rows: list[dict],
+    run_row: dict,
+    storage: Storage,
+) -> dict[str, str]:
+    """Make a run visible: completions and quarantine files first, the runs row last, then the commit.
+
+    Each table gets exactly one file per run, written atomically, so a reader sees all of a run's rows in
+    a table or none. Publishing the same run again rewrites the same files: rows are never duplicated.
+    Returns the published URLs by table.
+    """
+    published: dict[str, str] = {}
+    if staged_completions:
+        url = results.table_part_url(output, "completions", run_date, run_id)
+        results.merge_parquet(storage, staged_completions, url, results.COMPLETIONS_SCHEMA)
+        published["completions"] = url
+    if quarantine_rows:
+        url = results.table_part_url(output, "quarantine", run_date, run_id)
+        results.write_parquet(storage, url, results.to_table(quarantine_rows, results.QUARANTINE_SCHEMA))
+        published["quarantine"] = url
+    url = results.table_part_url(output, "runs", run_date, run_id)
+    results.write_parquet(storage, url, results.to_table([run_row], results.RUNS_SCHEMA))
+    published["runs"] = url
+    storage.put_if_absent(results.commit_url(output, run_id), results.commit_record(run_id, published))
+    storage.remove_tree(results.staging_root(output, run_id))
+    return published
+
+
+def run_date_of(started_at: datetime) -> str:
+    """The ``run_date`` partition value of a run (UTC date of its start)."""
+    return started_at.strftime("%Y-%m-%d")
+
+
+def to_json(value: object) -> str:
+    """Compact JSON for artifacts."""
+    return json.dumps(value, sort_keys=True, default=str)
