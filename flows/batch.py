@@ -21,13 +21,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 import medvlm_core
 from medvlm_core import storage as st
 from medvlm_core.config import EngineConfig, GenerationParams, ImageOptions, Settings, params_json
+from medvlm_core.engine import shared_engine
 from medvlm_core.errors import RunError
+from medvlm_core.manifest import read_manifest
+from medvlm_core.models import identify_model
 from medvlm_core.pipeline import RunSpec
 from medvlm_core.prompts import get_prompt
 from medvlm_core.results import utc_now
 from medvlm_core.storage import Storage
 from tasks.inference import ChunkSummary, infer_chunk, stage_failed_chunk
-from tasks.prepare import identify_model, load_model, read_manifest
 from tasks.publish import publish_run, run_date_of
 
 
@@ -98,9 +100,11 @@ def _run(logger, settings, storage, manifest, output, engine, generation, images
     started = utc_now()
     run_id = make_run_id(started)
     logger.info("run %s: reading manifest", run_id)
+    # Set-up runs in the flow itself, not in tasks: a problem here is one clean message and a Failed flow
+    # run, before any document is touched (a failing task would log a traceback for a user error).
     plan = read_manifest(manifest, storage)
-    identity = identify_model(engine, engine.chat_format, str(settings.cache_dir))
-    load_seconds = load_model(engine, identity.chat_format)
+    identity = identify_model(engine.model_path, engine.mmproj_path, engine.chat_format, settings.cache_dir)
+    load_seconds = shared_engine(engine, identity.chat_format).load_seconds
     logger.info(
         "run %s: %d manifest rows (%d quarantined); model %s (%s) loaded in %.1f s",
         run_id, plan.total_rows, len(plan.quarantined), identity.model_name, identity.chat_format, load_seconds,

@@ -137,7 +137,8 @@ class VisionEngine:
                     stop=list(params.stop) or None,
                 )
             except ValueError as exc:
-                if "exceed context window" in str(exc) or "context" in str(exc).lower():
+                # llama-cpp-python's wordings: "Prompt exceeds n_ctx" (multimodal), "exceed context window".
+                if "n_ctx" in str(exc) or "context window" in str(exc):
                     raise DocumentError(
                         errors.CONTEXT_OVERFLOW,
                         f"image and prompt do not fit in n_ctx={self.config.n_ctx}; raise --n-ctx or lower the pixel budget",

@@ -161,3 +161,20 @@ def parse_rows(df: pl.DataFrame, base_dir: str) -> tuple[list[ManifestRow], list
                 )
             )
     return rows, refused
+
+
+@dataclass
+class ManifestPlan:
+    """A manifest split into the rows to process and the rows refused (quarantined)."""
+
+    rows: list[ManifestRow]
+    quarantined: list[QuarantinedRow]
+    total_rows: int
+
+
+def read_manifest(url: str, storage: Storage) -> ManifestPlan:
+    """Read and check a manifest; RunError for table-level problems, quarantine for bad rows."""
+    url = st.normalize(url)
+    frame = read_manifest_frame(url, storage)
+    rows, quarantined = parse_rows(frame, st.dirname(url))
+    return ManifestPlan(rows=rows, quarantined=quarantined, total_rows=frame.height)

@@ -106,6 +106,16 @@ def _read_value(f, vtype: int, path: str, skip_arrays: bool) -> Any:
 
 
 @dataclass(frozen=True)
+class ModelIdentity:
+    """Which model produced a row: the audit trail of every result."""
+
+    model_name: str
+    model_sha256: str
+    mmproj_sha256: str
+    chat_format: str
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What medvlm needs to know about a text GGUF + mmproj GGUF pair."""
 
@@ -200,3 +210,16 @@ def _load_cache(cache_file: Path | None) -> dict[str, str]:
         return json.loads(cache_file.read_text())
     except (OSError, ValueError):
         return {}  # a damaged cache only costs a re-hash
+
+
+def identify_model(
+    model_path: str, mmproj_path: str, requested_chat_format: str | None, cache_dir: str | os.PathLike | None
+) -> ModelIdentity:
+    """Check the GGUF pair, pick the chat format and hash both files (hashes cached per host)."""
+    info = inspect_model(model_path, mmproj_path)
+    return ModelIdentity(
+        model_name=info.model_name,
+        model_sha256=file_sha256(model_path, cache_dir),
+        mmproj_sha256=file_sha256(mmproj_path, cache_dir),
+        chat_format=choose_chat_format(info, requested_chat_format),
+    )

@@ -28,21 +28,12 @@ from medvlm_core.engine import VisionEngine
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.images import PageImage, load_pages
 from medvlm_core.manifest import ManifestRow
+from medvlm_core.models import ModelIdentity
 from medvlm_core.prompts import Prompt, get_prompt
 from medvlm_core.results import STATUS_ERROR, STATUS_OK, result_key, utc_now
 from medvlm_core.storage import Storage
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """Which model produced a row: the audit trail of every result."""
-
-    model_name: str
-    model_sha256: str
-    mmproj_sha256: str
-    chat_format: str
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,27 @@
+# One-command set-up for a fresh Linux machine (Python 3.10+ with venv, a C/C++ compiler and cmake).
+# llama-cpp-python is built from source: 8 to 12 minutes the first time, then pip's wheel cache reuses it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Portable CPU build (AVX2, no -march=native) so the cached wheel runs on any x86-64 worker of the pool.
+# For a GPU worker see README ("GPU workers").
+CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF
+
+.PHONY: setup demo test clean
+
+$(BIN)/medvlm: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	CMAKE_ARGS="$(CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(BIN)/medvlm
+
+demo: setup
+	$(BIN)/medvlm demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) medvlm-demo .pytest_cache

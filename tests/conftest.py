@@ -1,0 +1,90 @@
+"""Shared fixtures: an isolated Prefect home, tiny real GGUF models, synthetic documents and manifests.
+
+Prefect settings are set here, before anything imports Prefect, so every test (and every ``medvlm``
+subprocess, which inherits the environment) uses a throwaway ephemeral server under a temp folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="medvlm-test-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("PREFECT_API_KEY", None)
+os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "true"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"
+os.environ["MEDVLM_CACHE_DIR"] = os.path.join(_PREFECT_HOME, "medvlm-cache")
+
+from medvlm_core.demo_docs import DOCUMENTS, write_demo_documents  # noqa: E402
+from medvlm_core.tiny_model import make_tiny_model  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from medvlm_core.engine import close_shared_engines
+
+    close_shared_engines()
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    """The generated LLaVA-style tiny model pair (real llama.cpp loads it)."""
+    return make_tiny_model(tmp_path_factory.mktemp("model-llava"), family="llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory):
+    """The generated Qwen2-VL-style tiny model pair."""
+    return make_tiny_model(tmp_path_factory.mktemp("model-qwen"), family="qwen2vl")
+
+
+@pytest.fixture
+def demo_docs(tmp_path):
+    """The three synthetic clinical documents as PNGs in ``tmp_path/documents``; returns manifest records."""
+    return write_demo_documents(tmp_path / "documents")
+
+
+def write_manifest(path: Path, records: list[dict]) -> Path:
+    """Write records as a manifest in the format given by ``path``'s extension."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for r in records:
+        columns += [k for k in r if k not in columns]
+    if path.suffix == ".csv":
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(records)
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in records]), path)
+    return path
+
+
+@pytest.fixture
+def documents():
+    """The synthetic documents' definitions (ids, patient ids, text)."""
+    return DOCUMENTS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server():
+    """One Prefect test server for the in-process flows of the session, stopped cleanly at the end."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,72 @@
+"""The ``medvlm`` command as a user runs it: a real subprocess, real Prefect, real llama.cpp."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as ds
+
+from conftest import write_manifest
+
+MEDVLM = str(Path(sys.executable).with_name("medvlm"))
+
+
+def medvlm(*args: str, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([MEDVLM, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=os.environ.copy())
+
+
+def test_run_command_end_to_end(tmp_path, tiny_llava, demo_docs):
+    records = demo_docs + [{"document_id": "gone", "image_uri": "documents/gone.png"}]
+    manifest = write_manifest(tmp_path / "manifest.parquet", records)
+    out = tmp_path / "out"
+    proc = medvlm(
+        "run", "--manifest", str(manifest), "--output", str(out), "--model", str(tiny_llava.model_path),
+        "--mmproj", str(tiny_llava.mmproj_path), "--prompt-id", "transcribe", "--max-tokens", "5",
+        "--n-ctx", "4096", "--seed", "7", "--temperature", "0",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 manifest rows -> 3 ok pages, 1 error pages" in proc.stdout and "reconciled=True" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    rows = ds.dataset(out / "completions", partitioning="hive").to_table().to_pylist()
+    assert sorted((r["document_id"], r["status"]) for r in rows) == [
+        ("discharge-0001", "ok"), ("gone", "error"), ("lab-0003", "ok"), ("rx-0002", "ok")
+    ]
+    assert {r["prompt_id"] for r in rows} == {"transcribe"}
+    assert all(r["completion_tokens"] == 5 for r in rows if r["status"] == "ok")
+
+
+def test_run_command_refuses_bad_setup_with_one_message(tmp_path, tiny_llava, demo_docs):
+    manifest = write_manifest(tmp_path / "m.csv", demo_docs)
+    proc = medvlm(
+        "run", "--manifest", str(manifest), "--output", str(tmp_path / "o"), "--model", str(tiny_llava.mmproj_path),
+        "--mmproj", str(tiny_llava.mmproj_path),
+    )
+    assert proc.returncode == 2
+    assert "medvlm: error:" in proc.stderr and "is not a text model GGUF" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    bad = write_manifest(tmp_path / "bad.csv", [{"document_id": "a", "path": "x.png"}])
+    proc = medvlm("run", "--manifest", str(bad), "--output", str(tmp_path / "o"), "--model", str(tiny_llava.model_path),
+                  "--mmproj", str(tiny_llava.mmproj_path))
+    assert proc.returncode == 2 and "missing required column(s) image_uri" in proc.stderr
+    assert not (tmp_path / "o" / "completions").exists()
+
+
+def test_demo_command(tmp_path):
+    proc = medvlm("demo", "--workdir", str(tmp_path / "demo"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 manifest rows -> 3 ok pages" in proc.stdout
+    assert "meaningless" in proc.stdout and "--mmproj" in proc.stdout
+    for doc in ("discharge-0001", "rx-0002", "lab-0003"):
+        assert doc in proc.stdout
+    rows = ds.dataset(tmp_path / "demo" / "output" / "completions", partitioning="hive").to_table()
+    assert rows.num_rows == 3
+
+
+def test_make_tiny_model_command(tmp_path):
+    proc = medvlm("make-tiny-model", "--out", str(tmp_path), "--family", "qwen2vl")
+    assert proc.returncode == 0 and (tmp_path / "tiny-qwen2vl.gguf").exists() and (tmp_path / "tiny-qwen2vl-mmproj.gguf").exists()
+    proc = medvlm("make-tiny-model", "--out", str(tmp_path), "--family", "gpt9")
+    assert proc.returncode == 2 and "gpt9" in proc.stderr

@@ -1,0 +1,54 @@
+"""The llama.cpp engine on real tiny models: answers, determinism, errors."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from medvlm_core import errors
+from medvlm_core.config import EngineConfig, GenerationParams
+from medvlm_core.demo_docs import DOCUMENTS, render_document
+from medvlm_core.engine import VisionEngine
+from medvlm_core.errors import DocumentError, RunError
+
+
+@pytest.fixture(scope="module")
+def page():
+    doc = DOCUMENTS["discharge-0001"]
+    return render_document(doc["title"], doc["lines"])
+
+
+@pytest.mark.parametrize("family, chat_format", [("llava", "mtmd"), ("llava", "llava-1-5"), ("qwen", "qwen2.5-vl")])
+def test_generate_is_real_and_deterministic(request, page, family, chat_format):
+    model = request.getfixturevalue(f"tiny_{family}")
+    engine = VisionEngine(EngineConfig(str(model.model_path), str(model.mmproj_path), n_ctx=4096), chat_format).load()
+    try:
+        params = GenerationParams(max_tokens=12)
+        first = engine.generate(page, "List the medications.", params)
+        second = engine.generate(page, "List the medications.", params)
+        assert first.text.strip() and first.completion_tokens == 12 and first.finish_reason == "length"
+        assert first.prompt_tokens > 0 and first.latency_ms > 0
+        assert first.text == second.text  # temperature 0: same answer every time
+    finally:
+        engine.close()
+    assert not engine.loaded
+
+
+def test_context_overflow_is_a_document_error(tiny_qwen, page):
+    engine = VisionEngine(EngineConfig(str(tiny_qwen.model_path), str(tiny_qwen.mmproj_path), n_ctx=256), "qwen2.5-vl").load()
+    try:
+        with pytest.raises(DocumentError) as info:
+            engine.generate(page, "x " * 300, GenerationParams(max_tokens=4))
+        assert info.value.error_type == errors.CONTEXT_OVERFLOW and "n_ctx=256" in info.value.message
+        # the engine stays usable for the next document
+        ok = engine.generate(Image.new("RGB", (64, 64), "white"), "Hi", GenerationParams(max_tokens=2))
+        assert ok.completion_tokens == 2
+    finally:
+        engine.close()
+
+
+def test_missing_model_is_a_run_error(tmp_path, tiny_llava):
+    with pytest.raises(RunError, match="not found"):
+        VisionEngine(EngineConfig(str(tmp_path / "none.gguf"), str(tiny_llava.mmproj_path)), "mtmd").load()
+    with pytest.raises(RunError, match="unknown chat format"):
+        VisionEngine(EngineConfig(str(tiny_llava.model_path), str(tiny_llava.mmproj_path)), "nope")
