@@ -19,6 +19,7 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import medvlm_core
+from medvlm_core import results
 from medvlm_core import storage as st
 from medvlm_core.config import EngineConfig, GenerationParams, ImageOptions, Settings, params_json
 from medvlm_core.engine import shared_engine
@@ -28,7 +29,9 @@ from medvlm_core.models import identify_model
 from medvlm_core.pipeline import RunSpec
 from medvlm_core.prompts import get_prompt
 from medvlm_core.results import utc_now
+from medvlm_core.model_cache import resolve_model_files
 from medvlm_core.storage import Storage
+from tasks.credentials import build_storage
 from tasks.inference import ChunkSummary, infer_chunk, stage_failed_chunk
 from tasks.publish import publish_run, run_date_of
 
@@ -50,7 +53,7 @@ def medvlm_batch(
     manifest: str,
     output: str,
     model: str,
-    mmproj: str,
+    mmproj: str | None = None,
     prompt_id: str | None = None,
     prompt: str | None = None,
     max_tokens: int = 512,
@@ -68,11 +71,21 @@ def medvlm_batch(
     max_pixels: int = ImageOptions.max_pixels,
     pdf_dpi: int = ImageOptions.pdf_dpi,
     chunk_size: int | None = None,
+    model_sha256: str | None = None,
+    mmproj_sha256: str | None = None,
+    s3_endpoint: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    credentials_block: str | None = None,
 ) -> Any:
     """Run a VLM over every page of the manifest's documents and publish the result tables under ``output``.
 
     Returns a summary dict (run id, counts, published URLs). Every manifest row ends as a result row, an
     error row or a quarantine row; ``reconciled`` in the summary and the runs row says the counts add up.
+
+    Any URI may be local or ``s3://``. ``model`` may be a ``.zip`` holding both GGUFs (then no ``mmproj``);
+    remote models are cached locally once and checked against ``model_sha256`` / ``mmproj_sha256``.
+    S3 credentials come from the AWS environment or the Prefect Secret block ``credentials_block``; put no
+    secrets in ``storage_options`` (parameters are stored with the flow run).
     """
     logger = get_run_logger()
     try:
@@ -82,13 +95,17 @@ def medvlm_batch(
             repeat_penalty=repeat_penalty, seed=seed, stop=tuple(stop or ()),
         )
         images = ImageOptions(max_pixels=max_pixels, pdf_dpi=pdf_dpi)
+        default_prompt = get_prompt(prompt_id, prompt)
+        storage = build_storage(s3_endpoint, storage_options, credentials_block)
+        model_path, mmproj_path = resolve_model_files(
+            model, mmproj, storage, settings.cache_dir, model_sha256, mmproj_sha256
+        )
         engine = EngineConfig(
-            model_path=st.normalize(model), mmproj_path=st.normalize(mmproj), chat_format=chat_format,
+            model_path=model_path, mmproj_path=mmproj_path, chat_format=chat_format,
             n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
         )
-        default_prompt = get_prompt(prompt_id, prompt)
         return _run(
-            logger, settings, Storage(), st.normalize(manifest), st.normalize(output), engine, generation, images,
+            logger, settings, storage, st.normalize(manifest), st.normalize(output), engine, generation, images,
             default_prompt, chunk_size or settings.chunk_size,
         )
     except RunError as exc:
@@ -103,6 +120,7 @@ def _run(logger, settings, storage, manifest, output, engine, generation, images
     # Set-up runs in the flow itself, not in tasks: a problem here is one clean message and a Failed flow
     # run, before any document is touched (a failing task would log a traceback for a user error).
     plan = read_manifest(manifest, storage)
+    _check_output_writable(storage, output, run_id)
     identity = identify_model(engine.model_path, engine.mmproj_path, engine.chat_format, settings.cache_dir)
     load_seconds = shared_engine(engine, identity.chat_format).load_seconds
     logger.info(
@@ -162,6 +180,18 @@ def _run(logger, settings, storage, manifest, output, engine, generation, images
         run_id, summary["pages_ok"], summary["pages_error"], summary["quarantined_rows"], summary["reconciled"],
     )
     return summary
+
+
+def _check_output_writable(storage: Storage, output: str, run_id: str) -> None:
+    """Fail before any inference if the output location refuses writes (a full run lost at publish is worse)."""
+    probe = st.join(results.staging_root(output, run_id), ".write-probe")
+    try:
+        storage.write_bytes_atomic(probe, b"ok")
+        storage.remove_tree(probe)
+    except PermissionError:
+        raise RunError(f"output {output}: access denied (check the credentials and the bucket policy)") from None
+    except OSError as exc:
+        raise RunError(f"output {output}: cannot be written ({exc.strerror or type(exc).__name__})") from None
 
 
 def _merge_counts(counts) -> dict[str, int]:

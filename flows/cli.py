@@ -45,6 +45,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, default=ImageOptions.max_pixels, help="pixel budget per page image")
     p.add_argument("--pdf-dpi", type=int, default=ImageOptions.pdf_dpi)
     p.add_argument("--chunk-size", type=int, default=None, help="manifest rows per inference task")
+    p.add_argument("--model-sha256", help="expected sha256 of --model (refused on mismatch)")
+    p.add_argument("--mmproj-sha256", help="expected sha256 of --mmproj (refused on mismatch)")
+    p.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL_S3)")
+    p.add_argument("--credentials-block", help="Prefect Secret block holding S3 credentials as JSON")
 
 
 def _flow_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -53,6 +57,8 @@ def _flow_params(args: argparse.Namespace) -> dict[str, Any]:
         top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
         stop=args.stop, n_gpu_layers=args.n_gpu_layers, n_ctx=args.n_ctx, n_threads=args.n_threads,
         chat_format=args.chat_format, max_pixels=args.max_pixels, pdf_dpi=args.pdf_dpi, chunk_size=args.chunk_size,
+        model_sha256=args.model_sha256, mmproj_sha256=args.mmproj_sha256, s3_endpoint=args.s3_endpoint,
+        credentials_block=args.credentials_block,
     )
 
 
@@ -64,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the batch flow over a manifest")
     run.add_argument("--manifest", required=True, help="manifest URI (.csv, .jsonl or .parquet)")
     run.add_argument("--output", required=True, help="output folder URI for the Parquet tables")
-    run.add_argument("--model", required=True, help="text model GGUF")
-    run.add_argument("--mmproj", required=True, help="vision projector (mmproj) GGUF")
+    run.add_argument("--model", required=True, help="text model GGUF, or a .zip holding model and mmproj (path or s3://)")
+    run.add_argument("--mmproj", help="vision projector (mmproj) GGUF (path or s3://)")
     _add_run_options(run)
 
     demo = sub.add_parser("demo", help="render synthetic documents and run the whole flow on them")

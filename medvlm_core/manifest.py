@@ -65,7 +65,8 @@ def read_manifest_frame(url: str, storage: Storage) -> pl.DataFrame:
     try:
         data = storage.read_bytes(url)
     except DocumentError as exc:
-        raise RunError(f"manifest {url}: cannot be read ({exc.error_type.replace('_', ' ')})") from None
+        # exc.message names the URL and the reason (not found, access denied, ...).
+        raise RunError(f"manifest cannot be read: {exc.message}") from None
     try:
         if fmt == "csv":
             # All strings: ids like 00123 must not become integers.

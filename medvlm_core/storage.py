@@ -77,6 +77,36 @@ def resolve(uri: str, base_dir: str) -> str:
     return f"{scheme}://{posixpath.normpath(posixpath.join(rest, uri))}"
 
 
+def s3_options(
+    endpoint_url: str | None = None,
+    key: str | None = None,
+    secret: str | None = None,
+    token: str | None = None,
+    profile: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """s3fs options from explicit values, falling back to the standard AWS environment.
+
+    Credentials left out here come from botocore's usual chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+    AWS_SESSION_TOKEN, AWS_PROFILE, instance roles). The endpoint of an S3-compatible store comes from
+    ``endpoint_url``, else AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL; such stores get path-style addressing.
+    """
+    options: dict[str, Any] = dict(extra or {})
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["endpoint_url"] = endpoint
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("s3", {"addressing_style": "path"})
+        options["config_kwargs"] = config
+    for name, value in (("key", key), ("secret", secret), ("token", token), ("profile", profile)):
+        if value:
+            options[name] = value
+    # Each Storage owns its filesystem: fsspec's global instance cache would hand one run's credentials
+    # to another run in the same process.
+    options["skip_instance_cache"] = True
+    return options
+
+
 class Storage:
     """Reads and writes local paths and object-store URLs through fsspec.
 
