@@ -148,13 +148,7 @@ def _run(logger, settings, storage, manifest, output, engine, generation, images
 
     finished = utc_now()
     run_row = _run_row(spec, manifest, output, plan, summaries, started, finished, default_prompt, generation, images)
-    quarantine_rows = [
-        {
-            "run_id": run_id, "manifest_uri": manifest, "row_number": q.row_number, "row_json": q.row_json,
-            "column": q.column, "check": q.check, "failing_value": q.value, "reason": q.reason, "created_at": finished,
-        }
-        for q in plan.quarantined
-    ]
+    quarantine_rows = [dict(q, run_id=run_id, manifest_uri=manifest, created_at=finished) for q in plan.quarantined]
     published = publish_run(
         output, run_id, run_date_of(started), [s.staged_url for s in summaries], quarantine_rows, run_row, storage
     )

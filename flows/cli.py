@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--mmproj", help="vision projector GGUF (with --model)")
     demo.add_argument("--family", default="llava", help="tiny model family when generating (llava, qwen2vl)")
     demo.add_argument("--max-tokens", type=int, default=48)
+    demo.add_argument("--s3", action="store_true",
+                      help="start a local S3 server (SeaweedFS) and run from s3:// to s3://")
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight VLM (text GGUF + mmproj) for tests")
     tiny.add_argument("--out", required=True)
@@ -143,6 +145,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from medvlm_core.demo_docs import write_demo_documents
     from medvlm_core.tiny_model import make_tiny_model
 
+    if args.model and not args.mmproj:
+        print("medvlm: error: --model needs --mmproj", file=sys.stderr)
+        return EXIT_CANNOT_RUN
     workdir = Path(args.workdir).resolve()
     records = write_demo_documents(workdir / "documents")
     manifest = workdir / "manifest.csv"
@@ -154,35 +159,67 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if tiny:
         made = make_tiny_model(workdir / "model", family=args.family)
         model, mmproj = str(made.model_path), str(made.mmproj_path)
-    elif not args.mmproj:
-        print("medvlm: error: --model needs --mmproj", file=sys.stderr)
-        return EXIT_CANNOT_RUN
     else:
         model, mmproj = args.model, args.mmproj
     print(f"demo: {len(records)} synthetic documents and a manifest in {workdir}")
-    code, summary, error = run_flow(
-        manifest=str(manifest), output=str(workdir / "output"), model=model, mmproj=mmproj,
-        max_tokens=args.max_tokens, n_ctx=4096,
-    )
+    params = dict(manifest=str(manifest), output=str(workdir / "output"), model=model, mmproj=mmproj,
+                  max_tokens=args.max_tokens, n_ctx=4096)
+    if args.s3:
+        code, summary, error = _demo_on_s3(workdir, params)
+    else:
+        code, summary, error = run_flow(**params)
+        if summary:
+            print()
+            print_summary(summary)
+            _print_demo_rows(summary["published"]["completions"])
     if error is not None:
         print(f"medvlm: error: {error}", file=sys.stderr)
         return code
-    print()
-    print_summary(summary)
-    _print_demo_rows(summary["published"]["completions"])
     print()
     if tiny:
         print("Note: the model is a tiny random-weight model generated for this demo; its text is meaningless.")
         print("Point the demo at a real VLM to get real answers, for example:")
         print("  medvlm demo --model Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf --mmproj mmproj-Qwen2.5-VL-7B-Instruct-f16.gguf")
-    print(f"Query the tables: duckdb -c \"select * from read_parquet('{workdir}/output/completions/*/*.parquet', hive_partitioning=true)\"")
+    if not args.s3:
+        print(f"Query the tables: duckdb -c \"select * from read_parquet('{workdir}/output/completions/*/*.parquet', "
+              "hive_partitioning=true)\"")
     return code
 
 
-def _print_demo_rows(completions_url: str) -> None:
+def _demo_on_s3(workdir: Path, params: dict) -> tuple[int, dict | None, str | None]:
+    """Start SeaweedFS on loopback, upload documents, manifest and model, run s3:// -> s3://, stop it."""
+    import s3fs
+
+    from medvlm_core.s3_server import LocalS3Server
+
+    bucket = "medvlm-demo"
+    with LocalS3Server(workdir / "s3") as server:
+        print(f"demo: local S3 server (SeaweedFS) at {server.endpoint_url}, bucket {bucket}")
+        server.create_bucket(bucket)
+        os.environ.update(server.env())  # the standard AWS variables, as on a real deployment
+        fs = s3fs.S3FileSystem(**server.storage_options())
+        prefix = f"s3://{bucket}"
+        fs.put(str(workdir / "documents"), f"{prefix}/incoming/documents", recursive=True)
+        fs.put(params["manifest"], f"{prefix}/incoming/manifest.csv")
+        fs.put(params["model"], f"{prefix}/models/{Path(params['model']).name}")
+        fs.put(params["mmproj"], f"{prefix}/models/{Path(params['mmproj']).name}")
+        params = dict(params, manifest=f"{prefix}/incoming/manifest.csv", output=f"{prefix}/output",
+                      model=f"{prefix}/models/{Path(params['model']).name}",
+                      mmproj=f"{prefix}/models/{Path(params['mmproj']).name}")
+        code, summary, error = run_flow(**params)
+        if summary:
+            print()
+            print_summary(summary)
+            _print_demo_rows(summary["published"]["completions"], fs)
+            print(f"\nThe server is stopped now; its data stays in {workdir / 's3'}.")
+    return code, summary, error
+
+
+def _print_demo_rows(completions_url: str, filesystem=None) -> None:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(completions_url).to_pylist()
+    path = completions_url.replace("s3://", "") if filesystem is not None else completions_url
+    table = pq.read_table(path, filesystem=filesystem).to_pylist()
     print()
     print(f"{'document_id':<16} {'page':>4} {'status':<6} {'tokens':>6} {'ms':>7}  completion (first 50 chars)")
     for r in table:

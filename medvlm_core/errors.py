@@ -39,6 +39,7 @@ PAGE_OUT_OF_RANGE = "page_out_of_range"
 INFERENCE_ERROR = "inference_error"
 CONTEXT_OVERFLOW = "context_overflow"
 TASK_FAILED = "task_failed"
+INVALID_ROW = "invalid_row"
 
 ERROR_TYPES = (
     NOT_FOUND,
@@ -51,4 +52,5 @@ ERROR_TYPES = (
     INFERENCE_ERROR,
     CONTEXT_OVERFLOW,
     TASK_FAILED,
+    INVALID_ROW,
 )

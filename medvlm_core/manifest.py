@@ -127,55 +127,25 @@ def row_from_record(record: dict[str, Any], row_number: int, base_dir: str) -> M
     )
 
 
-@dataclass(frozen=True)
-class QuarantinedRow:
-    """A manifest row that was refused before processing, and why (the ``quarantine`` table)."""
-
-    row_number: int
-    row_json: str
-    column: str | None
-    check: str
-    value: str | None
-    reason: str
-
-
-def parse_rows(df: pl.DataFrame, base_dir: str) -> tuple[list[ManifestRow], list[QuarantinedRow]]:
-    """Typed rows from a manifest frame, and the rows refused with their reasons."""
-    import json
-
-    rows: list[ManifestRow] = []
-    refused: list[QuarantinedRow] = []
-    for index, record in enumerate(df.iter_rows(named=True)):
-        number = index + 1
-        try:
-            rows.append(row_from_record(record, number, base_dir))
-        except ValueError as exc:
-            column = str(exc).split(" ", 1)[0]
-            refused.append(
-                QuarantinedRow(
-                    row_number=number,
-                    row_json=json.dumps(record, sort_keys=True, default=str),
-                    column=column if column in COLUMNS else None,
-                    check="parse",
-                    value=None if column not in COLUMNS else (None if record.get(column) is None else str(record.get(column))),
-                    reason=f"row {number}: {exc}",
-                )
-            )
-    return rows, refused
-
-
 @dataclass
 class ManifestPlan:
-    """A manifest split into the rows to process and the rows refused (quarantined)."""
+    """A manifest split into the rows to process and the rows refused (quarantine records)."""
 
     rows: list[ManifestRow]
-    quarantined: list[QuarantinedRow]
+    quarantined: list[dict[str, Any]]
     total_rows: int
 
 
 def read_manifest(url: str, storage: Storage) -> ManifestPlan:
-    """Read and check a manifest; RunError for table-level problems, quarantine for bad rows."""
+    """Read and validate a manifest (pandera, lazily: every problem at once).
+
+    RunError for table-level problems; each bad row becomes a quarantine record with its reasons.
+    """
+    from medvlm_core.validation import ROW, problems_by_row, validate_manifest
+
     url = st.normalize(url)
     frame = read_manifest_frame(url, storage)
-    rows, quarantined = parse_rows(frame, st.dirname(url))
-    return ManifestPlan(rows=rows, quarantined=quarantined, total_rows=frame.height)
+    valid, problems = validate_manifest(frame)
+    base_dir = st.dirname(url)
+    rows = [row_from_record(record, record[ROW], base_dir) for record in valid.iter_rows(named=True)]
+    return ManifestPlan(rows=rows, quarantined=problems_by_row(problems, frame), total_rows=frame.height)

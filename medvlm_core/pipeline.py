@@ -247,7 +247,7 @@ def process_rows(
             prompt = row_prompt(work.row, spec.default_prompt)
         except RunError as exc:
             prompt = spec.default_prompt
-            work.error = work.error or DocumentError("invalid_row", str(exc))
+            work.error = work.error or DocumentError(errors.INVALID_ROW, str(exc))
         if work.error is not None:
             out = error_row(work, spec, prompt, work.error)
         else:

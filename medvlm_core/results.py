@@ -166,6 +166,16 @@ def write_parquet(storage: Storage, url: str, table: pa.Table) -> None:
         pq.write_table(table, f, compression="zstd")
 
 
+def write_rows(storage: Storage, url: str, table_name: str, rows: Iterable[dict[str, Any]]) -> int:
+    """Validate rows against the table's pandera model, then write them as one atomic Parquet file."""
+    from medvlm_core.validation import validate_output
+
+    table = to_table(rows, TABLES[table_name])
+    validate_output(table_name, table)
+    write_parquet(storage, url, table)
+    return table.num_rows
+
+
 def merge_parquet(storage: Storage, sources: list[str], url: str, schema: pa.Schema) -> int:
     """Stream ``sources`` (same schema) into one Parquet file at ``url``, atomically. Returns rows written.
 

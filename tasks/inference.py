@@ -56,7 +56,7 @@ def infer_chunk(chunk_index: int, rows: list[ManifestRow], spec: RunSpec, storag
     engine = shared_engine(spec.engine, spec.model.chat_format)
     summary = ChunkSummary(chunk_index, results.staging_url(spec.output, spec.run_id, "completions", chunk_file_name(chunk_index)))
     out = list(process_rows(engine, rows, spec, storage, on_row=summary.add))
-    results.write_parquet(storage, summary.staged_url, results.to_table(out, results.COMPLETIONS_SCHEMA))
+    results.write_rows(storage, summary.staged_url, "completions", out)
     logger.info(
         "chunk %d: %d manifest rows -> %d ok, %d error pages", chunk_index, len(rows), summary.pages_ok, summary.pages_error
     )
@@ -76,5 +76,5 @@ def stage_failed_chunk(chunk_index: int, rows: list[ManifestRow], spec: RunSpec,
         item = error_row(PageWork(row=row, page=row.page), spec, prompt, error)
         summary.add(item)
         out.append(item)
-    results.write_parquet(storage, summary.staged_url, results.to_table(out, results.COMPLETIONS_SCHEMA))
+    results.write_rows(storage, summary.staged_url, "completions", out)
     return summary

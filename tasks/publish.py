@@ -35,10 +35,10 @@ def publish_run(
         published["completions"] = url
     if quarantine_rows:
         url = results.table_part_url(output, "quarantine", run_date, run_id)
-        results.write_parquet(storage, url, results.to_table(quarantine_rows, results.QUARANTINE_SCHEMA))
+        results.write_rows(storage, url, "quarantine", quarantine_rows)
         published["quarantine"] = url
     url = results.table_part_url(output, "runs", run_date, run_id)
-    results.write_parquet(storage, url, results.to_table([run_row], results.RUNS_SCHEMA))
+    results.write_rows(storage, url, "runs", [run_row])
     published["runs"] = url
     storage.put_if_absent(results.commit_url(output, run_id), results.commit_record(run_id, published))
     storage.remove_tree(results.staging_root(output, run_id))

@@ -1,0 +1,249 @@
+"""pandera schemas: the manifest's single definition (with row-level quarantine) and the output tables'.
+
+The manifest is validated lazily with pandera's polars backend, which reports the row index of every
+failure, so that every problem is found in one pass and each bad row is quarantined with a reason a person
+can act on, while the valid rows proceed. The result tables are validated before they are written, so
+downstream queries can trust their schema and invariants.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+import pandera.polars as pa
+import polars as pl
+from pandera.api.polars.types import PolarsData
+from pandera.errors import SchemaError, SchemaErrors
+
+from medvlm_core import errors
+from medvlm_core.errors import RunError
+from medvlm_core.prompts import known_prompt_ids
+
+MAX_ID_CHARS = 256
+MAX_URI_CHARS = 4096
+MAX_PROMPT_CHARS = 8000
+ROW = "__row_number"
+ALLOWED_SCHEMES = ("s3://", "s3a://", "file://")
+
+
+class ManifestModel(pa.DataFrameModel):
+    """One manifest row per document (or selected page). All columns arrive as strings."""
+
+    document_id: str = pa.Field(nullable=False, str_length={"min_value": 1, "max_value": MAX_ID_CHARS})
+    image_uri: str = pa.Field(nullable=False, str_length={"min_value": 1, "max_value": MAX_URI_CHARS})
+    page: Optional[str] = pa.Field(nullable=True, str_matches=r"^\s*[1-9][0-9]{0,5}(\.0+)?\s*$")
+    prompt_id: Optional[str] = pa.Field(nullable=True, str_length={"max_value": MAX_ID_CHARS})
+    prompt: Optional[str] = pa.Field(nullable=True, str_length={"max_value": MAX_PROMPT_CHARS})
+    patient_id: Optional[str] = pa.Field(nullable=True, str_length={"max_value": MAX_ID_CHARS})
+    encounter_id: Optional[str] = pa.Field(nullable=True, str_length={"max_value": MAX_ID_CHARS})
+    sha256: Optional[str] = pa.Field(nullable=True, str_matches=r"^\s*[0-9a-fA-F]{64}\s*$")
+
+    @pa.check("document_id", name="not_blank")
+    def _document_id_not_blank(cls, data: PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col(data.key).str.strip_chars().str.len_chars() > 0)
+
+    @pa.check("image_uri", name="uri_form")
+    def _image_uri_form(cls, data: PolarsData) -> pl.LazyFrame:
+        uri = pl.col(data.key).str.strip_chars()
+        scheme_ok = ~uri.str.contains("://", literal=True) | pl.any_horizontal(
+            [uri.str.to_lowercase().str.starts_with(s) for s in ALLOWED_SCHEMES]
+        )
+        no_control = ~uri.str.contains(r"[\x00-\x1f]")
+        return data.lazyframe.select(scheme_ok & no_control & (uri.str.len_chars() > 0))
+
+    @pa.check("prompt_id", name="known_prompt_id")
+    def _known_prompt_id(cls, data: PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col(data.key).str.strip_chars().is_in(known_prompt_ids()))
+
+    class Config:
+        # A document page appears once per manifest; duplicates are resolved in quarantine_duplicates().
+        unique = ["document_id", "page"]
+        strict = False  # extra columns are allowed and ignored
+
+
+# Readable reasons, keyed by (column, check name prefix). No values: reasons are printed, values are data.
+_REASONS = {
+    ("document_id", "not_nullable"): "document_id is missing",
+    ("document_id", "str_length"): f"document_id must be 1 to {MAX_ID_CHARS} characters",
+    ("document_id", "not_blank"): "document_id is blank",
+    ("image_uri", "not_nullable"): "image_uri is missing",
+    ("image_uri", "str_length"): f"image_uri must be 1 to {MAX_URI_CHARS} characters",
+    ("image_uri", "uri_form"): "image_uri must be s3://..., file://..., an absolute path or a path relative to the manifest",
+    ("page", "str_matches"): "page must be an integer >= 1",
+    ("prompt_id", "known_prompt_id"): "prompt_id is not in the prompt library",
+    ("prompt_id", "str_length"): f"prompt_id is longer than {MAX_ID_CHARS} characters",
+    ("prompt", "str_length"): f"prompt is longer than {MAX_PROMPT_CHARS} characters",
+    ("patient_id", "str_length"): f"patient_id is longer than {MAX_ID_CHARS} characters",
+    ("encounter_id", "str_length"): f"encounter_id is longer than {MAX_ID_CHARS} characters",
+    ("sha256", "str_matches"): "sha256 must be 64 hexadecimal characters",
+}
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """One failed check on one manifest row."""
+
+    row_number: int
+    column: str | None
+    check: str
+    value: str | None
+    reason: str
+
+
+def _reason(column: str | None, check: str) -> str:
+    for (col, prefix), text in _REASONS.items():
+        if col == column and check.startswith(prefix):
+            return text
+    return f"{column or 'row'} fails {check}"
+
+
+def validate_manifest(frame: pl.DataFrame) -> tuple[pl.DataFrame, list[RowProblem]]:
+    """Split a manifest frame (strings; see manifest.read_manifest_frame) into valid rows and problems.
+
+    The returned frame keeps the 1-based row numbers in column ``__row_number``. Table-level failures
+    (a problem pandera cannot pin to a row) raise RunError.
+    """
+    frame = frame.with_columns(pl.all().cast(pl.Utf8)).with_row_index(ROW, offset=1).with_columns(pl.col(ROW).cast(pl.Int64))
+    try:
+        ManifestModel.validate(frame, lazy=True)
+        failures = None
+    except SchemaErrors as exc:
+        failures = exc.failure_cases
+    except SchemaError as exc:  # pragma: no cover - lazy mode reports through SchemaErrors
+        raise RunError(f"manifest does not match its schema: {exc.reason_code}") from None
+    problems: list[RowProblem] = []
+    if failures is not None:
+        for case in failures.iter_rows(named=True):
+            if case["index"] is None:
+                raise RunError(f"manifest does not match its schema ({case['check']} on {case['column']})")
+            if case["check"] == "multiple_fields_uniqueness":
+                continue  # resolved below, with the knowledge of which duplicate came first
+            number = int(case["index"]) + 1
+            check = str(case["check"]).split("(", 1)[0]  # "str_matches('^...$')" -> "str_matches"
+            problems.append(RowProblem(number, case["column"], check, case["failure_case"], _reason(case["column"], check)))
+        problems += _duplicate_problems(frame)
+    bad = {p.row_number for p in problems}
+    return frame.filter(~pl.col(ROW).is_in(list(bad))), sorted(problems, key=lambda p: (p.row_number, p.column or ""))
+
+
+def _duplicate_problems(frame: pl.DataFrame) -> list[RowProblem]:
+    """Repeated (document_id, page): exact repeats after the first are refused; conflicting rows all are."""
+    problems = []
+    content = [c for c in frame.columns if c != ROW]
+    keyed = frame.with_columns(pl.col("document_id").str.strip_chars().alias("__doc"), pl.col("page").str.strip_chars().alias("__page"))
+    for (_, _), group in keyed.filter(pl.struct("__doc", "__page").is_duplicated()).group_by(["__doc", "__page"], maintain_order=True):
+        group = group.sort(ROW)
+        numbers = group[ROW].to_list()
+        identical = group.select(content).unique().height == 1
+        doomed = numbers[1:] if identical else numbers
+        for n in doomed:
+            reason = (
+                f"exact duplicate of row {numbers[0]} (same document_id and page)"
+                if identical
+                else f"document_id and page repeated in rows {', '.join(map(str, numbers))} with different content"
+            )
+            problems.append(RowProblem(n, "document_id", "unique_document_page", None, reason))
+    return problems
+
+
+def problems_by_row(problems: list[RowProblem], frame: pl.DataFrame) -> list[dict]:
+    """One quarantine record per refused row: all its problems joined, the first one's column and check."""
+    originals = {r[ROW]: r for r in frame.with_row_index(ROW, offset=1).with_columns(pl.col(ROW).cast(pl.Int64)).iter_rows(named=True)}
+    grouped: dict[int, list[RowProblem]] = {}
+    for p in problems:
+        grouped.setdefault(p.row_number, []).append(p)
+    records = []
+    for number, items in sorted(grouped.items()):
+        original = {k: v for k, v in originals[number].items() if k != ROW}
+        first = items[0]
+        records.append(
+            {
+                "row_number": number,
+                "row_json": json.dumps(original, sort_keys=True, default=str),
+                "column": first.column,
+                "check": first.check,
+                "failing_value": first.value,
+                "reason": f"row {number}: " + "; ".join(dict.fromkeys(p.reason for p in items)),
+            }
+        )
+    return records
+
+
+# -- output tables ------------------------------------------------------------------------------------
+
+_HEX64 = r"^[0-9a-f]{64}$"
+
+
+class CompletionsModel(pa.DataFrameModel):
+    """Invariants of the completions table that downstream queries rely on."""
+
+    run_id: str = pa.Field(nullable=False)
+    result_key: str = pa.Field(nullable=False, str_matches=_HEX64)
+    document_id: str = pa.Field(nullable=False)
+    page: Optional[pl.Int32] = pa.Field(nullable=True, ge=1)
+    manifest_row: pl.Int64 = pa.Field(nullable=False, ge=1)
+    image_sha256: Optional[str] = pa.Field(nullable=True, str_matches=_HEX64)
+    prompt_sha256: str = pa.Field(nullable=False, str_matches=_HEX64)
+    model_sha256: str = pa.Field(nullable=False, str_matches=_HEX64)
+    mmproj_sha256: str = pa.Field(nullable=False, str_matches=_HEX64)
+    status: str = pa.Field(nullable=False, isin=["ok", "error"])
+    error_type: Optional[str] = pa.Field(nullable=True, isin=list(errors.ERROR_TYPES))
+    completion_tokens: Optional[pl.Int32] = pa.Field(nullable=True, ge=0)
+
+    @pa.dataframe_check(name="status_matches_error_fields")
+    def _status_consistent(cls, data: PolarsData) -> pl.LazyFrame:
+        ok = pl.col("status") == "ok"
+        return data.lazyframe.select(
+            pl.when(ok)
+            .then(pl.col("error_type").is_null() & pl.col("completion").is_not_null())
+            .otherwise(pl.col("error_type").is_not_null() & pl.col("error_message").is_not_null())
+        )
+
+    class Config:
+        strict = False
+
+
+class RunsModel(pa.DataFrameModel):
+    """Invariants of the runs table."""
+
+    run_id: str = pa.Field(nullable=False, unique=True)
+    manifest_rows: int = pa.Field(nullable=False, ge=0)
+    quarantined_rows: int = pa.Field(nullable=False, ge=0)
+    skipped_rows: int = pa.Field(nullable=False, ge=0)
+    processed_rows: int = pa.Field(nullable=False, ge=0)
+    pages_ok: int = pa.Field(nullable=False, ge=0)
+    pages_error: int = pa.Field(nullable=False, ge=0)
+
+    class Config:
+        strict = False
+
+
+class QuarantineModel(pa.DataFrameModel):
+    """Invariants of the quarantine table."""
+
+    run_id: str = pa.Field(nullable=False)
+    row_number: int = pa.Field(nullable=False, ge=1)
+    row_json: str = pa.Field(nullable=False)
+    reason: str = pa.Field(nullable=False)
+
+    class Config:
+        strict = False
+
+
+OUTPUT_MODELS = {"completions": CompletionsModel, "runs": RunsModel, "quarantine": QuarantineModel}
+
+
+def validate_output(table_name: str, table) -> None:
+    """Check an Arrow table against its output model before it is written; RuntimeError (a bug) if not."""
+    if table.num_rows == 0:
+        return
+    try:
+        OUTPUT_MODELS[table_name].validate(pl.from_arrow(table), lazy=True)
+    except (SchemaErrors, SchemaError) as exc:
+        cases = getattr(exc, "failure_cases", None)
+        detail = "" if cases is None else "; ".join(
+            sorted({f"{c['column']}:{c['check']}" for c in cases.select("column", "check").iter_rows(named=True)})
+        )
+        raise RuntimeError(f"refusing to write an invalid {table_name} table ({detail})") from None

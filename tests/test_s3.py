@@ -1,0 +1,186 @@
+"""S3 end to end against a real S3 server (SeaweedFS on loopback): documents, manifests, models, tables."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+import zipfile
+
+import duckdb
+import pyarrow.dataset as ds
+import pytest
+import s3fs
+
+from conftest import write_manifest
+from flows.batch import medvlm_batch
+from medvlm_core import results
+from medvlm_core.storage import Storage, s3_options
+from tasks.publish import publish_run
+
+BUCKET = "medvlm-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One SeaweedFS S3 server for the session, with one bucket; tests use a prefix each."""
+    from medvlm_core.s3_server import LocalS3Server
+
+    server = LocalS3Server(tmp_path_factory.mktemp("seaweed")).start()
+    server.create_bucket(BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The server's credentials and endpoint in the environment (the standard AWS variables), and an fs."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3fs.S3FileSystem(**s3_options())
+
+
+@pytest.fixture
+def prefix():
+    """A fresh prefix in the test bucket."""
+    return f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
+
+
+def upload_documents(fs, tmp_path, demo_docs, prefix):
+    """Put the demo documents under ``prefix/in/documents`` and return their manifest records."""
+    for record in demo_docs:
+        fs.put(str(tmp_path / record["image_uri"]), f"{prefix}/in/{record['image_uri']}")
+    return demo_docs
+
+
+def read_s3(fs, url):
+    return ds.dataset(url.replace("s3://", ""), filesystem=fs, format="parquet", partitioning="hive").to_table()
+
+
+def test_s3_to_s3_with_model_from_s3(s3, tmp_path, demo_docs, prefix, tiny_llava, monkeypatch):
+    records = upload_documents(s3, tmp_path, demo_docs, prefix)
+    records = records + [
+        {"document_id": "absolute", "image_uri": f"{prefix}/in/documents/rx-0002.png", "patient_id": "P-9"},
+        {"document_id": "missing", "image_uri": "documents/not-there.png"},
+    ]
+    s3.put(str(write_manifest(tmp_path / "manifest.csv", records)), f"{prefix}/in/manifest.csv")
+    s3.put(str(tiny_llava.model_path), f"{prefix}/models/model.gguf")
+    s3.put(str(tiny_llava.mmproj_path), f"{prefix}/models/mmproj.gguf")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MEDVLM_CACHE_DIR", str(cache))
+    params = dict(
+        manifest=f"{prefix}/in/manifest.csv", output=f"{prefix}/out", model=f"{prefix}/models/model.gguf",
+        mmproj=f"{prefix}/models/mmproj.gguf", max_tokens=4, n_ctx=4096,
+        model_sha256=hashlib.sha256(tiny_llava.model_path.read_bytes()).hexdigest(),
+    )
+    state = medvlm_batch(return_state=True, **params)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert (summary["pages_ok"], summary["pages_error"], summary["reconciled"]) == (4, 1, True)
+    cached = sorted(p.name for p in (cache / "models").iterdir() if p.suffix == ".gguf")
+    assert len(cached) == 2
+    stamp = {p: p.stat().st_mtime_ns for p in (cache / "models").glob("*.gguf")}
+
+    # second run: the model comes from the cache, not S3
+    state = medvlm_batch(return_state=True, **params)
+    assert state.is_completed(), state.message
+    assert {p: p.stat().st_mtime_ns for p in (cache / "models").glob("*.gguf")} == stamp
+
+    table = read_s3(s3, f"{prefix}/out/completions")
+    rows = table.to_pylist()
+    assert table.num_rows == 10  # two runs, five pages each, in two files
+    by_id = {r["document_id"]: r for r in rows}
+    assert by_id["absolute"]["status"] == "ok" and by_id["absolute"]["patient_id"] == "P-9"
+    assert by_id["discharge-0001"]["image_uri"] == f"{prefix}/in/documents/discharge-0001.png"
+    assert (by_id["missing"]["status"], by_id["missing"]["error_type"]) == ("error", "not_found")
+    assert by_id["missing"]["image_uri"] == f"{prefix}/in/documents/not-there.png"
+    assert by_id["rx-0002"]["image_sha256"] == hashlib.sha256((tmp_path / "documents" / "rx-0002.png").read_bytes()).hexdigest()
+
+    con = duckdb.connect()
+    con.register_filesystem(s3)
+    got = con.execute(
+        f"select run_date, count(*), count(distinct run_id) from read_parquet('{prefix}/out/completions/*/*.parquet', "
+        "hive_partitioning=true) group by 1"
+    ).fetchall()
+    assert [(n, runs) for _, n, runs in got] == [(10, 2)]
+    assert con.execute(f"select sum(pages_ok) from read_parquet('{prefix}/out/runs/*/*.parquet')").fetchone()[0] == 8
+    # nothing left in staging, and the commit records exist
+    assert not s3.exists(f"{prefix}/out/_staging") or s3.find(f"{prefix}/out/_staging") == []
+    assert len(s3.ls(f"{prefix}/out/_commits")) == 2
+
+
+def test_wrong_model_sha256_is_refused_before_any_document(s3, tmp_path, demo_docs, prefix, tiny_llava):
+    upload_documents(s3, tmp_path, demo_docs, prefix)
+    s3.put(str(write_manifest(tmp_path / "m.csv", demo_docs)), f"{prefix}/in/m.csv")
+    s3.put(str(tiny_llava.model_path), f"{prefix}/models/model.gguf")
+    state = medvlm_batch(
+        return_state=True, manifest=f"{prefix}/in/m.csv", output=f"{prefix}/out", model=f"{prefix}/models/model.gguf",
+        mmproj=str(tiny_llava.mmproj_path), model_sha256="0" * 64,
+    )
+    assert state.is_failed() and "sha256 mismatch" in state.message and "refusing the model" in state.message
+    assert not s3.exists(f"{prefix}/out/completions")
+
+
+def test_zip_bundle_from_s3(s3, tmp_path, demo_docs, prefix, tiny_qwen):
+    upload_documents(s3, tmp_path, demo_docs, prefix)
+    s3.put(str(write_manifest(tmp_path / "m.jsonl", demo_docs[:1])), f"{prefix}/in/m.jsonl")
+    bundle = tmp_path / "vendor-model.zip"
+    with zipfile.ZipFile(bundle, "w") as z:
+        z.write(tiny_qwen.mmproj_path, "release/mmproj-model-f16.gguf")
+        z.write(tiny_qwen.model_path, "release/model-q4.gguf")
+    s3.put(str(bundle), f"{prefix}/models/vendor-model.zip")
+    state = medvlm_batch(
+        return_state=True, manifest=f"{prefix}/in/m.jsonl", output=f"{prefix}/out",
+        model=f"{prefix}/models/vendor-model.zip", max_tokens=3, n_ctx=4096,
+    )
+    assert state.is_completed(), state.message
+    [row] = read_s3(s3, f"{prefix}/out/completions").to_pylist()
+    assert row["status"] == "ok" and row["chat_format"] == "qwen2.5-vl"
+    assert row["mmproj_sha256"] == hashlib.sha256(tiny_qwen.mmproj_path.read_bytes()).hexdigest()
+
+
+def test_wrong_credentials_give_one_clear_error(s3, s3_server, tmp_path, demo_docs, prefix, tiny_llava, monkeypatch):
+    s3.put(str(write_manifest(tmp_path / "m.csv", demo_docs)), f"{prefix}/in/m.csv")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-" + "x" * 20)
+    state = medvlm_batch(
+        return_state=True, manifest=f"{prefix}/in/m.csv", output=f"{prefix}/out",
+        model=str(tiny_llava.model_path), mmproj=str(tiny_llava.mmproj_path),
+    )
+    assert state.is_failed()
+    assert "manifest cannot be read" in state.message and "access denied" in state.message
+    assert "not-the-secret" not in state.message and s3_server.credentials.secret_key not in state.message
+
+
+def test_credentials_from_a_secret_block(s3_server, tmp_path, demo_docs, prefix, tiny_llava, monkeypatch):
+    from prefect.blocks.system import Secret
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    creds = s3_server.credentials
+    Secret(value={"aws_access_key_id": creds.access_key, "aws_secret_access_key": creds.secret_key,
+                  "endpoint_url": s3_server.endpoint_url}).save("medvlm-test-s3", overwrite=True)
+    fs = s3fs.S3FileSystem(**s3_server.storage_options())
+    fs.put(str(write_manifest(tmp_path / "m.csv", [{"document_id": "x", "image_uri": "gone.png"}])), f"{prefix}/m.csv")
+    state = medvlm_batch(
+        return_state=True, manifest=f"{prefix}/m.csv", output=f"{prefix}/out", model=str(tiny_llava.model_path),
+        mmproj=str(tiny_llava.mmproj_path), credentials_block="medvlm-test-s3",
+    )
+    assert state.is_completed(), state.message
+    assert state.result()["error_types"] == {"not_found": 1}
+    state = medvlm_batch(
+        return_state=True, manifest=f"{prefix}/m.csv", output=f"{prefix}/out", model=str(tiny_llava.model_path),
+        mmproj=str(tiny_llava.mmproj_path), credentials_block="no-such-block",
+    )
+    assert state.is_failed() and "credentials block 'no-such-block' cannot be loaded" in state.message
+
+
+def test_republishing_a_run_does_not_duplicate_rows(s3, prefix):
+    storage = Storage({"s3": s3_options()})
+    row = {"run_id": "r1", "document_id": "d", "status": "ok", "created_at": results.utc_now()}
+    staged = results.staging_url(prefix, "r1", "completions", "chunk-000000.parquet")
+    for _ in range(2):
+        results.write_parquet(storage, staged, results.to_table([row, row | {"document_id": "e"}], results.COMPLETIONS_SCHEMA))
+        publish_run.fn(prefix, "r1", "2026-11-28", [staged], [], {"run_id": "r1"}, storage)
+    assert read_s3(s3, f"{prefix}/completions").num_rows == 2
+    assert read_s3(s3, f"{prefix}/runs").num_rows == 1
+    assert storage.put_if_absent(results.commit_url(prefix, "r1"), b"again") is False
