@@ -211,7 +211,7 @@ def _demo_on_s3(workdir: Path, params: dict) -> tuple[int, dict | None, str | No
             print()
             print_summary(summary)
             _print_demo_rows(summary["published"]["completions"], fs)
-            print(f"\nThe server is stopped now; its data stays in {workdir / 's3'}.")
+            print(f"\nThe S3 server stops when the demo ends; its data stays in {workdir / 's3'}.")
     return code, summary, error
 
 

@@ -65,6 +65,17 @@ def test_demo_command(tmp_path):
     assert rows.num_rows == 3
 
 
+def test_demo_command_s3_to_s3(tmp_path):
+    proc = medvlm("demo", "--s3", "--workdir", str(tmp_path / "demo"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "local S3 server (SeaweedFS) at http://127.0.0.1:" in proc.stdout
+    assert "3 manifest rows -> 3 ok pages" in proc.stdout
+    assert "completions: s3://medvlm-demo/output/completions/run_date=" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    # the server was stopped with the demo
+    assert subprocess.run(["pgrep", "-f", str(tmp_path / "demo" / "s3")], capture_output=True).returncode == 1
+
+
 def test_make_tiny_model_command(tmp_path):
     proc = medvlm("make-tiny-model", "--out", str(tmp_path), "--family", "qwen2vl")
     assert proc.returncode == 0 and (tmp_path / "tiny-qwen2vl.gguf").exists() and (tmp_path / "tiny-qwen2vl-mmproj.gguf").exists()

@@ -105,7 +105,8 @@ def test_s3_to_s3_with_model_from_s3(s3, tmp_path, demo_docs, prefix, tiny_llava
     assert [(n, runs) for _, n, runs in got] == [(10, 2)]
     assert con.execute(f"select sum(pages_ok) from read_parquet('{prefix}/out/runs/*/*.parquet')").fetchone()[0] == 8
     # nothing left in staging, and the commit records exist
-    assert not s3.exists(f"{prefix}/out/_staging") or s3.find(f"{prefix}/out/_staging") == []
+    # (SeaweedFS may keep the emptied folder itself; no staged file may remain)
+    assert [p for p in s3.find(f"{prefix}/out/_staging") if p.endswith(".parquet")] == []
     assert len(s3.ls(f"{prefix}/out/_commits")) == 2
 
 
@@ -176,11 +177,15 @@ def test_credentials_from_a_secret_block(s3_server, tmp_path, demo_docs, prefix,
 
 def test_republishing_a_run_does_not_duplicate_rows(s3, prefix):
     storage = Storage({"s3": s3_options()})
-    row = {"run_id": "r1", "document_id": "d", "status": "ok", "created_at": results.utc_now()}
+    hex64 = "ab" * 32
+    row = {"run_id": "r1", "result_key": hex64, "document_id": "d", "manifest_row": 1, "prompt_sha256": hex64,
+           "model_sha256": hex64, "mmproj_sha256": hex64, "status": "ok", "completion": "x", "created_at": results.utc_now()}
+    run_row = {"run_id": "r1", "manifest_rows": 2, "quarantined_rows": 0, "skipped_rows": 0, "processed_rows": 2,
+               "pages_ok": 2, "pages_error": 0}
     staged = results.staging_url(prefix, "r1", "completions", "chunk-000000.parquet")
     for _ in range(2):
-        results.write_parquet(storage, staged, results.to_table([row, row | {"document_id": "e"}], results.COMPLETIONS_SCHEMA))
-        publish_run.fn(prefix, "r1", "2026-11-28", [staged], [], {"run_id": "r1"}, storage)
+        results.write_rows(storage, staged, "completions", [row, row | {"document_id": "e", "manifest_row": 2}])
+        publish_run.fn(prefix, "r1", "2026-11-28", [staged], [], run_row, storage)
     assert read_s3(s3, f"{prefix}/completions").num_rows == 2
     assert read_s3(s3, f"{prefix}/runs").num_rows == 1
     assert storage.put_if_absent(results.commit_url(prefix, "r1"), b"again") is False
