@@ -70,6 +70,9 @@ def medvlm_batch(
     chat_format: str | None = None,
     max_pixels: int = ImageOptions.max_pixels,
     pdf_dpi: int = ImageOptions.pdf_dpi,
+    max_bytes: int = ImageOptions.max_bytes,
+    max_source_pixels: int = ImageOptions.max_source_pixels,
+    max_pages: int = ImageOptions.max_pages,
     chunk_size: int | None = None,
     model_sha256: str | None = None,
     mmproj_sha256: str | None = None,
@@ -94,7 +97,10 @@ def medvlm_batch(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
             repeat_penalty=repeat_penalty, seed=seed, stop=tuple(stop or ()),
         )
-        images = ImageOptions(max_pixels=max_pixels, pdf_dpi=pdf_dpi)
+        images = ImageOptions(
+            max_pixels=max_pixels, pdf_dpi=pdf_dpi, max_bytes=max_bytes, max_source_pixels=max_source_pixels,
+            max_pages=max_pages,
+        )
         default_prompt = get_prompt(prompt_id, prompt)
         storage = build_storage(s3_endpoint, storage_options, credentials_block)
         model_path, mmproj_path = resolve_model_files(

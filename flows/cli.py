@@ -44,6 +44,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-format", default=None, help="override the chat format picked from the model")
     p.add_argument("--max-pixels", type=int, default=ImageOptions.max_pixels, help="pixel budget per page image")
     p.add_argument("--pdf-dpi", type=int, default=ImageOptions.pdf_dpi)
+    p.add_argument("--max-bytes", type=int, default=ImageOptions.max_bytes, help="limit: bytes per document file")
+    p.add_argument("--max-source-pixels", type=int, default=ImageOptions.max_source_pixels,
+                   help="limit: pixels per source page (decompression-bomb guard)")
+    p.add_argument("--max-pages", type=int, default=ImageOptions.max_pages, help="limit: pages per document")
     p.add_argument("--chunk-size", type=int, default=None, help="manifest rows per inference task")
     p.add_argument("--model-sha256", help="expected sha256 of --model (refused on mismatch)")
     p.add_argument("--mmproj-sha256", help="expected sha256 of --mmproj (refused on mismatch)")
@@ -56,7 +60,8 @@ def _flow_params(args: argparse.Namespace) -> dict[str, Any]:
         prompt_id=args.prompt_id, prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
         stop=args.stop, n_gpu_layers=args.n_gpu_layers, n_ctx=args.n_ctx, n_threads=args.n_threads,
-        chat_format=args.chat_format, max_pixels=args.max_pixels, pdf_dpi=args.pdf_dpi, chunk_size=args.chunk_size,
+        chat_format=args.chat_format, max_pixels=args.max_pixels, pdf_dpi=args.pdf_dpi, max_bytes=args.max_bytes,
+        max_source_pixels=args.max_source_pixels, max_pages=args.max_pages, chunk_size=args.chunk_size,
         model_sha256=args.model_sha256, mmproj_sha256=args.mmproj_sha256, s3_endpoint=args.s3_endpoint,
         credentials_block=args.credentials_block,
     )
@@ -82,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.add_argument("--s3", action="store_true",
                       help="start a local S3 server (SeaweedFS) and run from s3:// to s3://")
+
+    validate = sub.add_parser("validate", help="check a manifest (no model is loaded); non-zero if rows would be quarantined")
+    validate.add_argument("manifest", help="manifest URI (.csv, .jsonl or .parquet)")
+    validate.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL_S3)")
+    validate.add_argument("--examples", type=int, default=3, help="problems shown per check")
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight VLM (text GGUF + mmproj) for tests")
     tiny.add_argument("--out", required=True)
@@ -127,6 +137,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     if code == EXIT_UNRECONCILED:
         print("medvlm: error: the run's counts do not reconcile; see the runs table", file=sys.stderr)
     return code
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from medvlm_core.errors import RunError
+    from medvlm_core.manifest import read_manifest
+    from medvlm_core.storage import Storage, s3_options
+
+    try:
+        plan = read_manifest(args.manifest, Storage({"s3": s3_options(endpoint_url=args.s3_endpoint)}))
+    except RunError as exc:
+        print(f"medvlm: error: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    print(f"{args.manifest}: {plan.total_rows} rows, {len(plan.rows)} valid, {len(plan.quarantined)} would be quarantined")
+    by_check: dict[str, list[dict]] = {}
+    for record in plan.quarantined:
+        by_check.setdefault(f"{record['column']}: {record['check']}", []).append(record)
+    for check, records in sorted(by_check.items()):
+        print(f"  {check} ({len(records)} rows)")
+        for record in records[: args.examples]:
+            print(f"    {record['reason']}")  # reasons carry row numbers, never values
+    return EXIT_OK if not plan.quarantined else EXIT_UNRECONCILED
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -231,7 +262,7 @@ def _print_demo_rows(completions_url: str, filesystem=None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medvlm`` console script."""
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "demo": cmd_demo, "make-tiny-model": cmd_make_tiny_model}
+    handlers = {"run": cmd_run, "demo": cmd_demo, "validate": cmd_validate, "make-tiny-model": cmd_make_tiny_model}
     return handlers[args.command](args)
 
 
