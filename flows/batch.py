@@ -79,6 +79,7 @@ def medvlm_batch(
     s3_endpoint: str | None = None,
     storage_options: dict[str, Any] | None = None,
     credentials_block: str | None = None,
+    force: bool = False,
 ) -> Any:
     """Run a VLM over every page of the manifest's documents and publish the result tables under ``output``.
 
@@ -89,6 +90,9 @@ def medvlm_batch(
     remote models are cached locally once and checked against ``model_sha256`` / ``mmproj_sha256``.
     S3 credentials come from the AWS environment or the Prefect Secret block ``credentials_block``; put no
     secrets in ``storage_options`` (parameters are stored with the flow run).
+
+    Pages whose result key already has an ``ok`` row under ``output`` are skipped (counted in the runs
+    row) unless ``force``: a run killed at any point and started again completes the rest, exactly once.
     """
     logger = get_run_logger()
     try:
@@ -112,14 +116,14 @@ def medvlm_batch(
         )
         return _run(
             logger, settings, storage, st.normalize(manifest), st.normalize(output), engine, generation, images,
-            default_prompt, chunk_size or settings.chunk_size,
+            default_prompt, chunk_size or settings.chunk_size, force,
         )
     except RunError as exc:
         logger.error("run failed: %s", exc)
         return Failed(message=str(exc))
 
 
-def _run(logger, settings, storage, manifest, output, engine, generation, images, default_prompt, chunk_size) -> dict:
+def _run(logger, settings, storage, manifest, output, engine, generation, images, default_prompt, chunk_size, force) -> dict:
     started = utc_now()
     run_id = make_run_id(started)
     logger.info("run %s: reading manifest", run_id)
@@ -136,10 +140,13 @@ def _run(logger, settings, storage, manifest, output, engine, generation, images
     spec = RunSpec(
         run_id=run_id, output=output, engine=engine, model=identity, generation=generation, images=images,
         default_prompt=default_prompt, params_json=params_json(generation, images, identity.chat_format),
-        log_phi=settings.log_phi,
+        log_phi=settings.log_phi, force=force,
     )
+    done = results.DoneKeys() if force else results.load_done_keys(storage, output)
+    if len(done):
+        logger.info("run %s: %d pages already have ok results under the output and will be skipped", run_id, len(done))
     chunks = split_chunks(plan.rows, chunk_size)
-    futures = infer_chunk.map(list(range(len(chunks))), chunks, unmapped(spec), unmapped(storage))
+    futures = infer_chunk.map(list(range(len(chunks))), chunks, unmapped(spec), unmapped(storage), unmapped(done))
     summaries: list[ChunkSummary] = []
     done_rows = 0
     for index, future in enumerate(futures):
@@ -163,6 +170,7 @@ def _run(logger, settings, storage, manifest, output, engine, generation, images
         "manifest_rows": run_row["manifest_rows"],
         "quarantined_rows": run_row["quarantined_rows"],
         "skipped_rows": run_row["skipped_rows"],
+        "skipped_pages": run_row["skipped_pages"],
         "pages_ok": run_row["pages_ok"],
         "pages_error": run_row["pages_error"],
         "reconciled": run_row["reconciled"],
@@ -205,10 +213,10 @@ def _merge_counts(counts) -> dict[str, int]:
 def _run_row(spec, manifest, output, plan, summaries, started, finished, default_prompt, generation, images) -> dict:
     wall = max((finished - started).total_seconds(), 1e-9)
     pages_ok = sum(s.pages_ok for s in summaries)
-    covered = {n for s in summaries for n in s.manifest_rows}
+    written = set().union(*(s.written_rows for s in summaries))
+    skipped = set().union(*(s.skipped_rows for s in summaries)) - written
     expected = {r.row_number for r in plan.rows}
-    skipped = 0
-    reconciled = covered == expected and len(plan.quarantined) + skipped + len(covered) == plan.total_rows
+    reconciled = written | skipped == expected and len(plan.quarantined) + len(skipped) + len(written) == plan.total_rows
     completion_tokens = sum(s.completion_tokens for s in summaries)
     return {
         "run_id": spec.run_id,
@@ -228,8 +236,9 @@ def _run_row(spec, manifest, output, plan, summaries, started, finished, default
         "params_json": spec.params_json,
         "manifest_rows": plan.total_rows,
         "quarantined_rows": len(plan.quarantined),
-        "skipped_rows": skipped,
-        "processed_rows": len(covered),
+        "skipped_rows": len(skipped),
+        "skipped_pages": sum(s.pages_skipped for s in summaries),
+        "processed_rows": len(written),
         "pages_ok": pages_ok,
         "pages_error": sum(s.pages_error for s in summaries),
         "reconciled": reconciled,

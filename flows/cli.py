@@ -53,6 +53,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mmproj-sha256", help="expected sha256 of --mmproj (refused on mismatch)")
     p.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL_S3)")
     p.add_argument("--credentials-block", help="Prefect Secret block holding S3 credentials as JSON")
+    p.add_argument("--force", action="store_true", help="re-run pages that already have an ok result in the output")
 
 
 def _flow_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -63,7 +64,7 @@ def _flow_params(args: argparse.Namespace) -> dict[str, Any]:
         chat_format=args.chat_format, max_pixels=args.max_pixels, pdf_dpi=args.pdf_dpi, max_bytes=args.max_bytes,
         max_source_pixels=args.max_source_pixels, max_pages=args.max_pages, chunk_size=args.chunk_size,
         model_sha256=args.model_sha256, mmproj_sha256=args.mmproj_sha256, s3_endpoint=args.s3_endpoint,
-        credentials_block=args.credentials_block,
+        credentials_block=args.credentials_block, force=args.force,
     )
 
 
@@ -116,7 +117,8 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
     """Counts and locations of a finished run (no document data)."""
     print(f"run {summary['run_id']}: {summary['manifest_rows']} manifest rows -> "
           f"{summary['pages_ok']} ok pages, {summary['pages_error']} error pages, "
-          f"{summary['quarantined_rows']} quarantined, {summary['skipped_rows']} skipped; "
+          f"{summary['quarantined_rows']} quarantined, {summary['skipped_rows']} skipped "
+          f"({summary['skipped_pages']} pages already done); "
           f"reconciled={summary['reconciled']}", file=out)
     if summary["error_types"]:
         print("errors by type: " + ", ".join(f"{k}={v}" for k, v in summary["error_types"].items()), file=out)
@@ -194,7 +196,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         model, mmproj = args.model, args.mmproj
     print(f"demo: {len(records)} synthetic documents and a manifest in {workdir}")
     params = dict(manifest=str(manifest), output=str(workdir / "output"), model=model, mmproj=mmproj,
-                  max_tokens=args.max_tokens, n_ctx=4096)
+                  max_tokens=args.max_tokens, n_ctx=4096, force=True)  # a demo re-run shows fresh rows
     if args.s3:
         code, summary, error = _demo_on_s3(workdir, params)
     else:

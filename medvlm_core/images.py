@@ -15,7 +15,7 @@ import struct
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
@@ -51,9 +51,9 @@ class PageImage:
 
     page: int  # 1-based
     page_count: int
-    image: Image.Image
-    source_width: int
-    source_height: int
+    image: Image.Image | None  # None when the caller asked to skip this page (not decoded)
+    source_width: int | None
+    source_height: int | None
     source_format: str
 
 
@@ -145,7 +145,9 @@ def _select_pages(page_count: int, page: int | None, name: str, options: ImageOp
     return list(range(page_count))
 
 
-def _raster_pages(data: bytes, fmt: str, name: str, options: ImageOptions, page: int | None) -> Iterator[PageImage]:
+def _raster_pages(
+    data: bytes, fmt: str, name: str, options: ImageOptions, page: int | None, skip: Callable[[int], bool] | None
+) -> Iterator[PageImage]:
     try:
         with warnings.catch_warnings():
             # We enforce our own pixel limit below; Pillow's warning would only add noise.
@@ -157,6 +159,9 @@ def _raster_pages(data: bytes, fmt: str, name: str, options: ImageOptions, page:
             frames = getattr(im, "n_frames", 1) if detected == "tiff" else 1
             indexes = _select_pages(frames, page, name, options)
             for index in indexes:
+                if skip is not None and skip(index + 1):
+                    yield PageImage(index + 1, frames, None, None, None, detected)
+                    continue
                 im.seek(index)
                 width, height = im.size
                 _check_pixels(width, height, name, options)
@@ -188,7 +193,9 @@ def _raster_pages(data: bytes, fmt: str, name: str, options: ImageOptions, page:
         ) from None
 
 
-def _pdf_pages(data: bytes, name: str, options: ImageOptions, page: int | None) -> Iterator[PageImage]:
+def _pdf_pages(
+    data: bytes, name: str, options: ImageOptions, page: int | None, skip: Callable[[int], bool] | None
+) -> Iterator[PageImage]:
     import pypdfium2 as pdfium
 
     with _PDFIUM_LOCK:
@@ -203,6 +210,9 @@ def _pdf_pages(data: bytes, name: str, options: ImageOptions, page: int | None) 
             indexes = _select_pages(page_count, page, name, options)
             rendered = []
             for index in indexes:
+                if skip is not None and skip(index + 1):
+                    rendered.append((index, None, (None, None)))
+                    continue
                 pdf_page = doc[index]
                 try:
                     width_pt, height_pt = pdf_page.get_size()
@@ -225,15 +235,24 @@ def _pdf_pages(data: bytes, name: str, options: ImageOptions, page: int | None) 
         yield PageImage(
             page=index + 1,
             page_count=page_count,
-            image=_prepare(image, name, options),
+            image=None if image is None else _prepare(image, name, options),
             source_width=sw,
             source_height=sh,
             source_format="pdf",
         )
 
 
-def load_pages(data: bytes, name: str, options: ImageOptions, page: int | None = None) -> Iterator[PageImage]:
+def load_pages(
+    data: bytes,
+    name: str,
+    options: ImageOptions,
+    page: int | None = None,
+    skip: Callable[[int], bool] | None = None,
+) -> Iterator[PageImage]:
     """Pages of a document as model-ready images, lazily. ``page`` (1-based) selects one page.
+
+    Pages for which ``skip(page)`` is true are yielded with ``image=None`` and are not decoded (their
+    results already exist).
 
     Raises DocumentError for the whole document (unsupported, corrupt, too large, page out of range).
     ``name`` is used in messages only (the file's URI).
@@ -242,8 +261,8 @@ def load_pages(data: bytes, name: str, options: ImageOptions, page: int | None =
         raise DocumentError(errors.TOO_LARGE, f"{name}: file is {len(data)} bytes, over the max_bytes limit {options.max_bytes}")
     fmt = sniff_format(data, name)
     if fmt == "pdf":
-        return _pdf_pages(data, name, options, page)
-    return _raster_pages(data, fmt, name, options, page)
+        return _pdf_pages(data, name, options, page, skip)
+    return _raster_pages(data, fmt, name, options, page, skip)
 
 
 def to_data_uri(image: Image.Image) -> str:

@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from medvlm_core import errors
@@ -30,7 +30,7 @@ from medvlm_core.images import PageImage, load_pages
 from medvlm_core.manifest import ManifestRow
 from medvlm_core.models import ModelIdentity
 from medvlm_core.prompts import Prompt, get_prompt
-from medvlm_core.results import STATUS_ERROR, STATUS_OK, result_key, utc_now
+from medvlm_core.results import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, DoneKeys, result_key, utc_now
 from medvlm_core.storage import Storage
 
 T = TypeVar("T")
@@ -50,6 +50,8 @@ class RunSpec:
     params_json: str
     fetch_workers: int = 4
     log_phi: bool = False
+    # Re-run pages whose result key already has an ok row (default: skip them).
+    force: bool = False
 
 
 @dataclass
@@ -73,7 +75,7 @@ class PageWork:
     image_sha256: str | None = None
     fetch_ms: float | None = None
     preprocess_ms: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False
 
 
 def fetch_document(row: ManifestRow, storage: Storage, options: ImageOptions) -> FetchedDocument:
@@ -113,20 +115,29 @@ def _settle(row: ManifestRow, future: Future) -> tuple[ManifestRow, FetchedDocum
 
 
 def iter_page_work(
-    fetched: Iterable[tuple[ManifestRow, FetchedDocument | DocumentError]], options: ImageOptions
+    fetched: Iterable[tuple[ManifestRow, FetchedDocument | DocumentError]],
+    options: ImageOptions,
+    is_done: Callable[[ManifestRow, str, int], bool] | None = None,
 ) -> Iterator[PageWork]:
-    """Decode each fetched document into pages; a failure mid-document becomes one error item."""
+    """Decode each fetched document into pages; a failure mid-document becomes one error item.
+
+    Pages for which ``is_done(row, image_sha256, page)`` is true come out as ``skipped`` items, undecoded.
+    """
     for row, doc in fetched:
         if isinstance(doc, DocumentError):
             yield PageWork(row=row, page=row.page, error=doc)
             continue
         common = dict(row=row, image_sha256=doc.sha256, fetch_ms=doc.fetch_ms)
+        skip = (lambda page, row=row, sha=doc.sha256: is_done(row, sha, page)) if is_done else None
         next_page = row.page or 1
         try:
             started = time.perf_counter()
-            for page in load_pages(doc.data, row.image_uri, options, page=row.page):
+            for page in load_pages(doc.data, row.image_uri, options, page=row.page, skip=skip):
                 elapsed = (time.perf_counter() - started) * 1000.0
-                yield PageWork(page=page.page, page_count=page.page_count, image=page, preprocess_ms=elapsed, **common)
+                yield PageWork(
+                    page=page.page, page_count=page.page_count, image=page, preprocess_ms=elapsed,
+                    skipped=page.image is None, **common,
+                )
                 next_page = page.page + 1
                 started = time.perf_counter()
         except DocumentError as exc:
@@ -190,15 +201,21 @@ def row_prompt(row: ManifestRow, default: Prompt) -> Prompt:
     return default
 
 
+def page_key(spec: RunSpec, row: ManifestRow, prompt: Prompt, image_sha256: str | None, page: int | None) -> str:
+    """The result key of one page of one row under this run's model and parameters."""
+    return result_key(
+        row.document_id, image_sha256, page, spec.model.model_sha256, spec.model.mmproj_sha256, prompt.sha256,
+        spec.params_json,
+    )
+
+
 def base_row(work: PageWork, spec: RunSpec, prompt: Prompt) -> dict[str, Any]:
     """The columns every result row has, ok or error."""
     row = work.row
-    image = work.image
+    image = work.image if work.image is not None and work.image.image is not None else None
     return {
         "run_id": spec.run_id,
-        "result_key": result_key(
-            work.image_sha256, work.page, spec.model.model_sha256, spec.model.mmproj_sha256, prompt.sha256, spec.params_json
-        ),
+        "result_key": page_key(spec, row, prompt, work.image_sha256, work.page),
         "document_id": row.document_id,
         "page": work.page,
         "page_count": work.page_count,
@@ -230,25 +247,41 @@ def error_row(work: PageWork, spec: RunSpec, prompt: Prompt, error: DocumentErro
     return row
 
 
+def _safe_prompt(row: ManifestRow, default: Prompt) -> tuple[Prompt, DocumentError | None]:
+    try:
+        return row_prompt(row, default), None
+    except RunError as exc:
+        return default, DocumentError(errors.INVALID_ROW, str(exc))
+
+
 def process_rows(
     engine: VisionEngine,
     rows: Iterable[ManifestRow],
     spec: RunSpec,
     storage: Storage,
+    done: DoneKeys | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Run the engine over manifest rows, yielding one result row per page (``ok`` or ``error``).
+    """Run the engine over manifest rows, yielding one result row per page, in manifest order.
 
-    Never raises for a document's failure; RunError (the engine itself is unusable) does propagate.
+    Rows have ``status`` ``ok`` or ``error``; pages whose key is in ``done`` (and ``spec.force`` is off)
+    come out with status ``skipped`` and are not run: callers count them and do not write them. Never
+    raises for a document's failure; RunError (the engine itself is unusable) does propagate.
     """
-    pages = prefetch(iter_page_work(fetch_documents(rows, storage, spec.images, spec.fetch_workers), spec.images))
-    for work in pages:
-        try:
-            prompt = row_prompt(work.row, spec.default_prompt)
-        except RunError as exc:
-            prompt = spec.default_prompt
-            work.error = work.error or DocumentError(errors.INVALID_ROW, str(exc))
-        if work.error is not None:
+
+    def is_done(row: ManifestRow, image_sha256: str, page: int) -> bool:
+        prompt, _ = _safe_prompt(row, spec.default_prompt)
+        return page_key(spec, row, prompt, image_sha256, page) in done
+
+    check = is_done if (done and not spec.force) else None
+    fetched = fetch_documents(rows, storage, spec.images, spec.fetch_workers)
+    for work in prefetch(iter_page_work(fetched, spec.images, check)):
+        prompt, prompt_error = _safe_prompt(work.row, spec.default_prompt)
+        work.error = work.error or prompt_error
+        if work.skipped:
+            out = base_row(work, spec, prompt)
+            out.update(status=STATUS_SKIPPED)
+        elif work.error is not None:
             out = error_row(work, spec, prompt, work.error)
         else:
             try:
@@ -265,7 +298,7 @@ def process_rows(
                     completion_tokens=generation.completion_tokens,
                     latency_ms=generation.latency_ms,
                 )
-            work.image = None  # free the pixels before the next page
+        work.image = None  # free the pixels before the next page
         if on_row is not None:
             on_row(out)
         yield out

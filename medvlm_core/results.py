@@ -27,6 +27,8 @@ from medvlm_core.storage import Storage
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+# Never written: a page whose result key already has an ok row, counted by the run and left alone.
+STATUS_SKIPPED = "skipped"
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -86,6 +88,7 @@ RUNS_SCHEMA = pa.schema(
         ("manifest_rows", pa.int64()),
         ("quarantined_rows", pa.int64()),
         ("skipped_rows", pa.int64()),
+        ("skipped_pages", pa.int64()),
         ("processed_rows", pa.int64()),
         ("pages_ok", pa.int64()),
         ("pages_error", pa.int64()),
@@ -121,6 +124,7 @@ def utc_now() -> datetime:
 
 
 def result_key(
+    document_id: str,
     image_sha256: str | None,
     page: int | None,
     model_sha256: str,
@@ -128,9 +132,44 @@ def result_key(
     prompt_sha256: str,
     params_json: str,
 ) -> str:
-    """Deterministic key of one page's result: same inputs, model, prompt and parameters -> same key."""
-    parts = [image_sha256 or "", str(page or 0), model_sha256, mmproj_sha256, prompt_sha256, params_json]
+    """Deterministic key of one page's result: same document page, model, prompt and parameters -> same key.
+
+    The document id is part of the key: two manifest rows pointing at the same image under different ids
+    (say, the same fax filed for two encounters) are two results that analytics must both see.
+    """
+    parts = [document_id, image_sha256 or "", str(page or 0), model_sha256, mmproj_sha256, prompt_sha256, params_json]
     return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
+
+
+class DoneKeys:
+    """The result keys that already have an ``ok`` row in the output: their pages are skipped.
+
+    A plain wrapper on purpose: Prefect inspects task parameters for futures, and walking a set of a
+    million keys for every mapped task would cost more than the lookup it serves.
+    """
+
+    def __init__(self, keys: frozenset[str] = frozenset()):
+        self.keys = keys
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def load_done_keys(storage: Storage, output: str) -> DoneKeys:
+    """Keys of every published ``ok`` completion under ``output`` (only two columns are read)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    base = st.join(output, "completions")
+    if not storage.exists(base):
+        return DoneKeys()
+    fs, path = storage.filesystem(base)
+    dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+    table = dataset.to_table(columns=["result_key"], filter=pc.field("status") == STATUS_OK)
+    return DoneKeys(frozenset(table.column("result_key").to_pylist()))
 
 
 def table_part_url(output: str, table: str, run_date: str, run_id: str) -> str:

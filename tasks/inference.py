@@ -22,9 +22,11 @@ class ChunkSummary:
 
     chunk_index: int
     staged_url: str
-    manifest_rows: list[int] = field(default_factory=list)
+    written_rows: set[int] = field(default_factory=set)  # manifest rows with at least one written row
+    skipped_rows: set[int] = field(default_factory=set)  # manifest rows with at least one skipped page
     pages_ok: int = 0
     pages_error: int = 0
+    pages_skipped: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error_types: dict[str, int] = field(default_factory=dict)
@@ -32,6 +34,11 @@ class ChunkSummary:
 
     def add(self, row: dict) -> None:
         """Count one result row."""
+        if row["status"] == results.STATUS_SKIPPED:
+            self.pages_skipped += 1
+            self.skipped_rows.add(row["manifest_row"])
+            return
+        self.written_rows.add(row["manifest_row"])
         if row["status"] == results.STATUS_OK:
             self.pages_ok += 1
             self.prompt_tokens += row.get("prompt_tokens") or 0
@@ -41,7 +48,6 @@ class ChunkSummary:
         else:
             self.pages_error += 1
             self.error_types[row["error_type"]] = self.error_types.get(row["error_type"], 0) + 1
-        self.manifest_rows.append(row["manifest_row"])
 
 
 def chunk_file_name(chunk_index: int) -> str:
@@ -50,15 +56,21 @@ def chunk_file_name(chunk_index: int) -> str:
 
 
 @task(name="infer-chunk", cache_policy=NO_CACHE)
-def infer_chunk(chunk_index: int, rows: list[ManifestRow], spec: RunSpec, storage: Storage) -> ChunkSummary:
-    """Run the shared engine over a chunk's rows and stage the result rows as one Parquet file."""
+def infer_chunk(
+    chunk_index: int, rows: list[ManifestRow], spec: RunSpec, storage: Storage, done: results.DoneKeys | None = None
+) -> ChunkSummary:
+    """Run the shared engine over a chunk's rows and stage the result rows as one Parquet file.
+
+    Pages whose key is in ``done`` are skipped (counted, not written) unless ``spec.force``.
+    """
     logger = get_run_logger()
     engine = shared_engine(spec.engine, spec.model.chat_format)
     summary = ChunkSummary(chunk_index, results.staging_url(spec.output, spec.run_id, "completions", chunk_file_name(chunk_index)))
-    out = list(process_rows(engine, rows, spec, storage, on_row=summary.add))
+    out = [r for r in process_rows(engine, rows, spec, storage, done, on_row=summary.add) if r["status"] != results.STATUS_SKIPPED]
     results.write_rows(storage, summary.staged_url, "completions", out)
     logger.info(
-        "chunk %d: %d manifest rows -> %d ok, %d error pages", chunk_index, len(rows), summary.pages_ok, summary.pages_error
+        "chunk %d: %d manifest rows -> %d ok, %d error, %d skipped pages",
+        chunk_index, len(rows), summary.pages_ok, summary.pages_error, summary.pages_skipped,
     )
     return summary
 

@@ -138,3 +138,35 @@ def test_run_that_cannot_start_fails_with_one_clear_message(tmp_path, tiny_llava
     state = medvlm_batch(return_state=True, **params)
     assert state.is_failed() and message in state.message
     assert not os.path.exists(tmp_path / "out" / "completions")
+
+
+def test_rerun_skips_done_pages_retries_errors_and_force_reruns(tmp_path, tiny_llava, demo_docs):
+    docs = tmp_path / "documents"
+    records = demo_docs + [{"document_id": "late", "image_uri": "documents/late.png"}]
+    manifest = write_manifest(tmp_path / "m.csv", records)
+    output = str(tmp_path / "out")
+    params = dict(manifest=str(manifest), output=output, model=str(tiny_llava.model_path),
+                  mmproj=str(tiny_llava.mmproj_path), max_tokens=4, n_ctx=4096, chunk_size=2)
+
+    first = medvlm_batch(**params)
+    assert (first["pages_ok"], first["pages_error"], first["skipped_rows"]) == (3, 1, 0)
+
+    # the missing document arrives; a new one is added; the rest is already done
+    Image.new("RGB", (300, 300), "white").save(docs / "late.png")
+    Image.new("RGB", (300, 300), "gray").save(docs / "new.png")
+    write_manifest(manifest, records + [{"document_id": "new", "image_uri": "documents/new.png"}])
+    second = medvlm_batch(**params)
+    assert (second["pages_ok"], second["pages_error"], second["skipped_rows"], second["skipped_pages"]) == (2, 0, 3, 3)
+    assert second["reconciled"]
+
+    third = medvlm_batch(**params)
+    assert (third["pages_ok"], third["skipped_rows"], third["reconciled"]) == (0, 5, True)
+
+    rows = read(output, "completions")
+    ok_keys = [r["result_key"] for r in rows if r["status"] == "ok"]
+    assert len(ok_keys) == len(set(ok_keys)) == 5  # exactly one ok row per key across three runs
+    [run3] = [r for r in read(output, "runs") if r["run_id"] == third["run_id"]]
+    assert (run3["skipped_rows"], run3["processed_rows"], run3["manifest_rows"]) == (5, 0, 5)
+
+    forced = medvlm_batch(force=True, **params)
+    assert (forced["pages_ok"], forced["skipped_rows"]) == (5, 0)

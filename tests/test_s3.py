@@ -81,14 +81,16 @@ def test_s3_to_s3_with_model_from_s3(s3, tmp_path, demo_docs, prefix, tiny_llava
     assert len(cached) == 2
     stamp = {p: p.stat().st_mtime_ns for p in (cache / "models").glob("*.gguf")}
 
-    # second run: the model comes from the cache, not S3
+    # second run: the model comes from the cache, not S3, and only the failed page is tried again
     state = medvlm_batch(return_state=True, **params)
     assert state.is_completed(), state.message
+    again = state.result()
+    assert (again["pages_ok"], again["pages_error"], again["skipped_rows"], again["reconciled"]) == (0, 1, 4, True)
     assert {p: p.stat().st_mtime_ns for p in (cache / "models").glob("*.gguf")} == stamp
 
     table = read_s3(s3, f"{prefix}/out/completions")
     rows = table.to_pylist()
-    assert table.num_rows == 10  # two runs, five pages each, in two files
+    assert table.num_rows == 6  # five pages, then the missing one again, in two files
     by_id = {r["document_id"]: r for r in rows}
     assert by_id["absolute"]["status"] == "ok" and by_id["absolute"]["patient_id"] == "P-9"
     assert by_id["discharge-0001"]["image_uri"] == f"{prefix}/in/documents/discharge-0001.png"
@@ -102,8 +104,8 @@ def test_s3_to_s3_with_model_from_s3(s3, tmp_path, demo_docs, prefix, tiny_llava
         f"select run_date, count(*), count(distinct run_id) from read_parquet('{prefix}/out/completions/*/*.parquet', "
         "hive_partitioning=true) group by 1"
     ).fetchall()
-    assert [(n, runs) for _, n, runs in got] == [(10, 2)]
-    assert con.execute(f"select sum(pages_ok) from read_parquet('{prefix}/out/runs/*/*.parquet')").fetchone()[0] == 8
+    assert [(n, runs) for _, n, runs in got] == [(6, 2)]
+    assert con.execute(f"select sum(pages_ok) from read_parquet('{prefix}/out/runs/*/*.parquet')").fetchone()[0] == 4
     # nothing left in staging, and the commit records exist
     # (SeaweedFS may keep the emptied folder itself; no staged file may remain)
     assert [p for p in s3.find(f"{prefix}/out/_staging") if p.endswith(".parquet")] == []
