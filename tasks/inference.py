@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -49,15 +50,52 @@ class ChunkSummary:
             self.pages_error += 1
             self.error_types[row["error_type"]] = self.error_types.get(row["error_type"], 0) + 1
 
+    def merge(self, other: "ChunkSummary") -> None:
+        """Add another summary's counts to this one (a shard's chunks, a run's shards)."""
+        self.written_rows |= other.written_rows
+        self.skipped_rows |= other.skipped_rows
+        for name in ("pages_ok", "pages_error", "pages_skipped", "prompt_tokens", "completion_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for key, value in other.error_types.items():
+            self.error_types[key] = self.error_types.get(key, 0) + value
+        self.slowest = sorted(self.slowest + other.slowest, reverse=True)[:5]
 
-def chunk_file_name(chunk_index: int) -> str:
-    """Staged file name of a chunk (deterministic: a retried chunk overwrites its own file)."""
-    return f"chunk-{chunk_index:06d}.parquet"
+    def to_json(self) -> str:
+        """JSON (sets as sorted lists): how a shard hands its counts to the parent run."""
+        data = asdict(self)
+        data["written_rows"] = sorted(self.written_rows)
+        data["skipped_rows"] = sorted(self.skipped_rows)
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ChunkSummary":
+        """The inverse of ``to_json``."""
+        data = json.loads(text)
+        data["written_rows"] = set(data["written_rows"])
+        data["skipped_rows"] = set(data["skipped_rows"])
+        data["slowest"] = [tuple(x) for x in data["slowest"]]
+        return cls(**data)
+
+
+def chunk_file_name(chunk_index: int, shard_index: int | None = None) -> str:
+    """Staged file name of a chunk (deterministic: a retried chunk or shard overwrites its own file)."""
+    prefix = "" if shard_index is None else f"shard-{shard_index:05d}-"
+    return f"{prefix}chunk-{chunk_index:06d}.parquet"
+
+
+def staged_chunk_url(spec: RunSpec, chunk_index: int, shard_index: int | None) -> str:
+    """Where a chunk's result rows are staged until the run is published."""
+    return results.staging_url(spec.output, spec.run_id, "completions", chunk_file_name(chunk_index, shard_index))
 
 
 @task(name="infer-chunk", cache_policy=NO_CACHE)
 def infer_chunk(
-    chunk_index: int, rows: list[ManifestRow], spec: RunSpec, storage: Storage, done: results.DoneKeys | None = None
+    chunk_index: int,
+    rows: list[ManifestRow],
+    spec: RunSpec,
+    storage: Storage,
+    done: results.DoneKeys | None = None,
+    shard_index: int | None = None,
 ) -> ChunkSummary:
     """Run the shared engine over a chunk's rows and stage the result rows as one Parquet file.
 
@@ -65,7 +103,7 @@ def infer_chunk(
     """
     logger = get_run_logger()
     engine = shared_engine(spec.engine, spec.model.chat_format)
-    summary = ChunkSummary(chunk_index, results.staging_url(spec.output, spec.run_id, "completions", chunk_file_name(chunk_index)))
+    summary = ChunkSummary(chunk_index, staged_chunk_url(spec, chunk_index, shard_index))
     out = [r for r in process_rows(engine, rows, spec, storage, done, on_row=summary.add) if r["status"] != results.STATUS_SKIPPED]
     results.write_rows(storage, summary.staged_url, "completions", out)
     logger.info(
@@ -75,9 +113,11 @@ def infer_chunk(
     return summary
 
 
-def stage_failed_chunk(chunk_index: int, rows: list[ManifestRow], spec: RunSpec, storage: Storage, reason: str) -> ChunkSummary:
-    """Record every row of a chunk whose task failed as an error row, so that no row is lost."""
-    summary = ChunkSummary(chunk_index, results.staging_url(spec.output, spec.run_id, "completions", chunk_file_name(chunk_index)))
+def stage_failed_rows(
+    chunk_index: int, rows: list[ManifestRow], spec: RunSpec, storage: Storage, reason: str, shard_index: int | None = None
+) -> ChunkSummary:
+    """Record every row of a chunk (or shard) that failed as a whole as an error row: no row is lost."""
+    summary = ChunkSummary(chunk_index, staged_chunk_url(spec, chunk_index, shard_index))
     error = DocumentError(errors.TASK_FAILED, reason)
     out = []
     for row in rows:
