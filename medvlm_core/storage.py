@@ -177,6 +177,18 @@ class Storage:
                 out.append(p if proto == LOCAL else f"{proto}://{p}")
         return sorted(out)
 
+    def list_fingerprints(self, prefix: str) -> dict[str, str]:
+        """Full URL -> fingerprint (size and ETag or mtime) of every file under ``prefix``: what changed."""
+        fs, path = self.filesystem(prefix)
+        if not fs.exists(path):
+            return {}
+        proto = protocol_of(normalize(prefix))
+        out = {}
+        for p, info in fs.find(path, detail=True).items():
+            version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+            out[p if proto == LOCAL else f"{proto}://{p}"] = f"{info.get('size')}|{version}"
+        return dict(sorted(out.items()))
+
     # -- writing ---------------------------------------------------------------------------------
     def makedirs(self, url: str) -> None:
         """Create a local folder (object stores have no folders: nothing to do)."""
