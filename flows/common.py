@@ -200,6 +200,7 @@ def finish_run(
     params: str,
     default_prompt: Prompt,
     storage: Storage,
+    audit: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Reconcile the counts, publish the run's tables atomically, write the artifact; the run's summary."""
     finished = utc_now()
@@ -240,7 +241,7 @@ def finish_run(
         "medvlm_version": medvlm_core.__version__,
     }
     quarantine_rows = [dict(q, run_id=run_id, manifest_uri=manifest, created_at=finished) for q in plan.quarantined]
-    published = publish_run(output, run_id, run_date_of(started), staged, quarantine_rows, run_row, storage)
+    published = publish_run(output, run_id, run_date_of(started), staged, quarantine_rows, run_row, storage, audit)
     summary = {
         "run_id": run_id,
         "manifest_rows": plan.total_rows,

@@ -90,9 +90,12 @@ async def _fan_out(logger, manifest, output, model, mmproj, opts, shard_size, ma
 
     pending = list(range(len(shards)))
     reasons: dict[int, str] = {}
+    attempts = {i: 0 for i in pending}
     for attempt in range(1, max(1, max_attempts) + 1):
         if not pending:
             break
+        for i in pending:
+            attempts[i] = attempt
         parameters = [
             dict(manifest=manifest, output=output, model=model, mmproj=mmproj, run_id=run_id, shard_index=i,
                  row_numbers=shards[i], options=opts.to_dict())
@@ -129,9 +132,11 @@ async def _fan_out(logger, manifest, output, model, mmproj, opts, shard_size, ma
         logger, run_id=run_id, manifest=manifest, output=output, plan=plan, total=merge_summaries(summaries),
         staged=staged, started=started, identity=identity, params=params, default_prompt=opts.default_prompt(),
         storage=storage,
+        audit={"shards": [
+            {k: r[k] for k in ("shard_index", "worker", "started_at", "finished_at")} for r in records
+        ], "failed_shards": {str(i): reasons[i] for i in pending}, "shard_attempts": {str(i): n for i, n in attempts.items()}},
     )
     summary["shards"] = len(shards)
-    summary["workers"] = sorted({str(r["worker"].get("cuda_visible_devices")) + "@" + r["worker"]["hostname"] for r in records})
     if pending:
         detail = "; ".join(f"shard {i}: {reasons[i]}" for i in pending)
         return Failed(message=f"{len(pending)} of {len(shards)} shard(s) failed ({detail}); their rows are error rows in run {run_id}")

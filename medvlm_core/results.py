@@ -246,6 +246,7 @@ def read_table(storage: Storage, output: str, table: str) -> pa.Table:
     return dataset.to_table()
 
 
-def commit_record(run_id: str, tables: dict[str, str]) -> bytes:
-    """The JSON body of a commit record."""
-    return json.dumps({"run_id": run_id, "committed_at": utc_now().isoformat(), "tables": tables}, sort_keys=True).encode()
+def commit_record(run_id: str, tables: dict[str, str], audit: dict[str, Any] | None = None) -> bytes:
+    """The JSON body of a commit record: the run's published files and how it ran (no document data)."""
+    body = {"run_id": run_id, "committed_at": utc_now().isoformat(), "tables": tables, **(audit or {})}
+    return json.dumps(body, sort_keys=True, default=str).encode()

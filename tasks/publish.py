@@ -21,12 +21,13 @@ def publish_run(
     quarantine_rows: list[dict],
     run_row: dict,
     storage: Storage,
+    audit: dict | None = None,
 ) -> dict[str, str]:
     """Make a run visible: completions and quarantine files first, the runs row last, then the commit.
 
     Each table gets exactly one file per run, written atomically, so a reader sees all of a run's rows in
     a table or none. Publishing the same run again rewrites the same files: rows are never duplicated.
-    Returns the published URLs by table.
+    ``audit`` (e.g. which worker ran which shard) goes into the commit record. Returns the URLs by table.
     """
     published: dict[str, str] = {}
     if staged_completions:
@@ -40,7 +41,7 @@ def publish_run(
     url = results.table_part_url(output, "runs", run_date, run_id)
     results.write_rows(storage, url, "runs", [run_row])
     published["runs"] = url
-    storage.put_if_absent(results.commit_url(output, run_id), results.commit_record(run_id, published))
+    storage.put_if_absent(results.commit_url(output, run_id), results.commit_record(run_id, published, audit))
     storage.remove_tree(results.staging_root(output, run_id))
     return published
 

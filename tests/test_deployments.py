@@ -1,0 +1,199 @@
+"""Production set-up end to end: a real Prefect server, work pools, `prefect deploy --all` from prefect.yaml,
+two GPU-pool process workers and a CPU-pool worker, and `prefect deployment run` of the fan-out.
+
+Checks: shards ran on both GPU workers at the same time and the output is complete; a second run skips
+everything; a worker killed mid-shard (SIGKILL) is survived: the shard is relaunched elsewhere and the
+output has exactly one ok row per key; the nightly deployment carries its schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+from PIL import Image
+
+from conftest import write_manifest
+from medvlm_core.s3_server import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    for pid in descendants(process.pid) + [process.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+
+
+class PrefectStack:
+    """A Prefect server on loopback plus workers, all in a temp PREFECT_HOME, killed at the end."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.port = free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        self.env.update(
+            PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{self.port}/api",
+            PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1",
+            PREFECT_WORKER_PREFETCH_SECONDS="1", MEDVLM_CACHE_DIR=str(home / "medvlm-cache"),
+            PATH=f"{BIN}:{os.environ['PATH']}",
+        )
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def spawn(self, name: str, *args: str, **env: str) -> subprocess.Popen:
+        log = open(self.home / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            [str(BIN / "prefect"), *args], cwd=REPO, env=dict(self.env, **env), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes[name] = proc
+        return proc
+
+    def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        proc = subprocess.run([str(BIN / "prefect"), *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        return proc
+
+    def start_server(self) -> None:
+        self.spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("Prefect server did not start:\n" + (self.home / "server.log").read_text()[-3000:])
+
+    def stop(self) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                kill_tree(proc)
+
+
+@pytest.fixture
+def stack(tmp_path):
+    s = PrefectStack(tmp_path / "prefect")
+    s.home.mkdir()
+    try:
+        s.start_server()
+        s.cli("work-pool", "create", "medvlm-gpu", "--type", "process")
+        s.cli("work-pool", "create", "medvlm-cpu", "--type", "process")
+        s.cli("--no-prompt", "deploy", "--all")
+        yield s
+    finally:
+        s.stop()
+
+
+def run_deployment(stack: PrefectStack, name: str, timeout: int = 240, **params) -> str:
+    args = ["deployment", "run", name, "--watch", "--watch-interval", "1", "--watch-timeout", str(timeout)]
+    for key, value in params.items():
+        args += ["--param", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+    return stack.cli(*args, timeout=timeout + 30).stdout
+
+
+def commit_records(output: Path) -> list[dict]:
+    return sorted((json.loads(p.read_text()) for p in (output / "_commits").glob("*.json")), key=lambda r: r["committed_at"])
+
+
+def test_fan_out_over_two_gpu_workers(stack, tmp_path, tiny_llava, tiny_qwen, demo_docs):
+    docs = tmp_path / "documents"
+    for i in range(5):
+        Image.new("RGB", (300 + 10 * i, 400), "white").save(docs / f"extra-{i}.png")
+    records = demo_docs + [{"document_id": f"extra-{i}", "image_uri": f"documents/extra-{i}.png"} for i in range(5)]
+    manifest = write_manifest(tmp_path / "manifest.csv", records)
+    output = tmp_path / "out"
+    common = dict(manifest=str(manifest), output=str(output), model=str(tiny_llava.model_path),
+                  mmproj=str(tiny_llava.mmproj_path), options={"max_tokens": 384, "n_ctx": 4096, "chunk_size": 2},
+                  shard_size=4)
+
+    # the nightly deployment was deployed with its schedule
+    nightly = stack.cli("deployment", "inspect", "medvlm-nightly/medvlm-nightly").stdout
+    assert "0 2 * * *" in nightly and "America/New_York" in nightly
+
+    stack.spawn("gpu-0", "worker", "start", "--pool", "medvlm-gpu", "--limit", "1", "--name", "gpu-0", CUDA_VISIBLE_DEVICES="0")
+    stack.spawn("gpu-1", "worker", "start", "--pool", "medvlm-gpu", "--limit", "1", "--name", "gpu-1", CUDA_VISIBLE_DEVICES="1")
+    stack.spawn("cpu-0", "worker", "start", "--pool", "medvlm-cpu", "--limit", "2", "--name", "cpu-0")
+
+    # 1. the fan-out: 8 rows in 2 shards, one on each GPU worker, at the same time
+    run_deployment(stack, "medvlm-fanout/medvlm-fanout", **common)
+    [first] = commit_records(output)
+    shards = first["shards"]
+    assert sorted(s["worker"]["cuda_visible_devices"] for s in shards) == ["0", "1"]
+    spans = [(datetime.fromisoformat(s["started_at"]), datetime.fromisoformat(s["finished_at"])) for s in shards]
+    assert max(a for a, _ in spans) < min(b for _, b in spans), f"shards did not overlap: {spans}"
+    rows = ds.dataset(output / "completions", partitioning="hive").to_table().to_pylist()
+    assert sorted(r["document_id"] for r in rows) == sorted(r["document_id"] for r in records)
+    assert {r["status"] for r in rows} == {"ok"}
+
+    # 2. the same again: everything is skipped
+    run_deployment(stack, "medvlm-fanout/medvlm-fanout", **common)
+    runs = {r["run_id"]: r for r in ds.dataset(output / "runs", partitioning="hive").to_table().to_pylist()}
+    second = runs[commit_records(output)[1]["run_id"]]
+    assert (second["pages_ok"], second["skipped_rows"], second["reconciled"]) == (0, 8, True)
+
+    # 3. a GPU worker is killed mid-shard; its shard is relaunched on the other worker; exactly once
+    output2 = tmp_path / "out2"
+    slow = dict(common, output=str(output2), model=str(tiny_qwen.model_path), mmproj=str(tiny_qwen.mmproj_path),
+                options={"max_tokens": 48, "n_ctx": 4096, "chunk_size": 1, "max_pixels": 1_300_000},
+                shard_timeout_seconds=25)
+    for i in range(5):  # bigger pages: the qwen-style encoder makes each take a while
+        Image.new("RGB", (1000, 1300), "white").save(docs / f"extra-{i}.png")
+    runner = subprocess.Popen(
+        [str(BIN / "prefect"), "deployment", "run", "medvlm-fanout/medvlm-fanout", "--watch", "--watch-interval", "1",
+         "--watch-timeout", "300", *sum((["--param", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"] for k, v in slow.items()), [])],
+        cwd=REPO, env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 120
+    staged = []
+    while time.monotonic() < deadline and not staged:
+        staged = list((output2 / "_staging").glob("*/completions/shard-*-chunk-*.parquet"))
+        time.sleep(0.2)
+    assert staged, "no shard started"
+    kill_tree(stack.processes["gpu-0"])  # the worker and the shard run it was executing
+    out, _ = runner.communicate(timeout=330)
+    assert runner.returncode == 0, out[-3000:]
+
+    [record] = commit_records(output2)
+    assert record["failed_shards"] == {}
+    # the killed worker's shard was launched twice and finished on the surviving worker
+    assert sorted(record["shard_attempts"].values()) == [1, 2]
+    assert [s["worker"]["cuda_visible_devices"] for s in record["shards"]] == ["1", "1"]
+    rows = ds.dataset(output2 / "completions", partitioning="hive").to_table().to_pylist()
+    keys = [r["result_key"] for r in rows if r["status"] == "ok"]
+    assert len(keys) == len(set(keys)) == 8  # every page exactly once
+    [run] = ds.dataset(output2 / "runs", partitioning="hive").to_table().to_pylist()
+    assert (run["pages_ok"], run["reconciled"]) == (8, True)
+
