@@ -98,6 +98,6 @@ def run_batch(logger, manifest: str, output: str, model: str, mmproj: str | None
     summaries = run_chunks(logger, spec, plan.rows, storage, options.chunk_size or settings.chunk_size)
     return finish_run(
         logger, run_id=run_id, manifest=manifest, output=output, plan=plan, total=merge_summaries(summaries),
-        staged=[s.staged_url for s in summaries], started=started, identity=identity, params=spec.params_json,
+        started=started, identity=identity, params=spec.params_json,
         default_prompt=spec.default_prompt, storage=storage,
     )

@@ -31,7 +31,7 @@ from medvlm_core.results import utc_now
 from medvlm_core.storage import Storage
 from tasks.credentials import build_storage
 from tasks.inference import ChunkSummary, infer_chunk, stage_failed_rows
-from tasks.publish import publish_run, run_date_of
+from tasks.publish import publish_run, run_date_of, staged_tables
 
 
 @dataclass
@@ -194,7 +194,6 @@ def finish_run(
     output: str,
     plan: ManifestPlan,
     total: ChunkSummary,
-    staged: list[str],
     started: datetime,
     identity: ModelIdentity,
     params: str,
@@ -233,6 +232,7 @@ def finish_run(
         "processed_rows": len(total.written_rows),
         "pages_ok": total.pages_ok,
         "pages_error": total.pages_error,
+        "pages_truncated": total.pages_truncated,
         "reconciled": reconciled,
         "prompt_tokens": total.prompt_tokens,
         "completion_tokens": total.completion_tokens,
@@ -241,6 +241,7 @@ def finish_run(
         "medvlm_version": medvlm_core.__version__,
     }
     quarantine_rows = [dict(q, run_id=run_id, manifest_uri=manifest, created_at=finished) for q in plan.quarantined]
+    staged = {t: urls for t, urls in staged_tables(storage, output, run_id).items() if t != "shards"}
     published = publish_run(output, run_id, run_date_of(started), staged, quarantine_rows, run_row, storage, audit)
     summary = {
         "run_id": run_id,
@@ -250,6 +251,7 @@ def finish_run(
         "skipped_pages": total.pages_skipped,
         "pages_ok": total.pages_ok,
         "pages_error": total.pages_error,
+        "pages_truncated": total.pages_truncated,
         "reconciled": reconciled,
         "error_types": dict(sorted(total.error_types.items())),
         "wall_seconds": wall,

@@ -127,10 +127,9 @@ async def _fan_out(logger, manifest, output, model, mmproj, opts, shard_size, ma
             summaries.append(
                 stage_failed_rows(0, rows, spec, storage, f"shard {index} failed after {max_attempts} attempt(s): {reasons[index]}", index)
             )
-    staged = storage.list_files(st.join(results.staging_root(output, run_id), "completions"), ".parquet")
     summary = finish_run(
         logger, run_id=run_id, manifest=manifest, output=output, plan=plan, total=merge_summaries(summaries),
-        staged=staged, started=started, identity=identity, params=params, default_prompt=opts.default_prompt(),
+        started=started, identity=identity, params=params, default_prompt=opts.default_prompt(),
         storage=storage,
         audit={"shards": [
             {k: r[k] for k in ("shard_index", "worker", "started_at", "finished_at")} for r in records

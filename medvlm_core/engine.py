@@ -68,6 +68,7 @@ class VisionEngine:
         self.verbose = verbose
         self._llm: Any = None
         self._lock = threading.Lock()
+        self._gbnf: dict[str, str] = {}
         self.load_seconds = 0.0
 
     @property
@@ -109,8 +110,13 @@ class VisionEngine:
         self.load_seconds = time.perf_counter() - started
         return self
 
-    def generate(self, image: Image.Image, prompt: str, params: GenerationParams) -> Generation:
-        """Answer ``prompt`` about ``image``. DocumentError (inference_error / context_overflow) on failure."""
+    def generate(
+        self, image: Image.Image, prompt: str, params: GenerationParams, schema: dict[str, Any] | None = None
+    ) -> Generation:
+        """Answer ``prompt`` about ``image``; with ``schema``, the answer is JSON constrained to it.
+
+        DocumentError (inference_error / context_overflow) on failure.
+        """
         if self._llm is None:
             raise RunError("engine is not loaded; call load() first")
         messages = [
@@ -122,10 +128,12 @@ class VisionEngine:
                 ],
             }
         ]
+        grammar = self._grammar(schema) if schema is not None else None
         with self._lock:
             started = time.perf_counter()
             try:
                 response = self._llm.create_chat_completion(
+                    grammar=grammar,
                     messages=messages,
                     max_tokens=params.max_tokens,
                     temperature=params.temperature,
@@ -156,6 +164,20 @@ class VisionEngine:
             completion_tokens=int(usage.get("completion_tokens") or 0),
             latency_ms=latency_ms,
         )
+
+    def _grammar(self, schema: dict[str, Any]) -> Any:
+        """A llama.cpp grammar for ``schema`` (the GBNF text is built once per schema)."""
+        import json
+
+        from llama_cpp import LlamaGrammar
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+        key = json.dumps(schema, sort_keys=True)
+        gbnf = self._gbnf.get(key)
+        if gbnf is None:
+            # The schema's own property order is the order the model writes the fields in.
+            gbnf = self._gbnf[key] = json_schema_to_gbnf(json.dumps(schema))
+        return LlamaGrammar.from_string(gbnf, verbose=self.verbose)
 
     def close(self) -> None:
         """Free the model (explicitly: ``Llama.__del__`` at interpreter exit can raise)."""

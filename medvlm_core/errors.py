@@ -40,6 +40,7 @@ INFERENCE_ERROR = "inference_error"
 CONTEXT_OVERFLOW = "context_overflow"
 TASK_FAILED = "task_failed"
 INVALID_ROW = "invalid_row"
+INVALID_OUTPUT = "invalid_output"
 
 ERROR_TYPES = (
     NOT_FOUND,
@@ -53,4 +54,5 @@ ERROR_TYPES = (
     CONTEXT_OVERFLOW,
     TASK_FAILED,
     INVALID_ROW,
+    INVALID_OUTPUT,
 )

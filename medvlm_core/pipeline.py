@@ -15,6 +15,7 @@ only a few pages are held in memory at any time, however long the chunk.
 from __future__ import annotations
 
 import hashlib
+import json
 import queue
 import threading
 import time
@@ -30,7 +31,8 @@ from medvlm_core.images import PageImage, load_pages
 from medvlm_core.manifest import ManifestRow
 from medvlm_core.models import ModelIdentity
 from medvlm_core.prompts import Prompt, get_prompt
-from medvlm_core.results import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, DoneKeys, result_key, utc_now
+from medvlm_core.results import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, STATUS_TRUNCATED, DoneKeys, result_key, utc_now
+from medvlm_core.structured import flatten
 from medvlm_core.storage import Storage
 
 T = TypeVar("T")
@@ -194,10 +196,8 @@ def prefetch(source: Iterable[T], depth: int = 2) -> Iterator[T]:
 
 def row_prompt(row: ManifestRow, default: Prompt) -> Prompt:
     """The prompt for a row: its own text, else its prompt id, else the run's prompt."""
-    if row.prompt:
-        return Prompt(row.prompt_id or "custom", row.prompt)
-    if row.prompt_id:
-        return get_prompt(row.prompt_id)
+    if row.prompt or row.prompt_id:
+        return get_prompt(row.prompt_id, row.prompt)
     return default
 
 
@@ -247,6 +247,24 @@ def error_row(work: PageWork, spec: RunSpec, prompt: Prompt, error: DocumentErro
     return row
 
 
+def _add_structured(out: dict[str, Any], prompt: Prompt) -> None:
+    """Parse a constrained answer into ``out["structured"]`` (table -> rows), or mark it truncated/invalid."""
+    if out["finish_reason"] == "length":
+        # Cut off at max_tokens: the JSON is incomplete, so no partial rows reach the tables.
+        out["status"] = STATUS_TRUNCATED
+        return
+    try:
+        answer = json.loads(out["completion"])
+        if not isinstance(answer, dict):
+            raise ValueError("not a JSON object")
+    except ValueError:
+        out.update(status=STATUS_ERROR, error_type=errors.INVALID_OUTPUT,
+                   error_message=f"{out['image_uri']}: the model's answer is not the JSON the schema asks for")
+        return
+    keys = {k: out[k] for k in ("run_id", "result_key", "document_id", "page", "patient_id", "encounter_id")}
+    out["structured"] = flatten(prompt.prompt_id, prompt.schema, answer, keys)
+
+
 def _safe_prompt(row: ManifestRow, default: Prompt) -> tuple[Prompt, DocumentError | None]:
     try:
         return row_prompt(row, default), None
@@ -285,7 +303,7 @@ def process_rows(
             out = error_row(work, spec, prompt, work.error)
         else:
             try:
-                generation = engine.generate(work.image.image, prompt.text, spec.generation)
+                generation = engine.generate(work.image.image, prompt.text, spec.generation, prompt.schema)
             except DocumentError as exc:
                 out = error_row(work, spec, prompt, exc)
             else:
@@ -298,6 +316,8 @@ def process_rows(
                     completion_tokens=generation.completion_tokens,
                     latency_ms=generation.latency_ms,
                 )
+                if prompt.schema is not None:
+                    _add_structured(out, prompt)
         work.image = None  # free the pixels before the next page
         if on_row is not None:
             on_row(out)

@@ -7,7 +7,9 @@ diagnoses, prescribed medications with the clinical reasoning for each, and cond
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from typing import Any
 
 from medvlm_core.errors import RunError
 
@@ -32,6 +34,14 @@ PROMPTS: dict[str, str] = {
         "List every medication on this medical document as a markdown table with the columns: "
         "name, dose, unit, route, frequency, reason. Write 'not stated' for missing values."
     ),
+    "clinical_extraction": (
+        "You are a clinical documentation specialist. Read this medical document image and extract, as JSON: "
+        "the primary diagnoses with the evidence for each from the document; every prescribed medication with "
+        "its dose, unit, route, frequency and the clinical reasoning for this patient, marking conditional "
+        "medications (for example 'only if the ulcer fails to heal') with their condition; and the critical "
+        "instructions, marking conditional ones with their condition and giving follow-up intervals when "
+        "stated. Use 'not stated' for missing values."
+    ),
     "document_type": (
         "Classify this medical document. Answer with exactly one of: discharge_summary, prescription, "
         "lab_report, referral, radiology_report, insurance_form, other."
@@ -39,22 +49,42 @@ PROMPTS: dict[str, str] = {
 }
 
 
+# Prompts whose answers are JSON constrained by a schema (structured mode); see medvlm_core.structured.
+SCHEMAS: dict[str, dict[str, Any]] = {}
+
+
+def _builtin_schemas() -> None:
+    from medvlm_core.structured import CLINICAL_SCHEMA
+
+    SCHEMAS["clinical_extraction"] = CLINICAL_SCHEMA
+
+
 @dataclass(frozen=True)
 class Prompt:
-    """A resolved prompt: its id (``custom`` for free text), its text and the sha256 of the text."""
+    """A resolved prompt: its id (``custom`` for free text), its text, and its JSON schema if structured."""
 
     prompt_id: str
     text: str
+    schema: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def sha256(self) -> str:
-        """Hex sha256 of the UTF-8 prompt text: identifies the exact prompt in result rows."""
-        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+        """Hex sha256 of the prompt text (and schema, when structured): identifies the exact request."""
+        payload = self.text if self.schema is None else self.text + "\x1f" + json.dumps(self.schema, sort_keys=True)
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 def known_prompt_ids() -> list[str]:
-    """Ids of the built-in prompts, sorted."""
+    """Ids of the library's prompts (built-in and registered extractions), sorted."""
     return sorted(PROMPTS)
+
+
+def register_extraction(prompt_id: str, text: str, schema: dict[str, Any]) -> None:
+    """Add a user-defined structured prompt to the library for this process."""
+    if prompt_id in PROMPTS and SCHEMAS.get(prompt_id) != schema and prompt_id in _BUILTIN_IDS:
+        raise RunError(f"prompt id {prompt_id!r} is built in; choose another id for the extraction")
+    PROMPTS[prompt_id] = text
+    SCHEMAS[prompt_id] = schema
 
 
 def get_prompt(prompt_id: str | None = None, text: str | None = None) -> Prompt:
@@ -63,8 +93,12 @@ def get_prompt(prompt_id: str | None = None, text: str | None = None) -> Prompt:
     Raises RunError naming the id if it is unknown.
     """
     if text is not None and text.strip():
-        return Prompt(prompt_id or CUSTOM_PROMPT_ID, text)
+        return Prompt(prompt_id or CUSTOM_PROMPT_ID, text, SCHEMAS.get(prompt_id or ""))
     pid = prompt_id or DEFAULT_PROMPT_ID
     if pid not in PROMPTS:
         raise RunError(f"unknown prompt id {pid!r}; known ids: {', '.join(known_prompt_ids())}")
-    return Prompt(pid, PROMPTS[pid])
+    return Prompt(pid, PROMPTS[pid], SCHEMAS.get(pid))
+
+
+_builtin_schemas()
+_BUILTIN_IDS = frozenset(PROMPTS)

@@ -27,6 +27,8 @@ from medvlm_core.storage import Storage
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+# Structured mode only: the JSON answer was cut off at max_tokens (kept in completions, no structured rows).
+STATUS_TRUNCATED = "truncated"
 # Never written: a page whose result key already has an ok row, counted by the run and left alone.
 STATUS_SKIPPED = "skipped"
 
@@ -92,6 +94,7 @@ RUNS_SCHEMA = pa.schema(
         ("processed_rows", pa.int64()),
         ("pages_ok", pa.int64()),
         ("pages_error", pa.int64()),
+        ("pages_truncated", pa.int64()),
         ("reconciled", pa.bool_()),
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
@@ -159,7 +162,8 @@ class DoneKeys:
 
 
 def load_done_keys(storage: Storage, output: str) -> DoneKeys:
-    """Keys of every published ``ok`` completion under ``output`` (only two columns are read)."""
+    """Keys of every published ``ok`` (or ``truncated``: deterministic, a re-run would cut it off again)
+    completion under ``output``. Only two columns are read."""
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
@@ -168,7 +172,7 @@ def load_done_keys(storage: Storage, output: str) -> DoneKeys:
         return DoneKeys()
     fs, path = storage.filesystem(base)
     dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-    table = dataset.to_table(columns=["result_key"], filter=pc.field("status") == STATUS_OK)
+    table = dataset.to_table(columns=["result_key"], filter=pc.field("status").isin([STATUS_OK, STATUS_TRUNCATED]))
     return DoneKeys(frozenset(table.column("result_key").to_pylist()))
 
 
@@ -205,21 +209,31 @@ def write_parquet(storage: Storage, url: str, table: pa.Table) -> None:
         pq.write_table(table, f, compression="zstd")
 
 
-def write_rows(storage: Storage, url: str, table_name: str, rows: Iterable[dict[str, Any]]) -> int:
-    """Validate rows against the table's pandera model, then write them as one atomic Parquet file."""
+def write_rows(
+    storage: Storage, url: str, table_name: str, rows: Iterable[dict[str, Any]], schema: pa.Schema | None = None
+) -> int:
+    """Validate rows against the table's pandera model, then write them as one atomic Parquet file.
+
+    ``schema`` is needed for structured tables (their columns come from the extraction's JSON schema).
+    """
     from medvlm_core.validation import validate_output
 
-    table = to_table(rows, TABLES[table_name])
+    table = to_table(rows, schema or TABLES[table_name])
     validate_output(table_name, table)
     write_parquet(storage, url, table)
     return table.num_rows
 
 
-def merge_parquet(storage: Storage, sources: list[str], url: str, schema: pa.Schema) -> int:
+def merge_parquet(storage: Storage, sources: list[str], url: str, schema: pa.Schema | None = None) -> int:
     """Stream ``sources`` (same schema) into one Parquet file at ``url``, atomically. Returns rows written.
 
     Row groups are copied one at a time, so memory stays at one row group however long the run was.
+    ``schema`` defaults to the first source's.
     """
+    if schema is None:
+        fs, path = storage.filesystem(sources[0])
+        with fs.open(path, "rb") as handle:
+            schema = pq.ParquetFile(handle).schema_arrow
     rows = 0
     with storage.open_atomic(url) as f:
         with pq.ParquetWriter(f, schema, compression="zstd") as writer:

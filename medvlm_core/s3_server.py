@@ -7,9 +7,9 @@ process (master, volume server, filer and S3 gateway in one) on 127.0.0.1 only, 
 own work folder, with its own random credentials::
 
     with LocalS3Server() as server:
-        server.create_bucket("b")
+        server.create_bucket("demo")
         fs = s3fs.S3FileSystem(**server.storage_options())
-        fs.pipe("b/key", b"data")
+        fs.pipe("demo/key", b"data")
 
 The data is disposable, so the server is stopped with SIGKILL: on SIGTERM it takes 17 to 27 s to
 shut down. This module does not import Prefect; boto3 is imported only when a server is started.
@@ -129,13 +129,14 @@ class LocalS3Server:
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def start(self, timeout: float = 60) -> "LocalS3Server":
-        """Start the server and wait until it answers an authenticated request; returns ``self``.
+        """Start the server and wait until it takes authenticated requests and writes; returns ``self``.
 
         Calling it on a running server does nothing. Raises RuntimeError, with the tail of the server
         log, when the server does not come up within ``timeout`` seconds.
         """
         if self.running:
             return self
+        self._kill()  # reap a server that died since the last start, and remove its sockets
         deadline = time.monotonic() + timeout
         self._write_config()
         for attempt in range(1, _START_ATTEMPTS + 1):
@@ -151,9 +152,11 @@ class LocalS3Server:
             self._kill()
             if not (exited and attempt < _START_ATTEMPTS and time.monotonic() < deadline):
                 break
+        if not exited:
+            failure = f"not ready within {timeout:g} s, {failure}"
         raise RuntimeError(
-            f"the local S3 server (SeaweedFS) did not come up on {self.endpoint_url} "
-            f"within {timeout:g} s ({failure}); log {self.workdir / _LOG_NAME} ends with:\n{tail}"
+            f"the local S3 server (SeaweedFS) did not come up on {self.endpoint_url} ({failure}); "
+            f"log {self.workdir / _LOG_NAME} ends with:\n{tail}"
         )
 
     def stop(self) -> None:
@@ -323,7 +326,7 @@ class LocalS3Server:
         import botocore.exceptions
 
         client = self._client(timeout=2)
-        failure = "no answer yet"
+        failure = "no answer"
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 return f"the server exited with code {self._process.returncode}"
@@ -332,15 +335,15 @@ class LocalS3Server:
                 # identities are up (an open port does not) ...
                 client.list_buckets()
                 # ... but not that the volume server has registered with the master: in about one
-                # start in four its first heartbeat comes before the master is leader, it retries
-                # 3 to 5 s later, and until then writes hang.
+                # start in three its first heartbeat comes before the master is leader, it retries
+                # 3 to 4 s later, and until then writes hang.
                 if self._volume_slots_free():
                     return None
                 failure = "no volume server registered with the master yet"
             except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError) as exc:
                 failure = f"last error: {type(exc).__name__}: {exc}"
             time.sleep(0.1)
-        return f"timed out, {failure}"
+        return failure
 
     def _volume_slots_free(self) -> bool:
         """Whether the master knows a volume server with room for volumes (its /dir/status)."""

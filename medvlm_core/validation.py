@@ -188,13 +188,13 @@ class CompletionsModel(pa.DataFrameModel):
     prompt_sha256: str = pa.Field(nullable=False, str_matches=_HEX64)
     model_sha256: str = pa.Field(nullable=False, str_matches=_HEX64)
     mmproj_sha256: str = pa.Field(nullable=False, str_matches=_HEX64)
-    status: str = pa.Field(nullable=False, isin=["ok", "error"])
+    status: str = pa.Field(nullable=False, isin=["ok", "error", "truncated"])
     error_type: Optional[str] = pa.Field(nullable=True, isin=list(errors.ERROR_TYPES))
     completion_tokens: Optional[pl.Int32] = pa.Field(nullable=True, ge=0)
 
     @pa.dataframe_check(name="status_matches_error_fields")
     def _status_consistent(cls, data: PolarsData) -> pl.LazyFrame:
-        ok = pl.col("status") == "ok"
+        ok = pl.col("status").is_in(["ok", "truncated"])
         return data.lazyframe.select(
             pl.when(ok)
             .then(pl.col("error_type").is_null() & pl.col("completion").is_not_null())
@@ -232,6 +232,18 @@ class QuarantineModel(pa.DataFrameModel):
         strict = False
 
 
+class StructuredModel(pa.DataFrameModel):
+    """Invariants of every structured extraction table: each row joins back to its page."""
+
+    run_id: str = pa.Field(nullable=False)
+    result_key: str = pa.Field(nullable=False, str_matches=_HEX64)
+    document_id: str = pa.Field(nullable=False)
+    item_index: pl.Int32 = pa.Field(nullable=False, ge=0)
+
+    class Config:
+        strict = False
+
+
 OUTPUT_MODELS = {"completions": CompletionsModel, "runs": RunsModel, "quarantine": QuarantineModel}
 
 
@@ -240,7 +252,7 @@ def validate_output(table_name: str, table) -> None:
     if table.num_rows == 0:
         return
     try:
-        OUTPUT_MODELS[table_name].validate(pl.from_arrow(table), lazy=True)
+        OUTPUT_MODELS.get(table_name, StructuredModel).validate(pl.from_arrow(table), lazy=True)
     except (SchemaErrors, SchemaError) as exc:
         cases = getattr(exc, "failure_cases", None)
         detail = "" if cases is None else "; ".join(

@@ -14,7 +14,9 @@ from medvlm_core.engine import shared_engine
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.manifest import ManifestRow
 from medvlm_core.pipeline import PageWork, RunSpec, error_row, process_rows, row_prompt
+from medvlm_core.prompts import get_prompt
 from medvlm_core.storage import Storage
+from medvlm_core.structured import tables_for
 
 
 @dataclass
@@ -28,6 +30,7 @@ class ChunkSummary:
     pages_ok: int = 0
     pages_error: int = 0
     pages_skipped: int = 0
+    pages_truncated: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error_types: dict[str, int] = field(default_factory=dict)
@@ -40,7 +43,9 @@ class ChunkSummary:
             self.skipped_rows.add(row["manifest_row"])
             return
         self.written_rows.add(row["manifest_row"])
-        if row["status"] == results.STATUS_OK:
+        if row["status"] == results.STATUS_TRUNCATED:
+            self.pages_truncated += 1
+        if row["status"] in (results.STATUS_OK, results.STATUS_TRUNCATED):
             self.pages_ok += 1
             self.prompt_tokens += row.get("prompt_tokens") or 0
             self.completion_tokens += row.get("completion_tokens") or 0
@@ -54,7 +59,7 @@ class ChunkSummary:
         """Add another summary's counts to this one (a shard's chunks, a run's shards)."""
         self.written_rows |= other.written_rows
         self.skipped_rows |= other.skipped_rows
-        for name in ("pages_ok", "pages_error", "pages_skipped", "prompt_tokens", "completion_tokens"):
+        for name in ("pages_ok", "pages_error", "pages_skipped", "pages_truncated", "prompt_tokens", "completion_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for key, value in other.error_types.items():
             self.error_types[key] = self.error_types.get(key, 0) + value
@@ -106,11 +111,36 @@ def infer_chunk(
     summary = ChunkSummary(chunk_index, staged_chunk_url(spec, chunk_index, shard_index))
     out = [r for r in process_rows(engine, rows, spec, storage, done, on_row=summary.add) if r["status"] != results.STATUS_SKIPPED]
     results.write_rows(storage, summary.staged_url, "completions", out)
+    stage_structured(spec, out, chunk_index, shard_index, storage)
     logger.info(
         "chunk %d: %d manifest rows -> %d ok, %d error, %d skipped pages",
         chunk_index, len(rows), summary.pages_ok, summary.pages_error, summary.pages_skipped,
     )
     return summary
+
+
+def stage_structured(spec: RunSpec, out: list[dict], chunk_index: int, shard_index: int | None, storage: Storage) -> None:
+    """Stage the structured tables' rows of a chunk: one file per table of every extraction prompt used.
+
+    The run's default extraction always gets its files (possibly empty), so its tables exist for queries
+    even when no document had anything to extract.
+    """
+    prompts = {spec.default_prompt.prompt_id: spec.default_prompt} if spec.default_prompt.schema else {}
+    tables: dict[str, list[dict]] = {}
+    schemas: dict[str, object] = {}
+    for prompt in prompts.values():
+        for table, (_, arrow) in tables_for(prompt.prompt_id, prompt.schema).items():
+            tables.setdefault(table, [])
+            schemas[table] = arrow
+    for row in out:
+        for table, rows in (row.get("structured") or {}).items():
+            tables.setdefault(table, []).extend(rows)
+            if table not in schemas:
+                prompt = get_prompt(row["prompt_id"])
+                schemas.update({t: a for t, (_, a) in tables_for(prompt.prompt_id, prompt.schema).items()})
+    for table, rows in tables.items():
+        url = results.staging_url(spec.output, spec.run_id, table, chunk_file_name(chunk_index, shard_index))
+        results.write_rows(storage, url, table, rows, schemas[table])
 
 
 def stage_failed_rows(

@@ -9,7 +9,18 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from medvlm_core import results
+from medvlm_core import storage as st
 from medvlm_core.storage import Storage
+
+
+def staged_tables(storage: Storage, output: str, run_id: str) -> dict[str, list[str]]:
+    """Table name -> the run's staged chunk files, for every table staged so far."""
+    root = results.staging_root(output, run_id)
+    tables: dict[str, list[str]] = {}
+    for url in storage.list_files(root, ".parquet"):
+        table = st.dirname(url).rstrip("/").rsplit("/", 1)[-1]
+        tables.setdefault(table, []).append(url)
+    return tables
 
 
 @task(name="publish-run", cache_policy=NO_CACHE)
@@ -17,22 +28,28 @@ def publish_run(
     output: str,
     run_id: str,
     run_date: str,
-    staged_completions: list[str],
+    staged: dict[str, list[str]],
     quarantine_rows: list[dict],
     run_row: dict,
     storage: Storage,
     audit: dict | None = None,
 ) -> dict[str, str]:
-    """Make a run visible: completions and quarantine files first, the runs row last, then the commit.
+    """Make a run visible: the result tables first, the runs row last, then the commit record.
 
-    Each table gets exactly one file per run, written atomically, so a reader sees all of a run's rows in
-    a table or none. Publishing the same run again rewrites the same files: rows are never duplicated.
-    ``audit`` (e.g. which worker ran which shard) goes into the commit record. Returns the URLs by table.
+    ``staged`` maps each table (completions and any structured tables) to its chunk files. Each table gets
+    exactly one file per run, written atomically, so a reader sees all of a run's rows in a table or none.
+    Publishing the same run again rewrites the same files: rows are never duplicated. ``audit`` (e.g.
+    which worker ran which shard) goes into the commit record. Returns the published URLs by table.
     """
     published: dict[str, str] = {}
-    if staged_completions:
+    for table in sorted(staged, key=lambda t: (t != "completions", t)):
+        url = results.table_part_url(output, table, run_date, run_id)
+        schema = results.TABLES.get(table)
+        results.merge_parquet(storage, sorted(staged[table]), url, schema)
+        published[table] = url
+    if "completions" not in published:  # every manifest row was quarantined: still one (empty) file
         url = results.table_part_url(output, "completions", run_date, run_id)
-        results.merge_parquet(storage, staged_completions, url, results.COMPLETIONS_SCHEMA)
+        results.write_rows(storage, url, "completions", [])
         published["completions"] = url
     if quarantine_rows:
         url = results.table_part_url(output, "quarantine", run_date, run_id)
