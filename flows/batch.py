@@ -57,6 +57,7 @@ def medvlm_batch(
     storage_options: dict[str, Any] | None = None,
     credentials_block: str | None = None,
     force: bool = False,
+    extraction: str | None = None,
 ) -> Any:
     """Run a VLM over every page of the manifest's documents and publish the result tables under ``output``.
 
@@ -70,6 +71,10 @@ def medvlm_batch(
 
     Pages whose result key already has an ``ok`` row under ``output`` are skipped (counted in the runs
     row) unless ``force``: a run killed at any point and started again completes the rest, exactly once.
+
+    Structured mode: ``prompt_id="clinical_extraction"`` (or an ``extraction`` definition of your own)
+    constrains the answer to a JSON schema and fills the diagnoses / medications / instructions tables
+    (or a table named after the extraction's prompt id).
     """
     values = dict(locals())
     logger = get_run_logger()
@@ -90,6 +95,7 @@ def run_batch(logger, manifest: str, output: str, model: str, mmproj: str | None
     run_id = make_run_id(started)
     # Set-up runs in the flow itself, not in tasks: a problem here is one clean message and a Failed flow
     # run, before any document is touched (a failing task would log a traceback for a user error).
+    options.register_extraction(storage)
     plan = read_manifest(manifest, storage)
     logger.info("run %s: %d manifest rows, %d quarantined", run_id, plan.total_rows, len(plan.quarantined))
     check_output_writable(storage, output, run_id)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 EXIT_OK, EXIT_UNRECONCILED, EXIT_CANNOT_RUN = 0, 1, 2
+# Names of the example queries (medvlm_core.analytics.EXAMPLE_QUERIES), listed without importing DuckDB.
+EXAMPLES = ("medications_per_diagnosis", "conditional_instructions", "errors_by_type", "throughput_per_run")
 
 
 def _prefect_defaults() -> None:
@@ -54,17 +57,23 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL_S3)")
     p.add_argument("--credentials-block", help="Prefect Secret block holding S3 credentials as JSON")
     p.add_argument("--force", action="store_true", help="re-run pages that already have an ok result in the output")
+    p.add_argument("--mode", choices=["text", "structured"], default="text",
+                   help="structured: schema-constrained JSON into diagnoses/medications/instructions tables")
+    p.add_argument("--extraction", help="your own extraction: JSON file with prompt_id, prompt and a JSON schema")
 
 
 def _flow_params(args: argparse.Namespace) -> dict[str, Any]:
+    prompt_id = args.prompt_id
+    if args.mode == "structured" and not prompt_id and not args.extraction:
+        prompt_id = "clinical_extraction"
     return dict(
-        prompt_id=args.prompt_id, prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+        prompt_id=prompt_id, prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
         stop=args.stop, n_gpu_layers=args.n_gpu_layers, n_ctx=args.n_ctx, n_threads=args.n_threads,
         chat_format=args.chat_format, max_pixels=args.max_pixels, pdf_dpi=args.pdf_dpi, max_bytes=args.max_bytes,
         max_source_pixels=args.max_source_pixels, max_pages=args.max_pages, chunk_size=args.chunk_size,
         model_sha256=args.model_sha256, mmproj_sha256=args.mmproj_sha256, s3_endpoint=args.s3_endpoint,
-        credentials_block=args.credentials_block, force=args.force,
+        credentials_block=args.credentials_block, force=args.force, extraction=args.extraction,
     )
 
 
@@ -93,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("manifest", help="manifest URI (.csv, .jsonl or .parquet)")
     validate.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL_S3)")
     validate.add_argument("--examples", type=int, default=3, help="problems shown per check")
+
+    q = sub.add_parser("query", help="run SQL (DuckDB) over the output tables")
+    q.add_argument("sql", help="SQL over the views completions, runs, quarantine, diagnoses, medications, "
+                              "instructions, ...; or an example name: " + ", ".join(EXAMPLES))
+    q.add_argument("--output", required=True, help="the output folder or s3:// prefix of medvlm runs")
+    q.add_argument("--format", choices=["table", "csv", "parquet"], default="table")
+    q.add_argument("--out", help="file to write (csv, parquet); default: standard output for table/csv")
+    q.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL_S3)")
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight VLM (text GGUF + mmproj) for tests")
     tiny.add_argument("--out", required=True)
@@ -160,6 +177,49 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for record in records[: args.examples]:
             print(f"    {record['reason']}")  # reasons carry row numbers, never values
     return EXIT_OK if not plan.quarantined else EXIT_UNRECONCILED
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from medvlm_core.analytics import EXAMPLE_QUERIES, query
+    from medvlm_core.errors import RunError
+    from medvlm_core.storage import Storage, s3_options
+
+    sql = EXAMPLE_QUERIES.get(args.sql, args.sql)
+    try:
+        table = query(args.output, sql, Storage({"s3": s3_options(endpoint_url=args.s3_endpoint)}))
+    except RunError as exc:
+        print(f"medvlm: error: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    if args.format == "parquet":
+        if not args.out:
+            print("medvlm: error: --format parquet needs --out FILE", file=sys.stderr)
+            return EXIT_CANNOT_RUN
+        pq.write_table(table, args.out)
+    elif args.format == "csv":
+        if args.out:
+            pacsv.write_csv(table, args.out)
+        else:
+            sink = io.BytesIO()
+            pacsv.write_csv(table, sink)
+            sys.stdout.write(sink.getvalue().decode("utf-8"))
+    else:
+        _print_table(table)
+    return EXIT_OK
+
+
+def _print_table(table, limit: int = 50) -> None:
+    rows = table.slice(0, limit).to_pylist()
+    names = table.column_names
+    cells = [[("" if r[n] is None else str(r[n]))[:40] for n in names] for r in rows]
+    widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
+    print("  ".join(n.ljust(w) for n, w in zip(names, widths)))
+    print("  ".join("-" * w for w in widths))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+    print(f"({table.num_rows} rows{', first ' + str(limit) + ' shown' if table.num_rows > limit else ''})")
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -264,7 +324,10 @@ def _print_demo_rows(completions_url: str, filesystem=None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medvlm`` console script."""
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "demo": cmd_demo, "validate": cmd_validate, "make-tiny-model": cmd_make_tiny_model}
+    handlers = {
+        "run": cmd_run, "demo": cmd_demo, "validate": cmd_validate, "query": cmd_query,
+        "make-tiny-model": cmd_make_tiny_model,
+    }
     return handlers[args.command](args)
 
 

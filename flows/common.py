@@ -21,14 +21,15 @@ from medvlm_core import results
 from medvlm_core import storage as st
 from medvlm_core.config import EngineConfig, GenerationParams, ImageOptions, Settings, params_json
 from medvlm_core.engine import shared_engine
-from medvlm_core.errors import RunError
+from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.manifest import ManifestPlan, ManifestRow
 from medvlm_core.model_cache import resolve_model_files
 from medvlm_core.models import ModelIdentity, identify_model
 from medvlm_core.pipeline import RunSpec
-from medvlm_core.prompts import Prompt, get_prompt
+from medvlm_core.prompts import Prompt, get_prompt, register_extraction
 from medvlm_core.results import utc_now
 from medvlm_core.storage import Storage
+from medvlm_core.structured import load_extraction
 from tasks.credentials import build_storage
 from tasks.inference import ChunkSummary, infer_chunk, stage_failed_rows
 from tasks.publish import publish_run, run_date_of, staged_tables
@@ -64,6 +65,8 @@ class RunOptions:
     storage_options: dict[str, Any] | None = field(default=None)
     credentials_block: str | None = None
     force: bool = False
+    # URI of a user extraction definition (JSON: prompt_id, prompt, schema); see medvlm_core.structured.
+    extraction: str | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "RunOptions":
@@ -96,6 +99,21 @@ class RunOptions:
     def storage(self) -> Storage:
         """Storage with this run's S3 settings (credentials from the environment or the block)."""
         return build_storage(self.s3_endpoint, self.storage_options, self.credentials_block)
+
+    def register_extraction(self, storage: Storage) -> None:
+        """Load the user extraction (if any) into the prompt library; before the manifest is validated."""
+        if not self.extraction:
+            return
+        try:
+            text = storage.read_bytes(self.extraction, max_bytes=1024 * 1024).decode("utf-8")
+            prompt_id, prompt_text, schema = load_extraction(text, self.extraction)
+        except DocumentError as exc:
+            raise RunError(f"extraction definition cannot be read: {exc.message}") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RunError(str(exc)) from None
+        register_extraction(prompt_id, prompt_text, schema)
+        if self.prompt_id is None and self.prompt is None:
+            self.prompt_id = prompt_id
 
     def default_prompt(self) -> Prompt:
         """The prompt for rows that do not bring their own."""

@@ -83,6 +83,7 @@ async def _fan_out(logger, manifest, output, model, mmproj, opts, shard_size, ma
     storage = opts.storage()
     started = utc_now()
     run_id = make_run_id(started)
+    opts.register_extraction(storage)
     plan = read_manifest(manifest, storage)
     check_output_writable(storage, output, run_id)
     shards = split_chunks([r.row_number for r in plan.rows], shard_size)

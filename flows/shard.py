@@ -66,6 +66,7 @@ def medvlm_shard(
         storage = opts.storage()
         manifest, output = st.normalize(manifest), st.normalize(output)
         started = utc_now()
+        opts.register_extraction(storage)
         wanted = set(row_numbers)
         rows = [r for r in read_manifest(manifest, storage).rows if r.row_number in wanted]
         if len(rows) != len(wanted):

@@ -14,7 +14,7 @@ from medvlm_core.engine import shared_engine
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.manifest import ManifestRow
 from medvlm_core.pipeline import PageWork, RunSpec, error_row, process_rows, row_prompt
-from medvlm_core.prompts import get_prompt
+from medvlm_core.prompts import SCHEMAS, get_prompt
 from medvlm_core.storage import Storage
 from medvlm_core.structured import tables_for
 
@@ -122,22 +122,22 @@ def infer_chunk(
 def stage_structured(spec: RunSpec, out: list[dict], chunk_index: int, shard_index: int | None, storage: Storage) -> None:
     """Stage the structured tables' rows of a chunk: one file per table of every extraction prompt used.
 
-    The run's default extraction always gets its files (possibly empty), so its tables exist for queries
-    even when no document had anything to extract.
+    Every extraction used (and the run's default one) gets its files even when empty, so its tables
+    exist for queries when nothing was extracted or every answer was truncated.
     """
     prompts = {spec.default_prompt.prompt_id: spec.default_prompt} if spec.default_prompt.schema else {}
+    for row in out:
+        if row["prompt_id"] not in prompts and row["prompt_id"] in SCHEMAS:
+            prompts[row["prompt_id"]] = get_prompt(row["prompt_id"])
     tables: dict[str, list[dict]] = {}
     schemas: dict[str, object] = {}
     for prompt in prompts.values():
         for table, (_, arrow) in tables_for(prompt.prompt_id, prompt.schema).items():
-            tables.setdefault(table, [])
+            tables[table] = []
             schemas[table] = arrow
     for row in out:
         for table, rows in (row.get("structured") or {}).items():
-            tables.setdefault(table, []).extend(rows)
-            if table not in schemas:
-                prompt = get_prompt(row["prompt_id"])
-                schemas.update({t: a for t, (_, a) in tables_for(prompt.prompt_id, prompt.schema).items()})
+            tables[table].extend(rows)
     for table, rows in tables.items():
         url = results.staging_url(spec.output, spec.run_id, table, chunk_file_name(chunk_index, shard_index))
         results.write_rows(storage, url, table, rows, schemas[table])
