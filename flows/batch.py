@@ -44,6 +44,7 @@ def medvlm_batch(
     n_gpu_layers: int = EngineConfig.n_gpu_layers,
     n_ctx: int = EngineConfig.n_ctx,
     n_threads: int | None = None,
+    n_parallel: int = EngineConfig.n_parallel,
     chat_format: str | None = None,
     max_pixels: int = ImageOptions.max_pixels,
     pdf_dpi: int = ImageOptions.pdf_dpi,

@@ -52,6 +52,7 @@ class RunOptions:
     n_gpu_layers: int = EngineConfig.n_gpu_layers
     n_ctx: int = EngineConfig.n_ctx
     n_threads: int | None = None
+    n_parallel: int = EngineConfig.n_parallel
     chat_format: str | None = None
     max_pixels: int = ImageOptions.max_pixels
     pdf_dpi: int = ImageOptions.pdf_dpi
@@ -152,6 +153,7 @@ def prepare_model(model: str, mmproj: str | None, options: RunOptions, storage: 
     engine = EngineConfig(
         model_path=model_path, mmproj_path=mmproj_path, chat_format=options.chat_format,
         n_ctx=options.n_ctx, n_gpu_layers=options.n_gpu_layers, n_threads=options.n_threads,
+        n_parallel=options.n_parallel,
     )
     identity = identify_model(engine.model_path, engine.mmproj_path, engine.chat_format, settings.cache_dir)
     return engine, identity

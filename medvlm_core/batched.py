@@ -68,7 +68,8 @@ class BatchedEngine:
         self._llama_cpp = llama_cpp
         self.engine = engine
         self.n_seq = n_seq
-        self.ctx_per_seq = ctx_per_seq or engine.config.n_ctx
+        # llama.cpp sizes contexts in multiples of 256 cells: keep every slot the same, whole size.
+        self.ctx_per_seq = -(-(ctx_per_seq or engine.config.n_ctx) // 256) * 256
         llm = engine._llm
         self._handler = llm.chat_handler
         self._handler._init_mtmd_context(llm)
@@ -155,9 +156,8 @@ class BatchedEngine:
         return chain
 
     def _sample(self, slot: _Slot, index: int) -> int:
-        token = self._llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, index)
-        self._llama_cpp.llama_sampler_accept(slot.sampler, token)
-        return token
+        # llama_sampler_sample also accepts the token into the chain (grammar state, penalty history).
+        return self._llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, index)
 
     # -- slots ----------------------------------------------------------------------------------
     def _prefill(self, request: Request, seq: int) -> _Slot:

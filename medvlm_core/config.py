@@ -81,8 +81,12 @@ class EngineConfig:
     n_gpu_layers: int = -1
     n_threads: int | None = None
     n_batch: int = 512
+    # Documents decoded together in one batch (medvlm_core.batched); n_ctx is then per document.
+    n_parallel: int = 1
 
     def __post_init__(self) -> None:
+        if self.n_parallel < 1:
+            raise RunError(f"n_parallel must be >= 1, got {self.n_parallel}")
         if self.n_ctx < 256:
             raise RunError(f"n_ctx must be >= 256, got {self.n_ctx}")
         if self.n_batch < 1:

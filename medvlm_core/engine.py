@@ -194,6 +194,7 @@ def _short(exc: BaseException) -> str:
 
 _SHARED: dict[tuple, VisionEngine] = {}
 _SHARED_LOCK = threading.Lock()
+_BATCHED: dict[tuple, Any] = {}
 
 
 def shared_engine(config: EngineConfig, chat_format: str) -> VisionEngine:
@@ -207,6 +208,9 @@ def shared_engine(config: EngineConfig, chat_format: str) -> VisionEngine:
         engine = _SHARED.get(key)
         if engine is not None and engine.loaded:
             return engine
+        for batched in _BATCHED.values():
+            batched.close()
+        _BATCHED.clear()
         for other in list(_SHARED.values()):
             other.close()
         _SHARED.clear()
@@ -215,9 +219,28 @@ def shared_engine(config: EngineConfig, chat_format: str) -> VisionEngine:
         return engine
 
 
+def shared_batched_engine(config: EngineConfig, chat_format: str) -> Any:
+    """The process-wide BatchedEngine (``config.n_parallel`` sequences) over the shared engine."""
+    from medvlm_core.batched import BatchedEngine
+
+    engine = shared_engine(config, chat_format)
+    key = (config, chat_format)
+    with _SHARED_LOCK:
+        batched = _BATCHED.get(key)
+        if batched is None or batched.engine is not engine:
+            for other in _BATCHED.values():
+                other.close()
+            _BATCHED.clear()
+            batched = _BATCHED[key] = BatchedEngine(engine, n_seq=config.n_parallel, ctx_per_seq=config.n_ctx)
+        return batched
+
+
 def close_shared_engines() -> None:
     """Close every shared engine (tests, process shutdown)."""
     with _SHARED_LOCK:
+        for batched in _BATCHED.values():
+            batched.close()
+        _BATCHED.clear()
         for engine in _SHARED.values():
             engine.close()
         _SHARED.clear()

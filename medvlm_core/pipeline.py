@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+from collections import deque
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from medvlm_core import errors
 from medvlm_core.config import EngineConfig, GenerationParams, ImageOptions
-from medvlm_core.engine import VisionEngine
+from medvlm_core.engine import Generation, VisionEngine
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.images import PageImage, load_pages
 from medvlm_core.manifest import ManifestRow
@@ -272,6 +273,31 @@ def _safe_prompt(row: ManifestRow, default: Prompt) -> tuple[Prompt, DocumentErr
         return default, DocumentError(errors.INVALID_ROW, str(exc))
 
 
+def _result_row(work: PageWork, spec: RunSpec, prompt: Prompt, result: Generation | DocumentError | None) -> dict[str, Any]:
+    """The row for one page: skipped, error, or the engine's answer (``result``)."""
+    if work.skipped:
+        out = base_row(work, spec, prompt)
+        out.update(status=STATUS_SKIPPED)
+    elif work.error is not None:
+        out = error_row(work, spec, prompt, work.error)
+    elif isinstance(result, DocumentError):
+        out = error_row(work, spec, prompt, result)
+    else:
+        out = base_row(work, spec, prompt)
+        out.update(
+            status=STATUS_OK,
+            completion=result.text,
+            finish_reason=result.finish_reason,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            latency_ms=result.latency_ms,
+        )
+        if prompt.schema is not None:
+            _add_structured(out, prompt)
+    work.image = None  # free the pixels before the next page
+    return out
+
+
 def process_rows(
     engine: VisionEngine,
     rows: Iterable[ManifestRow],
@@ -279,12 +305,15 @@ def process_rows(
     storage: Storage,
     done: DoneKeys | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    batched: Any = None,
 ) -> Iterator[dict[str, Any]]:
-    """Run the engine over manifest rows, yielding one result row per page, in manifest order.
+    """Run the engine over manifest rows, yielding one result row per page.
 
-    Rows have ``status`` ``ok`` or ``error``; pages whose key is in ``done`` (and ``spec.force`` is off)
-    come out with status ``skipped`` and are not run: callers count them and do not write them. Never
-    raises for a document's failure; RunError (the engine itself is unusable) does propagate.
+    Rows have ``status`` ``ok``, ``error`` or (structured mode) ``truncated``; pages whose key is in
+    ``done`` (and ``spec.force`` is off) come out with status ``skipped`` and are not run: callers count
+    them and do not write them. With ``batched`` (a medvlm_core.batched.BatchedEngine) several pages are
+    decoded together and rows come out in the order pages finish. Never raises for a document's failure;
+    RunError (the engine itself is unusable) does propagate.
     """
 
     def is_done(row: ManifestRow, image_sha256: str, page: int) -> bool:
@@ -293,32 +322,51 @@ def process_rows(
 
     check = is_done if (done and not spec.force) else None
     fetched = fetch_documents(rows, storage, spec.images, spec.fetch_workers)
-    for work in prefetch(iter_page_work(fetched, spec.images, check)):
-        prompt, prompt_error = _safe_prompt(work.row, spec.default_prompt)
-        work.error = work.error or prompt_error
-        if work.skipped:
-            out = base_row(work, spec, prompt)
-            out.update(status=STATUS_SKIPPED)
-        elif work.error is not None:
-            out = error_row(work, spec, prompt, work.error)
-        else:
-            try:
-                generation = engine.generate(work.image.image, prompt.text, spec.generation, prompt.schema)
-            except DocumentError as exc:
-                out = error_row(work, spec, prompt, exc)
-            else:
-                out = base_row(work, spec, prompt)
-                out.update(
-                    status=STATUS_OK,
-                    completion=generation.text,
-                    finish_reason=generation.finish_reason,
-                    prompt_tokens=generation.prompt_tokens,
-                    completion_tokens=generation.completion_tokens,
-                    latency_ms=generation.latency_ms,
-                )
-                if prompt.schema is not None:
-                    _add_structured(out, prompt)
-        work.image = None  # free the pixels before the next page
+    pages = prefetch(iter_page_work(fetched, spec.images, check))
+    results = _run_batched(batched, pages, spec) if batched is not None else _run_single(engine, pages, spec)
+    for out in results:
         if on_row is not None:
             on_row(out)
         yield out
+
+
+def _prepared(work: PageWork, spec: RunSpec) -> Prompt:
+    prompt, prompt_error = _safe_prompt(work.row, spec.default_prompt)
+    work.error = work.error or prompt_error
+    return prompt
+
+
+def _run_single(engine: VisionEngine, pages: Iterable[PageWork], spec: RunSpec) -> Iterator[dict[str, Any]]:
+    for work in pages:
+        prompt = _prepared(work, spec)
+        result = None
+        if not work.skipped and work.error is None:
+            try:
+                result = engine.generate(work.image.image, prompt.text, spec.generation, prompt.schema)
+            except DocumentError as exc:
+                result = exc
+        yield _result_row(work, spec, prompt, result)
+
+
+def _run_batched(batched: Any, pages: Iterable[PageWork], spec: RunSpec) -> Iterator[dict[str, Any]]:
+    from medvlm_core.batched import Request
+
+    ready: deque[dict[str, Any]] = deque()  # rows that need no model (skipped, errors), yielded in between
+    in_flight: dict[int, tuple[PageWork, Prompt]] = {}
+
+    def requests() -> Iterator[Request]:
+        for index, work in enumerate(pages):
+            prompt = _prepared(work, spec)
+            if work.skipped or work.error is not None:
+                ready.append(_result_row(work, spec, prompt, None))
+                continue
+            in_flight[index] = (work, prompt)
+            yield Request(index, work.image.image, prompt.text, spec.generation, prompt.schema)
+
+    for key, result in batched.generate_many(requests()):
+        while ready:
+            yield ready.popleft()
+        work, prompt = in_flight.pop(key)
+        yield _result_row(work, spec, prompt, result)
+    while ready:
+        yield ready.popleft()

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from medvlm_core import errors, results
-from medvlm_core.engine import shared_engine
+from medvlm_core.engine import shared_batched_engine, shared_engine
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.manifest import ManifestRow
 from medvlm_core.pipeline import PageWork, RunSpec, error_row, process_rows, row_prompt
@@ -108,8 +108,9 @@ def infer_chunk(
     """
     logger = get_run_logger()
     engine = shared_engine(spec.engine, spec.model.chat_format)
+    batched = shared_batched_engine(spec.engine, spec.model.chat_format) if spec.engine.n_parallel > 1 else None
     summary = ChunkSummary(chunk_index, staged_chunk_url(spec, chunk_index, shard_index))
-    out = [r for r in process_rows(engine, rows, spec, storage, done, on_row=summary.add) if r["status"] != results.STATUS_SKIPPED]
+    out = [r for r in process_rows(engine, rows, spec, storage, done, on_row=summary.add, batched=batched) if r["status"] != results.STATUS_SKIPPED]
     results.write_rows(storage, summary.staged_url, "completions", out)
     stage_structured(spec, out, chunk_index, shard_index, storage)
     logger.info(
