@@ -59,6 +59,7 @@ def medvlm_batch(
     credentials_block: str | None = None,
     force: bool = False,
     extraction: str | None = None,
+    allowed_locations: list[str] | None = None,
 ) -> Any:
     """Run a VLM over every page of the manifest's documents and publish the result tables under ``output``.
 
@@ -96,8 +97,9 @@ def run_batch(logger, manifest: str, output: str, model: str, mmproj: str | None
     run_id = make_run_id(started)
     # Set-up runs in the flow itself, not in tasks: a problem here is one clean message and a Failed flow
     # run, before any document is touched (a failing task would log a traceback for a user error).
+    policy = options.check_locations(output, model, mmproj)
     options.register_extraction(storage)
-    plan = read_manifest(manifest, storage)
+    plan = read_manifest(manifest, storage, policy)
     logger.info("run %s: %d manifest rows, %d quarantined", run_id, plan.total_rows, len(plan.quarantined))
     check_output_writable(storage, output, run_id)
     engine, identity = prepare_model(model, mmproj, options, storage, settings)

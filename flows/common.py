@@ -26,6 +26,7 @@ from medvlm_core.manifest import ManifestPlan, ManifestRow
 from medvlm_core.model_cache import resolve_model_files
 from medvlm_core.models import ModelIdentity, identify_model
 from medvlm_core.pipeline import RunSpec
+from medvlm_core.policy import LocationPolicy
 from medvlm_core.prompts import Prompt, get_prompt, register_extraction
 from medvlm_core.results import utc_now
 from medvlm_core.storage import Storage
@@ -68,6 +69,8 @@ class RunOptions:
     force: bool = False
     # URI of a user extraction definition (JSON: prompt_id, prompt, schema); see medvlm_core.structured.
     extraction: str | None = None
+    # Allow-list of S3 prefixes and local roots the run may read from and write to (None: anywhere).
+    allowed_locations: list[str] | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "RunOptions":
@@ -115,6 +118,21 @@ class RunOptions:
         register_extraction(prompt_id, prompt_text, schema)
         if self.prompt_id is None and self.prompt is None:
             self.prompt_id = prompt_id
+
+    def policy(self) -> LocationPolicy:
+        """The run's location policy."""
+        return LocationPolicy(self.allowed_locations)
+
+    def check_locations(self, output: str, model: str, mmproj: str | None) -> LocationPolicy:
+        """RunError if the output, model or mmproj is outside the allowed locations; the policy."""
+        policy = self.policy()
+        policy.require(output, "output")
+        policy.require(model, "model")
+        if mmproj:
+            policy.require(mmproj, "mmproj")
+        if self.extraction:
+            policy.require(self.extraction, "extraction definition")
+        return policy
 
     def default_prompt(self) -> Prompt:
         """The prompt for rows that do not bring their own."""

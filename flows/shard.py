@@ -66,9 +66,10 @@ def medvlm_shard(
         storage = opts.storage()
         manifest, output = st.normalize(manifest), st.normalize(output)
         started = utc_now()
+        policy = opts.check_locations(output, model, mmproj)
         opts.register_extraction(storage)
         wanted = set(row_numbers)
-        rows = [r for r in read_manifest(manifest, storage).rows if r.row_number in wanted]
+        rows = [r for r in read_manifest(manifest, storage, policy).rows if r.row_number in wanted]
         if len(rows) != len(wanted):
             raise RunError(f"shard {shard_index}: the manifest changed since the run was planned ({len(wanted) - len(rows)} rows gone)")
         engine, identity = prepare_model(model, mmproj, opts, storage, settings)

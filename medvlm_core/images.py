@@ -150,8 +150,10 @@ def _raster_pages(
 ) -> Iterator[PageImage]:
     try:
         with warnings.catch_warnings():
-            # We enforce our own pixel limit below; Pillow's warning would only add noise.
+            # We enforce our own pixel limit below, and a damaged file's metadata warnings would only add
+            # noise to the logs: the outcome (a page or an error row) says what happened.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)
             im = Image.open(io.BytesIO(data))
             # Phone cameras write MPO (a JPEG with extra pictures appended): treat it as the JPEG it is.
             detected = {"mpo": "jpeg"}.get((im.format or fmt).lower(), (im.format or fmt).lower())

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from medvlm_core import storage as st
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.storage import Storage
+
+if TYPE_CHECKING:
+    from medvlm_core.policy import LocationPolicy
 
 REQUIRED_COLUMNS = ("document_id", "image_uri")
 OPTIONAL_COLUMNS = ("page", "prompt_id", "prompt", "patient_id", "encounter_id", "sha256")
@@ -136,16 +139,27 @@ class ManifestPlan:
     total_rows: int
 
 
-def read_manifest(url: str, storage: Storage) -> ManifestPlan:
+def read_manifest(url: str, storage: Storage, policy: "LocationPolicy | None" = None) -> ManifestPlan:
     """Read and validate a manifest (pandera, lazily: every problem at once).
 
-    RunError for table-level problems; each bad row becomes a quarantine record with its reasons.
+    RunError for table-level problems; each bad row becomes a quarantine record with its reasons, among
+    them an ``image_uri`` that resolves outside the ``policy``'s allowed locations.
     """
-    from medvlm_core.validation import ROW, problems_by_row, validate_manifest
+    from medvlm_core.validation import ROW, RowProblem, problems_by_row, validate_manifest
 
     url = st.normalize(url)
+    if policy is not None:
+        policy.require(url, "manifest")
     frame = read_manifest_frame(url, storage)
     valid, problems = validate_manifest(frame)
     base_dir = st.dirname(url)
-    rows = [row_from_record(record, record[ROW], base_dir) for record in valid.iter_rows(named=True)]
+    rows = []
+    for record in valid.iter_rows(named=True):
+        row = row_from_record(record, record[ROW], base_dir)
+        if policy is not None and not policy.allows(row.image_uri):
+            problems.append(RowProblem(row.row_number, "image_uri", "location_policy", record["image_uri"],
+                                       "image_uri is outside the allowed locations of this deployment"))
+            continue
+        rows.append(row)
+    problems.sort(key=lambda p: (p.row_number, p.column or ""))
     return ManifestPlan(rows=rows, quarantined=problems_by_row(problems, frame), total_rows=frame.height)

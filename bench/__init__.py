@@ -1,0 +1,1 @@
+"""Benchmark harness of medvlm (see bench/run.py and BENCHMARKS.md)."""

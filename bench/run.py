@@ -1,0 +1,198 @@
+"""medvlm's benchmark harness: the same pages, model and settings through every path, in one process run.
+
+    python -m bench.run [--family qwen2vl] [--model M --mmproj P --chat-format F] [--docs 16]
+                        [--max-tokens 64] [--parallel 1,4,8,16] [--quick] [--out bench/results/latest.json]
+
+Paths measured side by side:
+  naive    llama-cpp-python's create_chat_completion in a loop, the matching chat handler, model loaded once
+  engine   medvlm's BatchedEngine at each --parallel value (continuous refill)
+  flow     the whole medvlm-batch Prefect flow (manifest -> Parquet) at the largest --parallel, against the
+           engine alone at the same parallelism: the orchestration and I/O overhead
+  plan     validating and planning a 100,000-row manifest (time, memory, Prefect task runs it would create)
+Prints a table and writes JSON. Peak RSS is the process's high-water mark when each path ends (monotonic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def pages(n: int):
+    from PIL import Image
+
+    from medvlm_core.demo_docs import DOCUMENTS, render_document
+
+    docs = [render_document(d["title"], d["lines"]) for d in DOCUMENTS.values()]
+    out = []
+    for i in range(n):
+        page = docs[i % len(docs)].copy()
+        page.paste((255 - 7 * (i % 30), 255, 255), (900, 1200, 990, 1290))  # every page differs a little
+        out.append(page)
+    return out
+
+
+def bench_naive(engine, images, prompt, params) -> dict:
+    started = time.perf_counter()
+    tokens = 0
+    for image in images:
+        tokens += engine.generate(image, prompt, params).completion_tokens
+    wall = time.perf_counter() - started
+    return {"path": "naive", "parallel": 1, "docs": len(images), "wall_s": wall, "docs_per_s": len(images) / wall,
+            "gen_tok_per_s": tokens / wall, "peak_rss_mb": rss_mb()}
+
+
+def bench_engine(engine, images, prompt, params, n_seq: int) -> dict:
+    from medvlm_core.batched import BatchedEngine, Request
+
+    batched = BatchedEngine(engine, n_seq=n_seq, ctx_per_seq=engine.config.n_ctx)
+    try:
+        started = time.perf_counter()
+        tokens = 0
+        for _, result in batched.generate_many(Request(i, im, prompt, params) for i, im in enumerate(images)):
+            tokens += result.completion_tokens
+        wall = time.perf_counter() - started
+    finally:
+        batched.close()
+    return {"path": "engine", "parallel": n_seq, "docs": len(images), "wall_s": wall, "docs_per_s": len(images) / wall,
+            "gen_tok_per_s": tokens / wall, "peak_rss_mb": rss_mb()}
+
+
+def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: int, workdir: Path) -> dict:
+    import csv
+
+    from flows.batch import medvlm_batch
+
+    docs = workdir / "docs"
+    docs.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "manifest.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["document_id", "image_uri"])
+        for i, image in enumerate(images):
+            image.save(docs / f"doc-{i:04d}.png")
+            writer.writerow([f"doc-{i:04d}", f"docs/doc-{i:04d}.png"])
+    run = dict(
+        manifest=str(workdir / "manifest.csv"), output=str(workdir / "out"), model=str(model), mmproj=str(mmproj),
+        chat_format=chat_format, max_tokens=params.max_tokens, n_ctx=n_ctx, n_parallel=n_seq,
+        chunk_size=max(len(images), 1), force=True,
+    )
+    medvlm_batch(**run)  # untimed: starts the ephemeral Prefect server and loads the model, as a worker would
+    started = time.perf_counter()
+    summary = medvlm_batch(**run)
+    wall = time.perf_counter() - started
+    pages_ok = summary["pages_ok"]
+    return {"path": "flow", "parallel": n_seq, "docs": len(images), "wall_s": wall, "docs_per_s": pages_ok / wall,
+            "flow_reported_pages_per_s": summary["pages_per_second"], "peak_rss_mb": rss_mb()}
+
+
+def bench_plan(rows: int, workdir: Path) -> dict:
+    """Validate and plan a large manifest in a child process, so its memory is its own."""
+    code = f"""
+import csv, json, resource, time
+from medvlm_core.config import Settings
+from medvlm_core.manifest import read_manifest
+from medvlm_core.storage import Storage
+path = {str(workdir / 'big.csv')!r}
+with open(path, 'w', newline='') as f:
+    w = csv.writer(f); w.writerow(['document_id', 'image_uri', 'patient_id'])
+    for i in range({rows}):
+        w.writerow([f'doc-{{i:07d}}', f'scans/{{i % 997}}/doc-{{i:07d}}.tiff', f'P{{i % 50000:06d}}'])
+t = time.perf_counter(); plan = read_manifest(path, Storage()); wall = time.perf_counter() - t
+chunk = Settings.from_env().chunk_size
+print(json.dumps({{"rows": plan.total_rows, "valid": len(plan.rows), "validate_plan_s": wall,
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "chunk_size": chunk,
+    "task_runs": -(-len(plan.rows) // chunk)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return {"path": "plan", **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="qwen2vl", help="generated tiny model family when no --model is given")
+    ap.add_argument("--model")
+    ap.add_argument("--mmproj")
+    ap.add_argument("--chat-format")
+    ap.add_argument("--docs", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--parallel", default="1,4,8,16")
+    ap.add_argument("--n-ctx", type=int, default=2048, help="context per sequence")
+    ap.add_argument("--plan-rows", type=int, default=100_000)
+    ap.add_argument("--quick", action="store_true", help="a few pages and tokens: proves the harness works")
+    ap.add_argument("--out", default="bench/results/latest.json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.docs, args.max_tokens, args.parallel, args.plan_rows = 3, 4, "1,2", 2000
+
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from medvlm_core.config import EngineConfig, GenerationParams
+    from medvlm_core.engine import VisionEngine
+    from medvlm_core.models import choose_chat_format, inspect_model
+    from medvlm_core.tiny_model import make_tiny_model
+
+    workdir = Path(tempfile.mkdtemp(prefix="medvlm-bench-"))
+    if args.model:
+        model, mmproj = Path(args.model), Path(args.mmproj)
+    else:
+        made = make_tiny_model(workdir / "model", family=args.family)
+        model, mmproj = made.model_path, made.mmproj_path
+    chat_format = choose_chat_format(inspect_model(str(model), str(mmproj)), args.chat_format)
+    images = pages(args.docs)
+    params = GenerationParams(max_tokens=args.max_tokens)
+    prompt = "Identify the primary diagnoses and list all prescribed medications."
+    parallel = [int(x) for x in args.parallel.split(",")]
+
+    engine = VisionEngine(EngineConfig(str(model), str(mmproj), n_ctx=args.n_ctx), chat_format).load()
+    engine.generate(images[0], prompt, params)  # warm-up (first graph allocation)
+    results = [bench_naive(engine, images, prompt, params)]
+    for n in parallel:
+        results.append(bench_engine(engine, images, prompt, params, n))
+    engine.close()
+    results.append(bench_flow(model, mmproj, chat_format, images, params, max(parallel), args.n_ctx, workdir / "flow"))
+    results.append(bench_plan(args.plan_rows, workdir))
+
+    naive = results[0]["docs_per_s"]
+    engine_at = {r["parallel"]: r for r in results if r["path"] == "engine"}
+    for r in results:
+        if "docs_per_s" in r and r["path"] != "plan":
+            r["x_naive"] = r["docs_per_s"] / naive
+    flow = next(r for r in results if r["path"] == "flow")
+    flow["x_engine_same_parallel"] = flow["docs_per_s"] / engine_at[flow["parallel"]]["docs_per_s"]
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "model": {"path": str(model.name), "mmproj": str(mmproj.name), "chat_format": chat_format},
+        "settings": {"docs": args.docs, "max_tokens": args.max_tokens, "n_ctx_per_seq": args.n_ctx,
+                     "page": "1000x1300 PNG"},
+        "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"{'path':<8} {'par':>4} {'docs/s':>8} {'tok/s':>8} {'x naive':>8} {'RSS MB':>8}")
+    for r in results:
+        if r["path"] == "plan":
+            print(f"plan: {r['rows']} rows validated and planned in {r['validate_plan_s']:.2f} s, "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB, {r['task_runs']} task runs (chunk_size {r['chunk_size']})")
+            continue
+        print(f"{r['path']:<8} {r['parallel']:>4} {r['docs_per_s']:>8.2f} {r.get('gen_tok_per_s', 0):>8.1f} "
+              f"{r['x_naive']:>8.2f} {r['peak_rss_mb']:>8.0f}")
+    print(f"flow vs engine alone at {flow['parallel']}: {flow['x_engine_same_parallel']:.2f}x; JSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

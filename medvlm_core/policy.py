@@ -1,0 +1,37 @@
+"""Where a run may read and write: an allow-list of S3 prefixes and local roots.
+
+Configured per deployment (``allowed_locations``). A document outside it is quarantined with the reason;
+a manifest, model or output outside it stops the run before anything is read. Local paths are compared
+after resolving ``..`` and symbolic links, so neither can step out of an allowed root.
+"""
+
+from __future__ import annotations
+
+import os
+
+from medvlm_core import storage as st
+from medvlm_core.errors import RunError
+
+
+class LocationPolicy:
+    """An allow-list of URL prefixes (``s3://bucket/prefix``) and local roots. Empty = everything allowed."""
+
+    def __init__(self, allowed: list[str] | None = None):
+        self.allowed = [self._canonical(a).rstrip("/") for a in (allowed or [])]
+
+    @staticmethod
+    def _canonical(url: str) -> str:
+        url = st.normalize(url)
+        return os.path.realpath(url) if st.protocol_of(url) == st.LOCAL else url
+
+    def allows(self, url: str) -> bool:
+        """True if ``url`` is under one of the allowed locations (always true without a policy)."""
+        if not self.allowed:
+            return True
+        target = self._canonical(url)
+        return any(target == root or target.startswith(root + "/") for root in self.allowed)
+
+    def require(self, url: str, what: str) -> None:
+        """RunError naming ``what`` if ``url`` is outside the allowed locations."""
+        if not self.allows(url):
+            raise RunError(f"{what} {url} is outside the allowed locations of this deployment")
