@@ -103,7 +103,7 @@ def run_batch(logger, manifest: str, output: str, model: str, mmproj: str | None
     logger.info("run %s: %d manifest rows, %d quarantined", run_id, plan.total_rows, len(plan.quarantined))
     check_output_writable(storage, output, run_id)
     engine, identity = prepare_model(model, mmproj, options, storage, settings)
-    spec = make_spec(run_id, output, engine, identity, options, settings)
+    spec = make_spec(run_id, output, engine, identity, options)
     summaries = run_chunks(logger, spec, plan.rows, storage, options.chunk_size or settings.chunk_size)
     return finish_run(
         logger, run_id=run_id, manifest=manifest, output=output, plan=plan, total=merge_summaries(summaries),

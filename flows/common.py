@@ -177,13 +177,13 @@ def prepare_model(model: str, mmproj: str | None, options: RunOptions, storage: 
     return engine, identity
 
 
-def make_spec(run_id: str, output: str, engine: EngineConfig, identity: ModelIdentity, options: RunOptions, settings: Settings) -> RunSpec:
+def make_spec(run_id: str, output: str, engine: EngineConfig, identity: ModelIdentity, options: RunOptions) -> RunSpec:
     """The plain-data description of a run that every chunk receives."""
     generation, images = options.generation(), options.images()
     return RunSpec(
         run_id=run_id, output=output, engine=engine, model=identity, generation=generation, images=images,
         default_prompt=options.default_prompt(), params_json=params_json(generation, images, identity.chat_format),
-        log_phi=settings.log_phi, force=options.force,
+        force=options.force,
     )
 
 

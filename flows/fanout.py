@@ -120,9 +120,9 @@ async def _fan_out(logger, manifest, output, model, mmproj, opts, shard_size, ma
         identity, params = ModelIdentity(**records[0]["identity"]), records[0]["params_json"]
     else:  # no shard finished: identify the model here so the error rows still say which model was asked for
         engine, identity = prepare_model(model, mmproj, opts, storage, settings)
-        params = make_spec(run_id, output, engine, identity, opts, settings).params_json
+        params = make_spec(run_id, output, engine, identity, opts).params_json
     if pending:
-        spec = make_spec(run_id, output, _placeholder_engine(), identity, opts, settings)
+        spec = make_spec(run_id, output, _placeholder_engine(), identity, opts)
         by_number = {r.row_number: r for r in plan.rows}
         for index in pending:
             rows = [by_number[n] for n in shards[index]]

@@ -73,7 +73,7 @@ def medvlm_shard(
         if len(rows) != len(wanted):
             raise RunError(f"shard {shard_index}: the manifest changed since the run was planned ({len(wanted) - len(rows)} rows gone)")
         engine, identity = prepare_model(model, mmproj, opts, storage, settings)
-        spec = make_spec(run_id, output, engine, identity, opts, settings)
+        spec = make_spec(run_id, output, engine, identity, opts)
         logger.info("shard %d of run %s: %d manifest rows", shard_index, run_id, len(rows))
         summaries = run_chunks(logger, spec, rows, storage, opts.chunk_size or settings.chunk_size, shard_index)
         record = {

@@ -120,8 +120,8 @@ class Settings:
     # Manifest rows per Prefect inference task: large enough to amortise task overhead, small enough
     # that a failed task loses little work and the UI stays readable for 100k-row manifests.
     chunk_size: int = 32
-    # Debug switch: when true, error messages may include raw exception text from libraries, which can
-    # echo document content. Off by default; see README ("PHI and logs").
+    # Debug switch: when true, inference error messages include llama.cpp's exception text, which can
+    # echo prompt or document content into error rows and logs. Off by default; see README ("PHI and logs").
     log_phi: bool = False
 
     @classmethod

@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image
 
 from medvlm_core import errors
-from medvlm_core.config import EngineConfig, GenerationParams
+from medvlm_core.config import EngineConfig, GenerationParams, Settings
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.images import to_data_uri
 
@@ -151,9 +151,9 @@ class VisionEngine:
                         errors.CONTEXT_OVERFLOW,
                         f"image and prompt do not fit in n_ctx={self.config.n_ctx}; raise --n-ctx or lower the pixel budget",
                     ) from None
-                raise DocumentError(errors.INFERENCE_ERROR, f"llama.cpp rejected the request ({type(exc).__name__})") from None
+                raise DocumentError(errors.INFERENCE_ERROR, f"llama.cpp rejected the request{self._detail(exc)}") from None
             except Exception as exc:  # a native error surfaces as many types; the run must go on
-                raise DocumentError(errors.INFERENCE_ERROR, f"llama.cpp failed ({type(exc).__name__})") from None
+                raise DocumentError(errors.INFERENCE_ERROR, f"llama.cpp failed{self._detail(exc)}") from None
             latency_ms = (time.perf_counter() - started) * 1000.0
         choice = response["choices"][0]
         usage = response.get("usage") or {}
@@ -164,6 +164,12 @@ class VisionEngine:
             completion_tokens=int(usage.get("completion_tokens") or 0),
             latency_ms=latency_ms,
         )
+
+    def _detail(self, exc: BaseException) -> str:
+        """The exception's type, and its text only under MEDVLM_LOG_PHI (it can echo prompt or output)."""
+        if Settings.from_env().log_phi:
+            return f" ({type(exc).__name__}: {_short(exc)})"
+        return f" ({type(exc).__name__})"
 
     def _grammar(self, schema: dict[str, Any]) -> Any:
         """A llama.cpp grammar for ``schema`` (the GBNF text is built once per schema)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import math
-import struct
 import threading
 import warnings
 from dataclasses import dataclass
@@ -189,7 +188,8 @@ def _raster_pages(
         ) from None
     except UnidentifiedImageError:
         raise DocumentError(errors.UNREADABLE_IMAGE, f"{name}: {fmt} header not recognised (corrupt file)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, struct.error) as exc:
+    except Exception as exc:  # damaged files raise OSError, SyntaxError, KeyError, TypeError, struct.error...
+        # Decoders of untrusted bytes fail in many ways; every one of them means "this file is damaged".
         raise DocumentError(
             errors.UNREADABLE_IMAGE, f"{name}: {fmt} data is corrupt or truncated ({type(exc).__name__})"
         ) from None
@@ -215,7 +215,10 @@ def _pdf_pages(
                 if skip is not None and skip(index + 1):
                     rendered.append((index, None, (None, None)))
                     continue
-                pdf_page = doc[index]
+                try:
+                    pdf_page = doc[index]
+                except pdfium.PdfiumError:
+                    raise DocumentError(errors.UNREADABLE_IMAGE, f"{name}: PDF page {index + 1} cannot be read") from None
                 try:
                     width_pt, height_pt = pdf_page.get_size()
                     # Render straight at the budget when the DPI would overshoot it: no wasted pixels.

@@ -52,7 +52,6 @@ class RunSpec:
     default_prompt: Prompt
     params_json: str
     fetch_workers: int = 4
-    log_phi: bool = False
     # Re-run pages whose result key already has an ok row (default: skip them).
     force: bool = False
 
