@@ -60,6 +60,8 @@ def medvlm_batch(
     force: bool = False,
     extraction: str | None = None,
     allowed_locations: list[str] | None = None,
+    sse: str | None = None,
+    sse_kms_key_id: str | None = None,
 ) -> Any:
     """Run a VLM over every page of the manifest's documents and publish the result tables under ``output``.
 

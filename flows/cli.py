@@ -62,6 +62,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["text", "structured"], default="text",
                    help="structured: schema-constrained JSON into diagnoses/medications/instructions tables")
     p.add_argument("--extraction", help="your own extraction: JSON file with prompt_id, prompt and a JSON schema")
+    p.add_argument("--sse", choices=["AES256", "aws:kms"], help="server-side encryption of what the run writes to S3")
+    p.add_argument("--sse-kms-key-id", help="KMS key for --sse aws:kms")
     p.add_argument("--allow", action="append", dest="allowed_locations", default=None,
                    help="allowed S3 prefix or local root (repeatable); documents elsewhere are quarantined")
 
@@ -79,7 +81,7 @@ def _flow_params(args: argparse.Namespace) -> dict[str, Any]:
         max_source_pixels=args.max_source_pixels, max_pages=args.max_pages, chunk_size=args.chunk_size,
         model_sha256=args.model_sha256, mmproj_sha256=args.mmproj_sha256, s3_endpoint=args.s3_endpoint,
         credentials_block=args.credentials_block, force=args.force, extraction=args.extraction,
-        allowed_locations=args.allowed_locations,
+        allowed_locations=args.allowed_locations, sse=args.sse, sse_kms_key_id=args.sse_kms_key_id,
     )
 
 

@@ -71,6 +71,9 @@ class RunOptions:
     extraction: str | None = None
     # Allow-list of S3 prefixes and local roots the run may read from and write to (None: anywhere).
     allowed_locations: list[str] | None = None
+    # Server-side encryption of the objects the run writes to S3: "AES256" (SSE-S3) or "aws:kms" (SSE-KMS).
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "RunOptions":
@@ -102,7 +105,7 @@ class RunOptions:
 
     def storage(self) -> Storage:
         """Storage with this run's S3 settings (credentials from the environment or the block)."""
-        return build_storage(self.s3_endpoint, self.storage_options, self.credentials_block)
+        return build_storage(self.s3_endpoint, self.storage_options, self.credentials_block, self.sse, self.sse_kms_key_id)
 
     def register_extraction(self, storage: Storage) -> None:
         """Load the user extraction (if any) into the prompt library; before the manifest is validated."""

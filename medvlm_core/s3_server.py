@@ -18,6 +18,7 @@ shut down. This module does not import Prefect; boto3 is imported only when a se
 from __future__ import annotations
 
 import atexit
+import base64
 import importlib.metadata
 import json
 import os
@@ -124,6 +125,7 @@ class LocalS3Server:
         self._s3_port: int | None = None
         self._master_port: int | None = None
         self._grpc_ports: dict[str, int] = {}  # see _remove_grpc_sockets
+        self._sse_key = base64.b64encode(secrets.token_bytes(32)).decode("ascii")
         self._socket_tmp: Path | None = None  # see _socket_dir
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -297,9 +299,13 @@ class LocalS3Server:
             # No network access in tests, and nothing to report.
             "-master.telemetry=false",
         ]
+        # A key for SSE-S3, so that runs asking for server-side encryption work as on AWS (SeaweedFS
+        # refuses encrypted writes without one). Per server, random: the data is disposable.
+        env = dict(os.environ, WEED_S3_SSE_KEY=self._sse_key)
         with open(self.workdir / _LOG_NAME, "ab") as log:
             self._process = subprocess.Popen(
                 args,
+                env=env,
                 cwd=self.workdir,  # where the server reads master.toml
                 stdin=subprocess.DEVNULL,
                 stdout=log,

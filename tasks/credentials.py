@@ -37,9 +37,22 @@ def build_storage(
     s3_endpoint: str | None = None,
     storage_options: dict[str, Any] | None = None,
     credentials_block: str | None = None,
+    sse: str | None = None,
+    sse_kms_key_id: str | None = None,
 ) -> Storage:
-    """The run's Storage: explicit options, then the block's credentials, then the AWS environment."""
+    """The run's Storage: explicit options, then the block's credentials, then the AWS environment.
+
+    ``sse`` ("AES256" or "aws:kms", with ``sse_kms_key_id``) asks S3 to encrypt every object the run writes.
+    """
     creds = load_credentials_block(credentials_block) if credentials_block else {}
+    storage_options = dict(storage_options or {})
+    if sse:
+        if sse not in ("AES256", "aws:kms"):
+            raise RunError(f"sse must be AES256 or aws:kms, got {sse!r}")
+        extra = dict(storage_options.get("s3_additional_kwargs") or {}, ServerSideEncryption=sse)
+        if sse_kms_key_id:
+            extra["SSEKMSKeyId"] = sse_kms_key_id
+        storage_options["s3_additional_kwargs"] = extra
     options = s3_options(
         endpoint_url=s3_endpoint or creds.get("endpoint_url"),
         key=creds.get("aws_access_key_id"),

@@ -136,7 +136,7 @@ def test_fan_out_over_two_gpu_workers(stack, tmp_path, tiny_llava, tiny_qwen, de
     manifest = write_manifest(tmp_path / "manifest.csv", records)
     output = tmp_path / "out"
     common = dict(manifest=str(manifest), output=str(output), model=str(tiny_llava.model_path),
-                  mmproj=str(tiny_llava.mmproj_path), options={"max_tokens": 384, "n_ctx": 4096, "chunk_size": 2},
+                  mmproj=str(tiny_llava.mmproj_path), options={"max_tokens": 2000, "n_ctx": 4096, "chunk_size": 2},
                   shard_size=4)
 
     # the nightly deployment was deployed with its schedule

@@ -191,3 +191,29 @@ def test_republishing_a_run_does_not_duplicate_rows(s3, prefix):
     assert read_s3(s3, f"{prefix}/completions").num_rows == 2
     assert read_s3(s3, f"{prefix}/runs").num_rows == 1
     assert storage.put_if_absent(results.commit_url(prefix, "r1"), b"again") is False
+
+
+def test_server_side_encryption_is_requested_for_every_written_object(s3, s3_server, tmp_path, demo_docs, prefix, tiny_llava):
+    import boto3
+    from botocore.config import Config
+
+    upload_documents(s3, tmp_path, demo_docs, prefix)
+    s3.put(str(write_manifest(tmp_path / "m.csv", demo_docs[:1])), f"{prefix}/in/m.csv")
+    state = medvlm_batch(
+        return_state=True, manifest=f"{prefix}/in/m.csv", output=f"{prefix}/out", model=str(tiny_llava.model_path),
+        mmproj=str(tiny_llava.mmproj_path), max_tokens=2, n_ctx=4096, sse="AES256",
+    )
+    assert state.is_completed(), state.message
+    written = [p for p in s3.find(f"{prefix}/out") if p.endswith((".parquet", ".json"))]
+    assert len(written) >= 3
+    client = boto3.client(
+        "s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1", config=Config(s3={"addressing_style": "path"}),
+        aws_access_key_id=s3_server.credentials.access_key, aws_secret_access_key=s3_server.credentials.secret_key,
+    )
+
+    def encryption(path: str) -> str | None:  # s3fs's info() does not report it; HEAD does
+        bucket, key = path.split("/", 1)
+        return client.head_object(Bucket=bucket, Key=key).get("ServerSideEncryption")
+
+    unencrypted = [p.rsplit("/out/", 1)[1] for p in written if encryption(p) != "AES256"]
+    assert unencrypted == [], f"{len(unencrypted)} of {len(written)}: {unencrypted}"
