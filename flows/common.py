@@ -337,6 +337,10 @@ def publish_artifact(summary: dict) -> None:
         "Tables: " + ", ".join(f"`{k}`: {v}" for k, v in summary["published"].items()),
     ]
     try:
-        create_markdown_artifact(markdown="\n".join(lines), key="medvlm-run-summary", description="medvlm run summary")
+        # _sync: this function is also called from the async fan-out flow, where Prefect would otherwise hand
+        # back an un-awaited coroutine and no artifact would be written.
+        create_markdown_artifact(
+            markdown="\n".join(lines), key="medvlm-run-summary", description="medvlm run summary", _sync=True
+        )
     except Exception:  # an artifact is a convenience: never fail a finished run over it
         pass

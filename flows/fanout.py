@@ -28,7 +28,7 @@ from medvlm_core.errors import RunError
 from medvlm_core.manifest import read_manifest
 from medvlm_core.models import ModelIdentity
 from medvlm_core.results import utc_now
-from tasks.inference import ChunkSummary, stage_failed_rows
+from tasks.inference import ChunkSummary, discard_staged_shard, stage_failed_rows
 
 
 @flow(name="medvlm-fanout", log_prints=False)
@@ -62,7 +62,10 @@ async def medvlm_fanout(
 
 async def _run_shard(deployment: str, parameters: dict, timeout: float) -> tuple[bool, str]:
     """Launch one shard run and wait for it. (succeeded, reason)."""
-    child = await run_deployment(name=deployment, parameters=parameters, timeout=0, as_subflow=True)
+    try:
+        child = await run_deployment(name=deployment, parameters=parameters, timeout=0, as_subflow=True)
+    except Exception as exc:  # unknown deployment, server unreachable: this shard failed, the others go on
+        return False, f"could not launch {deployment} ({type(exc).__name__})"
     try:
         final = await wait_for_flow_run(child.id, timeout=timeout, poll_interval=2)
     except Exception as exc:  # FlowRunWaitTimeout: the worker was probably lost with its run
@@ -126,6 +129,7 @@ async def _fan_out(logger, manifest, output, model, mmproj, opts, shard_size, ma
         by_number = {r.row_number: r for r in plan.rows}
         for index in pending:
             rows = [by_number[n] for n in shards[index]]
+            discard_staged_shard(storage, output, run_id, index)  # a lost attempt may have staged part of it
             summaries.append(
                 stage_failed_rows(0, rows, spec, storage, f"shard {index} failed after {max_attempts} attempt(s): {reasons[index]}", index)
             )

@@ -144,6 +144,14 @@ def stage_structured(spec: RunSpec, out: list[dict], chunk_index: int, shard_ind
         results.write_rows(storage, url, table, rows, schemas[table])
 
 
+def discard_staged_shard(storage: Storage, output: str, run_id: str, shard_index: int) -> None:
+    """Remove whatever a failed shard staged, in every table, before its rows are recorded as errors."""
+    prefix = chunk_file_name(0, shard_index).split("chunk-")[0]
+    for url in storage.list_files(results.staging_root(output, run_id), ".parquet"):
+        if url.rsplit("/", 1)[-1].startswith(prefix):
+            storage.remove_tree(url)
+
+
 def stage_failed_rows(
     chunk_index: int, rows: list[ManifestRow], spec: RunSpec, storage: Storage, reason: str, shard_index: int | None = None
 ) -> ChunkSummary:
