@@ -31,7 +31,6 @@ def rss_mb() -> float:
 
 
 def pages(n: int):
-    from PIL import Image
 
     from medvlm_core.demo_docs import DOCUMENTS, render_document
 

@@ -21,7 +21,6 @@ from flows.common import (
     RunOptions, check_output_writable, finish_run, make_run_id, make_spec, merge_summaries, prepare_model, split_chunks,
 )
 from flows.shard import read_shard_record
-from medvlm_core import results
 from medvlm_core import storage as st
 from medvlm_core.config import Settings
 from medvlm_core.errors import RunError

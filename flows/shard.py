@@ -79,7 +79,6 @@ def medvlm_shard(
         record = {
             "shard_index": shard_index,
             "summary": merge_summaries(summaries).to_json(),
-            "staged": [s.staged_url for s in summaries],
             "identity": asdict(identity),
             "params_json": spec.params_json,
             "worker": {

@@ -248,18 +248,6 @@ def merge_parquet(storage: Storage, sources: list[str], url: str, schema: pa.Sch
     return rows
 
 
-def read_table(storage: Storage, output: str, table: str) -> pa.Table:
-    """All published rows of one table under ``output`` (``run_date`` included as a column)."""
-    import pyarrow.dataset as ds
-
-    base = st.join(output, table)
-    if not storage.exists(base):
-        return TABLES[table].empty_table()
-    fs, path = storage.filesystem(base)
-    dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-    return dataset.to_table()
-
-
 def commit_record(run_id: str, tables: dict[str, str], audit: dict[str, Any] | None = None) -> bytes:
     """The JSON body of a commit record: the run's published files and how it ran (no document data)."""
     body = {"run_id": run_id, "committed_at": utc_now().isoformat(), "tables": tables, **(audit or {})}

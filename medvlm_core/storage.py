@@ -252,17 +252,6 @@ class Storage:
             raise
         return True
 
-    def move(self, src: str, dst: str) -> None:
-        """Move one file (local: rename; object stores: copy then delete)."""
-        fs, src_path = self.filesystem(src)
-        _, dst_path = self.filesystem(dst)
-        if protocol_of(normalize(src)) == LOCAL:
-            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
-            os.replace(src_path, dst_path)
-        else:
-            fs.copy(src_path, dst_path)
-            fs.rm(src_path)
-
     def remove_tree(self, url: str) -> None:
         """Delete a folder/prefix and everything under it; missing is fine."""
         fs, path = self.filesystem(url)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 
 from prefect import task
@@ -66,8 +65,3 @@ def publish_run(
 def run_date_of(started_at: datetime) -> str:
     """The ``run_date`` partition value of a run (UTC date of its start)."""
     return started_at.strftime("%Y-%m-%d")
-
-
-def to_json(value: object) -> str:
-    """Compact JSON for artifacts."""
-    return json.dumps(value, sort_keys=True, default=str)

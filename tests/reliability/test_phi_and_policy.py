@@ -8,10 +8,8 @@ stderr and the Prefect artifact of the run are captured and must contain none of
 from __future__ import annotations
 
 import logging
-import os
 
 import pyarrow.dataset as ds
-import pytest
 from PIL import Image
 
 from conftest import write_manifest
