@@ -69,7 +69,8 @@ def bench_engine(engine, images, prompt, params, n_seq: int) -> dict:
             "gen_tok_per_s": tokens / wall, "peak_rss_mb": rss_mb()}
 
 
-def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: int, workdir: Path) -> dict:
+def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: int, workdir: Path,
+               image_max_tokens: int | None = None) -> dict:
     import csv
 
     from flows.batch import medvlm_batch
@@ -85,6 +86,7 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
     run = dict(
         manifest=str(workdir / "manifest.csv"), output=str(workdir / "out"), model=str(model), mmproj=str(mmproj),
         chat_format=chat_format, max_tokens=params.max_tokens, n_ctx=n_ctx, n_parallel=n_seq,
+        image_max_tokens=image_max_tokens,
         chunk_size=max(len(images), 1), force=True,
     )
     medvlm_batch(**run)  # untimed: starts the ephemeral Prefect server and loads the model, as a worker would
@@ -128,6 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--parallel", default="1,4,8,16")
     ap.add_argument("--n-ctx", type=int, default=2048, help="context per sequence")
+    ap.add_argument("--image-max-tokens", type=int, help="vision encoder token budget per page (default: the model's)")
     ap.add_argument("--plan-rows", type=int, default=100_000)
     ap.add_argument("--quick", action="store_true", help="a few pages and tokens: proves the harness works")
     ap.add_argument("--out", default="bench/results/latest.json")
@@ -154,13 +157,16 @@ def main(argv=None) -> int:
     prompt = "Identify the primary diagnoses and list all prescribed medications."
     parallel = [int(x) for x in args.parallel.split(",")]
 
-    engine = VisionEngine(EngineConfig(str(model), str(mmproj), n_ctx=args.n_ctx), chat_format).load()
+    engine = VisionEngine(
+        EngineConfig(str(model), str(mmproj), n_ctx=args.n_ctx, image_max_tokens=args.image_max_tokens), chat_format
+    ).load()
     engine.generate(images[0], prompt, params)  # warm-up (first graph allocation)
     results = [bench_naive(engine, images, prompt, params)]
     for n in parallel:
         results.append(bench_engine(engine, images, prompt, params, n))
     engine.close()
-    results.append(bench_flow(model, mmproj, chat_format, images, params, max(parallel), args.n_ctx, workdir / "flow"))
+    results.append(bench_flow(model, mmproj, chat_format, images, params, max(parallel), args.n_ctx, workdir / "flow",
+                              args.image_max_tokens))
     results.append(bench_plan(args.plan_rows, workdir))
 
     naive = results[0]["docs_per_s"]
@@ -176,6 +182,7 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "model": {"path": str(model.name), "mmproj": str(mmproj.name), "chat_format": chat_format},
         "settings": {"docs": args.docs, "max_tokens": args.max_tokens, "n_ctx_per_seq": args.n_ctx,
+                     "image_max_tokens": args.image_max_tokens,
                      "page": "1000x1300 PNG"},
         "results": results,
     }

@@ -45,6 +45,8 @@ def medvlm_batch(
     n_ctx: int = EngineConfig.n_ctx,
     n_threads: int | None = None,
     n_parallel: int = EngineConfig.n_parallel,
+    image_min_tokens: int | None = None,
+    image_max_tokens: int | None = None,
     chat_format: str | None = None,
     max_pixels: int = ImageOptions.max_pixels,
     pdf_dpi: int = ImageOptions.pdf_dpi,

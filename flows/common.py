@@ -54,6 +54,8 @@ class RunOptions:
     n_ctx: int = EngineConfig.n_ctx
     n_threads: int | None = None
     n_parallel: int = EngineConfig.n_parallel
+    image_min_tokens: int | None = None
+    image_max_tokens: int | None = None
     chat_format: str | None = None
     max_pixels: int = ImageOptions.max_pixels
     pdf_dpi: int = ImageOptions.pdf_dpi
@@ -174,7 +176,8 @@ def prepare_model(model: str, mmproj: str | None, options: RunOptions, storage: 
     engine = EngineConfig(
         model_path=model_path, mmproj_path=mmproj_path, chat_format=options.chat_format,
         n_ctx=options.n_ctx, n_gpu_layers=options.n_gpu_layers, n_threads=options.n_threads,
-        n_parallel=options.n_parallel,
+        n_parallel=options.n_parallel, image_min_tokens=options.image_min_tokens,
+        image_max_tokens=options.image_max_tokens,
     )
     identity = identify_model(engine.model_path, engine.mmproj_path, engine.chat_format, settings.cache_dir)
     return engine, identity
@@ -185,7 +188,7 @@ def make_spec(run_id: str, output: str, engine: EngineConfig, identity: ModelIde
     generation, images = options.generation(), options.images()
     return RunSpec(
         run_id=run_id, output=output, engine=engine, model=identity, generation=generation, images=images,
-        default_prompt=options.default_prompt(), params_json=params_json(generation, images, identity.chat_format),
+        default_prompt=options.default_prompt(), params_json=params_json(generation, images, identity.chat_format, engine),
         force=options.force,
     )
 

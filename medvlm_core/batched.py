@@ -89,6 +89,7 @@ class BatchedEngine:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(n_seq, 0, 1)
         self._piece = ctypes.create_string_buffer(256)
+        self._rendered: dict[str, str] = {}  # prompt -> rendered text: compiling the template costs ~ms per page
 
     def close(self) -> None:
         """Free the batched context (the model stays loaded in the VisionEngine)."""
@@ -99,7 +100,15 @@ class BatchedEngine:
 
     # -- prompt and sampling, exactly as the single-sequence handler does ------------------------
     def render_prompt(self, prompt: str) -> str:
-        """The chat-formatted prompt text with libmtmd's media marker where the image goes."""
+        """The chat-formatted prompt text with libmtmd's media marker where the image goes (cached per prompt)."""
+        text = self._rendered.get(prompt)
+        if text is None:
+            if len(self._rendered) > 256:  # row-level prompts can be many: keep the cache small
+                self._rendered.clear()
+            text = self._rendered[prompt] = self._render(prompt)
+        return text
+
+    def _render(self, prompt: str) -> str:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         from llama_cpp import llama_chat_format as lcf
 

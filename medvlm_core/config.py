@@ -83,6 +83,10 @@ class EngineConfig:
     n_batch: int = 512
     # Documents decoded together in one batch (medvlm_core.batched); n_ctx is then per document.
     n_parallel: int = 1
+    # Image token budget of the vision encoder (libmtmd; None = the model's default, e.g. 8 to 4096 for
+    # Qwen-VL). Fewer tokens per page: faster encode and prefill, less detail.
+    image_min_tokens: int | None = None
+    image_max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_parallel < 1:
@@ -93,7 +97,7 @@ class EngineConfig:
             raise RunError(f"n_batch must be >= 1, got {self.n_batch}")
 
 
-def params_json(generation: GenerationParams, images: ImageOptions, chat_format: str) -> str:
+def params_json(generation: GenerationParams, images: ImageOptions, chat_format: str, engine: "EngineConfig | None" = None) -> str:
     """Canonical JSON of everything (besides model, mmproj and prompt) that shapes a completion."""
     payload = {
         "generation": generation.as_dict(),
@@ -101,6 +105,8 @@ def params_json(generation: GenerationParams, images: ImageOptions, chat_format:
         "max_pixels": images.max_pixels,
         "pdf_dpi": images.pdf_dpi,
     }
+    if engine is not None and (engine.image_min_tokens or engine.image_max_tokens):
+        payload["image_tokens"] = [engine.image_min_tokens, engine.image_max_tokens]
     return json.dumps(payload, sort_keys=True, separators=(",", ":"))
 
 

@@ -57,6 +57,28 @@ def _quiet_native_logs() -> None:
     mtmd_cpp.mtmd_helper_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
+class _ImageTokenBudget:
+    """libmtmd's module as the chat handlers see it, with the image token budget in its context defaults.
+
+    The handlers build their mtmd context from ``mtmd_context_params_default()`` and expose no way to set
+    ``image_min_tokens`` / ``image_max_tokens``; handing them this proxy sets both without copying their code.
+    """
+
+    def __init__(self, module: Any, min_tokens: int | None, max_tokens: int | None):
+        self._module, self._min, self._max = module, min_tokens, max_tokens
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+    def mtmd_context_params_default(self) -> Any:
+        params = self._module.mtmd_context_params_default()
+        if self._min:
+            params.image_min_tokens = self._min
+        if self._max:
+            params.image_max_tokens = self._max
+        return params
+
+
 class VisionEngine:
     """A loaded llama.cpp VLM. Create, ``load()`` once, then ``generate()`` for every page."""
 
@@ -91,6 +113,10 @@ class VisionEngine:
         handler_cls = getattr(llama_chat_format, _HANDLER_CLASSES[self.chat_format])
         try:
             handler = handler_cls(clip_model_path=self.config.mmproj_path, verbose=self.verbose)
+            if self.config.image_min_tokens or self.config.image_max_tokens:
+                handler._mtmd_cpp = _ImageTokenBudget(
+                    handler._mtmd_cpp, self.config.image_min_tokens, self.config.image_max_tokens
+                )
             kwargs: dict[str, Any] = dict(
                 model_path=self.config.model_path,
                 chat_handler=handler,

@@ -52,3 +52,33 @@ def test_missing_model_is_a_run_error(tmp_path, tiny_llava):
         VisionEngine(EngineConfig(str(tmp_path / "none.gguf"), str(tiny_llava.mmproj_path)), "mtmd").load()
     with pytest.raises(RunError, match="unknown chat format"):
         VisionEngine(EngineConfig(str(tiny_llava.model_path), str(tiny_llava.mmproj_path)), "nope")
+
+
+def test_image_token_budget_reaches_the_vision_encoder(tiny_qwen, page):
+    answers = {}
+    for budget in (None, 16):
+        config = EngineConfig(str(tiny_qwen.model_path), str(tiny_qwen.mmproj_path), n_ctx=4096, image_max_tokens=budget)
+        engine = VisionEngine(config, "qwen2.5-vl").load()
+        try:
+            answers[budget] = engine.generate(page, "Read.", GenerationParams(max_tokens=3))
+            if budget:  # the same budget applies to the batched engine, which shares the handler's context
+                from medvlm_core.batched import BatchedEngine, Request
+
+                batched = BatchedEngine(engine, n_seq=2, ctx_per_seq=1024)
+                [(_, result)] = list(batched.generate_many([Request(0, page, "Read.", GenerationParams(max_tokens=3))]))
+                batched.close()
+                assert result.text == answers[budget].text
+        finally:
+            engine.close()
+    # fewer image tokens: fewer prompt positions (Qwen counts M-RoPE positions)
+    assert answers[16].prompt_tokens < answers[None].prompt_tokens
+
+
+def test_image_token_budget_is_part_of_the_parameters():
+    from medvlm_core.config import ImageOptions, params_json
+
+    base = EngineConfig("m.gguf", "p.gguf")
+    budget = EngineConfig("m.gguf", "p.gguf", image_max_tokens=256)
+    plain = params_json(GenerationParams(), ImageOptions(), "qwen2.5-vl", base)
+    assert plain == params_json(GenerationParams(), ImageOptions(), "qwen2.5-vl")  # unchanged without a budget
+    assert '"image_tokens":[null,256]' in params_json(GenerationParams(), ImageOptions(), "qwen2.5-vl", budget)
