@@ -6,7 +6,8 @@ Stages, each with a clear input and output:
    bounded window so the model never waits on storage when it does not have to.
 2. ``iter_page_work``: fetched documents -> pages decoded to model-ready images (multi-page documents
    expand into one item per page), or the error that stopped them.
-3. ``process_rows``: pages -> engine -> result rows (``ok`` or ``error``), in manifest order.
+3. ``process_rows``: pages -> engine -> result rows (``ok``, ``error``, ``truncated``; ``skipped`` for pages
+   already done), in manifest order, or in the order pages finish with the batched engine.
 
 Stages 1 and 2 run on background threads (``prefetch``) while the engine works on the current page, and
 only a few pages are held in memory at any time, however long the chunk.
