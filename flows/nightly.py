@@ -39,9 +39,7 @@ def seen_inputs(storage: Storage, output: str) -> set[str]:
     """``url|fingerprint`` of every input processed by an earlier successful nightly run."""
     seen: set[str] = set()
     for url in storage.list_files(state_prefix(output), ".json"):
-        fs, path = storage.filesystem(url)
-        with fs.open(path, "rb") as f:
-            seen.update(json.loads(f.read())["inputs"])
+        seen.update(json.loads(storage.read_bytes(url))["inputs"])
     return seen
 
 

@@ -39,9 +39,7 @@ def read_shard_record(storage: Storage, output: str, run_id: str, shard_index: i
     url = shard_record_url(output, run_id, shard_index)
     if not storage.exists(url):
         return None
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read())
+    return json.loads(storage.read_bytes(url))
 
 
 @flow(name="medvlm-shard", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False)

@@ -21,7 +21,7 @@ from typing import Iterator
 
 from medvlm_core import storage as st
 from medvlm_core.errors import DocumentError, RunError
-from medvlm_core.models import read_gguf_metadata
+from medvlm_core.models import file_sha256, read_gguf_metadata
 from medvlm_core.storage import Storage
 
 _CHUNK = 8 * 1024 * 1024
@@ -59,14 +59,6 @@ def _remote_fingerprint(storage: Storage, url: str) -> dict:
     return {"size": info.get("size"), "etag": str(info.get("ETag") or info.get("etag") or "")}
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download(storage: Storage, url: str, target: Path, expected_sha256: str | None) -> str:
     """Copy ``url`` to ``target`` atomically, hashing on the way. Returns the sha256."""
     fs, path = storage.filesystem(url)
@@ -102,7 +94,7 @@ def fetch_file(url: str, storage: Storage, cache_dir: str | os.PathLike, sha256:
     if st.protocol_of(url) == st.LOCAL:
         if not os.path.isfile(url):
             raise RunError(f"{url}: model file not found")
-        if sha256 and _sha256_file(Path(url)) != sha256.lower():
+        if sha256 and file_sha256(url) != sha256.lower():
             raise RunError(f"{url}: sha256 mismatch (expected {sha256.lower()}); refusing the model")
         return url
     models = Path(cache_dir) / "models"
