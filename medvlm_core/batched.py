@@ -5,6 +5,13 @@ llama.cpp context of the loaded model: its image and prompt are prefilled into t
 then every step decodes one token for every live sequence in a single ``llama_decode`` batch. A finished
 sequence frees its slot (``llama_memory_seq_rm``) and the next document takes it (continuous refill).
 
+Vision encoding is split from prefill: a page's image is encoded by libmtmd into embeddings (``_encode``),
+and those embeddings are later decoded into a free slot (``_prefill``). With ``overlap`` on, encoding runs
+on a second thread a few pages ahead while the main thread decodes the batch, so the encoder (the slowest
+stage on a GPU: ~0.4 s per 1656-token page on an H200) is off the decode's critical path. The two threads
+use different llama.cpp objects (the mtmd context vs the batched llama context); the embeddings are copied
+out of libmtmd's buffer before the next encode overwrites it.
+
 The prompt is rendered exactly as the single-sequence chat handler renders it, and each sequence samples
 with the same chain llama-cpp-python builds (penalties, grammar, greedy or top-k/typical/top-p/min-p/temp/
 dist), so at temperature 0 a document's answer matches ``VisionEngine.generate`` (tests check this on the
@@ -16,6 +23,8 @@ from __future__ import annotations
 
 import ctypes
 import io
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -43,6 +52,30 @@ class Request:
 
 
 @dataclass
+class _Encoded:
+    """A request whose image is encoded: libmtmd's chunks plus a copy of each media chunk's embeddings."""
+
+    request: Request
+    chunks: Any  # mtmd_input_chunks, owned: freed by BatchedEngine._release
+    embeddings: list[Any]  # per chunk: a ctypes float array for media chunks, None for text chunks
+    n_tokens: int
+    encode_ms: float
+    started: float
+
+
+@dataclass
+class _Failed:
+    """A request that failed before prefill (a document error) or an exception from the request source."""
+
+    request: Request | None
+    error: BaseException
+
+
+_END = object()  # the encoder thread has consumed every request
+_NO_CALLBACK = None  # a NULL mtmd_helper_post_decode_callback, made on first use (needs llama_cpp loaded)
+
+
+@dataclass
 class _Slot:
     request: Request
     seq: int
@@ -53,21 +86,36 @@ class _Slot:
     pieces: bytearray
     generated: int
     started: float
+    encode_ms: float = 0.0
 
 
 class BatchedEngine:
     """Continuous batching over a loaded ``VisionEngine`` (which keeps the weights and the vision projector)."""
 
-    def __init__(self, engine: VisionEngine, n_seq: int = 8, ctx_per_seq: int | None = None):
+    def __init__(self, engine: VisionEngine, n_seq: int = 8, ctx_per_seq: int | None = None,
+                 overlap: bool | None = None, encode_ahead: int | None = None):
+        """``overlap``: encode images on a second thread while the batch decodes (None = on when llama.cpp
+        offloads to a GPU; on a CPU-only build both threads would compete for the same cores).
+        ``encode_ahead``: encoded pages waiting for a slot (default ``n_seq``); it bounds host memory to
+        about ``encode_ahead`` pages of embeddings (~24 MB each for a 7B model at 1656 image tokens)."""
         if not engine.loaded:
             raise RunError("load the VisionEngine before batching over it")
         if n_seq < 1:
             raise RunError(f"n_seq must be >= 1, got {n_seq}")
         import llama_cpp
 
+        global _NO_CALLBACK
+        if _NO_CALLBACK is None:
+            import llama_cpp.mtmd_cpp as mtmd_cpp
+
+            _NO_CALLBACK = mtmd_cpp.mtmd_helper_post_decode_callback()
         self._llama_cpp = llama_cpp
         self.engine = engine
         self.n_seq = n_seq
+        if overlap is None:
+            overlap = bool(llama_cpp.llama_supports_gpu_offload()) and engine.config.n_gpu_layers != 0
+        self.overlap = overlap
+        self.encode_ahead = max(1, encode_ahead if encode_ahead is not None else n_seq)
         # llama.cpp sizes contexts in multiples of 256 cells: keep every slot the same, whole size.
         self.ctx_per_seq = -(-(ctx_per_seq or engine.config.n_ctx) // 256) * 256
         llm = engine._llm
@@ -75,6 +123,7 @@ class BatchedEngine:
         self._handler._init_mtmd_context(llm)
         self._mtmd = self._handler._mtmd_cpp
         self._vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+        self._n_embd_inp = llama_cpp.llama_model_n_embd_inp(llm._model.model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.ctx_per_seq * n_seq
@@ -168,9 +217,9 @@ class BatchedEngine:
         # llama_sampler_sample also accepts the token into the chain (grammar state, penalty history).
         return self._llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, index)
 
-    # -- slots ----------------------------------------------------------------------------------
-    def _prefill(self, request: Request, seq: int) -> _Slot:
-        """Encode the image and prompt into sequence ``seq``; sample the first token."""
+    # -- encode (any thread) and prefill (the decoding thread) --------------------------------------
+    def _encode(self, request: Request) -> _Encoded:
+        """Tokenize the prompt and image and run the vision encoder; the embeddings are copied out."""
         mtmd = self._mtmd
         started = time.perf_counter()
         buf = io.BytesIO()
@@ -182,7 +231,6 @@ class BatchedEngine:
         if not bitmap:
             raise DocumentError(errors.INFERENCE_ERROR, "libmtmd could not read the page image")
         chunks = mtmd.mtmd_input_chunks_init()
-        sampler = None
         try:
             text = self.render_prompt(request.prompt).encode("utf-8")
             entry = mtmd.mtmd_input_text()
@@ -196,23 +244,96 @@ class BatchedEngine:
                     errors.CONTEXT_OVERFLOW,
                     f"image and prompt do not fit in {self.ctx_per_seq} tokens per sequence; raise --n-ctx or lower the pixel budget",
                 )
-            n_past = self._llama_cpp.llama_pos(0)
-            if mtmd.mtmd_helper_eval_chunks(
-                self._handler.mtmd_ctx, self._ctx, chunks, 0, seq, self.engine.config.n_batch, True, ctypes.byref(n_past)
-            ) != 0:
-                raise DocumentError(errors.INFERENCE_ERROR, "llama.cpp failed to evaluate the prompt")
-            sampler = self._sampler(request.params, request.schema)
-            slot = _Slot(request, seq, sampler, n_past.value, n_past.value, 0, bytearray(), 0, started)
+            encode_started = time.perf_counter()
+            embeddings = []
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    embeddings.append(None)
+                    continue
+                if mtmd.mtmd_encode_chunk(self._handler.mtmd_ctx, chunk) != 0:
+                    raise DocumentError(errors.INFERENCE_ERROR, "libmtmd failed to encode the page image")
+                size = mtmd.mtmd_input_chunk_get_n_tokens(chunk) * self._n_embd_inp
+                copy = (ctypes.c_float * size)()
+                ctypes.memmove(copy, mtmd.mtmd_get_output_embd(self._handler.mtmd_ctx), size * ctypes.sizeof(ctypes.c_float))
+                embeddings.append(copy)
+            encode_ms = (time.perf_counter() - encode_started) * 1000.0
+            return _Encoded(request, chunks, embeddings, n_tokens, encode_ms, started)
+        except BaseException:
+            mtmd.mtmd_input_chunks_free(chunks)
+            raise
+        finally:
+            mtmd.mtmd_bitmap_free(bitmap)
+
+    def _release(self, encoded: _Encoded) -> None:
+        self._mtmd.mtmd_input_chunks_free(encoded.chunks)
+        encoded.chunks = None
+        encoded.embeddings = []
+
+    def _prefill(self, encoded: _Encoded, seq: int) -> _Slot:
+        """Decode an encoded request's prompt and image embeddings into sequence ``seq``; sample the first token."""
+        mtmd, lc = self._mtmd, self._llama_cpp
+        sampler = None
+        try:
+            n_past = 0
+            n_chunks = mtmd.mtmd_input_chunks_size(encoded.chunks)
+            for i in range(n_chunks):
+                chunk = mtmd.mtmd_input_chunks_get(encoded.chunks, i)
+                new_n_past = lc.llama_pos(n_past)  # the text path adds to it, the image path sets it
+                embd = encoded.embeddings[i]
+                if embd is None:
+                    rc = mtmd.mtmd_helper_eval_chunk_single(
+                        self._handler.mtmd_ctx, self._ctx, chunk, n_past, seq, self.engine.config.n_batch,
+                        i == n_chunks - 1, ctypes.byref(new_n_past),
+                    )
+                else:
+                    rc = mtmd.mtmd_helper_decode_image_chunk(
+                        self._handler.mtmd_ctx, self._ctx, chunk, embd, n_past, seq, self.engine.config.n_batch,
+                        ctypes.byref(new_n_past), _NO_CALLBACK, None,
+                    )
+                if rc != 0:
+                    raise DocumentError(errors.INFERENCE_ERROR, "llama.cpp failed to evaluate the prompt")
+                n_past = new_n_past.value
+            sampler = self._sampler(encoded.request.params, encoded.request.schema)
+            slot = _Slot(encoded.request, seq, sampler, n_past, n_past, 0, bytearray(), 0, encoded.started, encoded.encode_ms)
             slot.pending = self._sample(slot, -1)
             return slot
         except BaseException:
             if sampler is not None:
-                self._llama_cpp.llama_sampler_free(sampler)
-            self._llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+                lc.llama_sampler_free(sampler)
+            lc.llama_memory_seq_rm(self._memory, seq, -1, -1)
             raise
         finally:
-            mtmd.mtmd_input_chunks_free(chunks)
-            mtmd.mtmd_bitmap_free(bitmap)
+            self._release(encoded)
+
+    def _encoder_thread(self, source: Iterator[Request], out: "queue.Queue[Any]", stop: threading.Event) -> None:
+        """Encode requests from ``source`` into ``out`` until it ends or ``stop`` is set."""
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            for request in source:
+                if stop.is_set():
+                    return
+                try:
+                    item: Any = self._encode(request)
+                except DocumentError as exc:
+                    item = _Failed(request, exc)
+                if not put(item):
+                    if isinstance(item, _Encoded):
+                        self._release(item)
+                    return
+        except BaseException as exc:  # the request source itself failed: hand it to the decoding thread
+            put(_Failed(None, exc))
+            return
+        put(_END)
 
     def _finish(self, slot: _Slot, reason: str) -> Generation:
         self._llama_cpp.llama_sampler_free(slot.sampler)
@@ -221,7 +342,8 @@ class BatchedEngine:
         for stop in slot.request.params.stop:
             if stop and stop in text:
                 text, reason = text[: text.index(stop)], "stop"
-        return Generation(text, reason, slot.prompt_tokens, slot.generated, (time.perf_counter() - slot.started) * 1000.0)
+        latency_ms = (time.perf_counter() - slot.started) * 1000.0
+        return Generation(text, reason, slot.prompt_tokens, slot.generated, latency_ms, slot.encode_ms)
 
     def _take(self, slot: _Slot) -> str | None:
         """Account for the token just sampled; the finish reason if the sequence is done."""
@@ -241,36 +363,100 @@ class BatchedEngine:
     def generate_many(self, requests: Iterable[Request]) -> Iterator[tuple[Any, Generation | DocumentError]]:
         """Answer every request, yielding ``(key, Generation or DocumentError)`` as each finishes.
 
-        At most ``n_seq`` requests are in flight; the next one is taken from ``requests`` (lazily) as soon
-        as a slot frees, so a long iterable never sits in memory.
+        Requests are taken from ``requests`` lazily: at most ``n_seq`` are in flight, plus (with ``overlap``)
+        ``encode_ahead`` encoded and one being encoded, so a long iterable never sits in memory. An exception
+        raised by the iterable itself propagates (after the pages in flight are finished).
+        """
+        with self.engine._lock:  # one llama.cpp model in use at a time in this process
+            if not self.overlap:
+                yield from self._run(self._encode_inline(iter(requests)), blocking=True)
+                return
+            encoded: queue.Queue[Any] = queue.Queue(maxsize=self.encode_ahead)
+            stop = threading.Event()
+            thread = threading.Thread(target=self._encoder_thread, args=(iter(requests), encoded, stop),
+                                      name="medvlm-encoder", daemon=True)
+            thread.start()
+            try:
+                yield from self._run(encoded, blocking=False)
+            finally:
+                stop.set()
+                thread.join()  # the mtmd context must be idle before the lock is released
+                while True:
+                    try:
+                        item = encoded.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(item, _Encoded):
+                        self._release(item)
+
+    def _encode_inline(self, source: Iterator[Request]) -> Iterator[Any]:
+        while True:
+            try:
+                request = next(source, None)
+            except Exception as exc:  # the request source failed: as with the encoder thread
+                yield _Failed(None, exc)
+                return
+            if request is None:
+                return
+            try:
+                yield self._encode(request)
+            except DocumentError as exc:
+                yield _Failed(request, exc)
+
+    def _run(self, source: Any, blocking: bool) -> Iterator[tuple[Any, Generation | DocumentError]]:
+        """The decode loop over encoded requests: a plain iterator (``blocking``) or the encoder's queue.
+
+        From the queue, free slots take whatever is already encoded and decoding goes on meanwhile; only
+        with no live sequence does the loop wait for the encoder.
         """
         lc = self._llama_cpp
-        source = iter(requests)
         live: dict[int, _Slot] = {}
         free = list(range(self.n_seq - 1, -1, -1))
         exhausted = False
-        with self.engine._lock:  # one llama.cpp model in use at a time in this process
+        pending_error: BaseException | None = None
+
+        def next_item() -> Any:
+            if blocking:
+                return next(source, _END)  # _encode_inline never raises
+            try:
+                return source.get(block=not live)
+            except queue.Empty:
+                return None
+
+        try:
             while True:
                 while free and not exhausted:
-                    request = next(source, None)
-                    if request is None:
+                    item = next_item()
+                    if item is None:  # nothing encoded yet: keep decoding
+                        break
+                    if item is _END:
                         exhausted = True
                         break
+                    if isinstance(item, _Failed):
+                        if item.request is None:  # the request source raised: finish what is in flight, then raise
+                            pending_error, exhausted = item.error, True
+                            break
+                        yield item.request.key, item.error
+                        continue
                     seq = free.pop()
                     try:
-                        slot = self._prefill(request, seq)
+                        slot = self._prefill(item, seq)
                     except DocumentError as exc:
                         free.append(seq)
-                        yield request.key, exc
+                        yield item.request.key, exc
                         continue
                     reason = self._take(slot)
                     if reason is not None:
                         free.append(seq)
-                        yield request.key, self._finish(slot, reason)
+                        yield item.request.key, self._finish(slot, reason)
                         continue
                     live[seq] = slot
                 if not live:
-                    return
+                    if exhausted:
+                        if pending_error is not None:
+                            raise pending_error
+                        return
+                    continue
                 order = sorted(live)
                 self._batch.n_tokens = len(order)
                 for i, seq in enumerate(order):
@@ -296,3 +482,7 @@ class BatchedEngine:
                         del live[seq]
                         free.append(seq)
                         yield slot.request.key, self._finish(slot, reason)
+        finally:  # the consumer stopped early (or an error): free the slots still in flight
+            for slot in live.values():
+                lc.llama_sampler_free(slot.sampler)
+                lc.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)

@@ -46,6 +46,8 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     latency_ms: float
+    # Vision encoder time for the page where the engine measures it apart (the batched engine); else 0.0.
+    encode_ms: float = 0.0
 
 
 def _quiet_native_logs() -> None:

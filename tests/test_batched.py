@@ -27,30 +27,35 @@ def test_batched_answers_match_the_single_path(request, pages, family, chat_form
     try:
         params = GenerationParams(max_tokens=20)
         single = [engine.generate(p, "Read the page.", params) for p in pages]
-        for n_seq in (1, 3, 8):
-            batched = BatchedEngine(engine, n_seq=n_seq, ctx_per_seq=2048)
+        # overlap: images encoded on a second thread while the batch decodes
+        for n_seq, overlap in ((1, False), (3, False), (8, False), (3, True), (8, True)):
+            batched = BatchedEngine(engine, n_seq=n_seq, ctx_per_seq=2048, overlap=overlap, encode_ahead=2)
             try:
                 got = dict(batched.generate_many(Request(i, p, "Read the page.", params) for i, p in enumerate(pages)))
             finally:
                 batched.close()
-            assert [got[i].text for i in range(len(pages))] == [s.text for s in single], n_seq
+            assert [got[i].text for i in range(len(pages))] == [s.text for s in single], (n_seq, overlap)
+            assert all(got[i].encode_ms > 0 for i in got)
             assert [got[i].completion_tokens for i in range(len(pages))] == [20] * len(pages)
             assert all(got[i].finish_reason == "length" for i in got)
     finally:
         engine.close()
 
 
-def test_refill_errors_grammar_and_bounded_intake(tiny_qwen, pages):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_refill_errors_grammar_and_bounded_intake(tiny_qwen, pages, overlap):
     engine = VisionEngine(EngineConfig(str(tiny_qwen.model_path), str(tiny_qwen.mmproj_path), n_ctx=4096), "qwen2.5-vl").load()
-    batched = BatchedEngine(engine, n_seq=2, ctx_per_seq=512)
+    batched = BatchedEngine(engine, n_seq=2, ctx_per_seq=512, overlap=overlap, encode_ahead=2)
     try:
         pulled, finished = [], []
         params = GenerationParams(max_tokens=8)
+        # requests taken ahead of the results handed back: the n_seq slots, plus with overlap the encoded
+        # queue and the one being encoded
+        bound = 2 + (2 + 1 if overlap else 0)
 
         def requests():
             for i in range(12):
-                # at most n_seq requests are ever taken ahead of the results handed back
-                assert len(pulled) - len(finished) <= 2
+                assert len(pulled) - len(finished) <= bound
                 pulled.append(i)
                 image = Image.new("RGB", (2000, 2000), "white") if i == 5 else pages[i % len(pages)]
                 prompt = "x " * 400 if i == 7 else "Read."
@@ -68,6 +73,35 @@ def test_refill_errors_grammar_and_bounded_intake(tiny_qwen, pages):
         assert results[9].text.startswith("{")  # grammar-constrained from its first token
         single = engine.generate(pages[9 % len(pages)], "Read.", params, CLINICAL_SCHEMA)
         assert results[9].text == single.text
+    finally:
+        batched.close()
+        engine.close()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_source_failure_and_early_stop_leave_the_engine_usable(tiny_llava, pages, overlap):
+    engine = VisionEngine(EngineConfig(str(tiny_llava.model_path), str(tiny_llava.mmproj_path), n_ctx=2048), "llava-1-5").load()
+    batched = BatchedEngine(engine, n_seq=3, ctx_per_seq=512, overlap=overlap)
+    params = GenerationParams(max_tokens=6)
+    try:
+        def failing():
+            for i in range(4):
+                yield Request(i, pages[i], "Read.", params)
+            raise OSError("manifest source went away")
+
+        got = {}
+        with pytest.raises(OSError, match="went away"):
+            for key, result in batched.generate_many(failing()):
+                got[key] = result
+        assert sorted(got) == [0, 1, 2, 3]  # the pages taken before the failure are still answered
+
+        stream = batched.generate_many(Request(i, pages[i % len(pages)], "Read.", params) for i in range(20))
+        next(stream)
+        stream.close()  # the consumer stops early: slots and the encoder thread are released
+
+        again = dict(batched.generate_many(Request(i, pages[i], "Read.", params) for i in range(4)))
+        assert [again[i].text for i in range(4)] == [got[i].text for i in range(4)]
+        assert engine.generate(pages[0], "Read.", params).text == got[0].text
     finally:
         batched.close()
         engine.close()
