@@ -1,11 +1,15 @@
 """medvlm's benchmark harness: the same pages, model and settings through every path, in one process run.
 
     python -m bench.run [--family qwen2vl] [--model M --mmproj P --chat-format F] [--docs 16]
-                        [--max-tokens 64] [--parallel 1,4,8,16] [--quick] [--out bench/results/latest.json]
+                        [--max-tokens 64] [--parallel 1,4,8,16] [--overlap off,on] [--llama-server PATH|auto|none]
+                        [--quick] [--out bench/results/latest.json]
 
 Paths measured side by side:
   naive    llama-cpp-python's create_chat_completion in a loop, the matching chat handler, model loaded once
-  engine   medvlm's BatchedEngine at each --parallel value (continuous refill)
+  engine   medvlm's BatchedEngine at each --parallel value (continuous refill), with the image encoder inline
+           (overlap off) and on a second thread ahead of the decode (overlap on)
+  server   llama.cpp's own llama-server (built from the same llama-cpp-python version's vendored sources by
+           bench/build_llama_server.sh) with --parallel N and --mmproj, driven with N concurrent requests
   flow     the whole medvlm-batch Prefect flow (manifest -> Parquet) at the largest --parallel, against the
            engine alone at the same parallelism: the orchestration and I/O overhead
   plan     validating and planning a 100,000-row manifest (time, memory, Prefect task runs it would create)
@@ -18,7 +22,10 @@ import argparse
 import json
 import os
 import platform
+import base64
+import io
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -53,20 +60,106 @@ def bench_naive(engine, images, prompt, params) -> dict:
             "gen_tok_per_s": tokens / wall, "peak_rss_mb": rss_mb()}
 
 
-def bench_engine(engine, images, prompt, params, n_seq: int) -> dict:
+def bench_engine(engine, images, prompt, params, n_seq: int, overlap: bool) -> dict:
     from medvlm_core.batched import BatchedEngine, Request
 
-    batched = BatchedEngine(engine, n_seq=n_seq, ctx_per_seq=engine.config.n_ctx)
+    batched = BatchedEngine(engine, n_seq=n_seq, ctx_per_seq=engine.config.n_ctx, overlap=overlap)
     try:
         started = time.perf_counter()
-        tokens = 0
+        tokens, encode_ms = 0, 0.0
         for _, result in batched.generate_many(Request(i, im, prompt, params) for i, im in enumerate(images)):
             tokens += result.completion_tokens
+            encode_ms += result.encode_ms
         wall = time.perf_counter() - started
     finally:
         batched.close()
-    return {"path": "engine", "parallel": n_seq, "docs": len(images), "wall_s": wall, "docs_per_s": len(images) / wall,
-            "gen_tok_per_s": tokens / wall, "peak_rss_mb": rss_mb()}
+    return {"path": "engine", "parallel": n_seq, "overlap": overlap, "docs": len(images), "wall_s": wall,
+            "docs_per_s": len(images) / wall, "gen_tok_per_s": tokens / wall,
+            "encode_ms_per_page": encode_ms / len(images), "peak_rss_mb": rss_mb()}
+
+
+def find_llama_server(choice: str) -> str | None:
+    """``auto``: the binary bench/build_llama_server.sh made for this llama-cpp-python version, if any."""
+    if choice == "none":
+        return None
+    if choice != "auto":
+        return choice
+    import llama_cpp
+
+    built = Path.home() / ".cache" / "medvlm" / "llama-server" / llama_cpp.__version__ / "build" / "bin" / "llama-server"
+    return str(built) if built.exists() else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, payload: dict, timeout: float = 600) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def bench_server(binary: str, model: Path, mmproj: Path, images, prompt, params, n_seq: int, n_ctx: int,
+                 threads: tuple[int, int], image_max_tokens: int | None, workdir: Path) -> dict:
+    """llama-server -np N with N concurrent image chat requests (OpenAI API), greedy, the same max_tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = _free_port()
+    cmd = [binary, "-m", str(model), "--mmproj", str(mmproj), "--host", "127.0.0.1", "--port", str(port),
+           "-np", str(n_seq), "-c", str(n_ctx * n_seq), "-ngl", "0", "-t", str(threads[0]), "-tb", str(threads[1]),
+           "-b", "512", "-ub", "512", "--jinja", "--no-webui"]
+    if image_max_tokens:
+        cmd += ["--image-max-tokens", str(image_max_tokens)]
+    log = open(workdir / f"llama-server-{n_seq}.log", "w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                import urllib.request
+
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"llama-server did not start; see {log.name}")
+            time.sleep(0.2)
+        urls = []
+        for image in images:
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+
+        def ask(url: str) -> int:
+            body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                                {"type": "text", "text": prompt}]}],
+                    "max_tokens": params.max_tokens, "temperature": 0.0, "cache_prompt": False}
+            return _post(base + "/v1/chat/completions", body)["usage"]["completion_tokens"]
+
+        ask(urls[-1])  # warm-up, like the other paths
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=n_seq) as pool:
+            tokens = sum(pool.map(ask, urls))
+        wall = time.perf_counter() - started
+        hwm = 0.0
+        with open(f"/proc/{server.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1]) / 1024.0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    return {"path": "server", "parallel": n_seq, "docs": len(images), "wall_s": wall, "docs_per_s": len(images) / wall,
+            "gen_tok_per_s": tokens / wall, "peak_rss_mb": hwm}
 
 
 def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: int, workdir: Path,
@@ -129,6 +222,9 @@ def main(argv=None) -> int:
     ap.add_argument("--docs", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--parallel", default="1,4,8,16")
+    ap.add_argument("--overlap", default="off,on", help="engine runs with the encoder inline (off) and/or threaded (on)")
+    ap.add_argument("--llama-server", default="auto",
+                    help="llama-server binary; auto = the one bench/build_llama_server.sh built; none = skip")
     ap.add_argument("--n-ctx", type=int, default=2048, help="context per sequence")
     ap.add_argument("--image-max-tokens", type=int, help="vision encoder token budget per page (default: the model's)")
     ap.add_argument("--plan-rows", type=int, default=100_000)
@@ -137,6 +233,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.docs, args.max_tokens, args.parallel, args.plan_rows = 3, 4, "1,2", 2000
+        args.llama_server = "none" if args.llama_server == "auto" else args.llama_server
 
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -161,19 +258,36 @@ def main(argv=None) -> int:
         EngineConfig(str(model), str(mmproj), n_ctx=args.n_ctx, image_max_tokens=args.image_max_tokens), chat_format
     ).load()
     engine.generate(images[0], prompt, params)  # warm-up (first graph allocation)
+    threads = (engine._llm.n_threads, engine._llm.n_threads_batch)
     results = [bench_naive(engine, images, prompt, params)]
+    overlaps = [{"off": False, "on": True}[x] for x in args.overlap.split(",")]
     for n in parallel:
-        results.append(bench_engine(engine, images, prompt, params, n))
+        for overlap in overlaps:
+            results.append(bench_engine(engine, images, prompt, params, n, overlap))
     engine.close()
+    server = find_llama_server(args.llama_server)
+    if server:
+        for n in parallel:
+            results.append(bench_server(server, model, mmproj, images, prompt, params, n, args.n_ctx, threads,
+                                        args.image_max_tokens, workdir))
+    else:
+        print("llama-server: not built (bash bench/build_llama_server.sh), skipped", file=sys.stderr)
     results.append(bench_flow(model, mmproj, chat_format, images, params, max(parallel), args.n_ctx, workdir / "flow",
                               args.image_max_tokens))
     results.append(bench_plan(args.plan_rows, workdir))
 
     naive = results[0]["docs_per_s"]
-    engine_at = {r["parallel"]: r for r in results if r["path"] == "engine"}
+    # the engine figure at each parallelism: the better of overlap off/on (what --overlap-encode should pick)
+    engine_at: dict[int, dict] = {}
+    for r in results:
+        if r["path"] == "engine" and r["docs_per_s"] > engine_at.get(r["parallel"], {}).get("docs_per_s", 0):
+            engine_at[r["parallel"]] = r
+    server_at = {r["parallel"]: r for r in results if r["path"] == "server"}
     for r in results:
         if "docs_per_s" in r and r["path"] != "plan":
             r["x_naive"] = r["docs_per_s"] / naive
+            if r["parallel"] in server_at:
+                r["x_server"] = r["docs_per_s"] / server_at[r["parallel"]]["docs_per_s"]
     flow = next(r for r in results if r["path"] == "flow")
     flow["x_engine_same_parallel"] = flow["docs_per_s"] / engine_at[flow["parallel"]]["docs_per_s"]
     report = {
@@ -188,14 +302,17 @@ def main(argv=None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"{'path':<8} {'par':>4} {'docs/s':>8} {'tok/s':>8} {'x naive':>8} {'RSS MB':>8}")
+    print(f"{'path':<15} {'par':>4} {'docs/s':>8} {'tok/s':>8} {'enc ms':>7} {'x naive':>8} {'x server':>8} {'RSS MB':>8}")
     for r in results:
         if r["path"] == "plan":
             print(f"plan: {r['rows']} rows validated and planned in {r['validate_plan_s']:.2f} s, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB, {r['task_runs']} task runs (chunk_size {r['chunk_size']})")
             continue
-        print(f"{r['path']:<8} {r['parallel']:>4} {r['docs_per_s']:>8.2f} {r.get('gen_tok_per_s', 0):>8.1f} "
-              f"{r['x_naive']:>8.2f} {r['peak_rss_mb']:>8.0f}")
+        name = r["path"] + (" ov=" + ("on" if r["overlap"] else "off") if "overlap" in r else "")
+        enc = f"{r['encode_ms_per_page']:.0f}" if "encode_ms_per_page" in r else "-"
+        xs = f"{r['x_server']:.2f}" if "x_server" in r else "-"
+        print(f"{name:<15} {r['parallel']:>4} {r['docs_per_s']:>8.2f} {r.get('gen_tok_per_s', 0):>8.1f} {enc:>7} "
+              f"{r['x_naive']:>8.2f} {xs:>8} {r['peak_rss_mb']:>8.0f}")
     print(f"flow vs engine alone at {flow['parallel']}: {flow['x_engine_same_parallel']:.2f}x; JSON: {args.out}")
     return 0
 

@@ -47,6 +47,7 @@ def medvlm_batch(
     n_parallel: int = EngineConfig.n_parallel,
     image_min_tokens: int | None = None,
     image_max_tokens: int | None = None,
+    overlap_encode: bool | None = None,
     chat_format: str | None = None,
     max_pixels: int = ImageOptions.max_pixels,
     pdf_dpi: int = ImageOptions.pdf_dpi,

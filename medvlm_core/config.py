@@ -87,6 +87,10 @@ class EngineConfig:
     # Qwen-VL). Fewer tokens per page: faster encode and prefill, less detail.
     image_min_tokens: int | None = None
     image_max_tokens: int | None = None
+    # Encode the next pages' images on a second thread while the batch decodes (n_parallel > 1). None =
+    # on when llama.cpp offloads to a GPU, off on CPU-only builds (the threads would share the same cores).
+    # Does not change answers.
+    overlap_encode: bool | None = None
 
     def __post_init__(self) -> None:
         if self.n_parallel < 1:

@@ -265,7 +265,9 @@ def shared_batched_engine(config: EngineConfig, chat_format: str) -> Any:
             for other in _BATCHED.values():
                 other.close()
             _BATCHED.clear()
-            batched = _BATCHED[key] = BatchedEngine(engine, n_seq=config.n_parallel, ctx_per_seq=config.n_ctx)
+            batched = _BATCHED[key] = BatchedEngine(
+                engine, n_seq=config.n_parallel, ctx_per_seq=config.n_ctx, overlap=config.overlap_encode
+            )
         return batched
 
 

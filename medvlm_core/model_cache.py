@@ -47,9 +47,8 @@ def _cache_name(url: str) -> str:
 
 def _remote_fingerprint(storage: Storage, url: str) -> dict:
     """Size and ETag of the remote object: a changed object means a new download."""
-    fs, path = storage.filesystem(url)
     try:
-        info = fs.info(path)
+        info = storage.info(url)
     except FileNotFoundError:
         raise RunError(f"{url}: model file not found") from None
     except PermissionError:
@@ -64,22 +63,31 @@ def _download(storage: Storage, url: str, target: Path, expected_sha256: str | N
     fs, path = storage.filesystem(url)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     tmp = Path(tmp_name)
-    digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out, fs.open(path, "rb") as src:
+
+    def attempt() -> str:  # a failed try starts over: the storage retry policy decides how often
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as out, fs.open(path, "rb") as src:
             for block in iter(lambda: src.read(_CHUNK), b""):
                 digest.update(block)
                 out.write(block)
             out.flush()
             os.fsync(out.fileno())
-        actual = digest.hexdigest()
+        return digest.hexdigest()
+
+    try:
+        os.close(fd)
+        actual = storage.call(url, attempt)
         if expected_sha256 and actual != expected_sha256.lower():
             raise RunError(f"{url}: sha256 mismatch (expected {expected_sha256.lower()}, got {actual}); refusing the model")
         os.replace(tmp, target)
         return actual
-    except OSError as exc:
-        # ENOSPC and friends: say so plainly; the temp file is removed below, nothing half-written remains.
-        raise RunError(f"{url}: download into {target.parent} failed ({exc.strerror or type(exc).__name__})") from None
+    except RunError:
+        raise
+    except Exception as exc:
+        # ENOSPC, or the store still failing after the retries: say so plainly; the temp file is removed
+        # below, nothing half-written remains.
+        reason = (exc.strerror if isinstance(exc, OSError) else None) or type(exc).__name__
+        raise RunError(f"{url}: download into {target.parent} failed ({reason})") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -171,8 +171,12 @@ def load_done_keys(storage: Storage, output: str) -> DoneKeys:
     if not storage.exists(base):
         return DoneKeys()
     fs, path = storage.filesystem(base)
-    dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-    table = dataset.to_table(columns=["result_key"], filter=pc.field("status").isin([STATUS_OK, STATUS_TRUNCATED]))
+
+    def read() -> pa.Table:
+        dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+        return dataset.to_table(columns=["result_key"], filter=pc.field("status").isin([STATUS_OK, STATUS_TRUNCATED]))
+
+    table = storage.call(base, read)
     return DoneKeys(frozenset(table.column("result_key").to_pylist()))
 
 
@@ -227,24 +231,24 @@ def write_rows(
 def merge_parquet(storage: Storage, sources: list[str], url: str, schema: pa.Schema | None = None) -> int:
     """Stream ``sources`` (same schema) into one Parquet file at ``url``, atomically. Returns rows written.
 
-    Row groups are copied one at a time, so memory stays at one row group however long the run was.
+    Sources (chunk files: one chunk's rows each) are read whole, one at a time (so a retried read never
+    repeats rows), and copied a row group at a time: memory stays at one chunk however long the run was.
     ``schema`` defaults to the first source's.
     """
+    def open_source(src: str) -> pq.ParquetFile:
+        return pq.ParquetFile(pa.BufferReader(storage.read_bytes(src)))
+
     if schema is None:
-        fs, path = storage.filesystem(sources[0])
-        with fs.open(path, "rb") as handle:
-            schema = pq.ParquetFile(handle).schema_arrow
+        schema = open_source(sources[0]).schema_arrow
     rows = 0
     with storage.open_atomic(url) as f:
         with pq.ParquetWriter(f, schema, compression="zstd") as writer:
             for src in sources:
-                fs, path = storage.filesystem(src)
-                with fs.open(path, "rb") as handle:
-                    parquet = pq.ParquetFile(handle)
-                    for i in range(parquet.num_row_groups):
-                        group = parquet.read_row_group(i).cast(schema)
-                        rows += group.num_rows
-                        writer.write_table(group)
+                parquet = open_source(src)
+                for i in range(parquet.num_row_groups):
+                    group = parquet.read_row_group(i).cast(schema)
+                    rows += group.num_rows
+                    writer.write_table(group)
     return rows
 
 

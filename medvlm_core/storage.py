@@ -6,15 +6,28 @@ so local and S3 behave the same and the atomic-write rules live in one place:
 * ``write_bytes_atomic``: a reader sees the whole object or none of it (local: temp file + rename;
   object stores: one PUT, which is atomic per object).
 * ``put_if_absent``: create-if-absent, for commit records that must be written exactly once.
+
+Object-store calls are retried on transient failures (throttling, 5xx, dropped connections, truncated
+bodies) by one ``RetryPolicy``: bounded attempts, exponential backoff with full jitter. The client
+libraries' own hidden retries are turned off so that every retry is made, and counted, here
+(``Storage.retries``: the run row's ``storage_retries``). Local files are never retried: a full disk is
+not transient.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
 import posixpath
+import random
+import shutil
+import tempfile
+import threading
+import time
 import uuid
 from contextlib import contextmanager
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 
 import fsspec
@@ -24,6 +37,71 @@ from medvlm_core import errors
 from medvlm_core.errors import DocumentError
 
 LOCAL = "file"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How object-store calls are retried: at most ``max_attempts`` tries per call, sleeping a random
+    ``uniform(0, min(max_delay_s, base_delay_s * 2**n))`` after the n-th failure ("full jitter", so
+    workers throttled together do not retry together)."""
+
+    max_attempts: int = 8
+    base_delay_s: float = 0.1
+    max_delay_s: float = 5.0
+
+    def delay(self, failures: int, rng: random.Random) -> float:
+        """Seconds to sleep after ``failures`` failed tries (1-based)."""
+        return rng.uniform(0.0, min(self.max_delay_s, self.base_delay_s * 2 ** (failures - 1)))
+
+
+# Never transient: retrying cannot help, and for a conditional PUT it would be wrong.
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
+              DocumentError)
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                    "InternalError", "ServiceUnavailable", "503", "500", "502", "504", "XAmzContentSHA256Mismatch"}
+
+
+def _transient_types() -> tuple[type, ...]:
+    types: list[type] = [ConnectionError, TimeoutError, http.client.HTTPException]
+    try:
+        from botocore.exceptions import BotoCoreError
+
+        types.append(BotoCoreError)  # endpoint/connection errors, read timeouts, incomplete reads, bad XML
+    except ImportError:  # pragma: no cover - s3fs not installed
+        pass
+    try:
+        from aiohttp import ClientError as AiohttpClientError
+
+        types.append(AiohttpClientError)  # disconnects and truncated payloads under aiobotocore
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from fsspec.exceptions import FSTimeoutError
+
+        types.append(FSTimeoutError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when an object-store error may go away if the call is repeated (looks through the causes)."""
+    transient = _transient_types()
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 10:
+        if isinstance(current, _PERMANENT):
+            return False
+        if isinstance(current, transient):
+            return True
+        response = getattr(current, "response", None)  # botocore ClientError
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return code in _TRANSIENT_CODES or int(status) >= 500 or int(status) == 429
+        current, seen = current.__cause__ or current.__context__, seen + 1
+    return False
 
 
 def protocol_of(url: str) -> str:
@@ -115,9 +193,13 @@ class Storage:
     AWS environment variables or profile; never log this object's options.
     """
 
-    def __init__(self, options: dict[str, dict[str, Any]] | None = None):
+    def __init__(self, options: dict[str, dict[str, Any]] | None = None, retry: RetryPolicy | None = None):
         self._options = {k: dict(v) for k, v in (options or {}).items()}
         self._filesystems: dict[str, fsspec.AbstractFileSystem] = {}
+        self.retry = retry or RetryPolicy()
+        self._lock = threading.Lock()
+        self._rng = random.Random()
+        self.retries = 0  # object-store calls repeated after a transient failure, since this Storage was made
 
     def __repr__(self) -> str:  # never print credentials
         return f"Storage(protocols={sorted(self._options)})"
@@ -128,15 +210,41 @@ class Storage:
         proto = protocol_of(url)
         fs = self._filesystems.get(proto)
         if fs is None:
-            fs, _ = url_to_fs(url, **self._options.get(proto, {}))
+            options = dict(self._options.get(proto, {}))
+            if proto == "s3":
+                # One retry layer, ours: botocore and s3fs would otherwise retry silently (uncounted).
+                config = dict(options.get("config_kwargs") or {})
+                config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+                options["config_kwargs"] = config
+            fs, _ = url_to_fs(url, **options)
+            if proto == "s3":
+                fs.retries = 1
             self._filesystems[proto] = fs
         return fs, fs._strip_protocol(url)
+
+    def call(self, url: str, operation: Callable[[], T]) -> T:
+        """Run ``operation`` (which touches ``url``) under the retry policy when ``url`` is remote."""
+        if protocol_of(normalize(url)) == LOCAL:
+            return operation()
+        failures = 0
+        while True:
+            try:
+                return operation()
+            except BaseException as exc:
+                failures += 1
+                if not isinstance(exc, Exception) or failures >= self.retry.max_attempts or not is_transient(exc):
+                    raise
+                with self._lock:
+                    self.retries += 1
+                    pause = self.retry.delay(failures, self._rng)
+                time.sleep(pause)
 
     # -- reading ---------------------------------------------------------------------------------
     def read_bytes(self, url: str, max_bytes: int | None = None) -> bytes:
         """Whole object as bytes. Missing -> DocumentError(not_found); over ``max_bytes`` -> too_large."""
         fs, path = self.filesystem(url)
-        try:
+
+        def read() -> bytes:
             if max_bytes is not None:
                 size = fs.size(path)
                 if size is not None and size > max_bytes:
@@ -144,7 +252,10 @@ class Storage:
                         errors.TOO_LARGE, f"{url}: file is {size} bytes, over the max_bytes limit {max_bytes}"
                     )
             with fs.open(path, "rb") as f:
-                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+                return f.read() if max_bytes is None else f.read(max_bytes + 1)
+
+        try:
+            data = self.call(url, read)
         except DocumentError:
             raise
         except FileNotFoundError:
@@ -162,14 +273,19 @@ class Storage:
     def exists(self, url: str) -> bool:
         """True when the object or folder exists."""
         fs, path = self.filesystem(url)
-        return fs.exists(path)
+        return self.call(url, lambda: fs.exists(path))
+
+    def info(self, url: str) -> dict[str, Any]:
+        """fsspec's info of one object (size, ETag or mtime, ...). FileNotFoundError if missing."""
+        fs, path = self.filesystem(url)
+        return self.call(url, lambda: fs.info(path))
 
     def list_files(self, prefix: str, suffix: str = "") -> list[str]:
         """Full URLs of the files under ``prefix`` (recursive) whose names end with ``suffix``, sorted."""
         fs, path = self.filesystem(prefix)
-        if not fs.exists(path):
+        if not self.exists(prefix):
             return []
-        found = fs.find(path)
+        found = self.call(prefix, lambda: fs.find(path))
         proto = protocol_of(normalize(prefix))
         out = []
         for p in found:
@@ -180,11 +296,11 @@ class Storage:
     def list_fingerprints(self, prefix: str) -> dict[str, str]:
         """Full URL -> fingerprint (size and ETag or mtime) of every file under ``prefix``: what changed."""
         fs, path = self.filesystem(prefix)
-        if not fs.exists(path):
+        if not self.exists(prefix):
             return {}
         proto = protocol_of(normalize(prefix))
         out = {}
-        for p, info in fs.find(path, detail=True).items():
+        for p, info in self.call(prefix, lambda: fs.find(path, detail=True)).items():
             version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
             out[p if proto == LOCAL else f"{proto}://{p}"] = f"{info.get('size')}|{version}"
         return dict(sorted(out.items()))
@@ -214,10 +330,18 @@ class Storage:
                 if os.path.exists(tmp):
                     os.remove(tmp)
         else:
-            # One PUT (or one completed multipart upload) per object: atomic for readers. s3fs aborts
-            # the multipart upload when the block raises, so nothing half-written becomes visible.
-            with fs.open(path, "wb") as f:
-                yield f
+            # Spooled locally first: fsspec files commit on close even when the block raised, and a
+            # retried upload needs the bytes again. Then one PUT (or one completed multipart upload):
+            # atomic for readers.
+            with tempfile.SpooledTemporaryFile(max_size=16 * 2**20) as spool:
+                yield spool
+                self.call(url, lambda: self._upload(fs, path, spool, "wb"))
+
+    @staticmethod
+    def _upload(fs: Any, path: str, spool: Any, mode: str) -> None:
+        spool.seek(0)
+        with fs.open(path, mode) as out:
+            shutil.copyfileobj(spool, out, 8 * 2**20)
 
     def write_bytes_atomic(self, url: str, data: bytes) -> None:
         """Write ``data`` so that readers see all of it or nothing."""
@@ -230,32 +354,52 @@ class Storage:
         fs, path = self.filesystem(url)
         if protocol_of(url) == LOCAL:
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            # Written whole to a temp file, then hard-linked into place: link() fails if the name exists,
+            # and a full disk leaves no half-written record behind under the final name.
+            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(tmp, path)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
             return True
-        if fs.exists(path):
+        if self.exists(url):
             return False
-        try:
-            # "xb" sends If-None-Match: * so two writers racing cannot both win.
-            with fs.open(path, "xb") as f:
-                f.write(data)
-        except FileExistsError:
-            return False
-        except OSError:
-            # SeaweedFS reports the 412 refusal as OSError(EINVAL): treat "now exists" as lost race.
-            if fs.exists(path):
-                return False
-            raise
-        return True
+        attempts = 0
+
+        def create() -> bool:
+            nonlocal attempts
+            attempts += 1
+            try:
+                # "xb" sends If-None-Match: * so two writers racing cannot both win.
+                with fs.open(path, "xb") as f:
+                    f.write(data)
+            except (FileExistsError, OSError) as exc:
+                if isinstance(exc, OSError) and not isinstance(exc, FileExistsError) and is_transient(exc):
+                    raise
+                # SeaweedFS reports the 412 refusal as OSError(EINVAL). After a failed try whose PUT may
+                # have landed (the response was lost), an object with our exact bytes is ours.
+                if fs.exists(path):
+                    return attempts > 1 and self.read_bytes(url) == data
+                raise
+            return True
+
+        return self.call(url, create)
 
     def remove_tree(self, url: str) -> None:
         """Delete a folder/prefix and everything under it; missing is fine."""
         fs, path = self.filesystem(url)
-        try:
-            fs.rm(path, recursive=True)
-        except FileNotFoundError:
-            pass
+
+        def remove() -> None:
+            try:
+                fs.rm(path, recursive=True)
+            except FileNotFoundError:
+                pass
+
+        self.call(url, remove)

@@ -1,0 +1,31 @@
+"""The benchmark harness's quick mode runs end to end (no timing is asserted: figures live in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_measures_every_path(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), MEDVLM_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {(r["path"], r.get("parallel"), r.get("overlap")): r for r in report["results"]}
+    assert set(rows) >= {("naive", 1, None), ("engine", 1, False), ("engine", 2, False), ("engine", 2, True),
+                         ("flow", 2, None), ("plan", None, None)}
+    for key, r in rows.items():
+        if key[0] in ("naive", "engine"):
+            assert r["docs"] == 3 and r["docs_per_s"] > 0 and r["gen_tok_per_s"] > 0, key
+        if key[0] == "engine":
+            assert r["encode_ms_per_page"] > 0
+    assert rows[("flow", 2, None)]["x_engine_same_parallel"] > 0
+    assert rows[("plan", None, None)]["rows"] == 2000 and rows[("plan", None, None)]["task_runs"] == 63
+    assert "flow vs engine alone" in done.stdout
