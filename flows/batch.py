@@ -47,7 +47,8 @@ def medvlm_batch(
     n_parallel: int = EngineConfig.n_parallel,
     image_min_tokens: int | None = None,
     image_max_tokens: int | None = None,
-    overlap_encode: bool | None = None,
+    overlap_encode: bool = EngineConfig.overlap_encode,
+    flash_attn: bool = EngineConfig.flash_attn,
     chat_format: str | None = None,
     max_pixels: int = ImageOptions.max_pixels,
     pdf_dpi: int = ImageOptions.pdf_dpi,
@@ -109,7 +110,7 @@ def run_batch(logger, manifest: str, output: str, model: str, mmproj: str | None
     check_output_writable(storage, output, run_id)
     engine, identity = prepare_model(model, mmproj, options, storage, settings)
     spec = make_spec(run_id, output, engine, identity, options)
-    summaries = run_chunks(logger, spec, plan.rows, storage, options.chunk_size or settings.chunk_size)
+    summaries = run_chunks(logger, spec, plan.rows, storage, options.chunk_size or settings.chunk_rows(options.n_parallel))
     return finish_run(
         logger, run_id=run_id, manifest=manifest, output=output, plan=plan, total=merge_summaries(summaries),
         started=started, identity=identity, params=spec.params_json,

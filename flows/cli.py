@@ -48,8 +48,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="documents decoded together in one batch (n-ctx is then per document)")
     p.add_argument("--image-min-tokens", type=int, help="vision encoder: at least this many tokens per page")
     p.add_argument("--image-max-tokens", type=int, help="vision encoder: at most this many tokens per page")
-    p.add_argument("--overlap-encode", choices=["auto", "on", "off"], default="auto",
-                   help="with --n-parallel: encode images on a second thread while decoding (auto: on with a GPU)")
+    p.add_argument("--no-overlap-encode", dest="overlap_encode", action="store_false",
+                   help="with --n-parallel: encode images inline instead of on a second thread ahead of the decode")
+    p.add_argument("--no-flash-attn", dest="flash_attn", action="store_false",
+                   help="turn flash attention off (text model and vision encoder)")
     p.add_argument("--chat-format", default=None, help="override the chat format picked from the model")
     p.add_argument("--max-pixels", type=int, default=ImageOptions.max_pixels, help="pixel budget per page image")
     p.add_argument("--pdf-dpi", type=int, default=ImageOptions.pdf_dpi)
@@ -81,7 +83,8 @@ def _flow_params(args: argparse.Namespace) -> dict[str, Any]:
         top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
         stop=args.stop, n_gpu_layers=args.n_gpu_layers, n_ctx=args.n_ctx, n_threads=args.n_threads,
         n_parallel=args.n_parallel, image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,
-        overlap_encode={"auto": None, "on": True, "off": False}[args.overlap_encode], chat_format=args.chat_format, max_pixels=args.max_pixels, pdf_dpi=args.pdf_dpi, max_bytes=args.max_bytes,
+        overlap_encode=args.overlap_encode, flash_attn=args.flash_attn,
+        chat_format=args.chat_format, max_pixels=args.max_pixels, pdf_dpi=args.pdf_dpi, max_bytes=args.max_bytes,
         max_source_pixels=args.max_source_pixels, max_pages=args.max_pages, chunk_size=args.chunk_size,
         model_sha256=args.model_sha256, mmproj_sha256=args.mmproj_sha256, s3_endpoint=args.s3_endpoint,
         credentials_block=args.credentials_block, force=args.force, extraction=args.extraction,

@@ -56,7 +56,8 @@ class RunOptions:
     n_parallel: int = EngineConfig.n_parallel
     image_min_tokens: int | None = None
     image_max_tokens: int | None = None
-    overlap_encode: bool | None = None
+    overlap_encode: bool = EngineConfig.overlap_encode
+    flash_attn: bool = EngineConfig.flash_attn
     chat_format: str | None = None
     max_pixels: int = ImageOptions.max_pixels
     pdf_dpi: int = ImageOptions.pdf_dpi
@@ -179,6 +180,7 @@ def prepare_model(model: str, mmproj: str | None, options: RunOptions, storage: 
         n_ctx=options.n_ctx, n_gpu_layers=options.n_gpu_layers, n_threads=options.n_threads,
         n_parallel=options.n_parallel, image_min_tokens=options.image_min_tokens,
         image_max_tokens=options.image_max_tokens, overlap_encode=options.overlap_encode,
+        flash_attn=options.flash_attn,
     )
     identity = identify_model(engine.model_path, engine.mmproj_path, engine.chat_format, settings.cache_dir)
     return engine, identity

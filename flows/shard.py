@@ -73,7 +73,7 @@ def medvlm_shard(
         engine, identity = prepare_model(model, mmproj, opts, storage, settings)
         spec = make_spec(run_id, output, engine, identity, opts)
         logger.info("shard %d of run %s: %d manifest rows", shard_index, run_id, len(rows))
-        summaries = run_chunks(logger, spec, rows, storage, opts.chunk_size or settings.chunk_size, shard_index)
+        summaries = run_chunks(logger, spec, rows, storage, opts.chunk_size or settings.chunk_rows(opts.n_parallel), shard_index)
         record = {
             "shard_index": shard_index,
             "summary": merge_summaries(summaries).to_json(),

@@ -81,16 +81,19 @@ class EngineConfig:
     n_gpu_layers: int = -1
     n_threads: int | None = None
     n_batch: int = 512
+    # Flash attention in the text model and the vision encoder (llama-server's default too): on this
+    # machine's CPU it cut a 1300-token page's encode from 253 to 103 ms (BENCHMARKS.md). Numerics only.
+    flash_attn: bool = True
     # Documents decoded together in one batch (medvlm_core.batched); n_ctx is then per document.
     n_parallel: int = 1
     # Image token budget of the vision encoder (libmtmd; None = the model's default, e.g. 8 to 4096 for
     # Qwen-VL). Fewer tokens per page: faster encode and prefill, less detail.
     image_min_tokens: int | None = None
     image_max_tokens: int | None = None
-    # Encode the next pages' images on a second thread while the batch decodes (n_parallel > 1). None =
-    # on when llama.cpp offloads to a GPU, off on CPU-only builds (the threads would share the same cores).
+    # Encode the next pages' images on a second thread while the batch decodes (n_parallel > 1). On by
+    # default: it was faster at every parallelism on the GPU and on this 2-core CPU too (BENCHMARKS.md).
     # Does not change answers.
-    overlap_encode: bool | None = None
+    overlap_encode: bool = True
 
     def __post_init__(self) -> None:
         if self.n_parallel < 1:
@@ -133,6 +136,11 @@ class Settings:
     # Debug switch: when true, inference error messages include llama.cpp's exception text, which can
     # echo prompt or document content into error rows and logs. Off by default; see README ("PHI and logs").
     log_phi: bool = False
+
+    def chunk_rows(self, n_parallel: int = 1) -> int:
+        """Rows per inference task for a run decoding ``n_parallel`` pages together: at least 8 batches'
+        worth, because each task's batch drains at its end (its last pages decode with free slots)."""
+        return max(self.chunk_size, 8 * n_parallel)
 
     @classmethod
     def from_env(cls) -> "Settings":

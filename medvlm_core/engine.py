@@ -126,6 +126,7 @@ class VisionEngine:
                 n_batch=self.config.n_batch,
                 n_ubatch=self.config.n_batch,
                 n_gpu_layers=self.config.n_gpu_layers,
+                flash_attn=self.config.flash_attn,
                 verbose=self.verbose,
             )
             if self.config.n_threads:

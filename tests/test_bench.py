@@ -26,6 +26,7 @@ def test_quick_benchmark_measures_every_path(tmp_path):
             assert r["docs"] == 3 and r["docs_per_s"] > 0 and r["gen_tok_per_s"] > 0, key
         if key[0] == "engine":
             assert r["encode_ms_per_page"] > 0
-    assert rows[("flow", 2, None)]["x_engine_same_parallel"] > 0
+    flow = rows[("flow", 2, None)]
+    assert flow["docs"] == 3 and flow["engine_alone_docs_per_s"] > 0 and flow["x_engine_same_pages"] > 0
     assert rows[("plan", None, None)]["rows"] == 2000 and rows[("plan", None, None)]["task_runs"] == 63
     assert "flow vs engine alone" in done.stdout

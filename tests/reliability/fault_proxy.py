@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from email.utils import formatdate
-from typing import Iterable
+from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
 KINDS = ("503", "500", "reset", "slow", "truncate")
@@ -327,6 +327,7 @@ class FaultProxy:
         seed: int | None = None,
         slow_seconds: float = 1.5,
         methods: Iterable[str] | None = None,
+        match: Callable[[str, str], bool] | None = None,
         truncate_min_bytes: int = 2,
         upstream_timeout: float = 60.0,
         log_size: int = 10_000,
@@ -342,6 +343,7 @@ class FaultProxy:
         if unknown:
             raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {KINDS}")
         self.methods = None if methods is None else frozenset(m.upper() for m in methods)
+        self.match = match
         self.slow_seconds = slow_seconds
         self.truncate_min_bytes = truncate_min_bytes
         self.upstream_timeout = upstream_timeout
@@ -350,7 +352,7 @@ class FaultProxy:
         self._requests = 0
         self._injected: collections.Counter[str] = collections.Counter()
         self._truncate_fallbacks = 0
-        self._queue: collections.deque[tuple[str, frozenset[str] | None]] = collections.deque()
+        self._queue: collections.deque[tuple[str, frozenset[str] | None, Callable | None]] = collections.deque()
         self._log: collections.deque[tuple[str, str, str]] = collections.deque(maxlen=log_size)
         self._clients: set[socket.socket] = set()
         self._server: _Server | None = None
@@ -428,13 +430,25 @@ class FaultProxy:
             self._truncate_fallbacks = 0
             self._log.clear()
 
-    def inject_next(self, kind: str, count: int = 1, methods: Iterable[str] | None = None) -> None:
-        """Inject ``kind`` into the next ``count`` requests (with one of ``methods``, if given)."""
+    def inject_next(
+        self,
+        kind: str,
+        count: int = 1,
+        methods: Iterable[str] | None = None,
+        match: Callable[[str, str], bool] | None = None,
+    ) -> None:
+        """Inject ``kind`` into the next ``count`` requests that have one of ``methods`` (if given) and
+        for which ``match(method, target)`` is true (if given), whatever ``rate`` is."""
         if kind not in KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; known: {KINDS}")
         only = None if methods is None else frozenset(m.upper() for m in methods)
         with self._lock:
-            self._queue.extend([(kind, only)] * count)
+            self._queue.extend([(kind, only, match)] * count)
+
+    def clear_pending(self) -> None:
+        """Drop the faults queued by ``inject_next`` that have not been used."""
+        with self._lock:
+            self._queue.clear()
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -442,12 +456,16 @@ class FaultProxy:
         with self._lock:
             self._requests += 1
             kind = None
-            for i, (queued, only) in enumerate(self._queue):
-                if only is None or method in only:
+            for i, (queued, only, match) in enumerate(self._queue):
+                if (only is None or method in only) and (match is None or match(method, target)):
                     kind = queued
                     del self._queue[i]
                     break
-            if kind is None and self.rate > 0 and self.kinds and (self.methods is None or method in self.methods):
+            if (
+                kind is None and self.rate > 0 and self.kinds
+                and (self.methods is None or method in self.methods)
+                and (self.match is None or self.match(method, target))
+            ):
                 if self._rng.random() < self.rate:
                     kind = self._rng.choice(self.kinds)
             if kind is not None:
