@@ -16,7 +16,7 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import (
-    RunOptions, check_output_writable, finish_run, make_run_id, make_spec, merge_summaries, prepare_model, run_chunks,
+    RunOptions, check_output_writable, finish_run, make_run_id, make_spec, merge_summaries, prepare_model, recover_output, run_chunks,
 )
 from medvlm_core import storage as st
 from medvlm_core.config import EngineConfig, GenerationParams, ImageOptions, Settings
@@ -108,6 +108,7 @@ def run_batch(logger, manifest: str, output: str, model: str, mmproj: str | None
     plan = read_manifest(manifest, storage, policy)
     logger.info("run %s: %d manifest rows, %d quarantined", run_id, plan.total_rows, len(plan.quarantined))
     check_output_writable(storage, output, run_id)
+    recover_output(logger, storage, output)
     engine, identity = prepare_model(model, mmproj, options, storage, settings)
     spec = make_spec(run_id, output, engine, identity, options)
     summaries = run_chunks(logger, spec, plan.rows, storage, options.chunk_size or settings.chunk_rows(options.n_parallel))

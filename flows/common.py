@@ -33,7 +33,7 @@ from medvlm_core.storage import Storage
 from medvlm_core.structured import load_extraction
 from tasks.credentials import build_storage
 from tasks.inference import ChunkSummary, infer_chunk, stage_failed_rows
-from tasks.publish import publish_run, run_date_of, staged_tables
+from tasks.publish import publish_run, recover_interrupted_publishes, run_date_of
 
 
 @dataclass
@@ -170,6 +170,12 @@ def check_output_writable(storage: Storage, output: str, run_id: str) -> None:
         raise RunError(f"output {output}: cannot be written ({exc.strerror or type(exc).__name__})") from None
 
 
+def recover_output(logger, storage: Storage, output: str) -> None:
+    """Finish publishing runs on this output that were killed half-way through it (see tasks.publish)."""
+    for run_id in recover_interrupted_publishes(storage, output):
+        logger.warning("output %s: finished publishing run %s, which was interrupted while publishing", output, run_id)
+
+
 def prepare_model(model: str, mmproj: str | None, options: RunOptions, storage: Storage, settings: Settings) -> tuple[EngineConfig, ModelIdentity]:
     """Local model files (downloaded once if remote), their identity, and the engine config."""
     model_path, mmproj_path = resolve_model_files(
@@ -285,11 +291,12 @@ def finish_run(
         "completion_tokens": total.completion_tokens,
         "pages_per_second": total.pages_ok / wall,
         "completion_tokens_per_second": total.completion_tokens / wall,
+        # the flow's Storage also served its in-process tasks; shards report theirs in their records
+        "storage_retries": total.storage_retries + storage.retries,
         "medvlm_version": medvlm_core.__version__,
     }
     quarantine_rows = [dict(q, run_id=run_id, manifest_uri=manifest, created_at=finished) for q in plan.quarantined]
-    staged = {t: urls for t, urls in staged_tables(storage, output, run_id).items() if t != "shards"}
-    published = publish_run(output, run_id, run_date_of(started), staged, quarantine_rows, run_row, storage, audit)
+    published = publish_run(output, run_id, run_date_of(started), quarantine_rows, run_row, storage, audit)
     summary = {
         "run_id": run_id,
         "manifest_rows": plan.total_rows,
@@ -300,6 +307,7 @@ def finish_run(
         "pages_error": total.pages_error,
         "pages_truncated": total.pages_truncated,
         "reconciled": reconciled,
+        "storage_retries": run_row["storage_retries"],
         "error_types": dict(sorted(total.error_types.items())),
         "wall_seconds": wall,
         "pages_per_second": run_row["pages_per_second"],
@@ -329,6 +337,7 @@ def publish_artifact(summary: dict) -> None:
         f"| pages skipped (already done) | {summary['skipped_pages']} |",
         f"| quarantined rows | {summary['quarantined_rows']} |",
         f"| reconciled | {summary['reconciled']} |",
+        f"| storage retries | {summary.get('storage_retries', 0)} |",
         f"| pages/s | {summary['pages_per_second']:.3f} |",
         f"| completion tokens/s | {summary['completion_tokens_per_second']:.1f} |",
         "",

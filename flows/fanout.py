@@ -18,7 +18,7 @@ from prefect.flow_runs import wait_for_flow_run
 from prefect.states import Cancelled, Failed
 
 from flows.common import (
-    RunOptions, check_output_writable, finish_run, make_run_id, make_spec, merge_summaries, prepare_model, split_chunks,
+    RunOptions, check_output_writable, finish_run, make_run_id, make_spec, merge_summaries, prepare_model, recover_output, split_chunks,
 )
 from flows.shard import read_shard_record
 from medvlm_core import storage as st
@@ -89,6 +89,7 @@ async def _fan_out(logger, manifest, output, model, mmproj, opts, shard_size, ma
     opts.register_extraction(storage)
     plan = read_manifest(manifest, storage, policy)
     check_output_writable(storage, output, run_id)
+    recover_output(logger, storage, output)
     shards = split_chunks([r.row_number for r in plan.rows], shard_size)
     logger.info("run %s: %d manifest rows (%d quarantined) in %d shards", run_id, plan.total_rows, len(plan.quarantined), len(shards))
 

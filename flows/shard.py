@@ -74,9 +74,11 @@ def medvlm_shard(
         spec = make_spec(run_id, output, engine, identity, opts)
         logger.info("shard %d of run %s: %d manifest rows", shard_index, run_id, len(rows))
         summaries = run_chunks(logger, spec, rows, storage, opts.chunk_size or settings.chunk_rows(opts.n_parallel), shard_index)
+        total = merge_summaries(summaries)
+        total.storage_retries += storage.retries  # this worker's object-store retries, for the run row
         record = {
             "shard_index": shard_index,
-            "summary": merge_summaries(summaries).to_json(),
+            "summary": total.to_json(),
             "identity": asdict(identity),
             "params_json": spec.params_json,
             "worker": {

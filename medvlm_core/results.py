@@ -100,6 +100,8 @@ RUNS_SCHEMA = pa.schema(
         ("completion_tokens", pa.int64()),
         ("pages_per_second", pa.float64()),
         ("completion_tokens_per_second", pa.float64()),
+        # Object-store calls repeated after a transient failure (throttling, 5xx, resets) up to the publish.
+        ("storage_retries", pa.int64()),
         ("medvlm_version", pa.string()),
     ]
 )

@@ -215,6 +215,7 @@ class RunsModel(pa.DataFrameModel):
     processed_rows: int = pa.Field(nullable=False, ge=0)
     pages_ok: int = pa.Field(nullable=False, ge=0)
     pages_error: int = pa.Field(nullable=False, ge=0)
+    storage_retries: int = pa.Field(nullable=True, ge=0)
 
     class Config:
         strict = False

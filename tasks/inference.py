@@ -35,6 +35,7 @@ class ChunkSummary:
     completion_tokens: int = 0
     error_types: dict[str, int] = field(default_factory=dict)
     slowest: list[tuple[float, str, int | None]] = field(default_factory=list)  # (latency_ms, document_id, page)
+    storage_retries: int = 0  # object-store calls retried (set per shard; a flow adds its own Storage's count)
 
     def add(self, row: dict) -> None:
         """Count one result row."""
@@ -59,7 +60,8 @@ class ChunkSummary:
         """Add another summary's counts to this one (a shard's chunks, a run's shards)."""
         self.written_rows |= other.written_rows
         self.skipped_rows |= other.skipped_rows
-        for name in ("pages_ok", "pages_error", "pages_skipped", "pages_truncated", "prompt_tokens", "completion_tokens"):
+        for name in ("pages_ok", "pages_error", "pages_skipped", "pages_truncated", "prompt_tokens", "completion_tokens",
+                     "storage_retries"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for key, value in other.error_types.items():
             self.error_types[key] = self.error_types.get(key, 0) + value

@@ -186,7 +186,7 @@ def test_republishing_a_run_does_not_duplicate_rows(s3, prefix):
     staged = results.staging_url(prefix, "r1", "completions", "chunk-000000.parquet")
     for _ in range(2):
         results.write_rows(storage, staged, "completions", [row, row | {"document_id": "e", "manifest_row": 2}])
-        publish_run.fn(prefix, "r1", "2026-11-28", {"completions": [staged]}, [], run_row, storage)
+        publish_run.fn(prefix, "r1", "2026-11-28", [], run_row, storage)
     assert read_s3(s3, f"{prefix}/completions").num_rows == 2
     assert read_s3(s3, f"{prefix}/runs").num_rows == 1
     assert storage.put_if_absent(results.commit_url(prefix, "r1"), b"again") is False

@@ -1,6 +1,88 @@
-"""A fault-injecting HTTP/1.1 reverse proxy for S3 on loopback (stdlib only).
+"""A fault-injecting HTTP/1.1 reverse proxy for S3 on loopback (stdlib only), for reliability tests::
 
-FINDINGS_PLACEHOLDER
+    with FaultProxy(server.endpoint_url, rate=0.15, seed=1234) as proxy:
+        fs = s3fs.S3FileSystem(endpoint_url=proxy.endpoint, ...)   # clients talk to the proxy
+        ...
+        proxy.injected   # {"503": 3, "reset": 2, ...}
+
+See ``FaultProxy`` for the fault kinds. Requests are forwarded byte for byte, Host and Authorization
+included, so SigV4 signatures (and presigned URLs) made for ``proxy.endpoint`` stay valid: SeaweedFS
+checks them against the Host header it receives.
+
+FINDINGS: what the clients do on each fault
+===========================================
+Measured with this proxy in front of SeaweedFS 4.48 (test_fault_proxy.py pins most of it down), with
+s3fs 2026.9.0 / aiobotocore 3.10.0 (aiohttp 3.14.5) and boto3 / botocore 1.43.117 (urllib3 2.8.0).
+
+Retry layers and their knobs
+----------------------------
+* botocore's default retry mode here is "legacy" (AWS_RETRY_MODE unset): 5 attempts per API call.
+  ``Config(retries={"max_attempts": N})`` means N *retries* (N + 1 attempts); ``total_max_attempts``
+  counts attempts, so ``{"total_max_attempts": 1}`` is the only way to say "no retries".
+  botocore rewrites the ``retries`` dict it is given in place (pass a copy).
+  Both modes retry HTTP 500/502/503/504, throttling codes (SlowDown ...) and connection errors
+  (ConnectionClosedError, EndpointConnectionError, read timeouts) raised *before the API call
+  returns*, for every method, PUT and POST included (no idempotency check).
+* s3fs wraps every call in its own loop (``fs.retries``, a class attribute, default 5 tries in all,
+  sleeping 0.1 * 1.7**i s; NOT a constructor argument: ``S3FileSystem(retries=...)`` is passed on to
+  aiobotocore's session and fails). It retries ``s3fs.core.S3_RETRYABLE_ERRORS`` (socket.timeout,
+  botocore HTTPClientError and subclasses such as ConnectionClosedError / ResponseStreamingError,
+  urllib3 IncompleteRead, FSTimeoutError, ResponseParserError, aiohttp.ClientPayloadError) and
+  ClientErrors whose text contains "SlowDown", "reduce your request rate" or
+  "XAmzContentSHA256Mismatch". It does NOT retry EndpointConnectionError or InternalError (500).
+  The layers multiply: a persistent 503 SlowDown costs 5 x 5 = 25 requests and ~40 s.
+* aiohttp (under s3fs) resends GET/HEAD/PUT/DELETE once more when the connection fails before a
+  response (ClientOSError / ServerDisconnectedError); POST is sent once. It happens inside one
+  botocore attempt (RetryAttempts stays 0), so it survives ``total_max_attempts: 1`` and
+  ``fs.retries = 1`` (aiohttp's ``ClientSession._retry_connection`` is hard-wired to True).
+* boto3/urllib3: urllib3's own retries are off (botocore passes retries=False); only botocore retries.
+
+Per fault kind, s3fs (what surfaces to the caller once every try failed; defaults: requests made)
+------------------------------------------------------------------------------------------------
+* 503 SlowDown: retried by botocore and by s3fs (25 requests). Raises plain ``OSError`` with
+  ``errno.EBUSY`` (16), message "Please reduce your request rate.", ``__cause__`` the botocore
+  ClientError (Error.Code "SlowDown"). HEAD has no body, so no S3 code: ClientError code "503",
+  ``OSError(EBUSY, "Service Unavailable")``, and s3fs's loop does not retry it (5 requests).
+* 500 InternalError: retried by botocore only (5 requests). ``OSError`` with ``errno.EREMOTEIO``
+  (121), "We encountered an internal error. Please try again." (HEAD: "Internal Server Error"),
+  ``__cause__`` ClientError (Code "InternalError"; HEAD: "500").
+* reset (no response): aiohttp x2 (idempotent methods) x botocore 5 = 10 requests (POST: 5), not
+  retried by s3fs. Raises ``botocore.exceptions.EndpointConnectionError`` ("Could not connect to the
+  endpoint URL", misleading: it did connect) <- aiohttp.ClientOSError <- ConnectionResetError.
+  NOT an OSError: ``except OSError`` misses it (it is a BotoCoreError). A single reset on an
+  idempotent method is invisible even with all retries off (aiohttp's resend).
+* truncate, object body (cat_file, open().read(), get_file, all GetObject): botocore does NOT retry it
+  (the body is read after the API call returned); s3fs does (cat_file/_fetch_range: its loop; get_file:
+  a Range-resume loop), 5 tries. Raises the raw ``aiohttp.ClientPayloadError`` ("Response payload is
+  not completed") <- aiohttp.http_exceptions.ContentLengthError: neither an OSError nor a BotoCoreError.
+* truncate, XML body (ListObjectsV2, DeleteObjects): read inside aiobotocore, mapped to
+  ``botocore.exceptions.ConnectionClosedError`` (<- ClientPayloadError); retried by botocore and by
+  s3fs (25 requests, ~40 s); that exception (an HTTPClientError, not an OSError) surfaces.
+* truncate on a response without a body (PUT, HEAD, DELETE, all 2xx with Content-Length 0): the
+  proxy resets instead, AFTER the server executed the request ("lost response"); clients treat it
+  as a reset and resend. Harmless for plain PUT/DELETE, but a create-if-absent PUT
+  (If-None-Match: *, ``fs.open(path, "xb")``) is resent and refused: 412 PreconditionFailed, raised as
+  ``OSError(errno.EINVAL)`` (SeaweedFS omits the Condition element that makes s3fs raise
+  FileExistsError), although this very call created the object -- even with botocore's and s3fs's
+  retries off, because aiohttp resends the PUT (test_lost_response_to_a_conditional_put_comes_back_as_412).
+  A failed-looking create must be checked by reading the object back, on the FIRST try too.
+* slow: nothing fails or retries (read timeouts default to 60 s); the result is correct.
+
+Per fault kind, boto3 (urllib3)
+-------------------------------
+* 503 / 500: ClientError (Code "SlowDown" / "InternalError"; HEAD: "503" / "500"), retried by botocore.
+* reset: ``botocore.exceptions.ConnectionClosedError`` <- urllib3 ProtocolError <- ConnectionResetError;
+  retried by botocore for every method, PUT included.
+* truncate, GetObject body: ``Body.read()`` raises ``botocore.exceptions.ResponseStreamingError``
+  <- urllib3 ProtocolError <- http.client.IncompleteRead. Never retried by botocore: the caller must
+  repeat the get_object call.
+* truncate, XML body: urllib3 hands back the short body without an error; botocore's S3 handler for
+  "200 with an error inside" fails to parse the XML and turns it into a 500, so it is retried; once
+  exhausted it is ClientError code "500", "Internal Server Error".
+* lost response to a conditional PUT: botocore resends it -> ClientError PreconditionFailed (412).
+
+Caveat: after a failed write, ``fs.exists`` may answer from s3fs's listings cache (stale "missing")
+unless the filesystem was made with ``use_listings_cache=False`` or the cache is invalidated.
 """
 
 from __future__ import annotations
@@ -215,31 +297,33 @@ class _Handler(socketserver.BaseRequestHandler):
         """Send ``request`` upstream; return the final response head, its raw body, and close-delimited.
 
         Interim 1xx responses are skipped (the proxy answers ``Expect: 100-continue`` itself). A kept
-        alive upstream connection that turns out to be closed is replaced once.
+        alive upstream connection that the upstream had closed (nothing at all came back) is replaced
+        once and the request sent again, as HTTP clients do.
         """
-        for attempt in (1, 2):
-            reused = self.upstream is not None
+        reused = self.upstream is not None
+        if not reused:
+            self._connect_upstream()
+        try:
+            self.upstream.sendall(request)
+            head = _read_head(self.up_rfile, allow_eof=reused)
+        except (ConnectionResetError, BrokenPipeError):
             if not reused:
-                self._connect_upstream()
-            try:
-                self.upstream.sendall(request)
-                while True:
-                    head = _read_head(self.up_rfile, allow_eof=reused and attempt == 1)
-                    if head is None:
-                        raise _Closed("stale upstream connection")
-                    status = int(head.start.split(None, 2)[1])
-                    if 100 <= status < 200 and status != 101:
-                        continue
-                    break
-                body, until_close = _read_body(self.up_rfile, head, response=True, request_method=method)
-                if until_close or "close" in head.tokens("connection"):
-                    self._close_upstream()
-                return head, body, until_close
-            except (_Closed, ConnectionError) as exc:
-                self._close_upstream()
-                if attempt == 2 or not reused or not isinstance(exc, (_Closed, ConnectionResetError, BrokenPipeError)):
-                    raise
-        raise AssertionError("unreachable")
+                raise
+            head = None
+        if head is None:  # stale kept-alive connection
+            self._connect_upstream()
+            self.upstream.sendall(request)
+            head = _read_head(self.up_rfile, allow_eof=False)
+        try:
+            while 100 <= int(head.start.split(None, 2)[1]) < 200:
+                head = _read_head(self.up_rfile, allow_eof=False)
+            body, until_close = _read_body(self.up_rfile, head, response=True, request_method=method)
+        except BaseException:
+            self._close_upstream()
+            raise
+        if until_close or "close" in head.tokens("connection"):
+            self._close_upstream()
+        return head, body, until_close
 
     # -- the request loop ------------------------------------------------------------------------
 
@@ -300,8 +384,9 @@ class FaultProxy:
     Every request is forwarded byte for byte (start line, all headers including Host and
     Authorization, body) to ``upstream``, so SigV4 signatures made for ``proxy.endpoint`` stay valid
     as long as the upstream does not care which Host it is called by (SeaweedFS checks the signature
-    against the Host header it receives). Per request, with probability ``rate`` (and only for the
-    ``methods`` given, all when None), one of ``kinds`` is injected:
+    against the Host header it receives). Per request, with probability ``rate``, one of ``kinds``
+    is injected -- only into requests whose method is in ``methods`` and for which
+    ``match(method, target)`` is true, when those are given:
 
     * ``"503"``: answer 503 with an S3 ``SlowDown`` XML error, not forwarded;
     * ``"500"``: answer 500 with an S3 ``InternalError`` XML error, not forwarded;
@@ -309,14 +394,19 @@ class FaultProxy:
       not forwarded;
     * ``"slow"``: wait ``slow_seconds``, then forward (the response is correct);
     * ``"truncate"``: forward; send the response head (original Content-Length) and half the body,
-      then close. Responses with a body under ``truncate_min_bytes`` (HEAD, 204, small XML) are
-      lost instead: the request *was* executed upstream, the client connection is reset, and it is
-      counted as ``"reset"`` (and in ``truncate_fallbacks``).
+      then close. Responses with a body under ``truncate_min_bytes`` (HEAD, 204, the empty 200s
+      of PUT and DELETE) are lost instead: the request *was* executed upstream, the client
+      connection is reset, and it is counted as ``"reset"`` (and in ``truncate_fallbacks``).
+
+    Request and response bodies are buffered whole in memory (test-sized objects). An upstream that
+    cannot be reached or breaks off makes the proxy drop the client connection.
 
     ``inject_next(kind, count)`` queues faults for the next matching requests regardless of ``rate``
     (deterministic tests). Random choices come from ``random.Random(seed)``: the sequence is
-    reproducible for a client that sends one request at a time. ``rate``, ``kinds`` and ``methods``
-    may be changed while running (``proxy.rate = 0`` pauses faults).
+    reproducible for a client that sends one request at a time. ``rate``, ``kinds``, ``methods`` (a
+    set of upper-case names) and ``match`` may be changed while running (``proxy.rate = 0`` pauses
+    faults). Counters, all thread-safe: ``requests``, ``injected`` (kind -> count), ``connections``,
+    ``truncate_fallbacks`` and ``log`` ((method, target, kind) per request); ``reset_counters()``.
     """
 
     def __init__(
@@ -352,6 +442,7 @@ class FaultProxy:
         self._requests = 0
         self._injected: collections.Counter[str] = collections.Counter()
         self._truncate_fallbacks = 0
+        self._connections = 0
         self._queue: collections.deque[tuple[str, frozenset[str] | None, Callable | None]] = collections.deque()
         self._log: collections.deque[tuple[str, str, str]] = collections.deque(maxlen=log_size)
         self._clients: set[socket.socket] = set()
@@ -413,7 +504,14 @@ class FaultProxy:
             return dict(self._injected)
 
     @property
+    def connections(self) -> int:
+        """Client connections accepted (with keep-alive, fewer than requests)."""
+        with self._lock:
+            return self._connections
+
+    @property
     def truncate_fallbacks(self) -> int:
+        """Truncate faults that hit a response without a body worth cutting and became resets."""
         with self._lock:
             return self._truncate_fallbacks
 
@@ -428,6 +526,7 @@ class FaultProxy:
             self._requests = 0
             self._injected.clear()
             self._truncate_fallbacks = 0
+            self._connections = 0
             self._log.clear()
 
     def inject_next(
@@ -487,4 +586,8 @@ class FaultProxy:
 
     def _track(self, sock: socket.socket, add: bool) -> None:
         with self._lock:
-            (self._clients.add if add else self._clients.discard)(sock)
+            if add:
+                self._clients.add(sock)
+                self._connections += 1
+            else:
+                self._clients.discard(sock)
