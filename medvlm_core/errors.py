@@ -41,6 +41,9 @@ CONTEXT_OVERFLOW = "context_overflow"
 TASK_FAILED = "task_failed"
 INVALID_ROW = "invalid_row"
 INVALID_OUTPUT = "invalid_output"
+# The inference process died (native abort or segfault) on this page, alone, after a restart
+# (medvlm_core.isolated); the message names only the signal or exit code.
+ENGINE_CRASH = "engine_crash"
 
 ERROR_TYPES = (
     NOT_FOUND,
@@ -55,4 +58,5 @@ ERROR_TYPES = (
     TASK_FAILED,
     INVALID_ROW,
     INVALID_OUTPUT,
+    ENGINE_CRASH,
 )

@@ -146,7 +146,8 @@ def split_bundle(zip_path: str, cache_dir: str | os.PathLike) -> tuple[str, str]
                 os.replace(tmp, target)
             except (zipfile.BadZipFile, OSError) as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise RunError(f"{zip_path}: cannot extract the model bundle ({type(exc).__name__})") from None
+                reason = (exc.strerror if isinstance(exc, OSError) else None) or type(exc).__name__
+                raise RunError(f"{zip_path}: cannot extract the model bundle into {target.parent} ({reason})") from None
     ggufs = sorted(p for p in target.iterdir() if p.suffix.lower() == ".gguf")
     projectors = [p for p in ggufs if read_gguf_metadata(p).get("general.architecture") == "clip"]
     texts = [p for p in ggufs if p not in projectors]

@@ -14,15 +14,18 @@ atomically, so a reader sees all of a run's rows in a table or none of them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medvlm_core import storage as st
+from medvlm_core.errors import RunError
 from medvlm_core.storage import Storage
 
 STATUS_OK = "ok"
@@ -209,10 +212,22 @@ def to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], schema=schema)
 
 
+@contextmanager
+def no_space_is_a_run_error(url: str) -> Iterator[None]:
+    """A full disk (or quota, or read-only mount) under ``url`` stops the run with one clear message."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+            raise RunError(f"{url}: cannot be written ({exc.strerror})") from None
+        raise
+
+
 def write_parquet(storage: Storage, url: str, table: pa.Table) -> None:
     """Write one Parquet file atomically (readers never see a partial file)."""
-    with storage.open_atomic(url) as f:
-        pq.write_table(table, f, compression="zstd")
+    with no_space_is_a_run_error(url):
+        with storage.open_atomic(url) as f:
+            pq.write_table(table, f, compression="zstd")
 
 
 def write_rows(
@@ -243,7 +258,7 @@ def merge_parquet(storage: Storage, sources: list[str], url: str, schema: pa.Sch
     if schema is None:
         schema = open_source(sources[0]).schema_arrow
     rows = 0
-    with storage.open_atomic(url) as f:
+    with no_space_is_a_run_error(url), storage.open_atomic(url) as f:
         with pq.ParquetWriter(f, schema, compression="zstd") as writer:
             for src in sources:
                 parquet = open_source(src)

@@ -216,6 +216,9 @@ class Storage:
                 config = dict(options.get("config_kwargs") or {})
                 config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
                 options["config_kwargs"] = config
+                # A cached listing would say "missing" right after a write by someone else (or by a try
+                # whose response was lost): ask the store.
+                options.setdefault("use_listings_cache", False)
             fs, _ = url_to_fs(url, **options)
             if proto == "s3":
                 fs.retries = 1
@@ -245,16 +248,16 @@ class Storage:
         fs, path = self.filesystem(url)
 
         def read() -> bytes:
-            if max_bytes is not None:
-                size = fs.size(path)
-                if size is not None and size > max_bytes:
-                    raise DocumentError(
-                        errors.TOO_LARGE, f"{url}: file is {size} bytes, over the max_bytes limit {max_bytes}"
-                    )
             with fs.open(path, "rb") as f:
                 return f.read() if max_bytes is None else f.read(max_bytes + 1)
 
         try:
+            if max_bytes is not None:
+                size = self.call(url, lambda: fs.size(path))
+                if size is not None and size > max_bytes:
+                    raise DocumentError(
+                        errors.TOO_LARGE, f"{url}: file is {size} bytes, over the max_bytes limit {max_bytes}"
+                    )
             data = self.call(url, read)
         except DocumentError:
             raise
@@ -371,11 +374,7 @@ class Storage:
             return True
         if self.exists(url):
             return False
-        attempts = 0
-
         def create() -> bool:
-            nonlocal attempts
-            attempts += 1
             try:
                 # "xb" sends If-None-Match: * so two writers racing cannot both win.
                 with fs.open(path, "xb") as f:
@@ -383,10 +382,11 @@ class Storage:
             except (FileExistsError, OSError) as exc:
                 if isinstance(exc, OSError) and not isinstance(exc, FileExistsError) and is_transient(exc):
                     raise
-                # SeaweedFS reports the 412 refusal as OSError(EINVAL). After a failed try whose PUT may
-                # have landed (the response was lost), an object with our exact bytes is ours.
+                # SeaweedFS reports the 412 refusal as OSError(EINVAL). A PUT whose response was lost is
+                # resent (by aiohttp itself, or by our retry) and refused: an object holding exactly our
+                # bytes is ours (a commit record carries its own timestamp, so no other writer's matches).
                 if fs.exists(path):
-                    return attempts > 1 and self.read_bytes(url) == data
+                    return self.read_bytes(url) == data
                 raise
             return True
 
@@ -395,11 +395,18 @@ class Storage:
     def remove_tree(self, url: str) -> None:
         """Delete a folder/prefix and everything under it; missing is fine."""
         fs, path = self.filesystem(url)
-
-        def remove() -> None:
+        if protocol_of(normalize(url)) == LOCAL:
             try:
                 fs.rm(path, recursive=True)
             except FileNotFoundError:
                 pass
+            return
+        # Object by object, each step retried on its own: one bulk call would redo everything on any fault.
+        for found in self.call(url, lambda: fs.find(path)):
+            def remove(target: str = found) -> None:
+                try:
+                    fs.rm_file(target)
+                except FileNotFoundError:  # gone already (a retried delete whose answer was lost)
+                    pass
 
-        self.call(url, remove)
+            self.call(url, remove)

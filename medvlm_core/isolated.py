@@ -1,0 +1,516 @@
+"""Native-crash isolation: run the batched engine in a supervised child process.
+
+llama.cpp can end the whole process on a bad model or input (``GGML_ABORT``, a segfault in a kernel), and
+no Python ``try`` catches that. ``IsolatedEngine`` therefore loads the model in a child process (started
+with multiprocessing's "spawn", so the child owns the only llama.cpp state and the parent never loads the
+model or touches VRAM) and feeds it pages over pipes. When the child dies with pages in flight:
+
+* the parent records which pages were unanswered, starts a new child (reloading the model), and re-runs
+  each of those pages alone, one at a time with nothing else in flight;
+* a page whose solo run also kills the child is the culprit: it gets a ``DocumentError`` of type
+  ``engine_crash`` ("the inference process died (SIGABRT) while processing this page"), the child is
+  started again, and the run goes on; pages that were merely in the same batch get their normal results;
+* more than ``max_restarts`` crashes in one ``IsolatedEngine``'s life raise ``RunError``: a model or
+  machine that keeps crashing should fail the run loudly instead of looping.
+
+Error messages carry only the signal name or exit code, never document text, prompts or completions.
+The child inherits the parent's stderr, so llama.cpp's own messages (and an abort's backtrace) show there.
+
+Transport: two one-way pipes (requests parent -> child, results child -> parent) and a sender thread in
+the parent that does all the writing, so a multi-MB page image blocking on a full pipe can never stop the
+parent from reading results (and the child from making progress). Page keys stay in the parent; the
+child only sees integer ids. At most ``window`` requests are unanswered at a time (as many as the child's
+batched engine can take ahead), which keeps intake lazy and memory bounded.
+
+Test hooks (fault injection, for tests only; unset in production):
+
+* ``MEDVLM_TEST_ABORT_ON="4,7"``: the child calls llama.cpp's real ``ggml_abort`` when it is about to
+  encode the page with that intake number (0-based, counted per ``generate_many`` call), on every run of
+  that page, its solo retry included, so the page ends as an ``engine_crash`` error.
+* ``MEDVLM_TEST_ABORT_ONCE="2"``: the same, but only on the page's first run, so its solo retry succeeds.
+
+The variables are read by the child when it starts; set them before ``start()``. Setting
+``GGML_NO_BACKTRACE=1`` too keeps ggml from attaching gdb to print a backtrace (slow in tests).
+
+As with any "spawn" child, the child imports the parent's ``__main__`` module (as ``__mp_main__``): a
+script that creates an ``IsolatedEngine`` must keep its top-level work under ``if __name__ == "__main__":``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import multiprocessing
+import multiprocessing.connection as mp_connection
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+from medvlm_core import errors
+from medvlm_core.batched import Request
+from medvlm_core.config import EngineConfig, Settings
+from medvlm_core.engine import Generation
+from medvlm_core.errors import DocumentError, RunError
+
+ABORT_ON_ENV = "MEDVLM_TEST_ABORT_ON"
+ABORT_ONCE_ENV = "MEDVLM_TEST_ABORT_ONCE"
+
+# Messages, parent -> child: ("req", id, intake, attempt, mode, size, pixels, prompt, params, schema),
+# ("end",) closes the current stream of requests, ("stop",) ends the child.
+# Child -> parent: ("ready", load_seconds) | ("load_error", message) once, then per request
+# ("ok", id, Generation) | ("err", id, error_type, message), ("idle",) after each stream, and
+# ("fatal", message) if the batched engine raised something other than a DocumentError.
+_STOP_WAIT_S = 5.0  # a clean child exits in well under a second; past this it is killed
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """A process exit status in words: a signal name (``SIGSEGV``) or ``exit code N``."""
+    if exitcode is None:
+        return "no exit status"
+    if exitcode < 0:
+        try:
+            return signal.Signals(-exitcode).name
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+@dataclass
+class _Pending:
+    """An unanswered request, kept in the parent (with its pixels) until answered, for a possible retry."""
+
+    id: int
+    key: Any
+    intake: int
+    payload: tuple  # (mode, size, pixels, prompt, params, schema)
+
+    def message(self, attempt: int) -> tuple:
+        return ("req", self.id, self.intake, attempt) + self.payload
+
+
+class _Died(Exception):
+    """The child process ended (its description in ``args[0]``)."""
+
+
+class _Child:
+    """One running child process, its pipe ends and the sender thread that writes its requests."""
+
+    def __init__(self, process: Any, requests: Any, results: Any):
+        self.process = process
+        self.requests = requests  # the parent's sending end
+        self.results = results  # the parent's receiving end
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=_send_loop, args=(self._outbox, requests),
+                                        name="medvlm-isolated-sender", daemon=True)
+        self._sender.start()
+
+    def send(self, message: tuple) -> None:
+        """Queue a message for the child (never blocks: the sender thread does the writing)."""
+        self._outbox.put(message)
+
+    def receive(self) -> tuple:
+        """The child's next message; ``_Died`` once it has exited and every message it sent has been read."""
+        sentinel = self.process.sentinel
+        while True:
+            ready = mp_connection.wait([self.results, sentinel])
+            # Read what the child wrote before it died first: those pages did finish.
+            if self.results in ready or self.results.poll():
+                try:
+                    return self.results.recv()
+                except (EOFError, OSError):
+                    break
+                except Exception:  # a message cut short by the death: the death is what counts
+                    break
+            if sentinel in ready:
+                break
+        self.process.join(_STOP_WAIT_S)
+        if self.process.is_alive():  # its result pipe closed but it lives on: unusable, end it
+            self.process.kill()
+            self.process.join()
+        raise _Died(describe_exit(self.process.exitcode))
+
+    def stop(self, graceful: bool) -> None:
+        """End the child: ask it to stop (``graceful``) and wait a few seconds, else kill it."""
+        if graceful and self.process.is_alive():
+            self.send(("stop",))
+        self._outbox.put(None)  # ends the sender thread once it has written what is queued
+        if graceful:
+            self._sender.join(_STOP_WAIT_S)
+            self.process.join(_STOP_WAIT_S)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self._sender.join(_STOP_WAIT_S)  # a write to a dead child fails at once, ending the thread
+        self.requests.close()
+        self.results.close()
+
+
+def _send_loop(outbox: queue.SimpleQueue, connection: Any) -> None:
+    while True:
+        message = outbox.get()
+        if message is None:
+            return
+        try:
+            connection.send(message)
+        except (OSError, ValueError):  # the child is gone; the receiving side notices its death
+            return
+
+
+class IsolatedEngine:
+    """The batched engine in a supervised child process: a native crash costs the pages in flight a
+    retry (and the culprit page an ``engine_crash`` error), never the run.
+
+    ``start()`` (or ``with IsolatedEngine(...) as engine``) spawns the child and waits for the model to
+    load; ``generate_many`` then behaves like ``BatchedEngine.generate_many``; ``close()`` stops the child.
+    Not for concurrent use from several threads: calls to ``generate_many`` are serialised.
+    """
+
+    def __init__(self, config: EngineConfig, chat_format: str, max_restarts: int = 10, start_timeout_s: float = 300):
+        """``max_restarts``: crashes tolerated over this engine's life before ``RunError``.
+        ``start_timeout_s``: how long a child may take to start and load the model."""
+        self.config = config
+        self.chat_format = chat_format
+        self.max_restarts = max_restarts
+        self.start_timeout_s = start_timeout_s
+        # Unanswered requests at most: the child's batch (n_parallel), its encoded-ahead queue (as many
+        # again, BatchedEngine's default) and the one being encoded, plus one waiting in the pipe.
+        n = config.n_parallel
+        self.window = n + (n + 1 if config.overlap_encode else 0) + 1
+        self.load_seconds = 0.0
+        self.restarts = 0  # children started after the first one
+        self.crashes = 0  # children that died while working
+        self._child: _Child | None = None
+        self._open = False  # between start() and close()
+        self._failed: str | None = None  # set once crashes exceeded max_restarts
+        self._lock = threading.RLock()
+        self._ids = itertools.count()
+
+    @property
+    def loaded(self) -> bool:
+        """True between ``start()`` and ``close()`` (a crashed child is replaced on the next page)."""
+        return self._open
+
+    def __enter__(self) -> "IsolatedEngine":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def start(self) -> "IsolatedEngine":
+        """Spawn the child and wait until it has loaded the model. RunError (the child's own message)
+        if the model cannot be loaded, or if the child dies or times out while loading."""
+        with self._lock:
+            if self._child is None:
+                self._failed = None
+                self._child = self._spawn()
+            self._open = True
+            return self
+
+    def close(self) -> None:
+        """Stop the child (killing it if it does not exit within a few seconds). Idempotent."""
+        self._open = False  # checked by a generate_many running in another thread before it restarts anything
+        child, self._child = self._child, None
+        if child is not None:
+            child.stop(graceful=True)
+
+    def _spawn(self) -> _Child:
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked llama.cpp or thread state
+        request_recv, request_send = ctx.Pipe(duplex=False)
+        result_recv, result_send = ctx.Pipe(duplex=False)
+        process = ctx.Process(target=_child_main, args=(self.config, self.chat_format, request_recv, result_send),
+                              name="medvlm-inference", daemon=True)
+        started = time.perf_counter()
+        process.start()
+        # Only the child holds these ends now, so its death reads as EOF here.
+        request_recv.close()
+        result_send.close()
+        child = _Child(process, request_send, result_recv)
+        model = self.config.model_path
+        if not mp_connection.wait([result_recv, process.sentinel], self.start_timeout_s):
+            child.stop(graceful=False)
+            raise RunError(f"the inference process did not load {model} within {self.start_timeout_s:g} s")
+        try:
+            message = child.receive()
+        except _Died as died:
+            child.stop(graceful=False)
+            raise RunError(f"the inference process died ({died.args[0]}) while loading {model}") from None
+        if message[0] != "ready":
+            child.stop(graceful=True)
+            raise RunError(message[1])
+        self.load_seconds = time.perf_counter() - started
+        return child
+
+    def _crashed(self, how: str) -> None:
+        """Count a crash of the current child and drop it; past ``max_restarts`` the engine gives up (closes)
+        and the next ``_ready_child`` raises RunError. The replacement is started lazily by ``_ready_child``,
+        so that a crash is counted before the culprit's error row is handed out."""
+        self.crashes += 1
+        if self._child is not None:
+            self._child.stop(graceful=False)
+            self._child = None
+        if self.crashes > self.max_restarts and not self._failed:
+            crashes = f"{self.crashes} crash" + ("es" if self.crashes != 1 else "")
+            self._failed = (f"the inference process keeps dying ({crashes}, the last by {how}; at most "
+                            f"{self.max_restarts} tolerated); see llama.cpp's messages above for the cause")
+            self.close()
+
+    def _ready_child(self) -> _Child:
+        """The running child, started anew if it crashed or was stopped; RunError once given up or closed."""
+        if self._failed:
+            raise RunError(self._failed)
+        if self._child is not None and not self._child.process.is_alive():  # died while idle between calls
+            self._crashed(describe_exit(self._child.process.exitcode))
+            if self._failed:
+                raise RunError(self._failed)
+        if not self._open:
+            raise RunError("the IsolatedEngine is not started (or was closed); call start() first")
+        if self._child is None:  # after a crash, an early stop or a fatal error
+            self._child = self._spawn()
+            self.restarts += 1
+        return self._child
+
+    def generate_many(self, requests: Iterable[Request]) -> Iterator[tuple[Any, Generation | DocumentError]]:
+        """Answer every request, yielding ``(key, Generation or DocumentError)`` as each finishes.
+
+        As ``BatchedEngine.generate_many``: requests are taken lazily (at most ``window`` unanswered), and
+        an exception raised by the iterable propagates after the pages in flight are finished. In
+        addition, a page whose processing kills the child twice (in its batch, then alone) is answered
+        with ``DocumentError(engine_crash)``; RunError after more than ``max_restarts`` crashes.
+        """
+        with self._lock:
+            yield from self._generate(iter(requests))
+
+    def _generate(self, source: Iterator[Request]) -> Iterator[tuple[Any, Generation | DocumentError]]:
+        child = self._ready_child()
+        pending: dict[int, _Pending] = {}  # in intake order
+        intake = 0
+        exhausted = False
+        ended = False  # the current child's stream is closed (it was sent "end")
+        source_error: BaseException | None = None
+        try:
+            while True:
+                while not exhausted and len(pending) < self.window:
+                    try:
+                        request = next(source)
+                        item = _Pending(next(self._ids), request.key, intake, _payload(request))
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    except Exception as exc:  # the source (or a page it gave) failed: finish what is in flight first
+                        source_error, exhausted = exc, True
+                        break
+                    intake += 1
+                    pending[item.id] = item
+                    child.send(item.message(attempt=0))
+                if exhausted and not ended:
+                    child.send(("end",))  # without it the child would wait for more pages with slots free
+                    ended = True
+                if not pending:
+                    if source_error is not None:
+                        raise source_error
+                    return
+                try:
+                    message = child.receive()
+                except _Died as died:
+                    if not self._open:  # close() from another thread, not a crash
+                        raise RunError("the IsolatedEngine was closed while generating") from None
+                    self._crashed(died.args[0])
+                    if self._failed:
+                        raise RunError(self._failed) from None
+                    yield from self._retry_alone(pending)
+                    if exhausted:
+                        ended = True  # the solo streams were each closed; nothing is open
+                    else:
+                        child, ended = self._ready_child(), False
+                    continue
+                answered = self._answer(message, pending)
+                if answered is not None:
+                    yield answered
+        finally:
+            if self._child is not None and self._child is child and (pending or not ended):
+                if pending:
+                    # The consumer stopped early (or an error): pages are still in flight in the child. Ending
+                    # it is immediate; the next call starts a new one.
+                    self._child.stop(graceful=False)
+                    self._child = None
+                else:
+                    child.send(("end",))
+
+    def _answer(self, message: tuple, pending: dict[int, _Pending]) -> tuple[Any, Generation | DocumentError] | None:
+        """The (key, result) a child message answers, None for bookkeeping messages and stale answers."""
+        kind = message[0]
+        if kind == "fatal":
+            if self._child is not None:
+                self._child.stop(graceful=False)
+                self._child = None
+            raise RunError(message[1])
+        if kind not in ("ok", "err"):
+            return None
+        item = pending.pop(message[1], None)
+        if item is None:  # an answer from a stream abandoned earlier
+            return None
+        if kind == "ok":
+            return item.key, message[2]
+        return item.key, DocumentError(message[2], message[3])
+
+    def _retry_alone(self, pending: dict[int, _Pending]) -> Iterator[tuple[Any, Generation | DocumentError]]:
+        """After a crash with ``pending`` in flight: run each of them alone in a new child, once. Alone, a
+        second crash names its culprit; the pages that were only in the same batch get their answers."""
+        suspects = list(pending.values())
+        pending.clear()
+        for item in suspects:
+            child = self._ready_child()
+            child.send(item.message(attempt=1))
+            child.send(("end",))
+            solo = {item.id: item}
+            while solo:
+                try:
+                    message = child.receive()
+                except _Died as died:
+                    self._crashed(died.args[0])
+                    yield item.key, DocumentError(
+                        errors.ENGINE_CRASH, f"the inference process died ({died.args[0]}) while processing this page"
+                    )
+                    if self._failed:  # the culprit's row first, then fail the run loudly
+                        raise RunError(self._failed) from None
+                    break
+                answered = self._answer(message, solo)
+                if answered is not None:
+                    yield answered
+
+
+def _payload(request: Request) -> tuple:
+    """What the child needs of a request, without its key. Pixels go as raw RGB bytes: BatchedEngine
+    converts to RGB anyway, and ``tobytes`` of a palette image alone would lose its palette."""
+    image = request.image if request.image.mode == "RGB" else request.image.convert("RGB")
+    return ("RGB", image.size, image.tobytes(), request.prompt, request.params, request.schema)
+
+
+# -- the child --------------------------------------------------------------------------------------
+
+def _int_set(name: str) -> frozenset[int]:
+    value = os.environ.get(name, "")
+    return frozenset(int(part) for part in value.split(",") if part.strip())
+
+
+def _native_abort() -> None:
+    """Abort the way llama.cpp does (``ggml_abort``: message, backtrace, SIGABRT); os.abort() if not found."""
+    function = None
+    try:
+        import llama_cpp.llama_cpp as llama_cpp_lib
+
+        function = llama_cpp_lib._lib.ggml_abort  # dlsym on libllama also finds its dependency libggml-base
+    except (ImportError, AttributeError):
+        try:
+            import llama_cpp
+
+            lib = os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so")
+            function = ctypes.CDLL(lib).ggml_abort
+        except (ImportError, OSError, AttributeError):
+            function = None
+    if function is not None:
+        function.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+        function.restype = None
+        function(b"medvlm_core/isolated.py", 1, b"medvlm test abort")
+    os.abort()
+
+
+class _Stream:
+    """The child's side of one stream: Requests read from the pipe until "end" (or "stop" / EOF)."""
+
+    def __init__(self, connection: Any, first: tuple, abort_on: frozenset[int], abort_once: frozenset[int]):
+        self.connection = connection
+        self.first = first
+        self.abort_on = abort_on
+        self.abort_once = abort_once
+        self.stopped = False  # the parent asked the child to stop (or went away)
+
+    def __iter__(self) -> Iterator[Request]:
+        message = self.first
+        while True:
+            if message[0] == "end":
+                return
+            if message[0] != "req":  # "stop"
+                self.stopped = True
+                return
+            _, rid, intake, attempt, mode, size, pixels, prompt, params, schema = message
+            if intake in self.abort_on or (attempt == 0 and intake in self.abort_once):
+                _native_abort()  # test hook: the pages before this one are in flight
+            from PIL import Image
+
+            yield Request(rid, Image.frombytes(mode, size, pixels), prompt, params, schema)
+            try:
+                message = self.connection.recv()
+            except (EOFError, OSError):  # the parent is gone
+                self.stopped = True
+                return
+
+
+def _child_main(config: EngineConfig, chat_format: str, requests: Any, results: Any) -> None:
+    """The child process: load the model, report ready, then answer streams of requests until stopped."""
+    # Ctrl-C reaches the whole process group; the parent decides when the child stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from medvlm_core.batched import BatchedEngine
+    from medvlm_core.engine import VisionEngine
+
+    engine = batched = None
+    try:
+        try:
+            engine = VisionEngine(config, chat_format).load()
+            batched = BatchedEngine(engine, n_seq=config.n_parallel, ctx_per_seq=config.n_ctx,
+                                    overlap=config.overlap_encode)
+        except RunError as exc:
+            results.send(("load_error", str(exc)))
+            return
+        except Exception as exc:  # e.g. ValueError for a bad mmproj; no traceback: the parent shows one line
+            # Loading sees no document, so llama-cpp-python's text (file paths, reasons) carries no PHI.
+            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            results.send(("load_error", f"llama.cpp could not load {config.model_path} with {config.mmproj_path} "
+                                        f"({type(exc).__name__}{': ' + text if text else ''})"))
+            return
+        results.send(("ready", engine.load_seconds))
+        abort_on, abort_once = _int_set(ABORT_ON_ENV), _int_set(ABORT_ONCE_ENV)
+        while True:
+            try:
+                message = requests.recv()
+            except (EOFError, OSError):
+                return
+            if message[0] == "stop":
+                return
+            stream = _Stream(requests, message, abort_on, abort_once)
+            try:
+                for rid, result in batched.generate_many(stream):
+                    if isinstance(result, DocumentError):
+                        results.send(("err", rid, result.error_type, result.message))
+                    else:
+                        results.send(("ok", rid, result))
+            except (BrokenPipeError, EOFError):
+                return
+            except RunError as exc:
+                results.send(("fatal", str(exc)))
+                return
+            except Exception as exc:
+                results.send(("fatal", f"the batched engine failed{_detail(exc)}"))
+                return
+            if stream.stopped:
+                return
+            results.send(("idle",))
+    except (BrokenPipeError, EOFError, OSError):  # the parent went away mid-send
+        return
+    finally:
+        if batched is not None:
+            batched.close()
+        if engine is not None:
+            engine.close()
+
+
+def _detail(exc: BaseException) -> str:
+    """The exception type, and its text only under MEDVLM_LOG_PHI (it can echo document content)."""
+    if Settings.from_env().log_phi:
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        return f" ({type(exc).__name__}: {text})"
+    return f" ({type(exc).__name__})"

@@ -1,0 +1,184 @@
+"""Native-crash isolation (medvlm_core.isolated): a real ``ggml_abort`` in the inference child process costs
+only the culprit page (an ``engine_crash`` error row); the other pages in flight are re-run alone and get
+the same answers as the in-process batched engine; too many crashes fail the run loudly.
+
+The crashes are llama.cpp's own abort, injected by the ``MEDVLM_TEST_ABORT_ON`` / ``_ONCE`` test hooks,
+set before ``start()`` so the spawned child inherits them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from medvlm_core import errors
+from medvlm_core.batched import BatchedEngine, Request
+from medvlm_core.config import EngineConfig, GenerationParams
+from medvlm_core.engine import VisionEngine
+from medvlm_core.errors import DocumentError, RunError
+from medvlm_core.isolated import IsolatedEngine
+
+N_PAGES = 10
+PROMPT = "Read the page."
+PARAMS = GenerationParams(max_tokens=6)
+CRASH = "the inference process died (SIGABRT) while processing this page"
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    """Overrides the session's autouse Prefect test server: nothing here uses Prefect."""
+    yield
+
+
+@pytest.fixture(autouse=True)
+def hooks(monkeypatch):
+    """No fault injection unless a test asks; no gdb backtrace on abort (it would attach a debugger)."""
+    monkeypatch.delenv("MEDVLM_TEST_ABORT_ON", raising=False)
+    monkeypatch.delenv("MEDVLM_TEST_ABORT_ONCE", raising=False)
+    monkeypatch.setenv("GGML_NO_BACKTRACE", "1")
+    return monkeypatch
+
+
+@pytest.fixture(scope="module")
+def pages():
+    out = []
+    for i in range(N_PAGES):
+        image = Image.new("RGB", (200, 260), (25 * i, 90, 200 - 15 * i))
+        ImageDraw.Draw(image).rectangle((10 + 8 * i, 20, 60 + 8 * i, 80 + 10 * i), fill=(255 - 20 * i, 30, 60))
+        out.append(image)
+    return out
+
+
+@pytest.fixture(scope="module")
+def config(tiny_llava):
+    return EngineConfig(str(tiny_llava.model_path), str(tiny_llava.mmproj_path), n_ctx=1024, n_parallel=3)
+
+
+@pytest.fixture(scope="module")
+def expected(config, pages):
+    """The pages' answers from the batched engine in this process (no isolation)."""
+    engine = VisionEngine(config, "llava-1-5").load()
+    batched = BatchedEngine(engine, n_seq=config.n_parallel, ctx_per_seq=config.n_ctx, overlap=config.overlap_encode)
+    try:
+        got = dict(batched.generate_many(Request(i, p, PROMPT, PARAMS) for i, p in enumerate(pages)))
+    finally:
+        batched.close()
+        engine.close()
+    assert all(not isinstance(r, DocumentError) for r in got.values())
+    return {i: r.text for i, r in got.items()}
+
+
+def requests(pages, n=N_PAGES):
+    return (Request(("page", i), pages[i], PROMPT, PARAMS) for i in range(n))
+
+
+def test_the_culprit_page_gets_an_engine_crash_error_and_the_others_their_answers(hooks, config, pages, expected):
+    hooks.setenv("MEDVLM_TEST_ABORT_ON", "4")
+    with IsolatedEngine(config, "llava-1-5") as engine:
+        results = dict(engine.generate_many(requests(pages)))
+        assert sorted(results) == [("page", i) for i in range(N_PAGES)]
+        crashed = results.pop(("page", 4))
+        assert isinstance(crashed, DocumentError)
+        assert (crashed.error_type, crashed.message) == (errors.ENGINE_CRASH, CRASH)
+        assert {key[1]: r.text for key, r in results.items()} == {i: t for i, t in expected.items() if i != 4}
+        # one crash in the batch, one in the culprit's solo run: a new child after each
+        assert (engine.crashes, engine.restarts) == (2, 2)
+        assert engine.loaded
+
+
+def test_a_page_that_crashes_once_succeeds_alone_after_the_restart(hooks, config, pages, expected):
+    hooks.setenv("MEDVLM_TEST_ABORT_ONCE", "2")
+    pulled, finished = [], []
+
+    def source():
+        for request in requests(pages):
+            assert len(pulled) - len(finished) <= engine.window  # lazy, bounded intake
+            pulled.append(request.key)
+            yield request
+
+    with IsolatedEngine(config, "llava-1-5") as engine:
+        results = {}
+        for key, result in engine.generate_many(source()):
+            finished.append(key)
+            results[key] = result
+        assert {key[1]: r.text for key, r in results.items()} == expected
+        assert (engine.crashes, engine.restarts) == (1, 1)
+
+
+def test_source_failure_early_stop_and_a_parent_without_llama_cpp(config, pages, expected, tmp_path):
+    with IsolatedEngine(config, "llava-1-5") as engine:
+        def failing():
+            yield from requests(pages, 4)
+            raise OSError("manifest source went away")
+
+        got = {}
+        with pytest.raises(OSError, match="went away"):
+            for key, result in engine.generate_many(failing()):
+                got[key] = result
+        assert {key[1]: r.text for key, r in got.items()} == {i: expected[i] for i in range(4)}
+
+        stream = engine.generate_many(requests(pages))
+        next(stream)
+        stream.close()  # pages still in flight: that child is ended, the next call starts another
+        again = dict(engine.generate_many(requests(pages, 3)))
+        assert {key[1]: r.text for key, r in again.items()} == {i: expected[i] for i in range(3)}
+        assert engine.crashes == 0
+    assert not engine.loaded
+    with pytest.raises(RunError, match="not started"):
+        list(engine.generate_many(requests(pages, 1)))
+
+    # The parent never loads llama.cpp (on a GPU it would take VRAM next to the child's).
+    script = textwrap.dedent(f"""
+        import sys
+        from PIL import Image
+        from medvlm_core.batched import Request
+        from medvlm_core.config import EngineConfig, GenerationParams
+        from medvlm_core.isolated import IsolatedEngine
+
+        if __name__ == "__main__":
+            config = EngineConfig({config.model_path!r}, {config.mmproj_path!r}, n_ctx=1024)
+            with IsolatedEngine(config, "llava-1-5") as engine:
+                out = list(engine.generate_many([Request(0, Image.new("RGB", (64, 64)), "Read.", GenerationParams(max_tokens=2))]))
+            print(len(out), out[0][1].completion_tokens, "llama_cpp" in sys.modules)
+    """)
+    (tmp_path / "parent.py").write_text(script)
+    proc = subprocess.run([sys.executable, str(tmp_path / "parent.py")], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1", "2", "False"]
+
+
+def test_a_model_that_does_not_load_is_a_clear_run_error(config, tmp_path):
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"this is not a GGUF file\n" * 512)
+    engine = IsolatedEngine(EngineConfig(str(garbage), config.mmproj_path, n_ctx=1024), "llava-1-5")
+    with pytest.raises(RunError) as caught:
+        engine.start()
+    message = str(caught.value)
+    assert str(garbage) in message
+    assert "Traceback" not in message and "\n" not in message
+    assert not engine.loaded
+    engine.close()
+
+
+def test_more_crashes_than_max_restarts_fail_the_run(hooks, config, pages):
+    hooks.setenv("MEDVLM_TEST_ABORT_ON", "0")
+    engine = IsolatedEngine(config, "llava-1-5", max_restarts=1).start()
+    got = {}
+    try:
+        with pytest.raises(RunError, match="keeps dying") as caught:
+            for key, result in engine.generate_many(requests(pages)):
+                got[key] = result
+        # the culprit's row is handed out before the run fails
+        assert isinstance(got[("page", 0)], DocumentError) and got[("page", 0)].error_type == errors.ENGINE_CRASH
+        assert "SIGABRT" in str(caught.value) and engine.crashes == 2
+        assert not engine.loaded
+        with pytest.raises(RunError, match="keeps dying"):
+            list(engine.generate_many(requests(pages, 1)))
+    finally:
+        engine.close()
