@@ -49,6 +49,7 @@ def medvlm_batch(
     image_max_tokens: int | None = None,
     overlap_encode: bool = EngineConfig.overlap_encode,
     flash_attn: bool = EngineConfig.flash_attn,
+    isolate: bool = EngineConfig.isolate,
     chat_format: str | None = None,
     max_pixels: int = ImageOptions.max_pixels,
     pdf_dpi: int = ImageOptions.pdf_dpi,

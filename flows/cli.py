@@ -52,6 +52,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="with --n-parallel: encode images inline instead of on a second thread ahead of the decode")
     p.add_argument("--no-flash-attn", dest="flash_attn", action="store_false",
                    help="turn flash attention off (text model and vision encoder)")
+    p.add_argument("--no-isolate", dest="isolate", action="store_false",
+                   help="run llama.cpp in this process (a native crash then ends the run) instead of a supervised child")
     p.add_argument("--chat-format", default=None, help="override the chat format picked from the model")
     p.add_argument("--max-pixels", type=int, default=ImageOptions.max_pixels, help="pixel budget per page image")
     p.add_argument("--pdf-dpi", type=int, default=ImageOptions.pdf_dpi)
@@ -84,7 +86,7 @@ def _flow_params(args: argparse.Namespace) -> dict[str, Any]:
         stop=args.stop, n_gpu_layers=args.n_gpu_layers, n_ctx=args.n_ctx, n_threads=args.n_threads,
         n_parallel=args.n_parallel, image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,
         overlap_encode=args.overlap_encode, flash_attn=args.flash_attn,
-        chat_format=args.chat_format, max_pixels=args.max_pixels, pdf_dpi=args.pdf_dpi, max_bytes=args.max_bytes,
+        isolate=args.isolate, chat_format=args.chat_format, max_pixels=args.max_pixels, pdf_dpi=args.pdf_dpi, max_bytes=args.max_bytes,
         max_source_pixels=args.max_source_pixels, max_pages=args.max_pages, chunk_size=args.chunk_size,
         model_sha256=args.model_sha256, mmproj_sha256=args.mmproj_sha256, s3_endpoint=args.s3_endpoint,
         credentials_block=args.credentials_block, force=args.force, extraction=args.extraction,

@@ -20,7 +20,7 @@ import medvlm_core
 from medvlm_core import results
 from medvlm_core import storage as st
 from medvlm_core.config import EngineConfig, GenerationParams, ImageOptions, Settings, params_json
-from medvlm_core.engine import shared_engine
+from medvlm_core.engine import shared_runner
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.manifest import ManifestPlan, ManifestRow
 from medvlm_core.model_cache import resolve_model_files
@@ -58,6 +58,7 @@ class RunOptions:
     image_max_tokens: int | None = None
     overlap_encode: bool = EngineConfig.overlap_encode
     flash_attn: bool = EngineConfig.flash_attn
+    isolate: bool = EngineConfig.isolate
     chat_format: str | None = None
     max_pixels: int = ImageOptions.max_pixels
     pdf_dpi: int = ImageOptions.pdf_dpi
@@ -186,7 +187,7 @@ def prepare_model(model: str, mmproj: str | None, options: RunOptions, storage: 
         n_ctx=options.n_ctx, n_gpu_layers=options.n_gpu_layers, n_threads=options.n_threads,
         n_parallel=options.n_parallel, image_min_tokens=options.image_min_tokens,
         image_max_tokens=options.image_max_tokens, overlap_encode=options.overlap_encode,
-        flash_attn=options.flash_attn,
+        flash_attn=options.flash_attn, isolate=options.isolate,
     )
     identity = identify_model(engine.model_path, engine.mmproj_path, engine.chat_format, settings.cache_dir)
     return engine, identity
@@ -206,7 +207,8 @@ def run_chunks(
     logger, spec: RunSpec, rows: list[ManifestRow], storage: Storage, chunk_size: int, shard_index: int | None = None
 ) -> list[ChunkSummary]:
     """Load the model (once per process), map the inference task over chunks, account for failed chunks."""
-    load_seconds = shared_engine(spec.engine, spec.model.chat_format).load_seconds
+    engine, runner = shared_runner(spec.engine, spec.model.chat_format)  # loads here: a bad model fails the run now
+    load_seconds = engine.load_seconds if engine is not None else runner.load_seconds
     logger.info("run %s: model %s (%s) ready, loaded in %.1f s", spec.run_id, spec.model.model_name, spec.model.chat_format, load_seconds)
     done = results.DoneKeys() if spec.force else results.load_done_keys(storage, spec.output)
     if len(done):

@@ -94,6 +94,10 @@ class EngineConfig:
     # default: it was faster at every parallelism on the GPU and on this 2-core CPU too (BENCHMARKS.md).
     # Does not change answers.
     overlap_encode: bool = True
+    # Run llama.cpp in a supervised child process (medvlm_core.isolated): a native crash (GGML_ABORT, a
+    # segfault) becomes an engine_crash error row for the page that caused it instead of killing the worker
+    # with every page in flight. Costs a pipe transfer of each page's pixels (~ms). Does not change answers.
+    isolate: bool = True
 
     def __post_init__(self) -> None:
         if self.n_parallel < 1:

@@ -230,6 +230,16 @@ def _short(exc: BaseException) -> str:
 _SHARED: dict[tuple, VisionEngine] = {}
 _SHARED_LOCK = threading.Lock()
 _BATCHED: dict[tuple, Any] = {}
+_ISOLATED: dict[tuple, Any] = {}
+_GAVE_UP: dict[tuple, str] = {}  # configs whose isolated engine kept crashing: not restarted in this process
+
+
+def _close_all_locked() -> None:
+    for runner in (*_BATCHED.values(), *_ISOLATED.values(), *_SHARED.values()):
+        runner.close()
+    _BATCHED.clear()
+    _ISOLATED.clear()
+    _SHARED.clear()
 
 
 def shared_engine(config: EngineConfig, chat_format: str) -> VisionEngine:
@@ -243,12 +253,7 @@ def shared_engine(config: EngineConfig, chat_format: str) -> VisionEngine:
         engine = _SHARED.get(key)
         if engine is not None and engine.loaded:
             return engine
-        for batched in _BATCHED.values():
-            batched.close()
-        _BATCHED.clear()
-        for other in list(_SHARED.values()):
-            other.close()
-        _SHARED.clear()
+        _close_all_locked()
         engine = VisionEngine(config, chat_format).load()
         _SHARED[key] = engine
         return engine
@@ -272,15 +277,44 @@ def shared_batched_engine(config: EngineConfig, chat_format: str) -> Any:
         return batched
 
 
+def shared_isolated_engine(config: EngineConfig, chat_format: str) -> Any:
+    """The process-wide IsolatedEngine for this config: its child process loads the model once and is
+    reused by every chunk; this process never loads the model itself.
+
+    An isolated engine that gave up (the child kept crashing) is not replaced: later calls raise the same
+    RunError, so a broken model or machine fails the run instead of crash-looping chunk after chunk.
+    """
+    from medvlm_core.isolated import IsolatedEngine
+
+    key = (config, chat_format)
+    with _SHARED_LOCK:
+        if key in _GAVE_UP:
+            raise RunError(_GAVE_UP[key])
+        isolated = _ISOLATED.get(key)
+        if isolated is not None and isolated.loaded:
+            return isolated
+        if isolated is not None and isolated.gave_up:
+            _GAVE_UP[key] = isolated.gave_up
+            raise RunError(isolated.gave_up)
+        _close_all_locked()
+        isolated = _ISOLATED[key] = IsolatedEngine(config, chat_format).start()
+        return isolated
+
+
+def shared_runner(config: EngineConfig, chat_format: str) -> tuple[VisionEngine | None, Any]:
+    """What answers pages in this process, as ``(engine, batched)`` for ``pipeline.process_rows``:
+    ``(None, IsolatedEngine)`` with ``config.isolate``, else the in-process engine and, with
+    ``n_parallel > 1``, its BatchedEngine (else None: one page at a time through the engine)."""
+    if config.isolate:
+        return None, shared_isolated_engine(config, chat_format)
+    engine = shared_engine(config, chat_format)
+    return engine, shared_batched_engine(config, chat_format) if config.n_parallel > 1 else None
+
+
 def close_shared_engines() -> None:
     """Close every shared engine (tests, process shutdown)."""
     with _SHARED_LOCK:
-        for batched in _BATCHED.values():
-            batched.close()
-        _BATCHED.clear()
-        for engine in _SHARED.values():
-            engine.close()
-        _SHARED.clear()
+        _close_all_locked()
 
 
 # Free models before interpreter teardown: Llama.__del__ during shutdown raises (its ctypes are gone).

@@ -190,6 +190,11 @@ class IsolatedEngine:
         self._ids = itertools.count()
 
     @property
+    def gave_up(self) -> str | None:
+        """Why the engine gave up (its child kept crashing), or None."""
+        return self._failed
+
+    @property
     def loaded(self) -> bool:
         """True between ``start()`` and ``close()`` (a crashed child is replaced on the next page)."""
         return self._open

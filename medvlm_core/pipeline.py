@@ -299,7 +299,7 @@ def _result_row(work: PageWork, spec: RunSpec, prompt: Prompt, result: Generatio
 
 
 def process_rows(
-    engine: VisionEngine,
+    engine: VisionEngine | None,
     rows: Iterable[ManifestRow],
     spec: RunSpec,
     storage: Storage,
@@ -311,8 +311,9 @@ def process_rows(
 
     Rows have ``status`` ``ok``, ``error`` or (structured mode) ``truncated``; pages whose key is in
     ``done`` (and ``spec.force`` is off) come out with status ``skipped`` and are not run: callers count
-    them and do not write them. With ``batched`` (a medvlm_core.batched.BatchedEngine) several pages are
-    decoded together and rows come out in the order pages finish. Never raises for a document's failure;
+    them and do not write them. With ``batched`` (a BatchedEngine, or an IsolatedEngine running one in a
+    child process; ``engine`` is then unused) several pages are decoded together and rows come out in the
+    order pages finish. Never raises for a document's failure;
     RunError (the engine itself is unusable) does propagate.
     """
 

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from medvlm_core import errors, results
-from medvlm_core.engine import shared_batched_engine, shared_engine
+from medvlm_core.engine import shared_runner
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.manifest import ManifestRow
 from medvlm_core.pipeline import PageWork, RunSpec, error_row, process_rows, row_prompt
@@ -109,8 +109,7 @@ def infer_chunk(
     Pages whose key is in ``done`` are skipped (counted, not written) unless ``spec.force``.
     """
     logger = get_run_logger()
-    engine = shared_engine(spec.engine, spec.model.chat_format)
-    batched = shared_batched_engine(spec.engine, spec.model.chat_format) if spec.engine.n_parallel > 1 else None
+    engine, batched = shared_runner(spec.engine, spec.model.chat_format)
     summary = ChunkSummary(chunk_index, staged_chunk_url(spec, chunk_index, shard_index))
     out = [r for r in process_rows(engine, rows, spec, storage, done, on_row=summary.add, batched=batched) if r["status"] != results.STATUS_SKIPPED]
     results.write_rows(storage, summary.staged_url, "completions", out)

@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -88,3 +89,13 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """After the test summary: what the reliability suite tried and survived (tests/reliability/report.py)."""
+    report = sys.modules.get("report")  # imported by the reliability tests when they ran
+    text = report.lines() if report is not None and hasattr(report, "lines") else []
+    if text:
+        terminalreporter.section("reliability: faults injected, inputs tried, rows lost")
+        for line in text:
+            terminalreporter.write_line(line)

@@ -22,6 +22,7 @@ from medvlm_core.config import EngineConfig, GenerationParams
 from medvlm_core.engine import VisionEngine
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.isolated import IsolatedEngine
+from report import record
 
 N_PAGES = 10
 PROMPT = "Read the page."
@@ -89,6 +90,8 @@ def test_the_culprit_page_gets_an_engine_crash_error_and_the_others_their_answer
         # one crash in the batch, one in the culprit's solo run: a new child after each
         assert (engine.crashes, engine.restarts) == (2, 2)
         assert engine.loaded
+    record("native abort: culprit page, isolated engine", inputs=N_PAGES, faults={"SIGABRT": 2},
+           rows_lost=N_PAGES - 1 - len(results))
 
 
 def test_a_page_that_crashes_once_succeeds_alone_after_the_restart(hooks, config, pages, expected):
@@ -108,6 +111,8 @@ def test_a_page_that_crashes_once_succeeds_alone_after_the_restart(hooks, config
             results[key] = result
         assert {key[1]: r.text for key, r in results.items()} == expected
         assert (engine.crashes, engine.restarts) == (1, 1)
+    record("native abort: innocent page, isolated engine", inputs=N_PAGES, faults={"SIGABRT": 1},
+           rows_lost=N_PAGES - len(results))
 
 
 def test_source_failure_early_stop_and_a_parent_without_llama_cpp(config, pages, expected, tmp_path):

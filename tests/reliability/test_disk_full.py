@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_manifest
+from report import record
 
 MEDVLM = str(Path(sys.executable).with_name("medvlm"))
 
@@ -93,6 +94,7 @@ def test_model_cache_full(tmp_path, tiny_qwen, demo_docs, cli_env):
     files = json.loads(listing.read_text())
     # no extracted model, complete or partial, and no temp folder: only the lock file may remain
     assert [f for f in files if not f.endswith(".lock")] == [], files
+    record("disk full: model cache", inputs=1, faults={"ENOSPC": 1})
     assert not (tmp_path / "out" / "completions").exists()
 
 
@@ -114,3 +116,4 @@ def test_staging_area_full(tmp_path, tiny_llava, demo_docs, cli_env):
     assert all(ok for ok in files.values() if ok is not None), files  # every Parquet file present is whole
     published = [f for f in files if not f.startswith("_staging")]
     assert published == [], files  # nothing published, no commit record
+    record("disk full: staging area", inputs=len(records), faults={"ENOSPC": 1})

@@ -13,6 +13,7 @@ from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.images import load_pages
 from medvlm_core.manifest import COLUMNS, read_manifest
 from medvlm_core.storage import Storage
+from report import record
 
 OPTIONS = ImageOptions(max_pixels=200_000, max_source_pixels=4_000_000, max_pages=5)
 
@@ -37,7 +38,8 @@ def _seeds() -> list[bytes]:
 SEEDS = _seeds()
 
 
-def _decode(data: bytes) -> None:
+def _decode(data: bytes, check: str) -> None:
+    record(check, inputs=1)
     try:
         for page in load_pages(data, "fuzz.bin", OPTIONS):
             assert page.image.mode == "RGB" and page.image.width * page.image.height <= OPTIONS.max_pixels
@@ -48,7 +50,7 @@ def _decode(data: bytes) -> None:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=4096))
 def test_any_bytes_decode_or_give_a_document_error(data):
-    _decode(data)
+    _decode(data, "fuzz: random bytes as a document")
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -58,7 +60,7 @@ def test_corrupted_real_files_decode_or_give_a_document_error(seed, flips, cut):
     data = bytearray(seed)
     for position, value in flips:
         data[position % len(data)] = value
-    _decode(bytes(data[: max(1, len(data) - cut % len(data))]))
+    _decode(bytes(data[: max(1, len(data) - cut % len(data))]), "fuzz: corrupted PNG/JPEG/TIFF/GIF/BMP/WebP/PDF")
 
 
 cell = st.one_of(st.none(), st.text(max_size=12), st.sampled_from(["1", "0", "-1", "2.0", "a.png", "s3://b/k.png", "../x"]))
@@ -69,6 +71,7 @@ cell = st.one_of(st.none(), st.text(max_size=12), st.sampled_from(["1", "0", "-1
 def test_any_manifest_rows_end_as_rows_or_quarantine(tmp_path, records):
     import csv
 
+    record("fuzz: manifest rows", inputs=len(records))
     path = tmp_path / "m.csv"
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
@@ -79,6 +82,8 @@ def test_any_manifest_rows_end_as_rows_or_quarantine(tmp_path, records):
     except RunError as exc:
         assert "manifest" in str(exc)
         return
+    lost = len(records) - len({r.row_number for r in plan.rows} | {q["row_number"] for q in plan.quarantined})
+    record("fuzz: manifest rows", rows_lost=lost)
     assert len(plan.rows) + len(plan.quarantined) == plan.total_rows == len(records)
     assert len({r.row_number for r in plan.rows} | {q["row_number"] for q in plan.quarantined}) == len(records)
 
@@ -86,6 +91,7 @@ def test_any_manifest_rows_end_as_rows_or_quarantine(tmp_path, records):
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=600), st.sampled_from([".csv", ".jsonl", ".parquet"]))
 def test_any_manifest_bytes_give_rows_or_one_clear_error(tmp_path, data, ext):
+    record("fuzz: manifest files (bytes)", inputs=1)
     path = tmp_path / f"m{ext}"
     path.write_bytes(data)
     try:

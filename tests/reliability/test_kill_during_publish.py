@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 
 from conftest import write_manifest
+from report import record
 
 MEDVLM = str(Path(sys.executable).with_name("medvlm"))
 
@@ -75,6 +76,8 @@ def test_kill_during_publishing_then_rerun(tmp_path, tiny_qwen, demo_docs):
 
     completions = table(out, "completions").to_pylist()
     keys = Counter(r["result_key"] for r in completions if r["status"] == "ok")
+    record("SIGKILL while publishing, then a re-run", inputs=len(records), faults={"SIGKILL": 1 + attempt},
+           rows_lost=len(records) - len(keys))
     assert len(keys) == 12 and set(keys.values()) == {1}  # exactly one ok row per key
     assert {r["run_id"] for r in completions} == {killed_run}
     runs = table(out, "runs").to_pylist()

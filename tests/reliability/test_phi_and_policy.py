@@ -15,6 +15,7 @@ from PIL import Image
 from conftest import write_manifest
 from flows.batch import medvlm_batch
 from medvlm_core.demo_docs import render_document
+from report import record
 
 MARKERS = {
     "patient": "PHI-PATIENT-7731",
@@ -56,6 +57,7 @@ def test_no_phi_or_secret_in_logs_or_artifacts(tmp_path, tiny_llava, caplog, cap
     text = "\n".join([caplog.text, captured.out, captured.err, *map(str, artifacts), state.message or ""])
     assert "chunk 0" in caplog.text  # the logs were captured
     leaked = [name for name, marker in MARKERS.items() if marker in text]
+    record("PHI: planted markers in logs/stderr/artifact", inputs=len(MARKERS), faults={"leaked": len(leaked)})
     assert leaked == []
     # the data itself is where it belongs: in the output tables
     rows = ds.dataset(tmp_path / "out" / "completions", partitioning="hive").to_table().to_pylist()
@@ -91,6 +93,8 @@ def test_location_policy_quarantines_documents_outside_and_refuses_outputs(tmp_p
     for row in (2, 3, 4, 5, 6):
         assert reasons[row] == f"row {row}: image_uri is outside the allowed locations of this deployment"
     assert "image_uri must be s3://" in reasons[7]
+    record("policy: documents outside the allow-list", inputs=7, faults={"outside": 6},
+           rows_lost=7 - summary["pages_ok"] - summary["quarantined_rows"])
 
     state = medvlm_batch(return_state=True, **dict(params, output=str(tmp_path / "elsewhere")))
     assert state.is_failed() and "output" in state.message and "outside the allowed locations" in state.message

@@ -17,6 +17,7 @@ from flows.batch import medvlm_batch
 from medvlm_core import errors
 from medvlm_core.errors import DocumentError
 from medvlm_core.storage import RetryPolicy, Storage, s3_options
+from report import record
 
 BUCKET = "medvlm-faults"
 
@@ -52,6 +53,7 @@ def test_retries_are_bounded_and_counted(s3_server, direct):
         proxy.inject_next("500", 2)
         assert storage.read_bytes(f"s3://{prefix}/a.bin") == b"payload"
         assert storage.retries == 5
+    record("S3: retries bounded (persistent 503, then 500s)", inputs=2, faults={"503": 4, "500": 2})
 
 
 def test_run_survives_faults_with_every_page_accounted_for(s3_server, direct, tmp_path, demo_docs, tiny_llava,
@@ -80,6 +82,8 @@ def test_run_survives_faults_with_every_page_accounted_for(s3_server, direct, tm
     read = lambda table: ds.dataset(f"{prefix}/out/{table}".replace("s3://", ""), filesystem=direct,  # noqa: E731
                                     format="parquet", partitioning="hive").to_table().to_pylist()
     rows = read("completions")
+    record("S3: a run behind a 15% fault proxy", inputs=len(records), faults=injected,
+           rows_lost=len(records) - len({r["manifest_row"] for r in rows}))
     assert sorted(r["manifest_row"] for r in rows) == list(range(1, 14))  # one row per manifest row
     [run] = read("runs")
     # every retry answered an injected fault (a slow response needs none; aiohttp resends some on its own)
