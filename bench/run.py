@@ -185,29 +185,39 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
         image_max_tokens=image_max_tokens, n_threads=n_threads, flash_attn=flash_attn,
         chunk_size=max(len(images), 1), force=True,
     )
-    medvlm_batch(**run)  # untimed: starts the ephemeral Prefect server and loads the model, as a worker would
-    started = time.perf_counter()
-    summary = medvlm_batch(**run)
-    wall = time.perf_counter() - started
-    pages_ok = summary["pages_ok"]
-    flow = {"path": "flow", "parallel": n_seq, "docs": len(images), "wall_s": wall, "docs_per_s": pages_ok / wall,
-            "flow_reported_pages_per_s": summary["pages_per_second"], "peak_rss_mb": rss_mb()}
-    # The engine alone on the same pages (decoded from the same files beforehand), through the very batched
-    # engine the flow's tasks used in this process: the difference is orchestration and I/O.
     from PIL import Image
 
-    from medvlm_core import engine as engine_module
-    from medvlm_core.batched import Request
+    from medvlm_core.batched import BatchedEngine, Request
+    from medvlm_core.config import EngineConfig
+    from medvlm_core.engine import VisionEngine, close_shared_engines
 
-    (batched,) = engine_module._BATCHED.values()
+    out = []
+    for isolate in (True, False):  # the default (llama.cpp in a supervised child process), then in-process
+        medvlm_batch(**run, isolate=isolate)  # untimed: starts Prefect and loads the model, as a worker would
+        started = time.perf_counter()
+        summary = medvlm_batch(**run, isolate=isolate)
+        wall = time.perf_counter() - started
+        close_shared_engines()
+        out.append({"path": "flow", "parallel": n_seq, "isolate": isolate, "docs": len(images), "wall_s": wall,
+                    "docs_per_s": summary["pages_ok"] / wall, "flow_reported_pages_per_s": summary["pages_per_second"],
+                    "peak_rss_mb": rss_mb()})
+    # The engine alone on the same pages (decoded from the same files beforehand), same settings, in this
+    # process: the difference to the flow is orchestration, I/O and (isolated) the pipe to the child.
+    config = EngineConfig(str(model), str(mmproj), chat_format, n_ctx=n_ctx, n_threads=n_threads,
+                          image_max_tokens=image_max_tokens, flash_attn=flash_attn, n_parallel=n_seq)
+    engine = VisionEngine(config, chat_format).load()
+    batched = BatchedEngine(engine, n_seq=n_seq, ctx_per_seq=n_ctx)
     decoded = [Image.open(docs / f"doc-{i:04d}.png").convert("RGB") for i in range(len(images))]
+    list(batched.generate_many([Request(-1, decoded[0], PROMPT, params)]))  # warm-up
     started = time.perf_counter()
     list(batched.generate_many(Request(i, im, PROMPT, params) for i, im in enumerate(decoded)))
     alone = time.perf_counter() - started
-    flow["engine_alone_docs_per_s"] = len(images) / alone
-    flow["x_engine_same_pages"] = flow["docs_per_s"] / flow["engine_alone_docs_per_s"]
-    flow["engine_overlap"] = batched.overlap
-    return flow
+    batched.close()
+    engine.close()
+    for flow in out:
+        flow["engine_alone_docs_per_s"] = len(images) / alone
+        flow["x_engine_same_pages"] = flow["docs_per_s"] / flow["engine_alone_docs_per_s"]
+    return out
 
 
 def bench_plan(rows: int, workdir: Path) -> dict:
@@ -296,8 +306,8 @@ def main(argv=None) -> int:
                                         args.image_max_tokens, args.flash_attn, workdir))
     else:
         print("llama-server: not built (bash bench/build_llama_server.sh), skipped", file=sys.stderr)
-    results.append(bench_flow(model, mmproj, chat_format, pages(args.flow_docs), params, max(parallel), args.n_ctx, workdir / "flow",
-                              args.image_max_tokens, args.n_threads, args.flash_attn == "on"))
+    results.extend(bench_flow(model, mmproj, chat_format, pages(args.flow_docs), params, max(parallel), args.n_ctx,
+                              workdir / "flow", args.image_max_tokens, args.n_threads, args.flash_attn == "on"))
     results.append(bench_plan(args.plan_rows, workdir))
 
     naive = results[0]["docs_per_s"]
@@ -307,8 +317,9 @@ def main(argv=None) -> int:
             r["x_naive"] = r["docs_per_s"] / naive
             if r["parallel"] in server_at:
                 r["x_server"] = r["docs_per_s"] / server_at[r["parallel"]]["docs_per_s"]
-    flow = next(r for r in results if r["path"] == "flow")
-    flow.pop("x_server", None)  # other pages than the server's: not comparable
+    flows = [r for r in results if r["path"] == "flow"]
+    for flow in flows:
+        flow.pop("x_server", None)  # other pages than the server's: not comparable
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
@@ -329,13 +340,16 @@ def main(argv=None) -> int:
                   f"peak RSS {r['peak_rss_mb']:.0f} MB, {r['task_runs']} task runs (chunk_size {r['chunk_size']})")
             continue
         name = r["path"] + (" ov=" + ("on" if r["overlap"] else "off") if "overlap" in r else "")
+        name += (" isolated" if r["isolate"] else " in-proc") if "isolate" in r else ""
         enc = f"{r['encode_ms_per_page']:.0f}" if "encode_ms_per_page" in r else "-"
         xs = f"{r['x_server']:.2f}" if "x_server" in r else "-"
         print(f"{name:<15} {r['parallel']:>4} {r['docs_per_s']:>8.2f} {r.get('gen_tok_per_s', 0):>8.1f} {enc:>7} "
               f"{r['x_naive']:>8.2f} {xs:>8} {r['peak_rss_mb']:>8.0f}")
-    print(f"flow on {flow['docs']} pages at {flow['parallel']}: {flow['docs_per_s']:.2f} docs/s; the engine alone on the "
-          f"same pages {flow['engine_alone_docs_per_s']:.2f} docs/s: flow = {flow['x_engine_same_pages']:.2f}x engine; "
-          f"JSON: {args.out}")
+    for flow in flows:
+        print(f"flow ({'isolated' if flow['isolate'] else 'in-process'}) on {flow['docs']} pages at {flow['parallel']}: "
+              f"{flow['docs_per_s']:.2f} docs/s; the engine alone on the same pages "
+              f"{flow['engine_alone_docs_per_s']:.2f} docs/s: flow = {flow['x_engine_same_pages']:.2f}x engine")
+    print(f"JSON: {args.out}")
     return 0
 
 

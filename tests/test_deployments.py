@@ -168,7 +168,7 @@ def test_fan_out_over_two_gpu_workers(stack, tmp_path, tiny_llava, tiny_qwen, de
     output2 = tmp_path / "out2"
     slow = dict(common, output=str(output2), model=str(tiny_qwen.model_path), mmproj=str(tiny_qwen.mmproj_path),
                 options={"max_tokens": 48, "n_ctx": 4096, "chunk_size": 1, "max_pixels": 1_300_000},
-                shard_timeout_seconds=25)
+                shard_timeout_seconds=40)  # isolation: the shard starts a child too
     for i in range(5):  # bigger pages: the qwen-style encoder makes each take a while
         Image.new("RGB", (1000, 1300), "white").save(docs / f"extra-{i}.png")
     runner = subprocess.Popen(
@@ -184,7 +184,7 @@ def test_fan_out_over_two_gpu_workers(stack, tmp_path, tiny_llava, tiny_qwen, de
     assert staged, "no shard started"
     kill_tree(stack.processes["gpu-0"])  # the worker and the shard run it was executing
     out, _ = runner.communicate(timeout=330)
-    assert runner.returncode == 0, out[-3000:]
+    assert runner.returncode == 0, out[-1500:] + str(commit_records(output2))
 
     [record] = commit_records(output2)
     assert record["failed_shards"] == {}

@@ -61,8 +61,8 @@ def test_run_survives_faults_with_every_page_accounted_for(s3_server, direct, tm
     prefix = f"s3://{BUCKET}/{uuid.uuid4().hex[:10]}"
     records = [dict(r, document_id=f"{r['document_id']}-{i}") for i in range(4) for r in demo_docs]
     records.append({"document_id": "missing", "image_uri": "documents/not-there.png"})
-    for record in demo_docs:
-        direct.put(str(tmp_path / record["image_uri"]), f"{prefix}/in/{record['image_uri']}")
+    for doc in demo_docs:
+        direct.put(str(tmp_path / doc["image_uri"]), f"{prefix}/in/{doc['image_uri']}")
     direct.put(str(write_manifest(tmp_path / "m.csv", records)), f"{prefix}/in/m.csv")
     direct.put(str(tiny_llava.model_path), f"{prefix}/models/model.gguf")
     direct.put(str(tiny_llava.mmproj_path), f"{prefix}/models/mmproj.gguf")
