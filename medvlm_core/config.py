@@ -82,10 +82,14 @@ class EngineConfig:
     n_threads: int | None = None
     n_batch: int = 512
     # Flash attention in the text model and the vision encoder (llama-server's default too): on this
-    # machine's CPU it cut a 1300-token page's encode from 253 to 103 ms (BENCHMARKS.md). Numerics only.
+    # machine's CPU it cut a ~1300-token page's encode from ~350 to ~150 ms (BENCHMARKS.md F vs D).
+    # Numerics only.
     flash_attn: bool = True
-    # Documents decoded together in one batch (medvlm_core.batched); n_ctx is then per document.
-    n_parallel: int = 1
+    # Pages decoded together in one batch (medvlm_core.batched), each with its own n_ctx-token KV stream.
+    # 8 keeps a GPU busy (2.6x the one-at-a-time loop's tokens/s on CPU, BENCHMARKS.md E) while the KV
+    # cache stays modest: 8 x 8192 tokens is ~3.7 GB for a 7B Qwen2.5-VL (28 layers, 4 KV heads, f16).
+    # At temperature 0 the answers equal n_parallel=1's.
+    n_parallel: int = 8
     # Image token budget of the vision encoder (libmtmd; None = the model's default, e.g. 8 to 4096 for
     # Qwen-VL). Fewer tokens per page: faster encode and prefill, less detail.
     image_min_tokens: int | None = None

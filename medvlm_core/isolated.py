@@ -39,6 +39,7 @@ script that creates an ``IsolatedEngine`` must keep its top-level work under ``i
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import itertools
 import multiprocessing
 import multiprocessing.connection as mp_connection
@@ -465,7 +466,10 @@ def _child_main(config: EngineConfig, chat_format: str, requests: Any, results: 
     engine = batched = None
     try:
         try:
-            engine = VisionEngine(config, chat_format).load()
+            # The child answers every page through the batched context; the engine's own context only has
+            # to exist (llama-cpp-python makes one per model), so keep it small instead of another n_ctx of KV.
+            small = dataclasses.replace(config, n_ctx=max(256, config.n_batch))
+            engine = VisionEngine(small, chat_format).load()
             batched = BatchedEngine(engine, n_seq=config.n_parallel, ctx_per_seq=config.n_ctx,
                                     overlap=config.overlap_encode)
         except RunError as exc:

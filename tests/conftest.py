@@ -91,6 +91,16 @@ def prefect_server():
         yield
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One real S3 server (SeaweedFS on loopback) for the session; each test module creates its own bucket."""
+    from medvlm_core.s3_server import LocalS3Server
+
+    server = LocalS3Server(tmp_path_factory.mktemp("seaweed")).start()
+    yield server
+    server.stop()
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """After the test summary: what the reliability suite tried and survived (tests/reliability/report.py)."""
     report = sys.modules.get("report")  # imported by the reliability tests when they ran

@@ -20,15 +20,10 @@ from tasks.publish import publish_run
 BUCKET = "medvlm-test"
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """One SeaweedFS S3 server for the session, with one bucket; tests use a prefix each."""
-    from medvlm_core.s3_server import LocalS3Server
-
-    server = LocalS3Server(tmp_path_factory.mktemp("seaweed")).start()
-    server.create_bucket(BUCKET)
-    yield server
-    server.stop()
+@pytest.fixture(scope="module", autouse=True)
+def bucket(s3_server):
+    """This module's bucket on the session's S3 server (tests/conftest.py); tests use a prefix each."""
+    s3_server.create_bucket(BUCKET)
 
 
 @pytest.fixture

@@ -22,14 +22,10 @@ from report import record
 BUCKET = "medvlm-faults"
 
 
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    from medvlm_core.s3_server import LocalS3Server
-
-    server = LocalS3Server(tmp_path_factory.mktemp("seaweed-flow-faults")).start()
-    server.create_bucket(BUCKET)
-    yield server
-    server.stop()
+@pytest.fixture(scope="module", autouse=True)
+def bucket(s3_server):
+    """This module's bucket on the session's S3 server (tests/conftest.py)."""
+    s3_server.create_bucket(BUCKET)
 
 
 @pytest.fixture
