@@ -180,9 +180,9 @@ class VisionEngine:
                         errors.CONTEXT_OVERFLOW,
                         f"image and prompt do not fit in n_ctx={self.config.n_ctx}; raise --n-ctx or lower the pixel budget",
                     ) from None
-                raise DocumentError(errors.INFERENCE_ERROR, f"llama.cpp rejected the request{self._detail(exc)}") from None
+                raise DocumentError(errors.INFERENCE_ERROR, f"llama.cpp rejected the request{error_detail(exc)}") from None
             except Exception as exc:  # a native error surfaces as many types; the run must go on
-                raise DocumentError(errors.INFERENCE_ERROR, f"llama.cpp failed{self._detail(exc)}") from None
+                raise DocumentError(errors.INFERENCE_ERROR, f"llama.cpp failed{error_detail(exc)}") from None
             latency_ms = (time.perf_counter() - started) * 1000.0
         choice = response["choices"][0]
         usage = response.get("usage") or {}
@@ -193,12 +193,6 @@ class VisionEngine:
             completion_tokens=int(usage.get("completion_tokens") or 0),
             latency_ms=latency_ms,
         )
-
-    def _detail(self, exc: BaseException) -> str:
-        """The exception's type, and its text only under MEDVLM_LOG_PHI (it can echo prompt or output)."""
-        if Settings.from_env().log_phi:
-            return f" ({type(exc).__name__}: {_short(exc)})"
-        return f" ({type(exc).__name__})"
 
     def _grammar(self, schema: dict[str, Any]) -> Any:
         """A llama.cpp grammar for ``schema`` (the GBNF text is built once per schema)."""
@@ -220,6 +214,14 @@ class VisionEngine:
             if self._llm is not None:
                 self._llm.close()
                 self._llm = None
+
+
+def error_detail(exc: BaseException) -> str:
+    """`` (Type)`` for an error message; `` (Type: first line)`` only under MEDVLM_LOG_PHI, because llama.cpp's
+    text can echo the prompt, the document or the output."""
+    if Settings.from_env().log_phi:
+        return f" ({type(exc).__name__}: {_short(exc)})"
+    return f" ({type(exc).__name__})"
 
 
 def _short(exc: BaseException) -> str:

@@ -53,8 +53,8 @@ from typing import Any, Iterable, Iterator
 
 from medvlm_core import errors
 from medvlm_core.batched import Request
-from medvlm_core.config import EngineConfig, Settings
-from medvlm_core.engine import Generation
+from medvlm_core.config import EngineConfig
+from medvlm_core.engine import Generation, error_detail
 from medvlm_core.errors import DocumentError, RunError
 
 ABORT_ON_ENV = "MEDVLM_TEST_ABORT_ON"
@@ -503,7 +503,7 @@ def _child_main(config: EngineConfig, chat_format: str, requests: Any, results: 
                 results.send(("fatal", str(exc)))
                 return
             except Exception as exc:
-                results.send(("fatal", f"the batched engine failed{_detail(exc)}"))
+                results.send(("fatal", f"the batched engine failed{error_detail(exc)}"))
                 return
             if stream.stopped:
                 return
@@ -515,11 +515,3 @@ def _child_main(config: EngineConfig, chat_format: str, requests: Any, results: 
             batched.close()
         if engine is not None:
             engine.close()
-
-
-def _detail(exc: BaseException) -> str:
-    """The exception type, and its text only under MEDVLM_LOG_PHI (it can echo document content)."""
-    if Settings.from_env().log_phi:
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        return f" ({type(exc).__name__}: {text})"
-    return f" ({type(exc).__name__})"

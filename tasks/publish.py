@@ -51,9 +51,6 @@ def publish_run(
     ``audit`` (e.g. which worker ran which shard) goes into the commit record. Returns the published URLs
     by table.
     """
-    if "completions" not in staged_tables(storage, output, run_id):  # every row quarantined: one empty file
-        results.write_rows(storage, results.staging_url(output, run_id, "completions", "empty.parquet"),
-                           "completions", [])
     if quarantine_rows:
         results.write_rows(storage, results.staging_url(output, run_id, "quarantine", "quarantine.parquet"),
                            "quarantine", quarantine_rows)
@@ -69,6 +66,7 @@ def publish_staged(storage: Storage, output: str, run_id: str) -> dict[str, str]
     root = results.staging_root(output, run_id)
     marker = json.loads(storage.read_bytes(st.join(root, PUBLISH_MARKER)))
     staged = {t: urls for t, urls in staged_tables(storage, output, run_id).items() if t != "shards"}
+    staged.setdefault("completions", [])  # every row quarantined: still one (empty) completions file
     published: dict[str, str] = {}
     # completions first, runs last: a reader who sees the runs row sees every table of the run
     for table in sorted(staged, key=lambda t: (t == "runs", t != "completions", t)):

@@ -101,6 +101,19 @@ def s3_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The server's credentials and endpoint in the environment (the standard AWS variables), and an fs that
+    talks to it directly."""
+    import s3fs
+
+    from medvlm_core.storage import s3_options
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3fs.S3FileSystem(**s3_options())
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """After the test summary: what the reliability suite tried and survived (tests/reliability/report.py)."""
     report = sys.modules.get("report")  # imported by the reliability tests when they ran

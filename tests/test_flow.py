@@ -170,3 +170,14 @@ def test_rerun_skips_done_pages_retries_errors_and_force_reruns(tmp_path, tiny_l
 
     forced = medvlm_batch(force=True, **params)
     assert (forced["pages_ok"], forced["skipped_rows"]) == (5, 0)
+
+
+def test_a_manifest_of_only_refused_rows_still_publishes_every_table(tmp_path, tiny_llava):
+    manifest = write_manifest(tmp_path / "m.csv", [{"document_id": "a", "image_uri": "a.png", "page": "-1"},
+                                                    {"document_id": "b", "image_uri": "", "page": "1"}])
+    summary = medvlm_batch(manifest=str(manifest), output=str(tmp_path / "out"), model=str(tiny_llava.model_path),
+                           mmproj=str(tiny_llava.mmproj_path), max_tokens=2, n_ctx=1024)
+    assert (summary["quarantined_rows"], summary["pages_ok"], summary["reconciled"]) == (2, 0, True)
+    read = lambda table: ds.dataset(tmp_path / "out" / table, partitioning="hive").to_table()  # noqa: E731
+    assert read("completions").num_rows == 0 and read("quarantine").num_rows == 2 and read("runs").num_rows == 1
+    assert set(summary["published"]) == {"completions", "quarantine", "runs"}

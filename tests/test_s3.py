@@ -27,14 +27,6 @@ def bucket(s3_server):
 
 
 @pytest.fixture
-def s3(s3_server, monkeypatch):
-    """The server's credentials and endpoint in the environment (the standard AWS variables), and an fs."""
-    for key, value in s3_server.env().items():
-        monkeypatch.setenv(key, value)
-    return s3fs.S3FileSystem(**s3_options())
-
-
-@pytest.fixture
 def prefix():
     """A fresh prefix in the test bucket."""
     return f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"

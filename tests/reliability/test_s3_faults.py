@@ -9,7 +9,6 @@ import uuid
 
 import pyarrow.dataset as ds
 import pytest
-import s3fs
 
 from conftest import write_manifest
 from fault_proxy import FaultProxy
@@ -28,17 +27,9 @@ def bucket(s3_server):
     s3_server.create_bucket(BUCKET)
 
 
-@pytest.fixture
-def direct(s3_server, monkeypatch):
-    """Credentials in the environment and an fs that talks to the server directly (no faults)."""
-    for key, value in s3_server.env().items():
-        monkeypatch.setenv(key, value)
-    return s3fs.S3FileSystem(**s3_options(s3_server.endpoint_url))
-
-
-def test_retries_are_bounded_and_counted(s3_server, direct):
+def test_retries_are_bounded_and_counted(s3_server, s3):
     prefix = f"{BUCKET}/{uuid.uuid4().hex[:10]}"
-    direct.pipe(f"{prefix}/a.bin", b"payload")
+    s3.pipe(f"{prefix}/a.bin", b"payload")
     with FaultProxy(s3_server.endpoint_url, rate=1.0, kinds=("503",), seed=1) as proxy:
         storage = Storage({"s3": s3_options(proxy.endpoint)}, RetryPolicy(max_attempts=4, base_delay_s=0.01))
         with pytest.raises(DocumentError) as failed:
@@ -52,16 +43,16 @@ def test_retries_are_bounded_and_counted(s3_server, direct):
     record("S3: retries bounded (persistent 503, then 500s)", inputs=2, faults={"503": 4, "500": 2})
 
 
-def test_run_survives_faults_with_every_page_accounted_for(s3_server, direct, tmp_path, demo_docs, tiny_llava,
+def test_run_survives_faults_with_every_page_accounted_for(s3_server, s3, tmp_path, demo_docs, tiny_llava,
                                                             monkeypatch):
     prefix = f"s3://{BUCKET}/{uuid.uuid4().hex[:10]}"
     records = [dict(r, document_id=f"{r['document_id']}-{i}") for i in range(4) for r in demo_docs]
     records.append({"document_id": "missing", "image_uri": "documents/not-there.png"})
     for doc in demo_docs:
-        direct.put(str(tmp_path / doc["image_uri"]), f"{prefix}/in/{doc['image_uri']}")
-    direct.put(str(write_manifest(tmp_path / "m.csv", records)), f"{prefix}/in/m.csv")
-    direct.put(str(tiny_llava.model_path), f"{prefix}/models/model.gguf")
-    direct.put(str(tiny_llava.mmproj_path), f"{prefix}/models/mmproj.gguf")
+        s3.put(str(tmp_path / doc["image_uri"]), f"{prefix}/in/{doc['image_uri']}")
+    s3.put(str(write_manifest(tmp_path / "m.csv", records)), f"{prefix}/in/m.csv")
+    s3.put(str(tiny_llava.model_path), f"{prefix}/models/model.gguf")
+    s3.put(str(tiny_llava.mmproj_path), f"{prefix}/models/mmproj.gguf")
     monkeypatch.setenv("MEDVLM_CACHE_DIR", str(tmp_path / "cache"))
 
     with FaultProxy(s3_server.endpoint_url, rate=0.15, seed=7, slow_seconds=0.3) as proxy:
@@ -75,7 +66,7 @@ def test_run_survives_faults_with_every_page_accounted_for(s3_server, direct, tm
     assert (summary["pages_ok"], summary["pages_error"], summary["reconciled"]) == (12, 1, True)
     assert summary["error_types"] == {"not_found": 1}  # a fault never turns into a lost or failed page
 
-    read = lambda table: ds.dataset(f"{prefix}/out/{table}".replace("s3://", ""), filesystem=direct,  # noqa: E731
+    read = lambda table: ds.dataset(f"{prefix}/out/{table}".replace("s3://", ""), filesystem=s3,  # noqa: E731
                                     format="parquet", partitioning="hive").to_table().to_pylist()
     rows = read("completions")
     record("S3: a run behind a 15% fault proxy", inputs=len(records), faults=injected,
