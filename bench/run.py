@@ -42,7 +42,7 @@ def rss_mb() -> float:
 
 def pages(n: int):
 
-    from medvlm_core.demo_docs import DOCUMENTS, render_document
+    from medvlm_core.testing.demo_docs import DOCUMENTS, render_document
 
     docs = [render_document(d["title"], d["lines"]) for d in DOCUMENTS.values()]
     out = []
@@ -64,7 +64,7 @@ def bench_naive(engine, images, prompt, params) -> dict:
 
 
 def bench_engine(engine, images, prompt, params, n_seq: int, overlap: bool) -> dict:
-    from medvlm_core.batched import BatchedEngine, Request
+    from medvlm_core.engine import BatchedEngine, Request
 
     batched = BatchedEngine(engine, n_seq=n_seq, ctx_per_seq=engine.config.n_ctx, overlap=overlap)
     try:
@@ -180,25 +180,24 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
         for i, image in enumerate(images):
             image.save(docs / f"doc-{i:04d}.png")
             writer.writerow([f"doc-{i:04d}", f"docs/doc-{i:04d}.png"])
-    run = dict(
-        manifest=str(workdir / "manifest.csv"), output=str(workdir / "out"), model=str(model), mmproj=str(mmproj),
+    locations = dict(manifest=str(workdir / "manifest.csv"), output=str(workdir / "out"), model=str(model), mmproj=str(mmproj))
+    options = dict(
         chat_format=chat_format, max_tokens=params.max_tokens, n_ctx=n_ctx, n_parallel=n_seq, prompt=PROMPT,
         image_max_tokens=image_max_tokens, n_threads=n_threads, flash_attn=flash_attn,
         chunk_size=max(len(images), 1), force=True,
     )
     from PIL import Image
 
-    from medvlm_core.batched import BatchedEngine, Request
     from medvlm_core.config import EngineConfig
-    from medvlm_core.engine import VisionEngine, close_shared_engines
+    from medvlm_core.engine import BatchedEngine, Request, VisionEngine, close_shared_engines
 
     out = []
     # the default (llama.cpp in a supervised child process), then in-process; --quick: the default, cold
     for isolate in (True,) if quick else (True, False):
         if not quick:
-            medvlm_batch(**run, isolate=isolate)  # untimed: starts Prefect and loads the model, as a worker would
+            medvlm_batch(**locations, options=dict(options, isolate=isolate))  # untimed: Prefect start, model load
         started = time.perf_counter()
-        summary = medvlm_batch(**run, isolate=isolate)
+        summary = medvlm_batch(**locations, options=dict(options, isolate=isolate))
         wall = time.perf_counter() - started
         close_shared_engines()
         out.append({"path": "flow", "parallel": n_seq, "isolate": isolate, "docs": len(images), "wall_s": wall,
@@ -206,9 +205,9 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
                     "peak_rss_mb": rss_mb()})
     # The engine alone on the same pages (decoded from the same files beforehand), same settings, in this
     # process: the difference to the flow is orchestration, I/O and (isolated) the pipe to the child.
-    config = EngineConfig(str(model), str(mmproj), chat_format, n_ctx=n_ctx, n_threads=n_threads,
+    config = EngineConfig(str(model), str(mmproj), chat_format=chat_format, n_ctx=n_ctx, n_threads=n_threads,
                           image_max_tokens=image_max_tokens, flash_attn=flash_attn, n_parallel=n_seq)
-    engine = VisionEngine(config, chat_format).load()
+    engine = VisionEngine(config, chat_format).start()
     batched = BatchedEngine(engine, n_seq=n_seq, ctx_per_seq=n_ctx)
     decoded = [Image.open(docs / f"doc-{i:04d}.png").convert("RGB") for i in range(len(images))]
     list(batched.generate_many([Request(-1, decoded[0], PROMPT, params)]))  # warm-up
@@ -227,8 +226,9 @@ def bench_plan(rows: int, workdir: Path) -> dict:
     """Validate and plan a large manifest in a child process, so its memory is its own."""
     code = f"""
 import csv, json, resource, time
-from medvlm_core.config import Settings
+from medvlm_core.config import EngineOptions
 from medvlm_core.manifest import read_manifest
+from medvlm_core.settings import Settings
 from medvlm_core.storage import Storage
 path = {str(workdir / 'big.csv')!r}
 with open(path, 'w', newline='') as f:
@@ -236,7 +236,7 @@ with open(path, 'w', newline='') as f:
     for i in range({rows}):
         w.writerow([f'doc-{{i:07d}}', f'scans/{{i % 997}}/doc-{{i:07d}}.tiff', f'P{{i % 50000:06d}}'])
 t = time.perf_counter(); plan = read_manifest(path, Storage()); wall = time.perf_counter() - t
-chunk = Settings.from_env().chunk_size
+chunk = Settings().chunk_rows(EngineOptions().n_parallel)  # the rows per task a default run uses
 print(json.dumps({{"rows": plan.total_rows, "valid": len(plan.rows), "validate_plan_s": wall,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "chunk_size": chunk,
     "task_runs": -(-len(plan.rows) // chunk)}}))
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     from medvlm_core.config import EngineConfig, GenerationParams
     from medvlm_core.engine import VisionEngine
     from medvlm_core.models import choose_chat_format, inspect_model
-    from medvlm_core.tiny_model import make_tiny_model
+    from medvlm_core.testing.tiny_model import make_tiny_model
 
     workdir = Path(tempfile.mkdtemp(prefix="medvlm-bench-"))
     if args.model:
@@ -293,7 +293,7 @@ def main(argv=None) -> int:
     engine = VisionEngine(
         EngineConfig(str(model), str(mmproj), n_ctx=args.n_ctx, image_max_tokens=args.image_max_tokens,
                      n_threads=args.n_threads, flash_attn=args.flash_attn == "on"), chat_format
-    ).load()
+    ).start()
     engine.generate(images[0], prompt, params)  # warm-up (first graph allocation)
     threads = (engine._llm.n_threads, engine._llm.n_threads_batch)
     results = [bench_naive(engine, images, prompt, params)]

@@ -15,63 +15,30 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import (
-    RunOptions, check_output_writable, finish_run, make_run_id, make_spec, merge_summaries, prepare_model, recover_output, run_chunks,
-)
+from flows.execute import run_chunks
+from flows.finish import finish_run
+from flows.setup import guard_output, start_run
 from medvlm_core import storage as st
-from medvlm_core.config import EngineConfig, GenerationParams, ImageOptions, Settings
 from medvlm_core.errors import RunError
 from medvlm_core.manifest import read_manifest
-from medvlm_core.results import utc_now
+from medvlm_core.options import RunOptions
+from medvlm_core.run import RunContext, make_spec, prepare_model
 
 
-@flow(name="medvlm-batch", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False)
+# validate_parameters=False: the options are validated by RunOptions.parse, whose error names the bad
+# option in one line (Prefect's own validation error would be a wall of pydantic text before the flow starts).
+@flow(name="medvlm-batch", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False, validate_parameters=False)
 def medvlm_batch(
     manifest: str,
     output: str,
     model: str,
     mmproj: str | None = None,
-    prompt_id: str | None = None,
-    prompt: str | None = None,
-    max_tokens: int = GenerationParams.max_tokens,
-    temperature: float = GenerationParams.temperature,
-    top_p: float = GenerationParams.top_p,
-    top_k: int = GenerationParams.top_k,
-    min_p: float = GenerationParams.min_p,
-    repeat_penalty: float = GenerationParams.repeat_penalty,
-    seed: int = GenerationParams.seed,
-    stop: list[str] | None = None,
-    n_gpu_layers: int = EngineConfig.n_gpu_layers,
-    n_ctx: int = EngineConfig.n_ctx,
-    n_threads: int | None = None,
-    n_parallel: int = EngineConfig.n_parallel,
-    image_min_tokens: int | None = None,
-    image_max_tokens: int | None = None,
-    overlap_encode: bool = EngineConfig.overlap_encode,
-    flash_attn: bool = EngineConfig.flash_attn,
-    isolate: bool = EngineConfig.isolate,
-    chat_format: str | None = None,
-    max_pixels: int = ImageOptions.max_pixels,
-    pdf_dpi: int = ImageOptions.pdf_dpi,
-    max_bytes: int = ImageOptions.max_bytes,
-    max_source_pixels: int = ImageOptions.max_source_pixels,
-    max_pages: int = ImageOptions.max_pages,
-    chunk_size: int | None = None,
-    model_sha256: str | None = None,
-    mmproj_sha256: str | None = None,
-    s3_endpoint: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-    credentials_block: str | None = None,
-    force: bool = False,
-    extraction: str | None = None,
-    allowed_locations: list[str] | None = None,
-    sse: str | None = None,
-    sse_kms_key_id: str | None = None,
+    options: RunOptions | None = None,
 ) -> Any:
     """Run a VLM over every page of the manifest's documents and publish the result tables under ``output``.
 
-    Returns a summary dict (run id, counts, published URLs). Every manifest row ends as a result row, an
-    error row or a quarantine row; ``reconciled`` in the summary and the runs row says the counts add up.
+    Every manifest row ends as a result row, an error row or a quarantine row; ``reconciled`` in the summary
+    and the runs row says the counts add up.
 
     Any URI may be local or ``s3://``. ``model`` may be a ``.zip`` holding both GGUFs (then no ``mmproj``);
     remote models are cached locally once and checked against ``model_sha256`` / ``mmproj_sha256``.
@@ -84,37 +51,45 @@ def medvlm_batch(
     Structured mode: ``prompt_id="clinical_extraction"`` (or an ``extraction`` definition of your own)
     constrains the answer to a JSON schema and fills the diagnoses / medications / instructions tables
     (or a table named after the extraction's prompt id).
+
+    Args:
+        manifest: the manifest URI (.csv, .jsonl or .parquet).
+        output: the output folder or ``s3://`` prefix.
+        model: the text GGUF (or a .zip bundle of both files).
+        mmproj: the vision projector GGUF.
+        options: the run's options (``medvlm_core.options.RunOptions``; a flat dict such as
+            ``{"max_tokens": 64}`` works too).
+
+    Returns:
+        The run's summary (run id, counts, published URLs), or a Failed state with one clear message when
+        the run cannot start.
     """
-    values = dict(locals())
     logger = get_run_logger()
     try:
-        options = RunOptions.from_dict({k: v for k, v in values.items() if k not in ("manifest", "output", "model", "mmproj")})
-        return run_batch(logger, manifest, output, model, mmproj, options)
+        return run_batch(logger, start_run(output, model, mmproj, options), manifest)
     except RunError as exc:
         logger.error("run failed: %s", exc)
         return Failed(message=str(exc))
 
 
-def run_batch(logger, manifest: str, output: str, model: str, mmproj: str | None, options: RunOptions) -> dict:
-    """The whole run in this process (also used by the nightly flow for each new manifest)."""
-    settings = Settings.from_env()
-    storage = options.storage()
-    manifest, output = st.normalize(manifest), st.normalize(output)
-    started = utc_now()
-    run_id = make_run_id(started)
+def run_batch(logger: Any, ctx: RunContext, manifest: str) -> dict:
+    """The whole run in this process (also used by the nightly flow for each new manifest).
+
+    Args:
+        logger: the flow run's logger.
+        ctx: the run (``flows.setup.start_run``).
+        manifest: the manifest URI.
+
+    Returns:
+        The run's summary.
+    """
+    manifest = st.normalize(manifest)
     # Set-up runs in the flow itself, not in tasks: a problem here is one clean message and a Failed flow
     # run, before any document is touched (a failing task would log a traceback for a user error).
-    policy = options.check_locations(output, model, mmproj)
-    options.register_extraction(storage)
-    plan = read_manifest(manifest, storage, policy)
-    logger.info("run %s: %d manifest rows, %d quarantined", run_id, plan.total_rows, len(plan.quarantined))
-    check_output_writable(storage, output, run_id)
-    recover_output(logger, storage, output)
-    engine, identity = prepare_model(model, mmproj, options, storage, settings)
-    spec = make_spec(run_id, output, engine, identity, options)
-    summaries = run_chunks(logger, spec, plan.rows, storage, options.chunk_size or settings.chunk_rows(options.n_parallel))
-    return finish_run(
-        logger, run_id=run_id, manifest=manifest, output=output, plan=plan, total=merge_summaries(summaries),
-        started=started, identity=identity, params=spec.params_json,
-        default_prompt=spec.default_prompt, storage=storage,
-    )
+    plan = read_manifest(manifest, ctx.storage, ctx.policy)
+    logger.info("run %s: %d manifest rows, %d quarantined", ctx.run_id, plan.total_rows, len(plan.quarantined))
+    guard_output(logger, ctx)
+    engine, identity = prepare_model(ctx)
+    spec = make_spec(ctx, engine, identity)
+    summaries = run_chunks(logger, ctx, spec, plan.rows)
+    return finish_run(logger, ctx, manifest, plan, summaries, identity, spec.params_json)

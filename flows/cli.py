@@ -12,6 +12,8 @@ import csv
 import io
 import os
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,99 +30,101 @@ def _prefect_defaults() -> None:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    from medvlm_core.config import EngineConfig, GenerationParams, ImageOptions
+    """One flag per run option, derived from ``RunOptions`` (name, type, default and help come from there).
 
-    g = GenerationParams()
-    p.add_argument("--prompt-id", help="prompt of the library (default clinical_analysis)")
-    p.add_argument("--prompt", help="free prompt text for every row (rows may still set their own)")
-    p.add_argument("--max-tokens", type=int, default=g.max_tokens)
-    p.add_argument("--temperature", type=float, default=g.temperature)
-    p.add_argument("--top-p", type=float, default=g.top_p)
-    p.add_argument("--top-k", type=int, default=g.top_k)
-    p.add_argument("--min-p", type=float, default=g.min_p)
-    p.add_argument("--repeat-penalty", type=float, default=g.repeat_penalty)
-    p.add_argument("--seed", type=int, default=g.seed)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--n-gpu-layers", type=int, default=EngineConfig.n_gpu_layers, help="-1 = all layers")
-    p.add_argument("--n-ctx", type=int, default=EngineConfig.n_ctx)
-    p.add_argument("--n-threads", type=int, default=None)
-    p.add_argument("--n-parallel", type=int, default=EngineConfig.n_parallel,
-                   help="documents decoded together in one batch (n-ctx is then per document)")
-    p.add_argument("--image-min-tokens", type=int, help="vision encoder: at least this many tokens per page")
-    p.add_argument("--image-max-tokens", type=int, help="vision encoder: at most this many tokens per page")
-    p.add_argument("--no-overlap-encode", dest="overlap_encode", action="store_false",
-                   help="with --n-parallel: encode images inline instead of on a second thread ahead of the decode")
-    p.add_argument("--no-flash-attn", dest="flash_attn", action="store_false",
-                   help="turn flash attention off (text model and vision encoder)")
-    p.add_argument("--no-isolate", dest="isolate", action="store_false",
-                   help="run llama.cpp in this process (a native crash then ends the run) instead of a supervised child")
-    p.add_argument("--chat-format", default=None, help="override the chat format picked from the model")
-    p.add_argument("--max-pixels", type=int, default=ImageOptions.max_pixels, help="pixel budget per page image")
-    p.add_argument("--pdf-dpi", type=int, default=ImageOptions.pdf_dpi)
-    p.add_argument("--max-bytes", type=int, default=ImageOptions.max_bytes, help="limit: bytes per document file")
-    p.add_argument("--max-source-pixels", type=int, default=ImageOptions.max_source_pixels,
-                   help="limit: pixels per source page (decompression-bomb guard)")
-    p.add_argument("--max-pages", type=int, default=ImageOptions.max_pages, help="limit: pages per document")
-    p.add_argument("--chunk-size", type=int, default=None, help="manifest rows per inference task")
-    p.add_argument("--model-sha256", help="expected sha256 of --model (refused on mismatch)")
-    p.add_argument("--mmproj-sha256", help="expected sha256 of --mmproj (refused on mismatch)")
-    p.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL_S3)")
-    p.add_argument("--credentials-block", help="Prefect Secret block holding S3 credentials as JSON")
-    p.add_argument("--force", action="store_true", help="re-run pages that already have an ok result in the output")
+    Defaults are left to ``RunOptions`` (argparse.SUPPRESS): only the flags given reach the run.
+    """
+    from medvlm_core.options import option_fields
+
+    for field in option_fields():
+        extra = field.info.json_schema_extra or {}
+        flag = extra.get("cli", "--" + field.name.replace("_", "-"))
+        if flag is None:  # not a command-line option (e.g. s3fs options: deployments only)
+            continue
+        default = field.info.get_default(call_default_factory=True)
+        kinds = _flag_kinds(field.annotation)
+        help_text = field.info.description or ""
+        if bool in kinds:
+            if default:
+                p.add_argument(f"--no-{flag[2:]}", dest=field.name, action="store_false", default=argparse.SUPPRESS,
+                               help=f"turn off: {help_text}")
+            else:
+                p.add_argument(flag, dest=field.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            continue
+        shown = f" (default: {default})" if default not in (None, (), []) else ""
+        kwargs: dict[str, Any] = dict(dest=field.name, default=argparse.SUPPRESS, help=help_text + shown)
+        if list in kinds or tuple in kinds:
+            kwargs["action"] = "append"
+        elif kinds[0] in (int, float):
+            kwargs["type"] = kinds[0]
+        if "literal" in kinds:
+            kwargs["choices"] = list(typing.get_args(_without_none(field.annotation)))
+        p.add_argument(flag, **kwargs)
+    # A shortcut, not an option of its own: structured mode is the clinical_extraction prompt.
     p.add_argument("--mode", choices=["text", "structured"], default="text",
                    help="structured: schema-constrained JSON into diagnoses/medications/instructions tables")
-    p.add_argument("--extraction", help="your own extraction: JSON file with prompt_id, prompt and a JSON schema")
-    p.add_argument("--sse", choices=["AES256", "aws:kms"], help="server-side encryption of what the run writes to S3")
-    p.add_argument("--sse-kms-key-id", help="KMS key for --sse aws:kms")
-    p.add_argument("--allow", action="append", dest="allowed_locations", default=None,
-                   help="allowed S3 prefix or local root (repeatable); documents elsewhere are quarantined")
 
 
-def _flow_params(args: argparse.Namespace) -> dict[str, Any]:
-    prompt_id = args.prompt_id
-    if args.mode == "structured" and not prompt_id and not args.extraction:
-        prompt_id = "clinical_extraction"
-    return dict(
-        prompt_id=prompt_id, prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
-        stop=args.stop, n_gpu_layers=args.n_gpu_layers, n_ctx=args.n_ctx, n_threads=args.n_threads,
-        n_parallel=args.n_parallel, image_min_tokens=args.image_min_tokens, image_max_tokens=args.image_max_tokens,
-        overlap_encode=args.overlap_encode, flash_attn=args.flash_attn,
-        isolate=args.isolate, chat_format=args.chat_format, max_pixels=args.max_pixels, pdf_dpi=args.pdf_dpi, max_bytes=args.max_bytes,
-        max_source_pixels=args.max_source_pixels, max_pages=args.max_pages, chunk_size=args.chunk_size,
-        model_sha256=args.model_sha256, mmproj_sha256=args.mmproj_sha256, s3_endpoint=args.s3_endpoint,
-        credentials_block=args.credentials_block, force=args.force, extraction=args.extraction,
-        allowed_locations=args.allowed_locations, sse=args.sse, sse_kms_key_id=args.sse_kms_key_id,
-    )
+def _without_none(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1 else annotation
+
+
+def _flag_kinds(annotation: Any) -> list[Any]:
+    """The Python kinds an option's annotation stands for: [int], [bool], [list], ['literal'], [str], ..."""
+    inner = _without_none(annotation)
+    origin = typing.get_origin(inner)
+    if origin is typing.Literal:
+        return [str, "literal"]
+    if origin in (list, tuple, dict):
+        return [origin]
+    return [inner]
+
+
+def _flow_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The run options given on the command line (flat names), with ``--mode structured`` applied."""
+    from medvlm_core.options import option_fields
+
+    values = {f.name: getattr(args, f.name) for f in option_fields() if hasattr(args, f.name)}
+    if args.mode == "structured" and not values.get("prompt_id") and not values.get("extraction"):
+        values["prompt_id"] = "clinical_extraction"
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``medvlm`` command."""
-    parser = argparse.ArgumentParser(prog="medvlm", description="Clinical document images -> VLM -> Parquet tables.")
+    # allow_abbrev=False everywhere: a prefix must not pass for another flag (--mode is not --model).
+    parser = argparse.ArgumentParser(prog="medvlm", description="Clinical document images -> VLM -> Parquet tables.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the batch flow over a manifest")
+    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, allow_abbrev=False, **kwargs)
+
+    run = add("run", help="run the batch flow over a manifest")
     run.add_argument("--manifest", required=True, help="manifest URI (.csv, .jsonl or .parquet)")
     run.add_argument("--output", required=True, help="output folder URI for the Parquet tables")
     run.add_argument("--model", required=True, help="text model GGUF, or a .zip holding model and mmproj (path or s3://)")
     run.add_argument("--mmproj", help="vision projector (mmproj) GGUF (path or s3://)")
     _add_run_options(run)
 
-    demo = sub.add_parser("demo", help="render synthetic documents and run the whole flow on them")
+    demo = add("demo", help="render synthetic documents and run the whole flow on them")
     demo.add_argument("--workdir", default="./medvlm-demo")
     demo.add_argument("--model", help="text model GGUF (default: generate the tiny random model)")
     demo.add_argument("--mmproj", help="vision projector GGUF (with --model)")
     demo.add_argument("--family", default="llava", help="tiny model family when generating (llava, qwen2vl)")
     demo.add_argument("--max-tokens", type=int, default=48)
+    demo.add_argument("--mode", choices=["text", "structured"], default="text",
+                      help="structured: schema-constrained JSON into diagnoses/medications/instructions tables")
     demo.add_argument("--s3", action="store_true",
                       help="start a local S3 server (SeaweedFS) and run from s3:// to s3://")
 
-    validate = sub.add_parser("validate", help="check a manifest (no model is loaded); non-zero if rows would be quarantined")
+    validate = add("validate", help="check a manifest (no model is loaded); non-zero if rows would be quarantined")
     validate.add_argument("manifest", help="manifest URI (.csv, .jsonl or .parquet)")
     validate.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL_S3)")
     validate.add_argument("--examples", type=int, default=3, help="problems shown per check")
 
-    q = sub.add_parser("query", help="run SQL (DuckDB) over the output tables")
+    q = add("query", help="run SQL (DuckDB) over the output tables")
     q.add_argument("sql", help="SQL over the views completions, runs, quarantine, diagnoses, medications, "
                               "instructions, ...; or an example name: " + ", ".join(EXAMPLES))
     q.add_argument("--output", required=True, help="the output folder or s3:// prefix of medvlm runs")
@@ -128,19 +132,30 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="file to write (csv, parquet); default: standard output for table/csv")
     q.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL_S3)")
 
-    tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight VLM (text GGUF + mmproj) for tests")
+    tiny = add("make-tiny-model", help="write a tiny random-weight VLM (text GGUF + mmproj) for tests")
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--family", default="llava")
     tiny.add_argument("--seed", type=int, default=0)
     return parser
 
 
-def run_flow(**params: Any) -> tuple[int, dict | None, str | None]:
-    """Run the batch flow in-process. Returns (exit status, summary or None, error message or None)."""
+def run_flow(manifest: str, output: str, model: str, mmproj: str | None, options: dict[str, Any]) -> tuple[int, dict | None, str | None]:
+    """Run the batch flow in-process.
+
+    Args:
+        manifest: the manifest URI.
+        output: the output URI.
+        model: the model URI.
+        mmproj: the mmproj URI.
+        options: run options by their (flat) names.
+
+    Returns:
+        ``(exit status, summary or None, error message or None)``.
+    """
     _prefect_defaults()
     from flows.batch import medvlm_batch
 
-    state = medvlm_batch(return_state=True, **params)
+    state = medvlm_batch(manifest=manifest, output=output, model=model, mmproj=mmproj, options=options, return_state=True)
     if not state.is_completed():
         return EXIT_CANNOT_RUN, None, state.message or "the run failed"
     summary = state.result()
@@ -162,10 +177,18 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
         print(f"  {table}: {url}", file=out)
 
 
+def _storage(endpoint: str | None):
+    """Storage for the commands that read without a run (validate, query): the endpoint flag, else the settings'."""
+    from medvlm_core.settings import Settings
+    from medvlm_core.storage import Storage, s3_options
+
+    settings = Settings()
+    return Storage({"s3": s3_options(endpoint_url=endpoint or settings.s3_endpoint)}, retry=settings.retry_policy())
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    code, summary, error = run_flow(
-        manifest=args.manifest, output=args.output, model=args.model, mmproj=args.mmproj, **_flow_params(args)
-    )
+    """``medvlm run``: the batch flow over a manifest, in this process."""
+    code, summary, error = run_flow(args.manifest, args.output, args.model, args.mmproj, _flow_options(args))
     if error is not None:
         print(f"medvlm: error: {error}", file=sys.stderr)
         return code
@@ -176,12 +199,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """``medvlm validate``: check a manifest without loading a model."""
     from medvlm_core.errors import RunError
     from medvlm_core.manifest import read_manifest
-    from medvlm_core.storage import Storage, s3_options
 
     try:
-        plan = read_manifest(args.manifest, Storage({"s3": s3_options(endpoint_url=args.s3_endpoint)}))
+        plan = read_manifest(args.manifest, _storage(args.s3_endpoint))
     except RunError as exc:
         print(f"medvlm: error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
@@ -197,16 +220,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    """``medvlm query``: SQL (or a built-in query) over an output's tables."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     from medvlm_core.analytics import EXAMPLE_QUERIES, query
     from medvlm_core.errors import RunError
-    from medvlm_core.storage import Storage, s3_options
 
     sql = EXAMPLE_QUERIES.get(args.sql, args.sql)
     try:
-        table = query(args.output, sql, Storage({"s3": s3_options(endpoint_url=args.s3_endpoint)}))
+        table = query(args.output, sql, _storage(args.s3_endpoint))
     except RunError as exc:
         print(f"medvlm: error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
@@ -240,7 +263,8 @@ def _print_table(table, limit: int = 50) -> None:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from medvlm_core.tiny_model import make_tiny_model
+    """``medvlm make-tiny-model``: write a tiny random-weight VLM for tests."""
+    from medvlm_core.testing.tiny_model import make_tiny_model
 
     try:
         model = make_tiny_model(args.out, family=args.family, seed=args.seed)
@@ -252,8 +276,9 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from medvlm_core.demo_docs import write_demo_documents
-    from medvlm_core.tiny_model import make_tiny_model
+    """``medvlm demo``: synthetic documents through the whole flow (a generated tiny model by default)."""
+    from medvlm_core.testing.demo_docs import write_demo_documents
+    from medvlm_core.testing.tiny_model import make_tiny_model
 
     if args.model and not args.mmproj:
         print("medvlm: error: --model needs --mmproj", file=sys.stderr)
@@ -272,8 +297,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         model, mmproj = args.model, args.mmproj
     print(f"demo: {len(records)} synthetic documents and a manifest in {workdir}")
-    params = dict(manifest=str(manifest), output=str(workdir / "output"), model=model, mmproj=mmproj,
-                  max_tokens=args.max_tokens, n_ctx=4096, force=True)  # a demo re-run shows fresh rows
+    options: dict[str, Any] = dict(max_tokens=args.max_tokens, n_ctx=4096, force=True)  # a re-run shows fresh rows
+    if args.mode == "structured":
+        options["prompt_id"] = "clinical_extraction"
+    params = dict(manifest=str(manifest), output=str(workdir / "output"), model=model, mmproj=mmproj, options=options)
     if args.s3:
         code, summary, error = _demo_on_s3(workdir, params)
     else:
@@ -291,8 +318,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("Point the demo at a real VLM to get real answers, for example:")
         print("  medvlm demo --model Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf --mmproj mmproj-Qwen2.5-VL-7B-Instruct-f16.gguf")
     if not args.s3:
-        print(f"Query the tables: duckdb -c \"select * from read_parquet('{workdir}/output/completions/*/*.parquet', "
-              "hive_partitioning=true)\"")
+        print(f"Query the tables: medvlm query errors_by_type --output {workdir / 'output'}")
+        print(f"  or any SQL:    medvlm query \"select status, count(*) from completions group by status\" "
+              f"--output {workdir / 'output'}")
     return code
 
 
@@ -300,7 +328,7 @@ def _demo_on_s3(workdir: Path, params: dict) -> tuple[int, dict | None, str | No
     """Start SeaweedFS on loopback, upload documents, manifest and model, run s3:// -> s3://, stop it."""
     import s3fs
 
-    from medvlm_core.s3_server import LocalS3Server
+    from medvlm_core.testing.s3_server import LocalS3Server
 
     bucket = "medvlm-demo"
     with LocalS3Server(workdir / "s3") as server:

@@ -17,26 +17,28 @@ from prefect.deployments import run_deployment
 from prefect.flow_runs import wait_for_flow_run
 from prefect.states import Cancelled, Failed
 
-from flows.common import (
-    RunOptions, check_output_writable, finish_run, make_run_id, make_spec, merge_summaries, prepare_model, recover_output, split_chunks,
-)
+from flows.execute import split_chunks
+from flows.finish import finish_run
+from flows.setup import guard_output, start_run
 from flows.shard import read_shard_record
 from medvlm_core import storage as st
-from medvlm_core.config import Settings
+from medvlm_core.accounting import ChunkSummary
+from medvlm_core.chunks import discard_staged_shard, stage_failed_rows
+from medvlm_core.config import EngineConfig
 from medvlm_core.errors import RunError
 from medvlm_core.manifest import read_manifest
 from medvlm_core.models import ModelIdentity
-from medvlm_core.results import utc_now
-from tasks.inference import ChunkSummary, discard_staged_shard, stage_failed_rows
+from medvlm_core.options import RunOptions
+from medvlm_core.run import RunContext, make_spec, prepare_model
 
 
-@flow(name="medvlm-fanout", log_prints=False)
+@flow(name="medvlm-fanout", log_prints=False, validate_parameters=False)
 async def medvlm_fanout(
     manifest: str,
     output: str,
     model: str,
     mmproj: str | None = None,
-    options: dict[str, Any] | None = None,
+    options: RunOptions | None = None,
     shard_size: int = 256,
     max_shard_attempts: int = 2,
     shard_deployment: str = "medvlm-shard/medvlm-shard",
@@ -44,16 +46,25 @@ async def medvlm_fanout(
 ) -> Any:
     """Run ``manifest`` through ``shard_deployment`` runs in parallel and publish the results under ``output``.
 
-    ``options`` are the run options (flows.common.RunOptions: prompt, generation, limits, S3 settings).
-    A shard lost with its worker is noticed after ``shard_timeout_seconds`` and relaunched.
+    Args:
+        manifest: the manifest URI.
+        output: the output URI.
+        model: the model URI.
+        mmproj: the mmproj URI.
+        options: the run options (``medvlm_core.options.RunOptions``), handed to every shard.
+        shard_size: manifest rows per shard (each shard loads the model once).
+        max_shard_attempts: launches per shard before its rows become ``task_failed`` error rows.
+        shard_deployment: the ``medvlm-shard`` deployment to launch.
+        shard_timeout_seconds: a shard lost with its worker is noticed after this long and relaunched.
+
+    Returns:
+        The run's summary (with ``shards``), or a Failed state naming the shards that failed.
     """
     logger = get_run_logger()
     try:
-        opts = RunOptions.from_dict(options)
-        return await _fan_out(
-            logger, st.normalize(manifest), st.normalize(output), model, mmproj, opts, shard_size,
-            max_shard_attempts, shard_deployment, shard_timeout_seconds,
-        )
+        ctx = start_run(output, model, mmproj, options)
+        return await _fan_out(logger, ctx, st.normalize(manifest), shard_size, max_shard_attempts, shard_deployment,
+                              shard_timeout_seconds)
     except RunError as exc:
         logger.error("run failed: %s", exc)
         return Failed(message=str(exc))
@@ -80,36 +91,32 @@ async def _run_shard(deployment: str, parameters: dict, timeout: float) -> tuple
     return False, f"{state.type.value.lower() if state else 'unknown'}: {state.message if state else ''}"
 
 
-async def _fan_out(logger, manifest, output, model, mmproj, opts, shard_size, max_attempts, deployment, timeout) -> Any:
-    settings = Settings.from_env()
-    storage = opts.storage()
-    started = utc_now()
-    run_id = make_run_id(started)
-    policy = opts.check_locations(output, model, mmproj)
-    opts.register_extraction(storage)
-    plan = read_manifest(manifest, storage, policy)
-    check_output_writable(storage, output, run_id)
-    recover_output(logger, storage, output)
+async def _fan_out(logger: Any, ctx: RunContext, manifest: str, shard_size: int, max_attempts: int, deployment: str,
+                   timeout: float) -> Any:
+    storage, layout, run_id = ctx.storage, ctx.output, ctx.run_id
+    plan = read_manifest(manifest, storage, ctx.policy)
+    guard_output(logger, ctx)
     shards = split_chunks([r.row_number for r in plan.rows], shard_size)
     logger.info("run %s: %d manifest rows (%d quarantined) in %d shards", run_id, plan.total_rows, len(plan.quarantined), len(shards))
 
     pending = list(range(len(shards)))
     reasons: dict[int, str] = {}
     attempts = {i: 0 for i in pending}
+    options = ctx.options.flat()
     for attempt in range(1, max(1, max_attempts) + 1):
         if not pending:
             break
         for i in pending:
             attempts[i] = attempt
         parameters = [
-            dict(manifest=manifest, output=output, model=model, mmproj=mmproj, run_id=run_id, shard_index=i,
-                 row_numbers=shards[i], options=opts.to_dict())
+            dict(manifest=manifest, output=layout.root, model=ctx.model, mmproj=ctx.mmproj, run_id=run_id,
+                 shard_index=i, row_numbers=shards[i], options=options)
             for i in pending
         ]
         outcomes = await asyncio.gather(*[_run_shard(deployment, p, timeout) for p in parameters])
         failed = []
         for index, (ok, reason) in zip(pending, outcomes):
-            if ok and read_shard_record(storage, output, run_id, index) is not None:
+            if ok and read_shard_record(storage, layout, run_id, index) is not None:
                 reasons.pop(index, None)
             else:
                 reasons[index] = reason or "finished without its record"
@@ -117,26 +124,25 @@ async def _fan_out(logger, manifest, output, model, mmproj, opts, shard_size, ma
                 logger.warning("shard %d attempt %d failed: %s", index, attempt, reasons[index])
         pending = failed
 
-    records = [r for i in range(len(shards)) if (r := read_shard_record(storage, output, run_id, i)) is not None]
+    records = [r for i in range(len(shards)) if (r := read_shard_record(storage, layout, run_id, i)) is not None]
     summaries = [ChunkSummary.from_json(r["summary"]) for r in records]
     if records:
         identity, params = ModelIdentity(**records[0]["identity"]), records[0]["params_json"]
     else:  # no shard finished: identify the model here so the error rows still say which model was asked for
-        engine, identity = prepare_model(model, mmproj, opts, storage, settings)
-        params = make_spec(run_id, output, engine, identity, opts).params_json
+        engine, identity = prepare_model(ctx)
+        params = make_spec(ctx, engine, identity).params_json
     if pending:
-        spec = make_spec(run_id, output, _placeholder_engine(), identity, opts)
+        # No model is loaded here: the spec only labels the error rows (its engine config is a placeholder).
+        spec = make_spec(ctx, EngineConfig.of("", "", ctx.options.engine), identity)
         by_number = {r.row_number: r for r in plan.rows}
         for index in pending:
             rows = [by_number[n] for n in shards[index]]
-            discard_staged_shard(storage, output, run_id, index)  # a lost attempt may have staged part of it
+            discard_staged_shard(storage, spec, index)  # a lost attempt may have staged part of it
             summaries.append(
                 stage_failed_rows(0, rows, spec, storage, f"shard {index} failed after {max_attempts} attempt(s): {reasons[index]}", index)
             )
     summary = finish_run(
-        logger, run_id=run_id, manifest=manifest, output=output, plan=plan, total=merge_summaries(summaries),
-        started=started, identity=identity, params=params, default_prompt=opts.default_prompt(),
-        storage=storage,
+        logger, ctx, manifest, plan, summaries, identity, params,
         audit={"shards": [
             {k: r[k] for k in ("shard_index", "worker", "started_at", "finished_at")} for r in records
         ], "failed_shards": {str(i): reasons[i] for i in pending}, "shard_attempts": {str(i): n for i, n in attempts.items()}},
@@ -146,10 +152,3 @@ async def _fan_out(logger, manifest, output, model, mmproj, opts, shard_size, ma
         detail = "; ".join(f"shard {i}: {reasons[i]}" for i in pending)
         return Failed(message=f"{len(pending)} of {len(shards)} shard(s) failed ({detail}); their rows are error rows in run {run_id}")
     return summary
-
-
-def _placeholder_engine():
-    """An engine config for building a spec where no model is loaded (recording failed shards)."""
-    from medvlm_core.config import EngineConfig
-
-    return EngineConfig(model_path="", mmproj_path="")

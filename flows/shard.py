@@ -19,30 +19,38 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import RunOptions, make_spec, merge_summaries, prepare_model, run_chunks
-from medvlm_core import results
+from flows.execute import run_chunks
+from flows.setup import start_run
 from medvlm_core import storage as st
-from medvlm_core.config import Settings
+from medvlm_core.accounting import merge_summaries
 from medvlm_core.errors import RunError
+from medvlm_core.layout import OutputLayout
 from medvlm_core.manifest import read_manifest
+from medvlm_core.options import RunOptions
 from medvlm_core.results import utc_now
+from medvlm_core.run import make_spec, prepare_model
 from medvlm_core.storage import Storage
 
 
-def shard_record_url(output: str, run_id: str, shard_index: int) -> str:
-    """Where a finished shard leaves its record for the parent run."""
-    return st.join(results.staging_root(output, run_id), "shards", f"shard-{shard_index:05d}.json")
+def read_shard_record(storage: Storage, layout: OutputLayout, run_id: str, shard_index: int) -> dict | None:
+    """A finished shard's record.
 
+    Args:
+        storage: where the output is.
+        layout: the output's layout.
+        run_id: the parent run.
+        shard_index: the shard.
 
-def read_shard_record(storage: Storage, output: str, run_id: str, shard_index: int) -> dict | None:
-    """A shard's record, or None if it did not finish."""
-    url = shard_record_url(output, run_id, shard_index)
+    Returns:
+        The record, or None if the shard did not finish.
+    """
+    url = layout.shard_record(run_id, shard_index)
     if not storage.exists(url):
         return None
     return json.loads(storage.read_bytes(url))
 
 
-@flow(name="medvlm-shard", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False)
+@flow(name="medvlm-shard", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False, validate_parameters=False)
 def medvlm_shard(
     manifest: str,
     output: str,
@@ -51,31 +59,36 @@ def medvlm_shard(
     shard_index: int,
     row_numbers: list[int],
     mmproj: str | None = None,
-    options: dict[str, Any] | None = None,
+    options: RunOptions | None = None,
 ) -> Any:
     """Process the manifest rows ``row_numbers`` of run ``run_id`` and stage their results.
 
-    ``options`` holds the run's options (see flows.common.RunOptions). Returns the shard's record.
+    Args:
+        manifest: the run's manifest URI.
+        output: the run's output.
+        model: the model URI.
+        run_id: the parent (fan-out) run.
+        shard_index: this shard's number.
+        row_numbers: the manifest rows it processes.
+        mmproj: the mmproj URI.
+        options: the run's options (``medvlm_core.options.RunOptions``).
+
+    Returns:
+        The shard's record (also written to the run's staging), or a Failed state.
     """
     logger = get_run_logger()
     try:
-        opts = RunOptions.from_dict(options)
-        settings = Settings.from_env()
-        storage = opts.storage()
-        manifest, output = st.normalize(manifest), st.normalize(output)
-        started = utc_now()
-        policy = opts.check_locations(output, model, mmproj)
-        opts.register_extraction(storage)
+        ctx = start_run(output, model, mmproj, options, run_id=run_id)
+        manifest = st.normalize(manifest)
         wanted = set(row_numbers)
-        rows = [r for r in read_manifest(manifest, storage, policy).rows if r.row_number in wanted]
+        rows = [r for r in read_manifest(manifest, ctx.storage, ctx.policy).rows if r.row_number in wanted]
         if len(rows) != len(wanted):
             raise RunError(f"shard {shard_index}: the manifest changed since the run was planned ({len(wanted) - len(rows)} rows gone)")
-        engine, identity = prepare_model(model, mmproj, opts, storage, settings)
-        spec = make_spec(run_id, output, engine, identity, opts)
+        engine, identity = prepare_model(ctx)
+        spec = make_spec(ctx, engine, identity)
         logger.info("shard %d of run %s: %d manifest rows", shard_index, run_id, len(rows))
-        summaries = run_chunks(logger, spec, rows, storage, opts.chunk_size or settings.chunk_rows(opts.n_parallel), shard_index)
-        total = merge_summaries(summaries)
-        total.storage_retries += storage.retries  # this worker's object-store retries, for the run row
+        total = merge_summaries(run_chunks(logger, ctx, spec, rows, shard_index))
+        total.storage_retries += ctx.storage.retries  # this worker's object-store retries, for the run row
         record = {
             "shard_index": shard_index,
             "summary": total.to_json(),
@@ -84,13 +97,13 @@ def medvlm_shard(
             "worker": {
                 "hostname": socket.gethostname(),
                 "pid": os.getpid(),
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "cuda_visible_devices": ctx.settings.cuda_visible_devices,
                 "flow_run_id": str(flow_run.id) if flow_run.id else None,
             },
-            "started_at": started.isoformat(),
+            "started_at": ctx.started.isoformat(),
             "finished_at": utc_now().isoformat(),
         }
-        storage.write_bytes_atomic(shard_record_url(output, run_id, shard_index), json.dumps(record).encode())
+        ctx.storage.write_bytes_atomic(ctx.output.shard_record(run_id, shard_index), json.dumps(record).encode())
         return record
     except RunError as exc:
         logger.error("shard %d failed: %s", shard_index, exc)

@@ -1,7 +1,50 @@
-"""DuckDB over the output tables: every table under an output folder or prefix becomes a view.
+"""DuckDB over the output tables: the full history of every table, and current views that tell what is true now.
 
 Works offline on local folders and on S3 (DuckDB reads through the s3fs filesystem registered with it, so
 its httpfs extension, which would be downloaded at run time, is not needed).
+
+Views made by ``connect`` / ``register_views``:
+
+* ``completions``, ``runs``, ``quarantine``, ``diagnoses``, ``medications``, ``instructions`` and every user
+  extraction: the **history**, every row every published run wrote (exactly what is on disk). Use them for
+  audits, throughput, "how often did this fail before it worked", model comparisons.
+* ``completions_current``: one row per document page and prompt id, the current one (rule below).
+* ``<structured table>_current`` (``diagnoses_current``, ...): the rows whose completion row is current
+  (joined on ``result_key`` and ``run_id``): a structured row follows its completion row's currency.
+* ``quarantine_current``: refused manifest rows that no later attempt has superseded.
+* ``document_status``: per document, its pages, how many current rows are ok / error / truncated, how many
+  current quarantine rows it has, and the latest run that wrote a row for it ("what is still failing?").
+
+``runs`` has no current view: each of its rows is one run, a fact that stays true.
+
+The current rule (``CURRENT_COMPLETIONS_SQL`` is its only implementation; the README shows it):
+
+1. A *slot* is ``(document_id, prompt_id, page)``: one page may be asked several questions (prompt ids),
+   and each question has one current answer. A changed model, prompt text or parameter under the same
+   prompt id is a new attempt at the same slot (a new ``result_key``).
+2. Attempts are ordered by ``created_at``, ties broken by ``run_id``, then ``result_key``, then
+   ``manifest_row`` (all descending for "latest"), so the choice is deterministic.
+3. The current row of a slot is its latest attempt, **except** that a failed attempt (``error`` or
+   ``truncated``) does not displace the slot's latest ``ok`` answer unless it re-ran that answer's own
+   ``result_key``. Why: the pipeline skips result keys that already have an ``ok`` (or ``truncated``) row,
+   so a later row with the same key exists only when ``--force`` produced it (the tables do not record
+   ``--force``; this is how it shows). A later failure under another key (a file that went missing, a new
+   model or prompt that fails) is a new attempt that failed: the answer already obtained stays current,
+   and the failure stays visible in the history. A later ``ok`` under any key replaces the answer. Once a
+   forced re-run has failed the answer's key, the slot's latest attempt is current again (the older answer
+   does not come back).
+4. A *document-level* row (``page`` null: the file could not be fetched or opened, so its pages are not
+   known) is its own slot per document and prompt id, superseded by any later row of that document and
+   prompt id with a page. It never displaces page rows: a document whose file went missing after it was
+   answered shows its ok pages and the current fetch error.
+5. Quarantine rows name their document through ``row_json``'s ``document_id``. Such a row is current while
+   it belongs to the latest run that quarantined that document and no completion row of a later run exists
+   for the document. A quarantine row without a document id is current while its run is the latest run of
+   the same ``manifest_uri`` (the runs table).
+
+Consequences: a page whose error was retried and fixed shows only its ok row; an error retried that fails
+again shows once (the latest); ``--force`` re-runs make the new rows current; counts over the current views
+count each page and prompt id once, however many runs touched it.
 """
 
 from __future__ import annotations
@@ -16,19 +59,119 @@ from medvlm_core.errors import RunError
 from medvlm_core.storage import Storage
 
 _IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+# Tables written by every run; any other table holding result_key and run_id is a structured table.
+_CORE_TABLES = ("completions", "runs", "quarantine")
+CURRENT_SUFFIX = "_current"
+DOCUMENT_STATUS = "document_status"
 
-# The questions analysts ask first (also in the README; tests run them on real pipeline output).
+# The current rule over completions (module docstring). {source} is the history relation, {where} an
+# optional filter on document_id (pushed into the scan for one-document questions; the rule only compares
+# rows of the same document, so filtering first gives the same rows).
+CURRENT_COMPLETIONS_SQL = """
+with ranked as (
+    select *,
+        row_number() over (partition by document_id, prompt_id, page
+            order by created_at desc, run_id desc, result_key desc, manifest_row desc) as _latest,
+        row_number() over (partition by document_id, prompt_id, page
+            order by (status = 'ok') desc, created_at desc, run_id desc, result_key desc, manifest_row desc) as _best,
+        row_number() over (partition by document_id, prompt_id, page, result_key
+            order by created_at desc, run_id desc, manifest_row desc) as _latest_of_key,
+        max(case when page is not null then created_at end)
+            over (partition by document_id, prompt_id) as _last_page_row_at
+    from {source} {where}
+),
+judged as (
+    select *,
+        -- the slot's latest ok answer stands unless a later row re-ran its own result_key (--force)
+        bool_or(_best = 1 and status = 'ok' and _latest_of_key = 1)
+            over (partition by document_id, prompt_id, page) as _answer_stands
+    from ranked
+)
+select * exclude (_latest, _best, _latest_of_key, _last_page_row_at, _answer_stands)
+from judged
+where (case when _answer_stands then _best = 1 else _latest = 1 end)
+  and (page is not null or _last_page_row_at is null or created_at > _last_page_row_at)
+"""
+
+# Quarantine rows with the document id they name, if any (row_json is the refused manifest row).
+_QUARANTINE_DOCS_SQL = """
+select *, json_extract_string(row_json, '$.document_id') as document_id from {source} {where}
+"""
+
+CURRENT_QUARANTINE_SQL = """
+with q as ({quarantine_docs}),
+by_document as (
+    select *, max_by(run_id, created_at) over (partition by document_id) as _latest_quarantine_run
+    from q where document_id is not null
+),
+later_completions as (
+    select document_id, max(created_at) as _last_at, max_by(run_id, created_at) as _last_run
+    from {completions} {where} group by document_id
+),
+latest_run_of_manifest as (
+    select manifest_uri, max_by(run_id, started_at) as _run from {runs} group by manifest_uri
+)
+select b.* exclude (_latest_quarantine_run)
+from by_document b left join later_completions c using (document_id)
+where b.run_id = b._latest_quarantine_run
+  and (c._last_at is null or c._last_at <= b.created_at or c._last_run = b.run_id)
+union all by name
+select q.* from q join latest_run_of_manifest m on q.manifest_uri = m.manifest_uri and q.run_id = m._run
+where q.document_id is null
+"""
+
+DOCUMENT_STATUS_SQL = """
+with cur as (select document_id, page, prompt_id, status, error_type from ({current_completions})),
+touched as (
+    select document_id, run_id, created_at from {completions} {where}
+    union all
+    select document_id, run_id, created_at from ({quarantine_docs}) where document_id is not null
+),
+latest as (
+    select document_id, max_by(run_id, created_at) as latest_run_id, max(created_at) as latest_at
+    from touched group by document_id
+),
+counts as (
+    select document_id,
+        count(distinct page) as pages,
+        count(distinct prompt_id) as prompts,
+        count(*) filter (where status = 'ok') as ok,
+        count(*) filter (where status = 'error') as error,
+        count(*) filter (where status = 'truncated') as truncated,
+        list(distinct error_type order by error_type) filter (where status = 'error') as error_types
+    from cur group by document_id
+),
+quarantined as (
+    select document_id, count(*) as quarantined from ({current_quarantine})
+    where document_id is not null group by document_id
+)
+select l.document_id,
+    coalesce(c.pages, 0) as pages, coalesce(c.prompts, 0) as prompts,
+    coalesce(c.ok, 0) as ok, coalesce(c.error, 0) as error, coalesce(c.truncated, 0) as truncated,
+    coalesce(q.quarantined, 0) as quarantined,
+    coalesce(c.error_types, []) as error_types,
+    l.latest_run_id, l.latest_at
+from latest l left join counts c using (document_id) left join quarantined q using (document_id)
+"""
+
+# The questions analysts ask first (also in the README; tests run them on real pipeline output). They read
+# the current views, except throughput_per_run (each run row is its own fact).
 EXAMPLE_QUERIES = {
     "medications_per_diagnosis": """
         select d.name as diagnosis, m.name as medication, count(*) as pages
-        from diagnoses d join medications m using (result_key)
+        from diagnoses_current d join medications_current m using (result_key, run_id)
         group by all order by pages desc, diagnosis, medication limit 20""",
     "conditional_instructions": """
         select document_id, page, text, condition, follow_up_interval
-        from instructions where conditional order by document_id, page, item_index""",
+        from instructions_current where conditional order by document_id, page, item_index""",
     "errors_by_type": """
         select error_type, count(distinct document_id) as documents, count(*) as pages
-        from completions where status = 'error' group by error_type order by pages desc, error_type""",
+        from completions_current where status = 'error' group by error_type order by pages desc, error_type""",
+    "still_failing": """
+        select document_id, pages, ok, error, truncated, quarantined, error_types, latest_run_id, latest_at
+        from document_status where error > 0 or quarantined > 0 order by latest_at desc, document_id""",
+    "document_status": """
+        select * from document_status order by document_id""",
     "throughput_per_run": """
         select run_id, pages_ok, pages_error, skipped_pages, round(wall_seconds, 2) as seconds,
                round(pages_per_second, 3) as pages_per_second,
@@ -38,7 +181,15 @@ EXAMPLE_QUERIES = {
 
 
 def table_names(storage: Storage, output: str) -> list[str]:
-    """The tables under ``output``: its folders that hold Parquet files (``_``-prefixed ones are internal)."""
+    """The tables under ``output``: its folders that hold Parquet files (``_``-prefixed ones are internal).
+
+    Args:
+        storage: the storage that reads ``output``.
+        output: the output folder or ``s3://`` prefix of medvlm runs.
+
+    Returns:
+        The table names, sorted.
+    """
     names = set()
     base = st.normalize(output).rstrip("/")
     for url in storage.list_files(base, ".parquet"):
@@ -48,30 +199,182 @@ def table_names(storage: Storage, output: str) -> list[str]:
     return sorted(names)
 
 
-def connect(output: str, storage: Storage) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with one view per output table (completions, runs, quarantine, diagnoses, ...)."""
+def current_completions_sql(source: str = "completions", document_filter: bool = False) -> str:
+    """The SELECT of the current completion rows (the rule of the module docstring) over ``source``.
+
+    Args:
+        source: the history relation (a view name, or a ``read_parquet(...)`` call).
+        document_filter: filter the scan to ``document_id = $document_id`` (a named parameter to bind).
+
+    Returns:
+        SQL text.
+    """
+    where = "where document_id = $document_id" if document_filter else ""
+    return CURRENT_COMPLETIONS_SQL.format(source=source, where=where)
+
+
+def current_quarantine_sql(document_filter: bool = False) -> str:
+    """The SELECT of the current quarantine rows (rule 5 of the module docstring), with their ``document_id``.
+
+    Args:
+        document_filter: only rows naming ``$document_id`` (a named parameter to bind).
+
+    Returns:
+        SQL text over the views ``quarantine``, ``completions`` and ``runs``.
+    """
+    where = "where document_id = $document_id" if document_filter else ""
+    docs = _QUARANTINE_DOCS_SQL.format(
+        source="quarantine",
+        where="where json_extract_string(row_json, '$.document_id') = $document_id" if document_filter else "",
+    )
+    return CURRENT_QUARANTINE_SQL.format(quarantine_docs=docs, completions="completions", runs="runs", where=where)
+
+
+def document_status_sql(document_filter: bool = False) -> str:
+    """The SELECT of the document status (one row per document), optionally for one ``$document_id``.
+
+    Args:
+        document_filter: filter every scan to ``$document_id`` (a named parameter to bind), which keeps a
+            one-document question cheap on a long history.
+
+    Returns:
+        SQL text over the views ``completions``, ``quarantine`` and ``runs``.
+    """
+    where = "where document_id = $document_id" if document_filter else ""
+    docs = _QUARANTINE_DOCS_SQL.format(
+        source="quarantine",
+        where="where json_extract_string(row_json, '$.document_id') = $document_id" if document_filter else "",
+    )
+    return DOCUMENT_STATUS_SQL.format(
+        current_completions=current_completions_sql("completions", document_filter),
+        current_quarantine=current_quarantine_sql(document_filter),
+        quarantine_docs=docs,
+        completions="completions",
+        where=where,
+    )
+
+
+def _columns(con: duckdb.DuckDBPyConnection, view: str) -> set[str]:
+    return {row[0] for row in con.execute(f"select column_name from (describe {view})").fetchall()}
+
+
+def register_views(con: duckdb.DuckDBPyConnection, output: str, storage: Storage) -> list[str]:
+    """Add the history views and the current views of ``output``'s tables to an existing DuckDB connection.
+
+    Args:
+        con: the connection (an S3 output's filesystem is registered on it).
+        output: the output folder or ``s3://`` prefix of medvlm runs.
+        storage: the storage that reads ``output``.
+
+    Returns:
+        The names of the views created (history first, then current views, then ``document_status``).
+
+    Raises:
+        RunError: no tables under ``output``.
+    """
     output = st.normalize(output).rstrip("/")
     names = table_names(storage, output)
     if not names:
         raise RunError(f"output {output}: no tables found")
-    con = duckdb.connect()
     if st.protocol_of(output) != st.LOCAL:
         fs, _ = storage.filesystem(output)
         con.register_filesystem(fs)
     for name in names:
         pattern = st.join(output, name, "*", "*.parquet")
         con.execute(
-            f"create view {name} as select * from read_parquet('{pattern}', hive_partitioning = true, union_by_name = true)"
+            f"create or replace view {name} as select * from "
+            f"read_parquet('{pattern}', hive_partitioning = true, union_by_name = true)"
         )
+    created = list(names)
+    if "completions" not in names:
+        return created  # nothing to judge currency by
+
+    def derived(view: str, sql: str) -> None:
+        if view in names:  # an extraction table already has this name: the table on disk wins
+            return
+        con.execute(f"create or replace view {view} as {sql}")
+        created.append(view)
+
+    derived("completions" + CURRENT_SUFFIX, current_completions_sql())
+    for name in names:
+        if name in _CORE_TABLES or name.endswith(CURRENT_SUFFIX):
+            continue
+        if {"result_key", "run_id"} <= _columns(con, name):
+            derived(
+                name + CURRENT_SUFFIX,
+                f"select s.* from {name} s semi join completions_current c "
+                "on s.result_key = c.result_key and s.run_id = c.run_id",
+            )
+    if "quarantine" not in names:  # every run publishes one, but an output may predate that
+        con.execute("create or replace temp view quarantine as select null::varchar as run_id, "
+                    "null::varchar as manifest_uri, null::varchar as row_json, null::timestamptz as created_at where false")
+    if "runs" not in names:
+        con.execute("create or replace temp view runs as select null::varchar as run_id, "
+                    "null::varchar as manifest_uri, null::timestamptz as started_at where false")
+    derived("quarantine" + CURRENT_SUFFIX, current_quarantine_sql())
+    derived(DOCUMENT_STATUS, document_status_sql())
+    return created
+
+
+def connect(output: str, storage: Storage) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the output's history views, current views and ``document_status``.
+
+    Args:
+        output: the output folder or ``s3://`` prefix of medvlm runs.
+        storage: the storage that reads ``output``.
+
+    Returns:
+        An open connection (close it when done).
+
+    Raises:
+        RunError: no tables under ``output``.
+    """
+    con = duckdb.connect()
+    try:
+        register_views(con, output, storage)
+    except BaseException:
+        con.close()
+        raise
     return con
 
 
-def query(output: str, sql: str, storage: Storage) -> pa.Table:
-    """Run ``sql`` over the output's views; RunError with DuckDB's message if the query is wrong."""
+def query(output: str, sql: str, storage: Storage, parameters: dict | None = None) -> pa.Table:
+    """Run ``sql`` over the output's views.
+
+    Args:
+        output: the output folder or ``s3://`` prefix of medvlm runs.
+        sql: the query (may use every view of ``register_views``).
+        storage: the storage that reads ``output``.
+        parameters: values of named parameters (``$name``) in ``sql``.
+
+    Returns:
+        The result as an Arrow table.
+
+    Raises:
+        RunError: no tables, or the query is wrong (DuckDB's message, first line).
+    """
     con = connect(output, storage)
     try:
-        return con.sql(sql).to_arrow_table()
+        return con.sql(sql, params=parameters).to_arrow_table()
     except duckdb.Error as exc:
         raise RunError(f"query failed: {str(exc).splitlines()[0]}") from None
     finally:
         con.close()
+
+
+def document_status(output: str, storage: Storage, document_id: str | None = None) -> pa.Table:
+    """The ``document_status`` rows of every document, or of one (its filter is pushed into every scan).
+
+    Args:
+        output: the output folder or ``s3://`` prefix of medvlm runs.
+        storage: the storage that reads ``output``.
+        document_id: one document, or None for all.
+
+    Returns:
+        Columns document_id, pages, prompts, ok, error, truncated, quarantined, error_types, latest_run_id,
+        latest_at; ordered by document_id.
+    """
+    if document_id is None:
+        return query(output, f"select * from ({document_status_sql()}) order by document_id", storage)
+    sql = f"select * from ({document_status_sql(document_filter=True)}) order by document_id"
+    return query(output, sql, storage, {"document_id": document_id})

@@ -42,7 +42,7 @@ TASK_FAILED = "task_failed"
 INVALID_ROW = "invalid_row"
 INVALID_OUTPUT = "invalid_output"
 # The inference process died (native abort or segfault) on this page, alone, after a restart
-# (medvlm_core.isolated); the message names only the signal or exit code.
+# (medvlm_core.engine.isolated); the message names only the signal or exit code.
 ENGINE_CRASH = "engine_crash"
 
 ERROR_TYPES = (
@@ -60,3 +60,33 @@ ERROR_TYPES = (
     INVALID_OUTPUT,
     ENGINE_CRASH,
 )
+
+
+def short_message(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's text (its type name when it has none), at most ``limit`` characters.
+
+    Args:
+        exc: the exception.
+        limit: the longest text returned.
+
+    Returns:
+        One line, safe to put in a one-line error message when the exception carries no document data.
+    """
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
+def error_detail(exc: BaseException, log_phi: bool = False) -> str:
+    """What an error message may say about a library exception.
+
+    Args:
+        exc: the exception raised by llama.cpp (or another library handling document data).
+        log_phi: the ``MEDVLM_LOG_PHI`` debug setting.
+
+    Returns:
+        `` (Type)``; `` (Type: first line)`` only with ``log_phi``, because llama.cpp's text can echo the
+        prompt, the document or the output.
+    """
+    if log_phi:
+        return f" ({type(exc).__name__}: {short_message(exc)})"
+    return f" ({type(exc).__name__})"

@@ -41,7 +41,18 @@ _MAGIC = (
     (b"BM", "bmp"),
 )
 
-SUPPORTED_FORMATS = ("png", "jpeg", "webp", "tiff", "pdf", "bmp", "gif")
+# Supported format -> the file extensions it goes by (how the nightly flow finds loose documents).
+FORMAT_EXTENSIONS = {
+    "png": (".png",),
+    "jpeg": (".jpg", ".jpeg"),
+    "webp": (".webp",),
+    "tiff": (".tif", ".tiff"),
+    "pdf": (".pdf",),
+    "bmp": (".bmp",),
+    "gif": (".gif",),
+}
+SUPPORTED_FORMATS = tuple(FORMAT_EXTENSIONS)
+DOCUMENT_EXTENSIONS = tuple(ext for exts in FORMAT_EXTENSIONS.values() for ext in exts)
 
 
 @dataclass

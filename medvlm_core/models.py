@@ -22,18 +22,21 @@ from medvlm_core.errors import RunError
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
 
-# Chat formats medvlm knows, each mapped to a llama-cpp-python handler in medvlm_core.engine.
-CHAT_FORMATS = (
-    "llava-1-5",
-    "llava-1-6",
-    "qwen2.5-vl",
-    "minicpm-v-2.6",
-    "moondream2",
-    "nanollava",
-    "llama-3-vision-alpha",
-    "obsidian",
-    "mtmd",  # generic: renders the text GGUF's own tokenizer.chat_template (Gemma 3, Qwen3-VL, ...)
-)
+# Chat formats medvlm knows -> the llama-cpp-python handler class (llama_cpp.llama_chat_format) that lays
+# out image and text for each; medvlm_core.engine loads the handler by this name.
+CHAT_HANDLERS = {
+    "llava-1-5": "Llava15ChatHandler",
+    "llava-1-6": "Llava16ChatHandler",
+    "qwen2.5-vl": "Qwen25VLChatHandler",
+    "minicpm-v-2.6": "MiniCPMv26ChatHandler",
+    "moondream2": "MoondreamChatHandler",
+    "nanollava": "NanoLlavaChatHandler",
+    "llama-3-vision-alpha": "Llama3VisionAlphaChatHandler",
+    "obsidian": "ObsidianChatHandler",
+    # generic: renders the text GGUF's own tokenizer.chat_template (Gemma 3, Qwen3-VL, ...)
+    "mtmd": "MTMDChatHandler",
+}
+CHAT_FORMATS = tuple(CHAT_HANDLERS)
 
 _PROJECTOR_FORMATS = {
     "qwen2vl_merger": "qwen2.5-vl",

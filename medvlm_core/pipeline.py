@@ -18,24 +18,27 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
-from collections import deque
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from medvlm_core import errors
+from medvlm_core import status as row_status
 from medvlm_core.config import EngineConfig, GenerationParams, ImageOptions
-from medvlm_core.engine import Generation, VisionEngine
+from medvlm_core.engine.types import Engine, Generation, Request
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.images import PageImage, load_pages
+from medvlm_core.layout import OutputLayout
 from medvlm_core.manifest import ManifestRow
 from medvlm_core.models import ModelIdentity
 from medvlm_core.prompts import Prompt, get_prompt
-from medvlm_core.results import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, STATUS_TRUNCATED, DoneKeys, result_key, utc_now
-from medvlm_core.structured import flatten
+from medvlm_core.results import DoneKeys, result_key, utc_now
 from medvlm_core.storage import Storage
+from medvlm_core.structured import flatten
+from medvlm_core.threads import put_unless_stopped
 
 T = TypeVar("T")
 
@@ -45,14 +48,14 @@ class RunSpec:
     """Everything a chunk of a run needs. Plain data: picklable, and free of secrets and document data."""
 
     run_id: str
-    output: str
+    layout: OutputLayout
     engine: EngineConfig
     model: ModelIdentity
     generation: GenerationParams
     images: ImageOptions
     default_prompt: Prompt
     params_json: str
-    fetch_workers: int = 4
+    fetch_workers: int = 4  # MEDVLM_FETCH_WORKERS
     # Re-run pages whose result key already has an ok row (default: skip them).
     force: bool = False
 
@@ -163,13 +166,7 @@ def prefetch(source: Iterable[T], depth: int = 2) -> Iterator[T]:
     stop = threading.Event()
 
     def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_unless_stopped(items, item, stop)
 
     def produce() -> None:
         try:
@@ -244,7 +241,7 @@ def base_row(work: PageWork, spec: RunSpec, prompt: Prompt) -> dict[str, Any]:
 def error_row(work: PageWork, spec: RunSpec, prompt: Prompt, error: DocumentError) -> dict[str, Any]:
     """A result row recording why this page (or document) produced no completion."""
     row = base_row(work, spec, prompt)
-    row.update(status=STATUS_ERROR, error_type=error.error_type, error_message=error.message)
+    row.update(status=row_status.ERROR, error_type=error.error_type, error_message=error.message)
     return row
 
 
@@ -252,14 +249,14 @@ def _add_structured(out: dict[str, Any], prompt: Prompt) -> None:
     """Parse a constrained answer into ``out["structured"]`` (table -> rows), or mark it truncated/invalid."""
     if out["finish_reason"] == "length":
         # Cut off at max_tokens: the JSON is incomplete, so no partial rows reach the tables.
-        out["status"] = STATUS_TRUNCATED
+        out["status"] = row_status.TRUNCATED
         return
     try:
         answer = json.loads(out["completion"])
         if not isinstance(answer, dict):
             raise ValueError("not a JSON object")
     except ValueError:
-        out.update(status=STATUS_ERROR, error_type=errors.INVALID_OUTPUT,
+        out.update(status=row_status.ERROR, error_type=errors.INVALID_OUTPUT,
                    error_message=f"{out['image_uri']}: the model's answer is not the JSON the schema asks for")
         return
     keys = {k: out[k] for k in ("run_id", "result_key", "document_id", "page", "patient_id", "encounter_id")}
@@ -277,7 +274,7 @@ def _result_row(work: PageWork, spec: RunSpec, prompt: Prompt, result: Generatio
     """The row for one page: skipped, error, or the engine's answer (``result``)."""
     if work.skipped:
         out = base_row(work, spec, prompt)
-        out.update(status=STATUS_SKIPPED)
+        out.update(status=row_status.SKIPPED)
     elif work.error is not None:
         out = error_row(work, spec, prompt, work.error)
     elif isinstance(result, DocumentError):
@@ -285,7 +282,7 @@ def _result_row(work: PageWork, spec: RunSpec, prompt: Prompt, result: Generatio
     else:
         out = base_row(work, spec, prompt)
         out.update(
-            status=STATUS_OK,
+            status=row_status.OK,
             completion=result.text,
             finish_reason=result.finish_reason,
             prompt_tokens=result.prompt_tokens,
@@ -299,22 +296,30 @@ def _result_row(work: PageWork, spec: RunSpec, prompt: Prompt, result: Generatio
 
 
 def process_rows(
-    engine: VisionEngine | None,
+    engine: Engine,
     rows: Iterable[ManifestRow],
     spec: RunSpec,
     storage: Storage,
     done: DoneKeys | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
-    batched: Any = None,
 ) -> Iterator[dict[str, Any]]:
     """Run the engine over manifest rows, yielding one result row per page.
 
-    Rows have ``status`` ``ok``, ``error`` or (structured mode) ``truncated``; pages whose key is in
-    ``done`` (and ``spec.force`` is off) come out with status ``skipped`` and are not run: callers count
-    them and do not write them. With ``batched`` (a BatchedEngine, or an IsolatedEngine running one in a
-    child process; ``engine`` is then unused) several pages are decoded together and rows come out in the
-    order pages finish. Never raises for a document's failure;
-    RunError (the engine itself is unusable) does propagate.
+    Never raises for a document's failure; RunError (the engine itself is unusable) does propagate.
+
+    Args:
+        engine: a started engine (any of ``medvlm_core.engine``'s).
+        rows: the manifest rows.
+        spec: the run.
+        storage: where the documents are.
+        done: result keys already answered: their pages come out with status ``skipped`` and are not run
+            (unless ``spec.force``); callers count them and do not write them.
+        on_row: called with every row as it is made (counting, progress).
+
+    Returns:
+        An iterator of result rows (``ok``, ``error``, ``truncated`` in structured mode, ``skipped``), in the
+        order pages finish: a batched engine answers several pages at once; rows that need no model
+        (skipped, errors) come out in between.
     """
 
     def is_done(row: ManifestRow, image_sha256: str, page: int) -> bool:
@@ -324,8 +329,7 @@ def process_rows(
     check = is_done if (done and not spec.force) else None
     fetched = fetch_documents(rows, storage, spec.images, spec.fetch_workers)
     pages = prefetch(iter_page_work(fetched, spec.images, check))
-    results = _run_batched(batched, pages, spec) if batched is not None else _run_single(engine, pages, spec)
-    for out in results:
+    for out in _run(engine, pages, spec):
         if on_row is not None:
             on_row(out)
         yield out
@@ -337,21 +341,7 @@ def _prepared(work: PageWork, spec: RunSpec) -> Prompt:
     return prompt
 
 
-def _run_single(engine: VisionEngine, pages: Iterable[PageWork], spec: RunSpec) -> Iterator[dict[str, Any]]:
-    for work in pages:
-        prompt = _prepared(work, spec)
-        result = None
-        if not work.skipped and work.error is None:
-            try:
-                result = engine.generate(work.image.image, prompt.text, spec.generation, prompt.schema)
-            except DocumentError as exc:
-                result = exc
-        yield _result_row(work, spec, prompt, result)
-
-
-def _run_batched(batched: Any, pages: Iterable[PageWork], spec: RunSpec) -> Iterator[dict[str, Any]]:
-    from medvlm_core.batched import Request
-
+def _run(engine: Engine, pages: Iterable[PageWork], spec: RunSpec) -> Iterator[dict[str, Any]]:
     ready: deque[dict[str, Any]] = deque()  # rows that need no model (skipped, errors), yielded in between
     in_flight: dict[int, tuple[PageWork, Prompt]] = {}
 
@@ -364,7 +354,7 @@ def _run_batched(batched: Any, pages: Iterable[PageWork], spec: RunSpec) -> Iter
             in_flight[index] = (work, prompt)
             yield Request(index, work.image.image, prompt.text, spec.generation, prompt.schema)
 
-    for key, result in batched.generate_many(requests()):
+    for key, result in engine.generate_many(requests()):
         while ready:
             yield ready.popleft()
         work, prompt = in_flight.pop(key)

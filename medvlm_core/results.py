@@ -1,15 +1,8 @@
 """The result tables: their schemas (the contract downstream queries use), row builders and the writers.
 
-Layout under the output URI (hive-partitioned by ``run_date``, one file per table per run):
-
-    completions/run_date=YYYY-MM-DD/part-<run_id>.parquet   one row per document page (ok or error)
-    quarantine/run_date=YYYY-MM-DD/part-<run_id>.parquet    manifest rows refused before processing
-    runs/run_date=YYYY-MM-DD/run-<run_id>.parquet           one row per run: counts and parameters
-    _staging/<run_id>/...                                  chunk files while the run is in flight
-    _commits/<run_id>.json                                 written once, create-if-absent, when published
-
-Readers (pyarrow.dataset, DuckDB globs) skip ``_``-prefixed folders, and every published file is written
-atomically, so a reader sees all of a run's rows in a table or none of them.
+The tables are hive-partitioned by ``run_date``, one file per table per run (``medvlm_core.layout`` names
+every place under an output). Every published file is written atomically, so a reader sees all of a run's
+rows in a table or none of them.
 """
 
 from __future__ import annotations
@@ -24,16 +17,11 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from medvlm_core import storage as st
+from medvlm_core import status
 from medvlm_core.errors import RunError
+from medvlm_core.layout import OutputLayout
 from medvlm_core.storage import Storage
 
-STATUS_OK = "ok"
-STATUS_ERROR = "error"
-# Structured mode only: the JSON answer was cut off at max_tokens (kept in completions, no structured rows).
-STATUS_TRUNCATED = "truncated"
-# Never written: a page whose result key already has an ok row, counted by the run and left alone.
-STATUS_SKIPPED = "skipped"
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -166,44 +154,31 @@ class DoneKeys:
         return len(self.keys)
 
 
-def load_done_keys(storage: Storage, output: str) -> DoneKeys:
-    """Keys of every published ``ok`` (or ``truncated``: deterministic, a re-run would cut it off again)
-    completion under ``output``. Only two columns are read."""
+def load_done_keys(storage: Storage, layout: OutputLayout) -> DoneKeys:
+    """The result keys already answered in an output. Only two columns are read.
+
+    Args:
+        storage: where the output is.
+        layout: the output's layout.
+
+    Returns:
+        Keys of every published ``ok`` (or ``truncated``: deterministic, a re-run would cut it off again)
+        completion.
+    """
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    base = st.join(output, "completions")
+    base = layout.table("completions")
     if not storage.exists(base):
         return DoneKeys()
     fs, path = storage.filesystem(base)
 
     def read() -> pa.Table:
         dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-        return dataset.to_table(columns=["result_key"], filter=pc.field("status").isin([STATUS_OK, STATUS_TRUNCATED]))
+        return dataset.to_table(columns=["result_key"], filter=pc.field("status").isin(list(status.ANSWERED)))
 
     table = storage.call(base, read)
     return DoneKeys(frozenset(table.column("result_key").to_pylist()))
-
-
-def table_part_url(output: str, table: str, run_date: str, run_id: str) -> str:
-    """The published file of one run in one table."""
-    prefix = "run" if table == "runs" else "part"
-    return st.join(output, table, f"run_date={run_date}", f"{prefix}-{run_id}.parquet")
-
-
-def staging_root(output: str, run_id: str) -> str:
-    """The folder of an in-flight run's chunk files (ignored by readers: under ``_staging``)."""
-    return st.join(output, "_staging", run_id)
-
-
-def staging_url(output: str, run_id: str, table: str, name: str) -> str:
-    """A chunk file of an in-flight run."""
-    return st.join(staging_root(output, run_id), table, name)
-
-
-def commit_url(output: str, run_id: str) -> str:
-    """The run's commit record, written once when its tables are published."""
-    return st.join(output, "_commits", f"{run_id}.json")
 
 
 def to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:

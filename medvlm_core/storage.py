@@ -163,14 +163,25 @@ def s3_options(
     profile: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """s3fs options from explicit values, falling back to the standard AWS environment.
+    """s3fs options from explicit values.
 
     Credentials left out here come from botocore's usual chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
-    AWS_SESSION_TOKEN, AWS_PROFILE, instance roles). The endpoint of an S3-compatible store comes from
-    ``endpoint_url``, else AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL; such stores get path-style addressing.
+    AWS_SESSION_TOKEN, AWS_PROFILE, instance roles). An S3-compatible store's ``endpoint_url`` (callers take
+    it from ``Settings.s3_endpoint`` when the run names none) gets path-style addressing.
+
+    Args:
+        endpoint_url: the store's endpoint, None for AWS.
+        key: access key id.
+        secret: secret access key.
+        token: session token.
+        profile: AWS profile name.
+        extra: more s3fs options.
+
+    Returns:
+        The options for ``Storage({"s3": ...})``.
     """
     options: dict[str, Any] = dict(extra or {})
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = endpoint_url
     if endpoint:
         options["endpoint_url"] = endpoint
         config = dict(options.get("config_kwargs") or {})
@@ -183,6 +194,37 @@ def s3_options(
     # to another run in the same process.
     options["skip_instance_cache"] = True
     return options
+
+
+class _SyncedFile:
+    """A local file whose ``close`` flushes it to disk first (fsync), so a rename or link after it is durable."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "wb")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+
+@contextmanager
+def _local_temp(path: str) -> Iterator[tuple[str, Any]]:
+    """A temp file next to ``path`` (a dot name: skipped by pyarrow.dataset, never matching a ``*.parquet``
+    glob) and its handle; the block closes it (synced) and moves it into place; it is removed in any case."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    f = _SyncedFile(tmp)
+    try:
+        yield tmp, f
+    finally:
+        f._file.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class Storage:
@@ -200,6 +242,14 @@ class Storage:
         self._lock = threading.Lock()
         self._rng = random.Random()
         self.retries = 0  # object-store calls repeated after a transient failure, since this Storage was made
+
+    def fresh(self) -> "Storage":
+        """A new Storage with the same options and retry policy, its retry count at zero (one per run).
+
+        Returns:
+            The new storage.
+        """
+        return Storage(self._options, self.retry)
 
     def __repr__(self) -> str:  # never print credentials
         return f"Storage(protocols={sorted(self._options)})"
@@ -320,18 +370,10 @@ class Storage:
         url = normalize(url)
         fs, path = self.filesystem(url)
         if protocol_of(url) == LOCAL:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            # A dot name is skipped by pyarrow.dataset and never matches a *.parquet glob.
-            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    yield f
-                    f.flush()
-                    os.fsync(f.fileno())
+            with _local_temp(path) as (tmp, f):
+                yield f
+                f.close()
                 os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
         else:
             # Spooled locally first: fsspec files commit on close even when the block raised, and a
             # retried upload needs the bytes again. Then one PUT (or one completed multipart upload):
@@ -356,21 +398,15 @@ class Storage:
         url = normalize(url)
         fs, path = self.filesystem(url)
         if protocol_of(url) == LOCAL:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             # Written whole to a temp file, then hard-linked into place: link() fails if the name exists,
             # and a full disk leaves no half-written record behind under the final name.
-            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
             try:
-                with open(tmp, "wb") as f:
+                with _local_temp(path) as (tmp, f):
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.link(tmp, path)
+                    f.close()
+                    os.link(tmp, path)
             except FileExistsError:
                 return False
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
             return True
         if self.exists(url):
             return False

@@ -18,6 +18,7 @@ from pandera.api.polars.types import PolarsData
 from pandera.errors import SchemaError, SchemaErrors
 
 from medvlm_core import errors
+from medvlm_core import status as row_status
 from medvlm_core.errors import RunError
 from medvlm_core.prompts import known_prompt_ids
 
@@ -188,13 +189,13 @@ class CompletionsModel(pa.DataFrameModel):
     prompt_sha256: str = pa.Field(nullable=False, str_matches=_HEX64)
     model_sha256: str = pa.Field(nullable=False, str_matches=_HEX64)
     mmproj_sha256: str = pa.Field(nullable=False, str_matches=_HEX64)
-    status: str = pa.Field(nullable=False, isin=["ok", "error", "truncated"])
+    status: str = pa.Field(nullable=False, isin=list(row_status.WRITTEN))
     error_type: Optional[str] = pa.Field(nullable=True, isin=list(errors.ERROR_TYPES))
     completion_tokens: Optional[pl.Int32] = pa.Field(nullable=True, ge=0)
 
     @pa.dataframe_check(name="status_matches_error_fields")
     def _status_consistent(cls, data: PolarsData) -> pl.LazyFrame:
-        ok = pl.col("status").is_in(["ok", "truncated"])
+        ok = pl.col("status").is_in(list(row_status.ANSWERED))
         return data.lazyframe.select(
             pl.when(ok)
             .then(pl.col("error_type").is_null() & pl.col("completion").is_not_null())

@@ -12,6 +12,8 @@ import json
 from typing import Any
 
 from medvlm_core.errors import RunError
+from medvlm_core.options import StorageOptions
+from medvlm_core.settings import Settings
 from medvlm_core.storage import Storage, s3_options
 
 
@@ -33,32 +35,32 @@ def load_credentials_block(name: str) -> dict[str, Any]:
     return value
 
 
-def build_storage(
-    s3_endpoint: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-    credentials_block: str | None = None,
-    sse: str | None = None,
-    sse_kms_key_id: str | None = None,
-) -> Storage:
+def build_storage(options: StorageOptions, settings: Settings) -> Storage:
     """The run's Storage: explicit options, then the block's credentials, then the AWS environment.
 
-    ``sse`` ("AES256" or "aws:kms", with ``sse_kms_key_id``) asks S3 to encrypt every object the run writes.
+    Args:
+        options: the run's storage options (``sse`` asks S3 to encrypt every object the run writes).
+        settings: the process settings (the endpoint when the run names none, the retry policy).
+
+    Returns:
+        The storage.
+
+    Raises:
+        RunError: the credentials block cannot be used.
     """
-    creds = load_credentials_block(credentials_block) if credentials_block else {}
-    storage_options = dict(storage_options or {})
-    if sse:
-        if sse not in ("AES256", "aws:kms"):
-            raise RunError(f"sse must be AES256 or aws:kms, got {sse!r}")
-        extra = dict(storage_options.get("s3_additional_kwargs") or {}, ServerSideEncryption=sse)
-        if sse_kms_key_id:
-            extra["SSEKMSKeyId"] = sse_kms_key_id
-        storage_options["s3_additional_kwargs"] = extra
-    options = s3_options(
-        endpoint_url=s3_endpoint or creds.get("endpoint_url"),
+    creds = load_credentials_block(options.credentials_block) if options.credentials_block else {}
+    extra = dict(options.storage_options or {})
+    if options.sse:
+        sse = dict(extra.get("s3_additional_kwargs") or {}, ServerSideEncryption=options.sse)
+        if options.sse_kms_key_id:
+            sse["SSEKMSKeyId"] = options.sse_kms_key_id
+        extra["s3_additional_kwargs"] = sse
+    s3 = s3_options(
+        endpoint_url=options.s3_endpoint or creds.get("endpoint_url") or settings.s3_endpoint,
         key=creds.get("aws_access_key_id"),
         secret=creds.get("aws_secret_access_key"),
         token=creds.get("aws_session_token"),
         profile=creds.get("profile_name"),
-        extra=storage_options,
+        extra=extra,
     )
-    return Storage({"s3": options})
+    return Storage({"s3": s3}, retry=settings.retry_policy())

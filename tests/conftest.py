@@ -26,8 +26,8 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"
 os.environ["MEDVLM_CACHE_DIR"] = os.path.join(_PREFECT_HOME, "medvlm-cache")
 
-from medvlm_core.demo_docs import DOCUMENTS, write_demo_documents  # noqa: E402
-from medvlm_core.tiny_model import make_tiny_model  # noqa: E402
+from medvlm_core.testing.demo_docs import DOCUMENTS, write_demo_documents  # noqa: E402
+from medvlm_core.testing.tiny_model import make_tiny_model  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -53,6 +53,14 @@ def tiny_qwen(tmp_path_factory):
 def demo_docs(tmp_path):
     """The three synthetic clinical documents as PNGs in ``tmp_path/documents``; returns manifest records."""
     return write_demo_documents(tmp_path / "documents")
+
+
+def batch(manifest: str, output: str, model: str, mmproj: str | None = None, return_state: bool = False, **options):
+    """The ``medvlm-batch`` flow with its run options given flat (``max_tokens=4``), as most tests write them."""
+    from flows.batch import medvlm_batch
+
+    return medvlm_batch(manifest=manifest, output=output, model=model, mmproj=mmproj, options=options,
+                        return_state=return_state)
 
 
 def write_manifest(path: Path, records: list[dict]) -> Path:
@@ -94,7 +102,7 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """One real S3 server (SeaweedFS on loopback) for the session; each test module creates its own bucket."""
-    from medvlm_core.s3_server import LocalS3Server
+    from medvlm_core.testing.s3_server import LocalS3Server
 
     server = LocalS3Server(tmp_path_factory.mktemp("seaweed")).start()
     yield server
@@ -111,7 +119,7 @@ def s3(s3_server, monkeypatch):
 
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
-    return s3fs.S3FileSystem(**s3_options())
+    return s3fs.S3FileSystem(**s3_options(endpoint_url=s3_server.endpoint_url))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

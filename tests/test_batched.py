@@ -6,10 +6,9 @@ import pytest
 from PIL import Image
 
 from medvlm_core import errors
-from medvlm_core.batched import BatchedEngine, Request
 from medvlm_core.config import EngineConfig, GenerationParams
-from medvlm_core.demo_docs import DOCUMENTS, render_document
-from medvlm_core.engine import VisionEngine
+from medvlm_core.engine import BatchedEngine, Request, VisionEngine
+from medvlm_core.testing.demo_docs import DOCUMENTS, render_document
 from medvlm_core.errors import DocumentError
 from medvlm_core.structured import CLINICAL_SCHEMA
 
@@ -23,7 +22,7 @@ def pages():
 @pytest.mark.parametrize("family, chat_format", [("llava", "mtmd"), ("llava", "llava-1-5"), ("qwen", "qwen2.5-vl")])
 def test_batched_answers_match_the_single_path(request, pages, family, chat_format):
     model = request.getfixturevalue(f"tiny_{family}")
-    engine = VisionEngine(EngineConfig(str(model.model_path), str(model.mmproj_path), n_ctx=4096), chat_format).load()
+    engine = VisionEngine(EngineConfig(str(model.model_path), str(model.mmproj_path), n_ctx=4096), chat_format).start()
     try:
         params = GenerationParams(max_tokens=20)
         single = [engine.generate(p, "Read the page.", params) for p in pages]
@@ -44,7 +43,7 @@ def test_batched_answers_match_the_single_path(request, pages, family, chat_form
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_refill_errors_grammar_and_bounded_intake(tiny_qwen, pages, overlap):
-    engine = VisionEngine(EngineConfig(str(tiny_qwen.model_path), str(tiny_qwen.mmproj_path), n_ctx=4096), "qwen2.5-vl").load()
+    engine = VisionEngine(EngineConfig(str(tiny_qwen.model_path), str(tiny_qwen.mmproj_path), n_ctx=4096), "qwen2.5-vl").start()
     batched = BatchedEngine(engine, n_seq=2, ctx_per_seq=512, overlap=overlap, encode_ahead=2)
     try:
         pulled, finished = [], []
@@ -80,7 +79,7 @@ def test_refill_errors_grammar_and_bounded_intake(tiny_qwen, pages, overlap):
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_source_failure_and_early_stop_leave_the_engine_usable(tiny_llava, pages, overlap):
-    engine = VisionEngine(EngineConfig(str(tiny_llava.model_path), str(tiny_llava.mmproj_path), n_ctx=2048), "llava-1-5").load()
+    engine = VisionEngine(EngineConfig(str(tiny_llava.model_path), str(tiny_llava.mmproj_path), n_ctx=2048), "llava-1-5").start()
     batched = BatchedEngine(engine, n_seq=3, ctx_per_seq=512, overlap=overlap)
     params = GenerationParams(max_tokens=6)
     try:
@@ -110,8 +109,7 @@ def test_source_failure_and_early_stop_leave_the_engine_usable(tiny_llava, pages
 def test_flow_with_parallel_sequences_matches_one_at_a_time(tmp_path, tiny_llava, demo_docs):
     import pyarrow.dataset as ds
 
-    from conftest import write_manifest
-    from flows.batch import medvlm_batch
+    from conftest import batch, write_manifest
 
     records = demo_docs * 2 + [{"document_id": "gone", "image_uri": "documents/gone.png"}]
     records = [dict(r, document_id=f"{r['document_id']}-{i}") for i, r in enumerate(records)]
@@ -119,7 +117,7 @@ def test_flow_with_parallel_sequences_matches_one_at_a_time(tmp_path, tiny_llava
     answers = []
     for n in (1, 3):
         out = tmp_path / f"out{n}"
-        summary = medvlm_batch(manifest=str(manifest), output=str(out), model=str(tiny_llava.model_path),
+        summary = batch(manifest=str(manifest), output=str(out), model=str(tiny_llava.model_path),
                                mmproj=str(tiny_llava.mmproj_path), max_tokens=10, n_ctx=2048, n_parallel=n)
         assert (summary["pages_ok"], summary["pages_error"], summary["reconciled"]) == (6, 1, True)
         rows = ds.dataset(out / "completions", partitioning="hive").to_table().to_pylist()

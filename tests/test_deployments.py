@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from conftest import write_manifest
-from medvlm_core.s3_server import free_port
+from medvlm_core.testing.s3_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -7,8 +7,8 @@ from PIL import Image
 
 from medvlm_core import errors
 from medvlm_core.config import EngineConfig, GenerationParams
-from medvlm_core.demo_docs import DOCUMENTS, render_document
 from medvlm_core.engine import VisionEngine
+from medvlm_core.testing.demo_docs import DOCUMENTS, render_document
 from medvlm_core.errors import DocumentError, RunError
 
 
@@ -21,7 +21,7 @@ def page():
 @pytest.mark.parametrize("family, chat_format", [("llava", "mtmd"), ("llava", "llava-1-5"), ("qwen", "qwen2.5-vl")])
 def test_generate_is_real_and_deterministic(request, page, family, chat_format):
     model = request.getfixturevalue(f"tiny_{family}")
-    engine = VisionEngine(EngineConfig(str(model.model_path), str(model.mmproj_path), n_ctx=4096), chat_format).load()
+    engine = VisionEngine(EngineConfig(str(model.model_path), str(model.mmproj_path), n_ctx=4096), chat_format).start()
     try:
         params = GenerationParams(max_tokens=12)
         first = engine.generate(page, "List the medications.", params)
@@ -35,7 +35,7 @@ def test_generate_is_real_and_deterministic(request, page, family, chat_format):
 
 
 def test_context_overflow_is_a_document_error(tiny_qwen, page):
-    engine = VisionEngine(EngineConfig(str(tiny_qwen.model_path), str(tiny_qwen.mmproj_path), n_ctx=256), "qwen2.5-vl").load()
+    engine = VisionEngine(EngineConfig(str(tiny_qwen.model_path), str(tiny_qwen.mmproj_path), n_ctx=256), "qwen2.5-vl").start()
     try:
         with pytest.raises(DocumentError) as info:
             engine.generate(page, "x " * 300, GenerationParams(max_tokens=4))
@@ -49,7 +49,7 @@ def test_context_overflow_is_a_document_error(tiny_qwen, page):
 
 def test_missing_model_is_a_run_error(tmp_path, tiny_llava):
     with pytest.raises(RunError, match="not found"):
-        VisionEngine(EngineConfig(str(tmp_path / "none.gguf"), str(tiny_llava.mmproj_path)), "mtmd").load()
+        VisionEngine(EngineConfig(str(tmp_path / "none.gguf"), str(tiny_llava.mmproj_path)), "mtmd").start()
     with pytest.raises(RunError, match="unknown chat format"):
         VisionEngine(EngineConfig(str(tiny_llava.model_path), str(tiny_llava.mmproj_path)), "nope")
 
@@ -58,11 +58,11 @@ def test_image_token_budget_reaches_the_vision_encoder(tiny_qwen, page):
     answers = {}
     for budget in (None, 16):
         config = EngineConfig(str(tiny_qwen.model_path), str(tiny_qwen.mmproj_path), n_ctx=4096, image_max_tokens=budget)
-        engine = VisionEngine(config, "qwen2.5-vl").load()
+        engine = VisionEngine(config, "qwen2.5-vl").start()
         try:
             answers[budget] = engine.generate(page, "Read.", GenerationParams(max_tokens=3))
             if budget:  # the same budget applies to the batched engine, which shares the handler's context
-                from medvlm_core.batched import BatchedEngine, Request
+                from medvlm_core.engine import BatchedEngine, Request
 
                 batched = BatchedEngine(engine, n_seq=2, ctx_per_seq=1024)
                 [(_, result)] = list(batched.generate_many([Request(0, page, "Read.", GenerationParams(max_tokens=3))]))

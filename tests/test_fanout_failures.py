@@ -8,7 +8,7 @@ import pyarrow.dataset as ds
 
 from conftest import write_manifest
 from flows.fanout import medvlm_fanout
-from medvlm_core import results
+from medvlm_core.layout import OutputLayout
 from medvlm_core.storage import Storage
 
 
@@ -29,7 +29,7 @@ def test_failed_shards_become_error_rows_and_fail_the_run(tmp_path, tiny_llava, 
     assert all("after 2 attempt(s)" in r["error_message"] for r in rows)
     [run] = ds.dataset(output / "runs", partitioning="hive").to_table().to_pylist()
     assert (run["manifest_rows"], run["quarantined_rows"], run["pages_error"], run["reconciled"]) == (4, 1, 3, True)
-    assert Storage().list_files(results.staging_root(str(output), run["run_id"]), ".parquet") == []
+    assert Storage().list_files(OutputLayout.of(str(output)).run_staging(run["run_id"]), ".parquet") == []
 
     from prefect.client.orchestration import get_client
 

@@ -12,8 +12,7 @@ import pyarrow.dataset as ds
 import pytest
 from PIL import Image
 
-from conftest import write_manifest
-from flows.batch import medvlm_batch
+from conftest import batch, write_manifest
 from medvlm_core.prompts import PROMPTS, get_prompt
 
 
@@ -45,7 +44,7 @@ def mixed_manifest(tmp_path, demo_docs):
 
 def test_flow_writes_one_row_per_page_and_accounts_for_every_row(tmp_path, mixed_manifest, tiny_llava):
     output = str(tmp_path / "out")
-    state = medvlm_batch(
+    state = batch(
         manifest=str(mixed_manifest), output=output, model=str(tiny_llava.model_path),
         mmproj=str(tiny_llava.mmproj_path), max_tokens=8, n_ctx=4096, chunk_size=3, return_state=True,
     )
@@ -109,7 +108,7 @@ def test_same_inputs_same_completions(tmp_path, tiny_qwen, demo_docs):
     manifest = write_manifest(tmp_path / "m.jsonl", demo_docs)
     completions = []
     for name in ("a", "b"):
-        state = medvlm_batch(
+        state = batch(
             manifest=str(manifest), output=str(tmp_path / name), model=str(tiny_qwen.model_path),
             mmproj=str(tiny_qwen.mmproj_path), max_tokens=6, n_ctx=4096, return_state=True,
         )
@@ -135,7 +134,7 @@ def test_run_that_cannot_start_fails_with_one_clear_message(tmp_path, tiny_llava
         model=str(tiny_llava.model_path), mmproj=str(tiny_llava.mmproj_path),
     )
     params.update(change)
-    state = medvlm_batch(return_state=True, **params)
+    state = batch(return_state=True, **params)
     assert state.is_failed() and message in state.message
     assert not os.path.exists(tmp_path / "out" / "completions")
 
@@ -148,18 +147,18 @@ def test_rerun_skips_done_pages_retries_errors_and_force_reruns(tmp_path, tiny_l
     params = dict(manifest=str(manifest), output=output, model=str(tiny_llava.model_path),
                   mmproj=str(tiny_llava.mmproj_path), max_tokens=4, n_ctx=4096, chunk_size=2)
 
-    first = medvlm_batch(**params)
+    first = batch(**params)
     assert (first["pages_ok"], first["pages_error"], first["skipped_rows"]) == (3, 1, 0)
 
     # the missing document arrives; a new one is added; the rest is already done
     Image.new("RGB", (300, 300), "white").save(docs / "late.png")
     Image.new("RGB", (300, 300), "gray").save(docs / "new.png")
     write_manifest(manifest, records + [{"document_id": "new", "image_uri": "documents/new.png"}])
-    second = medvlm_batch(**params)
+    second = batch(**params)
     assert (second["pages_ok"], second["pages_error"], second["skipped_rows"], second["skipped_pages"]) == (2, 0, 3, 3)
     assert second["reconciled"]
 
-    third = medvlm_batch(**params)
+    third = batch(**params)
     assert (third["pages_ok"], third["skipped_rows"], third["reconciled"]) == (0, 5, True)
 
     rows = read(output, "completions")
@@ -168,14 +167,14 @@ def test_rerun_skips_done_pages_retries_errors_and_force_reruns(tmp_path, tiny_l
     [run3] = [r for r in read(output, "runs") if r["run_id"] == third["run_id"]]
     assert (run3["skipped_rows"], run3["processed_rows"], run3["manifest_rows"]) == (5, 0, 5)
 
-    forced = medvlm_batch(force=True, **params)
+    forced = batch(force=True, **params)
     assert (forced["pages_ok"], forced["skipped_rows"]) == (5, 0)
 
 
 def test_a_manifest_of_only_refused_rows_still_publishes_every_table(tmp_path, tiny_llava):
     manifest = write_manifest(tmp_path / "m.csv", [{"document_id": "a", "image_uri": "a.png", "page": "-1"},
                                                     {"document_id": "b", "image_uri": "", "page": "1"}])
-    summary = medvlm_batch(manifest=str(manifest), output=str(tmp_path / "out"), model=str(tiny_llava.model_path),
+    summary = batch(manifest=str(manifest), output=str(tmp_path / "out"), model=str(tiny_llava.model_path),
                            mmproj=str(tiny_llava.mmproj_path), max_tokens=2, n_ctx=1024)
     assert (summary["quarantined_rows"], summary["pages_ok"], summary["reconciled"]) == (2, 0, True)
     read = lambda table: ds.dataset(tmp_path / "out" / table, partitioning="hive").to_table()  # noqa: E731

@@ -9,7 +9,7 @@ import pytest
 
 from medvlm_core.errors import RunError
 from medvlm_core.models import ModelInfo, choose_chat_format, file_sha256, inspect_model, read_gguf_metadata
-from medvlm_core.tiny_model import make_tiny_model
+from medvlm_core.testing.tiny_model import make_tiny_model
 
 
 def test_tiny_models_are_deterministic(tmp_path, tiny_llava):

@@ -11,11 +11,11 @@ import pyarrow.dataset as ds
 import pytest
 import s3fs
 
-from conftest import write_manifest
-from flows.batch import medvlm_batch
+from conftest import batch, write_manifest
 from medvlm_core import results
+from medvlm_core.layout import OutputLayout
+from medvlm_core.publish import publish_run
 from medvlm_core.storage import Storage, s3_options
-from tasks.publish import publish_run
 
 BUCKET = "medvlm-test"
 
@@ -59,7 +59,7 @@ def test_s3_to_s3_with_model_from_s3(s3, tmp_path, demo_docs, prefix, tiny_llava
         mmproj=f"{prefix}/models/mmproj.gguf", max_tokens=4, n_ctx=4096,
         model_sha256=hashlib.sha256(tiny_llava.model_path.read_bytes()).hexdigest(),
     )
-    state = medvlm_batch(return_state=True, **params)
+    state = batch(return_state=True, **params)
     assert state.is_completed(), state.message
     summary = state.result()
     assert (summary["pages_ok"], summary["pages_error"], summary["reconciled"]) == (4, 1, True)
@@ -68,7 +68,7 @@ def test_s3_to_s3_with_model_from_s3(s3, tmp_path, demo_docs, prefix, tiny_llava
     stamp = {p: p.stat().st_mtime_ns for p in (cache / "models").glob("*.gguf")}
 
     # second run: the model comes from the cache, not S3, and only the failed page is tried again
-    state = medvlm_batch(return_state=True, **params)
+    state = batch(return_state=True, **params)
     assert state.is_completed(), state.message
     again = state.result()
     assert (again["pages_ok"], again["pages_error"], again["skipped_rows"], again["reconciled"]) == (0, 1, 4, True)
@@ -102,7 +102,7 @@ def test_wrong_model_sha256_is_refused_before_any_document(s3, tmp_path, demo_do
     upload_documents(s3, tmp_path, demo_docs, prefix)
     s3.put(str(write_manifest(tmp_path / "m.csv", demo_docs)), f"{prefix}/in/m.csv")
     s3.put(str(tiny_llava.model_path), f"{prefix}/models/model.gguf")
-    state = medvlm_batch(
+    state = batch(
         return_state=True, manifest=f"{prefix}/in/m.csv", output=f"{prefix}/out", model=f"{prefix}/models/model.gguf",
         mmproj=str(tiny_llava.mmproj_path), model_sha256="0" * 64,
     )
@@ -118,7 +118,7 @@ def test_zip_bundle_from_s3(s3, tmp_path, demo_docs, prefix, tiny_qwen):
         z.write(tiny_qwen.mmproj_path, "release/mmproj-model-f16.gguf")
         z.write(tiny_qwen.model_path, "release/model-q4.gguf")
     s3.put(str(bundle), f"{prefix}/models/vendor-model.zip")
-    state = medvlm_batch(
+    state = batch(
         return_state=True, manifest=f"{prefix}/in/m.jsonl", output=f"{prefix}/out",
         model=f"{prefix}/models/vendor-model.zip", max_tokens=3, n_ctx=4096,
     )
@@ -131,7 +131,7 @@ def test_zip_bundle_from_s3(s3, tmp_path, demo_docs, prefix, tiny_qwen):
 def test_wrong_credentials_give_one_clear_error(s3, s3_server, tmp_path, demo_docs, prefix, tiny_llava, monkeypatch):
     s3.put(str(write_manifest(tmp_path / "m.csv", demo_docs)), f"{prefix}/in/m.csv")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-" + "x" * 20)
-    state = medvlm_batch(
+    state = batch(
         return_state=True, manifest=f"{prefix}/in/m.csv", output=f"{prefix}/out",
         model=str(tiny_llava.model_path), mmproj=str(tiny_llava.mmproj_path),
     )
@@ -150,33 +150,34 @@ def test_credentials_from_a_secret_block(s3_server, tmp_path, demo_docs, prefix,
                   "endpoint_url": s3_server.endpoint_url}).save("medvlm-test-s3", overwrite=True)
     fs = s3fs.S3FileSystem(**s3_server.storage_options())
     fs.put(str(write_manifest(tmp_path / "m.csv", [{"document_id": "x", "image_uri": "gone.png"}])), f"{prefix}/m.csv")
-    state = medvlm_batch(
+    state = batch(
         return_state=True, manifest=f"{prefix}/m.csv", output=f"{prefix}/out", model=str(tiny_llava.model_path),
         mmproj=str(tiny_llava.mmproj_path), credentials_block="medvlm-test-s3",
     )
     assert state.is_completed(), state.message
     assert state.result()["error_types"] == {"not_found": 1}
-    state = medvlm_batch(
+    state = batch(
         return_state=True, manifest=f"{prefix}/m.csv", output=f"{prefix}/out", model=str(tiny_llava.model_path),
         mmproj=str(tiny_llava.mmproj_path), credentials_block="no-such-block",
     )
     assert state.is_failed() and "credentials block 'no-such-block' cannot be loaded" in state.message
 
 
-def test_republishing_a_run_does_not_duplicate_rows(s3, prefix):
-    storage = Storage({"s3": s3_options()})
+def test_republishing_a_run_does_not_duplicate_rows(s3, s3_server, prefix):
+    storage = Storage({"s3": s3_options(endpoint_url=s3_server.endpoint_url)})
+    layout = OutputLayout.of(prefix)
     hex64 = "ab" * 32
     row = {"run_id": "r1", "result_key": hex64, "document_id": "d", "manifest_row": 1, "prompt_sha256": hex64,
            "model_sha256": hex64, "mmproj_sha256": hex64, "status": "ok", "completion": "x", "created_at": results.utc_now()}
     run_row = {"run_id": "r1", "manifest_rows": 2, "quarantined_rows": 0, "skipped_rows": 0, "processed_rows": 2,
                "pages_ok": 2, "pages_error": 0}
-    staged = results.staging_url(prefix, "r1", "completions", "chunk-000000.parquet")
+    staged = layout.staged_chunk("r1", "completions", 0)
     for _ in range(2):
         results.write_rows(storage, staged, "completions", [row, row | {"document_id": "e", "manifest_row": 2}])
-        publish_run.fn(prefix, "r1", "2026-11-28", [], run_row, storage)
+        publish_run(storage, layout, "r1", "2026-11-28", [], run_row)
     assert read_s3(s3, f"{prefix}/completions").num_rows == 2
     assert read_s3(s3, f"{prefix}/runs").num_rows == 1
-    assert storage.put_if_absent(results.commit_url(prefix, "r1"), b"again") is False
+    assert storage.put_if_absent(layout.commit("r1"), b"again") is False
 
 
 def test_server_side_encryption_is_requested_for_every_written_object(s3, s3_server, tmp_path, demo_docs, prefix, tiny_llava):
@@ -185,7 +186,7 @@ def test_server_side_encryption_is_requested_for_every_written_object(s3, s3_ser
 
     upload_documents(s3, tmp_path, demo_docs, prefix)
     s3.put(str(write_manifest(tmp_path / "m.csv", demo_docs[:1])), f"{prefix}/in/m.csv")
-    state = medvlm_batch(
+    state = batch(
         return_state=True, manifest=f"{prefix}/in/m.csv", output=f"{prefix}/out", model=str(tiny_llava.model_path),
         mmproj=str(tiny_llava.mmproj_path), max_tokens=2, n_ctx=4096, sse="AES256",
     )

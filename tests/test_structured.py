@@ -12,8 +12,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from conftest import write_manifest
-from flows.batch import medvlm_batch
+from conftest import batch, write_manifest
 from medvlm_core.analytics import EXAMPLE_QUERIES, query
 from medvlm_core.storage import Storage
 from medvlm_core.structured import CLINICAL_SCHEMA, flatten, tables_for
@@ -78,7 +77,7 @@ def test_structured_run_clinical_user_extraction_and_truncation(tmp_path, tiny_l
     ]
     manifest = write_manifest(tmp_path / "m.csv", records)
     output = tmp_path / "out"
-    state = medvlm_batch(
+    state = batch(
         manifest=str(manifest), output=str(output), model=str(tiny_llava.model_path), mmproj=str(tiny_llava.mmproj_path),
         prompt_id="clinical_extraction", extraction=str(extraction), max_tokens=400, n_ctx=4096, return_state=True,
     )
@@ -105,7 +104,7 @@ def test_structured_run_clinical_user_extraction_and_truncation(tmp_path, tiny_l
 
     # max_tokens too small: truncated, the raw text kept, no partial rows in the structured tables
     out2 = tmp_path / "out2"
-    state = medvlm_batch(
+    state = batch(
         manifest=str(manifest), output=str(out2), model=str(tiny_llava.model_path), mmproj=str(tiny_llava.mmproj_path),
         prompt_id="clinical_extraction", extraction=str(extraction), max_tokens=6, n_ctx=4096, return_state=True,
     )
@@ -123,7 +122,7 @@ def test_readme_queries_on_real_output(tmp_path, tiny_llava, demo_docs):
     manifest = write_manifest(tmp_path / "m.csv", records)
     output = tmp_path / "out"
     for _ in range(2):  # two runs: the second skips what the first did and retries the error
-        medvlm_batch(manifest=str(manifest), output=str(output), model=str(tiny_llava.model_path),
+        batch(manifest=str(manifest), output=str(output), model=str(tiny_llava.model_path),
                      mmproj=str(tiny_llava.mmproj_path), prompt_id="clinical_extraction", max_tokens=300, n_ctx=4096)
     storage = Storage()
     errors = query(str(output), EXAMPLE_QUERIES["errors_by_type"], storage).to_pylist()

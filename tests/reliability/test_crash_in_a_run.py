@@ -5,22 +5,24 @@ from __future__ import annotations
 
 import pyarrow.dataset as ds
 
-from conftest import write_manifest
-from flows.batch import medvlm_batch
+from conftest import batch, write_manifest
 from medvlm_core.engine import close_shared_engines
+from medvlm_core.engine.registry import inject_fault
+from medvlm_core.testing.faults import NativeAbort
 from report import record
 
 
 def test_abort_mid_run_costs_one_error_row(tmp_path, tiny_qwen, demo_docs, monkeypatch):
     records = [dict(r, document_id=f"{r['document_id']}-{i}") for i in range(3) for r in demo_docs]
     manifest = write_manifest(tmp_path / "m.csv", records)
-    close_shared_engines()  # a fresh child process, which reads the test hook below when it starts
-    monkeypatch.setenv("MEDVLM_TEST_ABORT_ON", "4")  # llama.cpp's real ggml_abort on the 5th page taken in
+    close_shared_engines()  # a fresh child process, which gets the fault below when it starts
+    inject_fault(NativeAbort(on=frozenset({4})))  # llama.cpp's real ggml_abort on the 5th page taken in
     monkeypatch.setenv("GGML_NO_BACKTRACE", "1")
     try:
-        summary = medvlm_batch(manifest=str(manifest), output=str(tmp_path / "out"), model=str(tiny_qwen.model_path),
+        summary = batch(manifest=str(manifest), output=str(tmp_path / "out"), model=str(tiny_qwen.model_path),
                                mmproj=str(tiny_qwen.mmproj_path), max_tokens=6, n_ctx=2048, n_parallel=3)
     finally:
+        inject_fault(None)
         close_shared_engines()
     assert (summary["pages_ok"], summary["pages_error"], summary["reconciled"]) == (8, 1, True)
     assert summary["error_types"] == {"engine_crash": 1}
@@ -32,9 +34,8 @@ def test_abort_mid_run_costs_one_error_row(tmp_path, tiny_qwen, demo_docs, monke
            rows_lost=len(records) - len(rows))
 
     # the re-run retries the error row only (errors are not done), now without the fault
-    monkeypatch.delenv("MEDVLM_TEST_ABORT_ON")
     try:
-        again = medvlm_batch(manifest=str(manifest), output=str(tmp_path / "out"), model=str(tiny_qwen.model_path),
+        again = batch(manifest=str(manifest), output=str(tmp_path / "out"), model=str(tiny_qwen.model_path),
                              mmproj=str(tiny_qwen.mmproj_path), max_tokens=6, n_ctx=2048, n_parallel=3)
     finally:
         close_shared_engines()

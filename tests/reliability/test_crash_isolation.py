@@ -2,8 +2,8 @@
 only the culprit page (an ``engine_crash`` error row); the other pages in flight are re-run alone and get
 the same answers as the in-process batched engine; too many crashes fail the run loudly.
 
-The crashes are llama.cpp's own abort, injected by the ``MEDVLM_TEST_ABORT_ON`` / ``_ONCE`` test hooks,
-set before ``start()`` so the spawned child inherits them.
+The crashes are llama.cpp's own abort, injected by a ``NativeAbort`` fault handed to the engine, which
+passes it to its spawned child.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from medvlm_core import errors
-from medvlm_core.batched import BatchedEngine, Request
 from medvlm_core.config import EngineConfig, GenerationParams
-from medvlm_core.engine import VisionEngine
+from medvlm_core.engine import BatchedEngine, IsolatedEngine, Request, VisionEngine
 from medvlm_core.errors import DocumentError, RunError
-from medvlm_core.isolated import IsolatedEngine
+from medvlm_core.testing.faults import NativeAbort
 from report import record
 
 N_PAGES = 10
@@ -37,12 +36,9 @@ def prefect_server():
 
 
 @pytest.fixture(autouse=True)
-def hooks(monkeypatch):
-    """No fault injection unless a test asks; no gdb backtrace on abort (it would attach a debugger)."""
-    monkeypatch.delenv("MEDVLM_TEST_ABORT_ON", raising=False)
-    monkeypatch.delenv("MEDVLM_TEST_ABORT_ONCE", raising=False)
+def no_backtrace(monkeypatch):
+    """No gdb backtrace on abort (ggml would attach a debugger)."""
     monkeypatch.setenv("GGML_NO_BACKTRACE", "1")
-    return monkeypatch
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +59,7 @@ def config(tiny_llava):
 @pytest.fixture(scope="module")
 def expected(config, pages):
     """The pages' answers from the batched engine in this process (no isolation)."""
-    engine = VisionEngine(config, "llava-1-5").load()
+    engine = VisionEngine(config, "llava-1-5").start()
     batched = BatchedEngine(engine, n_seq=config.n_parallel, ctx_per_seq=config.n_ctx, overlap=config.overlap_encode)
     try:
         got = dict(batched.generate_many(Request(i, p, PROMPT, PARAMS) for i, p in enumerate(pages)))
@@ -78,9 +74,8 @@ def requests(pages, n=N_PAGES):
     return (Request(("page", i), pages[i], PROMPT, PARAMS) for i in range(n))
 
 
-def test_the_culprit_page_gets_an_engine_crash_error_and_the_others_their_answers(hooks, config, pages, expected):
-    hooks.setenv("MEDVLM_TEST_ABORT_ON", "4")
-    with IsolatedEngine(config, "llava-1-5") as engine:
+def test_the_culprit_page_gets_an_engine_crash_error_and_the_others_their_answers(config, pages, expected):
+    with IsolatedEngine(config, "llava-1-5", fault=NativeAbort(on=frozenset({4}))) as engine:
         results = dict(engine.generate_many(requests(pages)))
         assert sorted(results) == [("page", i) for i in range(N_PAGES)]
         crashed = results.pop(("page", 4))
@@ -94,8 +89,7 @@ def test_the_culprit_page_gets_an_engine_crash_error_and_the_others_their_answer
            rows_lost=N_PAGES - 1 - len(results))
 
 
-def test_a_page_that_crashes_once_succeeds_alone_after_the_restart(hooks, config, pages, expected):
-    hooks.setenv("MEDVLM_TEST_ABORT_ONCE", "2")
+def test_a_page_that_crashes_once_succeeds_alone_after_the_restart(config, pages, expected):
     pulled, finished = [], []
 
     def source():
@@ -104,7 +98,7 @@ def test_a_page_that_crashes_once_succeeds_alone_after_the_restart(hooks, config
             pulled.append(request.key)
             yield request
 
-    with IsolatedEngine(config, "llava-1-5") as engine:
+    with IsolatedEngine(config, "llava-1-5", fault=NativeAbort(once=frozenset({2}))) as engine:
         results = {}
         for key, result in engine.generate_many(source()):
             finished.append(key)
@@ -141,9 +135,9 @@ def test_source_failure_early_stop_and_a_parent_without_llama_cpp(config, pages,
     script = textwrap.dedent(f"""
         import sys
         from PIL import Image
-        from medvlm_core.batched import Request
         from medvlm_core.config import EngineConfig, GenerationParams
-        from medvlm_core.isolated import IsolatedEngine
+        from medvlm_core.engine import IsolatedEngine, Request
+from medvlm_core.testing.faults import NativeAbort
 
         if __name__ == "__main__":
             config = EngineConfig({config.model_path!r}, {config.mmproj_path!r}, n_ctx=1024)
@@ -171,9 +165,8 @@ def test_a_model_that_does_not_load_is_a_clear_run_error(config, tmp_path):
     engine.close()
 
 
-def test_more_crashes_than_max_restarts_fail_the_run(hooks, config, pages):
-    hooks.setenv("MEDVLM_TEST_ABORT_ON", "0")
-    engine = IsolatedEngine(config, "llava-1-5", max_restarts=1).start()
+def test_more_crashes_than_max_restarts_fail_the_run(config, pages):
+    engine = IsolatedEngine(config, "llava-1-5", max_restarts=1, fault=NativeAbort(on=frozenset({0}))).start()
     got = {}
     try:
         with pytest.raises(RunError, match="keeps dying") as caught:

@@ -12,9 +12,8 @@ import logging
 import pyarrow.dataset as ds
 from PIL import Image
 
-from conftest import write_manifest
-from flows.batch import medvlm_batch
-from medvlm_core.demo_docs import render_document
+from conftest import batch, write_manifest
+from medvlm_core.testing.demo_docs import render_document
 from report import record
 
 MARKERS = {
@@ -42,7 +41,7 @@ def test_no_phi_or_secret_in_logs_or_artifacts(tmp_path, tiny_llava, caplog, cap
         {"document_id": "d", "image_uri": "documents/b.png", "patient_id": MARKERS["quarantined"], "page": "-3"},
     ])
     caplog.set_level(logging.DEBUG)
-    state = medvlm_batch(manifest=str(manifest), output=str(tmp_path / "out"), model=str(tiny_llava.model_path),
+    state = batch(manifest=str(manifest), output=str(tmp_path / "out"), model=str(tiny_llava.model_path),
                          mmproj=str(tiny_llava.mmproj_path), max_tokens=4, n_ctx=4096, return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
@@ -86,7 +85,7 @@ def test_location_policy_quarantines_documents_outside_and_refuses_outputs(tmp_p
     params = dict(manifest=str(manifest), output=str(allowed / "out"), model=str(tiny_llava.model_path),
                   mmproj=str(tiny_llava.mmproj_path), max_tokens=2, n_ctx=4096,
                   allowed_locations=[str(allowed), model_dir])
-    summary = medvlm_batch(**params)
+    summary = batch(**params)
     assert (summary["pages_ok"], summary["quarantined_rows"], summary["reconciled"]) == (1, 6, True)
     reasons = {q["row_number"]: q["reason"] for q in
                ds.dataset(allowed / "out" / "quarantine", partitioning="hive").to_table().to_pylist()}
@@ -96,6 +95,6 @@ def test_location_policy_quarantines_documents_outside_and_refuses_outputs(tmp_p
     record("policy: documents outside the allow-list", inputs=7, faults={"outside": 6},
            rows_lost=7 - summary["pages_ok"] - summary["quarantined_rows"])
 
-    state = medvlm_batch(return_state=True, **dict(params, output=str(tmp_path / "elsewhere")))
+    state = batch(return_state=True, **dict(params, output=str(tmp_path / "elsewhere")))
     assert state.is_failed() and "output" in state.message and "outside the allowed locations" in state.message
     assert not (tmp_path / "elsewhere").exists()

@@ -10,9 +10,8 @@ import uuid
 import pyarrow.dataset as ds
 import pytest
 
-from conftest import write_manifest
+from conftest import batch, write_manifest
 from fault_proxy import FaultProxy
-from flows.batch import medvlm_batch
 from medvlm_core import errors
 from medvlm_core.errors import DocumentError
 from medvlm_core.storage import RetryPolicy, Storage, s3_options
@@ -56,7 +55,7 @@ def test_run_survives_faults_with_every_page_accounted_for(s3_server, s3, tmp_pa
     monkeypatch.setenv("MEDVLM_CACHE_DIR", str(tmp_path / "cache"))
 
     with FaultProxy(s3_server.endpoint_url, rate=0.15, seed=7, slow_seconds=0.3) as proxy:
-        summary = medvlm_batch(
+        summary = batch(
             manifest=f"{prefix}/in/m.csv", output=f"{prefix}/out", model=f"{prefix}/models/model.gguf",
             mmproj=f"{prefix}/models/mmproj.gguf", max_tokens=4, n_ctx=2048, chunk_size=4, s3_endpoint=proxy.endpoint,
             model_sha256=hashlib.sha256(tiny_llava.model_path.read_bytes()).hexdigest(),

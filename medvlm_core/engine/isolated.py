@@ -22,15 +22,10 @@ parent from reading results (and the child from making progress). Page keys stay
 child only sees integer ids. At most ``window`` requests are unanswered at a time (as many as the child's
 batched engine can take ahead), which keeps intake lazy and memory bounded.
 
-Test hooks (fault injection, for tests only; unset in production):
-
-* ``MEDVLM_TEST_ABORT_ON="4,7"``: the child calls llama.cpp's real ``ggml_abort`` when it is about to
-  encode the page with that intake number (0-based, counted per ``generate_many`` call), on every run of
-  that page, its solo retry included, so the page ends as an ``engine_crash`` error.
-* ``MEDVLM_TEST_ABORT_ONCE="2"``: the same, but only on the page's first run, so its solo retry succeeds.
-
-The variables are read by the child when it starts; set them before ``start()``. Setting
-``GGML_NO_BACKTRACE=1`` too keeps ggml from attaching gdb to print a backtrace (slow in tests).
+Fault injection (tests only): ``IsolatedEngine(..., fault=...)`` takes a picklable callable that the child
+calls with ``(intake, attempt)`` just before it takes each page (intake: 0-based, counted per
+``generate_many`` call; attempt: 0 in the batch, 1 in the solo retry). ``medvlm_core.testing.faults`` has
+the one the crash tests use, which calls llama.cpp's real ``ggml_abort``. Production code passes none.
 
 As with any "spawn" child, the child imports the parent's ``__main__`` module (as ``__mp_main__``): a
 script that creates an ``IsolatedEngine`` must keep its top-level work under ``if __name__ == "__main__":``.
@@ -38,33 +33,95 @@ script that creates an ``IsolatedEngine`` must keep its top-level work under ``i
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import itertools
 import multiprocessing
 import multiprocessing.connection as mp_connection
-import os
 import queue
 import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from medvlm_core import errors
-from medvlm_core.batched import Request
-from medvlm_core.config import EngineConfig
-from medvlm_core.engine import Generation, error_detail
-from medvlm_core.errors import DocumentError, RunError
+from medvlm_core.config import EngineConfig, GenerationParams
+from medvlm_core.engine.types import Engine, Generation, Request, Result
+from medvlm_core.errors import DocumentError, RunError, error_detail, short_message
+from medvlm_core.images import to_rgb
 
-ABORT_ON_ENV = "MEDVLM_TEST_ABORT_ON"
-ABORT_ONCE_ENV = "MEDVLM_TEST_ABORT_ONCE"
+# A fault injector (tests only): called in the child with (intake, attempt) before each page is taken.
+FaultInjector = Callable[[int, int], None]
 
-# Messages, parent -> child: ("req", id, intake, attempt, mode, size, pixels, prompt, params, schema),
-# ("end",) closes the current stream of requests, ("stop",) ends the child.
-# Child -> parent: ("ready", load_seconds) | ("load_error", message) once, then per request
-# ("ok", id, Generation) | ("err", id, error_type, message), ("idle",) after each stream, and
-# ("fatal", message) if the batched engine raised something other than a DocumentError.
+
+# -- the messages between parent and child (pickled over the pipes) --------------------------------
+@dataclass(frozen=True)
+class PageRequest:
+    """Parent -> child: one page. Pixels as raw RGB bytes; the page's key stays in the parent."""
+
+    id: int
+    intake: int
+    attempt: int  # 0 in a stream, 1 in the solo retry after a crash
+    size: tuple[int, int]
+    pixels: bytes
+    prompt: str
+    params: GenerationParams
+    schema: dict | None
+
+
+@dataclass(frozen=True)
+class EndOfStream:
+    """Parent -> child: no more pages in the current stream (the child finishes what it has)."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Parent -> child: exit."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Child -> parent, once: the model is loaded."""
+
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    """Child -> parent, once: the model could not be loaded (a one-line, PHI-free message)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Child -> parent: a page's completion."""
+
+    id: int
+    generation: Generation
+
+
+@dataclass(frozen=True)
+class PageFailed:
+    """Child -> parent: a page's DocumentError."""
+
+    id: int
+    error_type: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Idle:
+    """Child -> parent: the current stream is done."""
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """Child -> parent: the batched engine raised something other than a DocumentError; the child exits."""
+
+    message: str
+
+
 _STOP_WAIT_S = 5.0  # a clean child exits in well under a second; past this it is killed
 
 
@@ -84,13 +141,15 @@ def describe_exit(exitcode: int | None) -> str:
 class _Pending:
     """An unanswered request, kept in the parent (with its pixels) until answered, for a possible retry."""
 
-    id: int
     key: Any
-    intake: int
-    payload: tuple  # (mode, size, pixels, prompt, params, schema)
+    message: PageRequest
 
-    def message(self, attempt: int) -> tuple:
-        return ("req", self.id, self.intake, attempt) + self.payload
+    @property
+    def id(self) -> int:
+        return self.message.id
+
+    def attempt(self, attempt: int) -> PageRequest:
+        return dataclasses.replace(self.message, attempt=attempt)
 
 
 class _Died(Exception):
@@ -109,11 +168,11 @@ class _Child:
                                         name="medvlm-isolated-sender", daemon=True)
         self._sender.start()
 
-    def send(self, message: tuple) -> None:
+    def send(self, message: Any) -> None:
         """Queue a message for the child (never blocks: the sender thread does the writing)."""
         self._outbox.put(message)
 
-    def receive(self) -> tuple:
+    def receive(self) -> Any:
         """The child's next message; ``_Died`` once it has exited and every message it sent has been read."""
         sentinel = self.process.sentinel
         while True:
@@ -137,7 +196,7 @@ class _Child:
     def stop(self, graceful: bool) -> None:
         """End the child: ask it to stop (``graceful``) and wait a few seconds, else kill it."""
         if graceful and self.process.is_alive():
-            self.send(("stop",))
+            self.send(Stop())
         self._outbox.put(None)  # ends the sender thread once it has written what is queued
         if graceful:
             self._sender.join(_STOP_WAIT_S)
@@ -161,7 +220,7 @@ def _send_loop(outbox: queue.SimpleQueue, connection: Any) -> None:
             return
 
 
-class IsolatedEngine:
+class IsolatedEngine(Engine):
     """The batched engine in a supervised child process: a native crash costs the pages in flight a
     retry (and the culprit page an ``engine_crash`` error), never the run.
 
@@ -170,11 +229,21 @@ class IsolatedEngine:
     Not for concurrent use from several threads: calls to ``generate_many`` are serialised.
     """
 
-    def __init__(self, config: EngineConfig, chat_format: str, max_restarts: int = 10, start_timeout_s: float = 300):
-        """``max_restarts``: crashes tolerated over this engine's life before ``RunError``.
-        ``start_timeout_s``: how long a child may take to start and load the model."""
+    def __init__(self, config: EngineConfig, chat_format: str, max_restarts: int = 10, start_timeout_s: float = 300,
+                 log_phi: bool = False, fault: FaultInjector | None = None):
+        """
+        Args:
+            config: the model files and llama.cpp settings (the child loads them).
+            chat_format: one of ``medvlm_core.models.CHAT_FORMATS``.
+            max_restarts: crashes tolerated over this engine's life before ``RunError``.
+            start_timeout_s: how long a child may take to start and load the model.
+            log_phi: the ``MEDVLM_LOG_PHI`` debug setting, handed to the child.
+            fault: tests only: a picklable fault injector the child calls before each page.
+        """
         self.config = config
         self.chat_format = chat_format
+        self.log_phi = log_phi
+        self.fault = fault
         self.max_restarts = max_restarts
         self.start_timeout_s = start_timeout_s
         # Unanswered requests at most: the child's batch (n_parallel), its encoded-ahead queue (as many
@@ -200,15 +269,16 @@ class IsolatedEngine:
         """True between ``start()`` and ``close()`` (a crashed child is replaced on the next page)."""
         return self._open
 
-    def __enter__(self) -> "IsolatedEngine":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     def start(self) -> "IsolatedEngine":
-        """Spawn the child and wait until it has loaded the model. RunError (the child's own message)
-        if the model cannot be loaded, or if the child dies or times out while loading."""
+        """Spawn the child and wait until it has loaded the model (idempotent).
+
+        Returns:
+            The engine itself.
+
+        Raises:
+            RunError: the child's own message if the model cannot be loaded, or if the child dies or times
+                out while loading.
+        """
         with self._lock:
             if self._child is None:
                 self._failed = None
@@ -227,7 +297,7 @@ class IsolatedEngine:
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked llama.cpp or thread state
         request_recv, request_send = ctx.Pipe(duplex=False)
         result_recv, result_send = ctx.Pipe(duplex=False)
-        process = ctx.Process(target=_child_main, args=(self.config, self.chat_format, request_recv, result_send),
+        process = ctx.Process(target=_child_main, args=(self.config, self.chat_format, self.log_phi, self.fault, request_recv, result_send),
                               name="medvlm-inference", daemon=True)
         started = time.perf_counter()
         process.start()
@@ -244,9 +314,9 @@ class IsolatedEngine:
         except _Died as died:
             child.stop(graceful=False)
             raise RunError(f"the inference process died ({died.args[0]}) while loading {model}") from None
-        if message[0] != "ready":
+        if not isinstance(message, Ready):
             child.stop(graceful=True)
-            raise RunError(message[1])
+            raise RunError(getattr(message, "message", "the inference process sent no ready message"))
         self.load_seconds = time.perf_counter() - started
         return child
 
@@ -279,7 +349,7 @@ class IsolatedEngine:
             self.restarts += 1
         return self._child
 
-    def generate_many(self, requests: Iterable[Request]) -> Iterator[tuple[Any, Generation | DocumentError]]:
+    def generate_many(self, requests: Iterable[Request]) -> Iterator[tuple[Any, Result]]:
         """Answer every request, yielding ``(key, Generation or DocumentError)`` as each finishes.
 
         As ``BatchedEngine.generate_many``: requests are taken lazily (at most ``window`` unanswered), and
@@ -290,7 +360,7 @@ class IsolatedEngine:
         with self._lock:
             yield from self._generate(iter(requests))
 
-    def _generate(self, source: Iterator[Request]) -> Iterator[tuple[Any, Generation | DocumentError]]:
+    def _generate(self, source: Iterator[Request]) -> Iterator[tuple[Any, Result]]:
         child = self._ready_child()
         pending: dict[int, _Pending] = {}  # in intake order
         intake = 0
@@ -302,7 +372,7 @@ class IsolatedEngine:
                 while not exhausted and len(pending) < self.window:
                     try:
                         request = next(source)
-                        item = _Pending(next(self._ids), request.key, intake, _payload(request))
+                        item = _Pending(request.key, _page_request(next(self._ids), intake, request))
                     except StopIteration:
                         exhausted = True
                         break
@@ -311,9 +381,9 @@ class IsolatedEngine:
                         break
                     intake += 1
                     pending[item.id] = item
-                    child.send(item.message(attempt=0))
+                    child.send(item.message)
                 if exhausted and not ended:
-                    child.send(("end",))  # without it the child would wait for more pages with slots free
+                    child.send(EndOfStream())  # without it the child would wait for more pages with slots free
                     ended = True
                 if not pending:
                     if source_error is not None:
@@ -344,34 +414,33 @@ class IsolatedEngine:
                     self._child.stop(graceful=False)
                     self._child = None
                 else:
-                    child.send(("end",))
+                    child.send(EndOfStream())
 
-    def _answer(self, message: tuple, pending: dict[int, _Pending]) -> tuple[Any, Generation | DocumentError] | None:
+    def _answer(self, message: Any, pending: dict[int, _Pending]) -> tuple[Any, Result] | None:
         """The (key, result) a child message answers, None for bookkeeping messages and stale answers."""
-        kind = message[0]
-        if kind == "fatal":
+        if isinstance(message, Fatal):
             if self._child is not None:
                 self._child.stop(graceful=False)
                 self._child = None
-            raise RunError(message[1])
-        if kind not in ("ok", "err"):
+            raise RunError(message.message)
+        if not isinstance(message, (Answer, PageFailed)):
             return None
-        item = pending.pop(message[1], None)
+        item = pending.pop(message.id, None)
         if item is None:  # an answer from a stream abandoned earlier
             return None
-        if kind == "ok":
-            return item.key, message[2]
-        return item.key, DocumentError(message[2], message[3])
+        if isinstance(message, Answer):
+            return item.key, message.generation
+        return item.key, DocumentError(message.error_type, message.message)
 
-    def _retry_alone(self, pending: dict[int, _Pending]) -> Iterator[tuple[Any, Generation | DocumentError]]:
+    def _retry_alone(self, pending: dict[int, _Pending]) -> Iterator[tuple[Any, Result]]:
         """After a crash with ``pending`` in flight: run each of them alone in a new child, once. Alone, a
         second crash names its culprit; the pages that were only in the same batch get their answers."""
         suspects = list(pending.values())
         pending.clear()
         for item in suspects:
             child = self._ready_child()
-            child.send(item.message(attempt=1))
-            child.send(("end",))
+            child.send(item.attempt(1))
+            child.send(EndOfStream())
             solo = {item.id: item}
             while solo:
                 try:
@@ -389,66 +458,38 @@ class IsolatedEngine:
                     yield answered
 
 
-def _payload(request: Request) -> tuple:
+def _page_request(rid: int, intake: int, request: Request) -> PageRequest:
     """What the child needs of a request, without its key. Pixels go as raw RGB bytes: BatchedEngine
     converts to RGB anyway, and ``tobytes`` of a palette image alone would lose its palette."""
-    image = request.image if request.image.mode == "RGB" else request.image.convert("RGB")
-    return ("RGB", image.size, image.tobytes(), request.prompt, request.params, request.schema)
+    image = to_rgb(request.image)
+    return PageRequest(rid, intake, 0, image.size, image.tobytes(), request.prompt, request.params, request.schema)
 
 
 # -- the child --------------------------------------------------------------------------------------
 
-def _int_set(name: str) -> frozenset[int]:
-    value = os.environ.get(name, "")
-    return frozenset(int(part) for part in value.split(",") if part.strip())
-
-
-def _native_abort() -> None:
-    """Abort the way llama.cpp does (``ggml_abort``: message, backtrace, SIGABRT); os.abort() if not found."""
-    function = None
-    try:
-        import llama_cpp.llama_cpp as llama_cpp_lib
-
-        function = llama_cpp_lib._lib.ggml_abort  # dlsym on libllama also finds its dependency libggml-base
-    except (ImportError, AttributeError):
-        try:
-            import llama_cpp
-
-            lib = os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so")
-            function = ctypes.CDLL(lib).ggml_abort
-        except (ImportError, OSError, AttributeError):
-            function = None
-    if function is not None:
-        function.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
-        function.restype = None
-        function(b"medvlm_core/isolated.py", 1, b"medvlm test abort")
-    os.abort()
-
-
 class _Stream:
-    """The child's side of one stream: Requests read from the pipe until "end" (or "stop" / EOF)."""
+    """The child's side of one stream: Requests read from the pipe until EndOfStream (or Stop / EOF)."""
 
-    def __init__(self, connection: Any, first: tuple, abort_on: frozenset[int], abort_once: frozenset[int]):
+    def __init__(self, connection: Any, first: Any, fault: FaultInjector | None):
         self.connection = connection
         self.first = first
-        self.abort_on = abort_on
-        self.abort_once = abort_once
+        self.fault = fault
         self.stopped = False  # the parent asked the child to stop (or went away)
 
     def __iter__(self) -> Iterator[Request]:
+        from PIL import Image
+
         message = self.first
         while True:
-            if message[0] == "end":
+            if isinstance(message, EndOfStream):
                 return
-            if message[0] != "req":  # "stop"
+            if not isinstance(message, PageRequest):  # Stop
                 self.stopped = True
                 return
-            _, rid, intake, attempt, mode, size, pixels, prompt, params, schema = message
-            if intake in self.abort_on or (attempt == 0 and intake in self.abort_once):
-                _native_abort()  # test hook: the pages before this one are in flight
-            from PIL import Image
-
-            yield Request(rid, Image.frombytes(mode, size, pixels), prompt, params, schema)
+            if self.fault is not None:
+                self.fault(message.intake, message.attempt)  # tests: the pages before this one are in flight
+            yield Request(message.id, Image.frombytes("RGB", message.size, message.pixels), message.prompt,
+                          message.params, message.schema)
             try:
                 message = self.connection.recv()
             except (EOFError, OSError):  # the parent is gone
@@ -456,58 +497,57 @@ class _Stream:
                 return
 
 
-def _child_main(config: EngineConfig, chat_format: str, requests: Any, results: Any) -> None:
+def _child_main(config: EngineConfig, chat_format: str, log_phi: bool, fault: FaultInjector | None,
+                requests: Any, results: Any) -> None:
     """The child process: load the model, report ready, then answer streams of requests until stopped."""
     # Ctrl-C reaches the whole process group; the parent decides when the child stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from medvlm_core.batched import BatchedEngine
-    from medvlm_core.engine import VisionEngine
+    from medvlm_core.engine.batched import BatchedEngine
+    from medvlm_core.engine.llama import VisionEngine
 
     engine = batched = None
     try:
         try:
             # The child answers every page through the batched context; the engine's own context only has
             # to exist (llama-cpp-python makes one per model), so keep it small instead of another n_ctx of KV.
-            small = dataclasses.replace(config, n_ctx=max(256, config.n_batch))
-            engine = VisionEngine(small, chat_format).load()
+            small = config.replace(n_ctx=max(256, config.n_batch))
+            engine = VisionEngine(small, chat_format, log_phi=log_phi).start()
             batched = BatchedEngine(engine, n_seq=config.n_parallel, ctx_per_seq=config.n_ctx,
                                     overlap=config.overlap_encode)
         except RunError as exc:
-            results.send(("load_error", str(exc)))
+            results.send(LoadFailed(str(exc)))
             return
         except Exception as exc:  # e.g. ValueError for a bad mmproj; no traceback: the parent shows one line
             # Loading sees no document, so llama-cpp-python's text (file paths, reasons) carries no PHI.
-            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            results.send(("load_error", f"llama.cpp could not load {config.model_path} with {config.mmproj_path} "
-                                        f"({type(exc).__name__}{': ' + text if text else ''})"))
+            results.send(LoadFailed(f"llama.cpp could not load {config.model_path} with {config.mmproj_path} "
+                                    f"({type(exc).__name__}: {short_message(exc)})"))
             return
-        results.send(("ready", engine.load_seconds))
-        abort_on, abort_once = _int_set(ABORT_ON_ENV), _int_set(ABORT_ONCE_ENV)
+        results.send(Ready(engine.load_seconds))
         while True:
             try:
                 message = requests.recv()
             except (EOFError, OSError):
                 return
-            if message[0] == "stop":
+            if isinstance(message, Stop):
                 return
-            stream = _Stream(requests, message, abort_on, abort_once)
+            stream = _Stream(requests, message, fault)
             try:
                 for rid, result in batched.generate_many(stream):
                     if isinstance(result, DocumentError):
-                        results.send(("err", rid, result.error_type, result.message))
+                        results.send(PageFailed(rid, result.error_type, result.message))
                     else:
-                        results.send(("ok", rid, result))
+                        results.send(Answer(rid, result))
             except (BrokenPipeError, EOFError):
                 return
             except RunError as exc:
-                results.send(("fatal", str(exc)))
+                results.send(Fatal(str(exc)))
                 return
             except Exception as exc:
-                results.send(("fatal", f"the batched engine failed{error_detail(exc)}"))
+                results.send(Fatal(f"the batched engine failed{error_detail(exc, log_phi)}"))
                 return
             if stream.stopped:
                 return
-            results.send(("idle",))
+            results.send(Idle())
     except (BrokenPipeError, EOFError, OSError):  # the parent went away mid-send
         return
     finally:

@@ -28,26 +28,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
-from PIL import Image
-
 from medvlm_core import errors
 from medvlm_core.config import GenerationParams
-from medvlm_core.engine import Generation, VisionEngine
+from medvlm_core.engine.llama import VisionEngine
+from medvlm_core.engine.types import Engine, Generation, Request, Result
 from medvlm_core.errors import DocumentError, RunError
+from medvlm_core.images import to_rgb
+from medvlm_core.threads import put_unless_stopped
 
 _SENTINEL = "\x00medvlm-image\x00"
 _PENALTY_LAST_N = 64  # llama-cpp-python's default last_n_tokens_size
-
-
-@dataclass
-class Request:
-    """One page for the batched engine. ``key`` comes back with its result."""
-
-    key: Any
-    image: Image.Image
-    prompt: str
-    params: GenerationParams
-    schema: dict | None = None
 
 
 @dataclass
@@ -88,14 +78,23 @@ class _Slot:
     encode_ms: float = 0.0
 
 
-class BatchedEngine:
-    """Continuous batching over a loaded ``VisionEngine`` (which keeps the weights and the vision projector)."""
+class BatchedEngine(Engine):
+    """Continuous batching over a loaded ``VisionEngine`` (which keeps the weights and the vision projector).
+
+    Ready when constructed (the model is the ``VisionEngine``'s); ``close()`` frees the batched context only.
+    """
 
     def __init__(self, engine: VisionEngine, n_seq: int = 8, ctx_per_seq: int | None = None,
                  overlap: bool = True, encode_ahead: int | None = None):
-        """``overlap``: encode images on a second thread while the batch decodes (off: inline, one thread).
-        ``encode_ahead``: encoded pages waiting for a slot (default ``n_seq``); it bounds host memory to
-        about ``encode_ahead`` pages of embeddings (~24 MB each for a 7B model at 1656 image tokens)."""
+        """
+        Args:
+            engine: the loaded single-page engine whose model and vision projector are used.
+            n_seq: pages decoded together.
+            ctx_per_seq: KV cells per page (default: the engine's n_ctx), rounded up to 256.
+            overlap: encode images on a second thread while the batch decodes (off: inline, one thread).
+            encode_ahead: encoded pages waiting for a slot (default ``n_seq``); it bounds host memory to
+                about ``encode_ahead`` pages of embeddings (~24 MB each for a 7B model at 1656 image tokens).
+        """
         if not engine.loaded:
             raise RunError("load the VisionEngine before batching over it")
         if n_seq < 1:
@@ -114,7 +113,7 @@ class BatchedEngine:
         self.encode_ahead = max(1, encode_ahead if encode_ahead is not None else n_seq)
         # llama.cpp sizes contexts in multiples of 256 cells: keep every slot the same, whole size.
         self.ctx_per_seq = -(-(ctx_per_seq or engine.config.n_ctx) // 256) * 256
-        llm = engine._llm
+        llm = engine.llm
         self._handler = llm.chat_handler
         self._handler._init_mtmd_context(llm)
         self._mtmd = self._handler._mtmd_cpp
@@ -140,6 +139,29 @@ class BatchedEngine:
         self._piece = ctypes.create_string_buffer(256)
         self._rendered: dict[str, str] = {}  # prompt -> rendered text: compiling the template costs ~ms per page
 
+    @property
+    def loaded(self) -> bool:
+        """True until ``close()``."""
+        return bool(self._ctx)
+
+    @property
+    def load_seconds(self) -> float:
+        """How long the model took to load (the ``VisionEngine``'s load)."""
+        return self.engine.load_seconds
+
+    def start(self) -> "BatchedEngine":
+        """Nothing to do: the batched context is made on construction.
+
+        Returns:
+            The engine itself.
+
+        Raises:
+            RunError: after ``close()``.
+        """
+        if not self._ctx:
+            raise RunError("the BatchedEngine was closed")
+        return self
+
     def close(self) -> None:
         """Free the batched context (the model stays loaded in the VisionEngine)."""
         if self._ctx:
@@ -161,7 +183,7 @@ class BatchedEngine:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         from llama_cpp import llama_chat_format as lcf
 
-        llm = self.engine._llm
+        llm = self.engine.llm
         marker = self._mtmd.mtmd_default_marker().decode("utf-8")
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _SENTINEL}},
                                                  {"type": "text", "text": prompt}]}]
@@ -200,7 +222,7 @@ class BatchedEngine:
             chain, lc.llama_sampler_init_penalties(self._n_vocab, _PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0)
         )
         if schema is not None:
-            gbnf = self.engine._grammar(schema)._grammar.encode("utf-8")
+            gbnf = self.engine.grammar_text(schema).encode("utf-8")
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_grammar(self._vocab, gbnf, b"root"))
         if params.temperature == 0.0:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
@@ -224,7 +246,7 @@ class BatchedEngine:
         started = time.perf_counter()
         # Raw RGB pixels straight into libmtmd: the same pixels the single path's PNG round trip yields
         # (PNG is lossless), without ~30 ms of PNG encoding and decoding per 1.3 MP page.
-        image = request.image if request.image.mode == "RGB" else request.image.convert("RGB")
+        image = to_rgb(request.image)
         data = bytearray(image.tobytes())
         bitmap = mtmd.mtmd_bitmap_init(image.width, image.height, (ctypes.c_uint8 * len(data)).from_buffer(data))
         if not bitmap:
@@ -309,13 +331,7 @@ class BatchedEngine:
         """Encode requests from ``source`` into ``out`` until it ends or ``stop`` is set."""
 
         def put(item: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+            return put_unless_stopped(out, item, stop)
 
         try:
             for request in source:
@@ -359,14 +375,14 @@ class BatchedEngine:
             return "stop"
         return None
 
-    def generate_many(self, requests: Iterable[Request]) -> Iterator[tuple[Any, Generation | DocumentError]]:
+    def generate_many(self, requests: Iterable[Request]) -> Iterator[tuple[Any, Result]]:
         """Answer every request, yielding ``(key, Generation or DocumentError)`` as each finishes.
 
         Requests are taken from ``requests`` lazily: at most ``n_seq`` are in flight, plus (with ``overlap``)
         ``encode_ahead`` encoded and one being encoded, so a long iterable never sits in memory. An exception
         raised by the iterable itself propagates (after the pages in flight are finished).
         """
-        with self.engine._lock:  # one llama.cpp model in use at a time in this process
+        with self.engine.lock:  # one llama.cpp model in use at a time in this process
             if not self.overlap:
                 yield from self._run(self._encode_inline(iter(requests)), blocking=True)
                 return

@@ -1,0 +1,72 @@
+"""The inference stage of a flow: load the model once, map the inference task over chunks of rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import unmapped
+
+from medvlm_core import results
+from medvlm_core.accounting import ChunkSummary
+from medvlm_core.chunks import stage_failed_rows
+from medvlm_core.engine.registry import shared_engine
+from medvlm_core.manifest import ManifestRow
+from medvlm_core.pipeline import RunSpec
+from medvlm_core.run import RunContext, chunk_rows
+from tasks.inference import infer_chunk
+
+
+def split_chunks(items: list, size: int) -> list[list]:
+    """Consecutive chunks of at most ``size`` items.
+
+    Args:
+        items: what to split.
+        size: the most items per chunk.
+
+    Returns:
+        The chunks.
+    """
+    size = max(1, size)
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def run_chunks(logger: Any, ctx: RunContext, spec: RunSpec, rows: list[ManifestRow],
+               shard_index: int | None = None) -> list[ChunkSummary]:
+    """Load the model (once per process), map the inference task over chunks, account for failed chunks.
+
+    Args:
+        logger: the flow run's logger.
+        ctx: the run.
+        spec: the run spec every chunk receives.
+        rows: the manifest rows to process.
+        shard_index: the shard in a fan-out run.
+
+    Returns:
+        One summary per chunk (a failed chunk's rows are ``task_failed`` error rows).
+    """
+    log_phi = ctx.settings.log_phi
+    engine = shared_engine(spec.engine, spec.model.chat_format, log_phi)  # loads here: a bad model fails the run now
+    logger.info("run %s: model %s (%s) ready, loaded in %.1f s", spec.run_id, spec.model.model_name,
+                spec.model.chat_format, engine.load_seconds)
+    done = results.DoneKeys() if spec.force else results.load_done_keys(ctx.storage, ctx.output)
+    if len(done):
+        logger.info("run %s: %d pages already have ok results in the output and are skipped", spec.run_id, len(done))
+    chunks = split_chunks(rows, chunk_rows(ctx))
+    futures = infer_chunk.map(
+        list(range(len(chunks))), chunks, unmapped(spec), unmapped(ctx.storage), unmapped(done),
+        unmapped(shard_index), unmapped(log_phi),
+    )
+    summaries: list[ChunkSummary] = []
+    finished_rows = 0
+    for index, future in enumerate(futures):
+        try:
+            summary = future.result()
+        except Exception as exc:  # the chunk's rows must still be accounted for
+            logger.error("chunk %d failed (%s); recording its %d rows as errors", index, type(exc).__name__, len(chunks[index]))
+            summary = stage_failed_rows(
+                index, chunks[index], spec, ctx.storage, f"inference task failed ({type(exc).__name__})", shard_index
+            )
+        summaries.append(summary)
+        finished_rows += len(chunks[index])
+        logger.info("progress: %d/%d manifest rows done", finished_rows, len(rows))
+    return summaries

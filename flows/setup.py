@@ -1,0 +1,61 @@
+"""The set-up every medvlm flow shares: settings, storage, run id, locations and the output's guards.
+
+``start_run`` is the one place a flow run turns its parameters into a ``RunContext``
+(``medvlm_core.run``): the settings are read once here and passed down, and a problem is a ``RunError``
+that the flow turns into one clear message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.runtime import flow_run
+
+from medvlm_core.options import RunOptions
+from medvlm_core.results import utc_now
+from medvlm_core.run import RunContext, check_output_writable, make_run_id, open_run, recover_output
+from medvlm_core.settings import Settings
+from tasks.credentials import build_storage
+
+
+def start_run(
+    output: str,
+    model: str,
+    mmproj: str | None,
+    options: RunOptions | dict[str, Any] | None,
+    run_id: str | None = None,
+) -> RunContext:
+    """Open a run from a flow's parameters.
+
+    Args:
+        output: the output URI.
+        model: the model URI.
+        mmproj: the mmproj URI.
+        options: the flow's ``options`` parameter (an instance, a flat or nested dict, or None).
+        run_id: the parent run's id (a shard works under it); None makes a new id from this flow run.
+
+    Returns:
+        The run's context.
+
+    Raises:
+        RunError: bad options, locations outside the policy, an unusable credentials block or extraction.
+    """
+    opts = RunOptions.parse(options)
+    settings = Settings()
+    started = utc_now()
+    storage = build_storage(opts.storage, settings)
+    run_id = run_id or make_run_id(started, str(flow_run.id) if flow_run.id else None)
+    return open_run(run_id, started, output, model, mmproj, opts, settings, storage)
+
+
+def guard_output(logger: Any, ctx: RunContext) -> None:
+    """Before a run decides what is done: check the output is writable, finish interrupted publishes.
+
+    Args:
+        logger: the flow run's logger.
+        ctx: the run.
+    """
+    check_output_writable(ctx)
+    for run_id in recover_output(ctx):
+        logger.warning("output %s: finished publishing run %s, which was interrupted while publishing",
+                       ctx.output.root, run_id)

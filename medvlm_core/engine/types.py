@@ -1,0 +1,91 @@
+"""What every engine takes and gives: ``Request`` in, ``Generation`` (or a ``DocumentError``) out, and the
+``Engine`` interface the pipeline drives.
+
+An engine answers an iterable of requests lazily and yields ``(key, result)`` pairs as pages finish (not
+necessarily in request order). Three implementations exist: ``VisionEngine`` (one page at a time, in this
+process), ``BatchedEngine`` (several pages decoded together) and ``IsolatedEngine`` (the batched engine in a
+supervised child process). ``medvlm_core.engine.registry`` picks one from the ``EngineConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
+
+from PIL import Image
+
+from medvlm_core.config import GenerationParams
+from medvlm_core.errors import DocumentError
+
+
+@dataclass
+class Request:
+    """One page for an engine. ``key`` comes back with its result."""
+
+    key: Any
+    image: Image.Image
+    prompt: str
+    params: GenerationParams
+    schema: dict | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One completion and what it cost."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    # Vision encoder time for the page where the engine measures it apart (the batched engine); else 0.0.
+    encode_ms: float = 0.0
+
+
+Result = Generation | DocumentError
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded model that answers pages: ``start()`` once, ``generate_many`` for every chunk, ``close()``.
+
+    Usable as a context manager (``with engine:`` starts and closes it). ``generate_many`` never raises for
+    one page's failure (that page's result is a ``DocumentError``); ``RunError`` means the engine itself is
+    unusable, and an exception raised by the request iterable propagates after the pages in flight finish.
+    """
+
+    load_seconds: float
+
+    @property
+    def loaded(self) -> bool:
+        """True between ``start()`` and ``close()``."""
+        ...
+
+    def start(self) -> "Engine":
+        """Load the model (idempotent).
+
+        Returns:
+            The engine itself, ready.
+        """
+        ...
+
+    def generate_many(self, requests: Iterable[Request]) -> Iterator[tuple[Any, Result]]:
+        """Answer every request, taken lazily from ``requests``.
+
+        Args:
+            requests: the pages to answer.
+
+        Returns:
+            An iterator of ``(request.key, Generation or DocumentError)`` as pages finish.
+        """
+        ...
+
+    def close(self) -> None:
+        """Free the model and everything the engine holds (idempotent)."""
+        ...
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,217 @@
+"""A run's set-up, free of orchestration: one ``RunContext`` serves a batch run, a fan-out parent and a shard.
+
+``open_run`` normalises the locations, applies the location policy and loads a user extraction before the
+manifest is read; ``check_output_writable`` and ``recover_output`` guard the output before any inference;
+``prepare_model`` fetches (if remote), checks and identifies the model files; ``make_spec`` is the plain-data
+description of the run that every chunk receives. A problem found here is a ``RunError``: one clear message,
+before any document is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from medvlm_core.config import EngineConfig, params_json
+from medvlm_core.errors import DocumentError, RunError
+from medvlm_core.layout import OutputLayout
+from medvlm_core.model_cache import resolve_model_files
+from medvlm_core.models import ModelIdentity, identify_model
+from medvlm_core.options import RunOptions
+from medvlm_core.pipeline import RunSpec
+from medvlm_core.policy import LocationPolicy
+from medvlm_core.prompts import Prompt, get_prompt, register_extraction
+from medvlm_core.publish import recover_interrupted_publishes
+from medvlm_core.settings import Settings
+from medvlm_core.storage import Storage
+from medvlm_core.structured import load_extraction
+
+
+def make_run_id(started: datetime, source_id: str | None = None) -> str:
+    """A sortable, unique run id.
+
+    Args:
+        started: the run's start (UTC).
+        source_id: the orchestrator's id of this run (e.g. the Prefect flow run id), so tables and the
+            orchestrator join; a random id when None.
+
+    Returns:
+        ``YYYYMMDDTHHMMSSZ-xxxxxxxx``.
+    """
+    source = (source_id or uuid.uuid4().hex).replace("-", "")
+    return f"{started:%Y%m%dT%H%M%SZ}-{source[:8]}"
+
+
+@dataclass
+class RunContext:
+    """Everything a run knows before it reads the manifest: where, how, with which settings."""
+
+    run_id: str
+    started: datetime
+    output: OutputLayout
+    model: str
+    mmproj: str | None
+    options: RunOptions
+    settings: Settings
+    storage: Storage
+    policy: LocationPolicy = field(default_factory=LocationPolicy)
+
+    def next_run(self, started: datetime, source_id: str | None = None) -> "RunContext":
+        """Another run with the same locations, options and settings (the nightly flow's runs).
+
+        Args:
+            started: the new run's start.
+            source_id: the orchestrator's id for it (see ``make_run_id``).
+
+        Returns:
+            The new run's context, with its own storage (its own retry count).
+        """
+        return dataclasses.replace(self, run_id=make_run_id(started, source_id), started=started, storage=self.storage.fresh())
+
+    @property
+    def default_prompt(self) -> Prompt:
+        """The prompt for rows that do not bring their own."""
+        return get_prompt(self.options.prompt.prompt_id, self.options.prompt.prompt)
+
+
+def open_run(
+    run_id: str,
+    started: datetime,
+    output: str,
+    model: str,
+    mmproj: str | None,
+    options: RunOptions,
+    settings: Settings,
+    storage: Storage,
+) -> RunContext:
+    """Check a run's locations against its policy and load its extraction definition.
+
+    Args:
+        run_id: the run's id (``make_run_id``).
+        started: its start (UTC).
+        output: the output URI.
+        model: the model URI (a GGUF, or a .zip bundle).
+        mmproj: the mmproj URI (None with a bundle).
+        options: the run's options.
+        settings: the process settings.
+        storage: the run's storage.
+
+    Returns:
+        The run's context (with the extraction's prompt id as the default prompt when none was chosen).
+
+    Raises:
+        RunError: a location outside the allowed ones, or an unreadable extraction definition.
+    """
+    layout = OutputLayout.of(output)
+    policy = LocationPolicy(options.policy.allowed_locations)
+    policy.require(layout.root, "output")
+    policy.require(model, "model")
+    if mmproj:
+        policy.require(mmproj, "mmproj")
+    extraction = options.prompt.extraction
+    if extraction:
+        policy.require(extraction, "extraction definition")
+        options = _with_extraction(options, storage, extraction)
+    return RunContext(run_id, started, layout, model, mmproj, options, settings, storage, policy)
+
+
+def _with_extraction(options: RunOptions, storage: Storage, url: str) -> RunOptions:
+    """Register the user extraction in the prompt library (before the manifest is validated, whose prompt
+    ids it checks); it becomes the default prompt when the run names none."""
+    try:
+        text = storage.read_bytes(url, max_bytes=1024 * 1024).decode("utf-8")
+        prompt_id, prompt_text, schema = load_extraction(text, url)
+    except DocumentError as exc:
+        raise RunError(f"extraction definition cannot be read: {exc.message}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunError(str(exc)) from None
+    register_extraction(prompt_id, prompt_text, schema)
+    if options.prompt.prompt_id is None and options.prompt.prompt is None:
+        options = options.replace(prompt_id=prompt_id)
+    return options
+
+
+def check_output_writable(ctx: RunContext) -> None:
+    """Fail before any inference if the output refuses writes (a full run lost at publish is worse).
+
+    Args:
+        ctx: the run.
+
+    Raises:
+        RunError: access denied, or the location cannot be written.
+    """
+    probe = ctx.output.write_probe(ctx.run_id)
+    try:
+        ctx.storage.write_bytes_atomic(probe, b"ok")
+        ctx.storage.remove_tree(probe)
+    except PermissionError:
+        raise RunError(f"output {ctx.output.root}: access denied (check the credentials and the bucket policy)") from None
+    except OSError as exc:
+        raise RunError(f"output {ctx.output.root}: cannot be written ({exc.strerror or type(exc).__name__})") from None
+
+
+def recover_output(ctx: RunContext) -> list[str]:
+    """Finish publishing the runs on this output that were killed half-way through it.
+
+    Args:
+        ctx: the run (before it decides which pages are done).
+
+    Returns:
+        The run ids whose publish was finished.
+    """
+    return recover_interrupted_publishes(ctx.storage, ctx.output)
+
+
+def prepare_model(ctx: RunContext) -> tuple[EngineConfig, ModelIdentity]:
+    """Local model files (downloaded once if remote, checked against the expected hashes), their identity
+    and the engine config.
+
+    Args:
+        ctx: the run.
+
+    Returns:
+        ``(engine config, model identity)``.
+
+    Raises:
+        RunError: a missing, mismatched or unusable model file.
+    """
+    model_path, mmproj_path = resolve_model_files(
+        ctx.model, ctx.mmproj, ctx.storage, ctx.settings.cache_dir,
+        ctx.options.model.model_sha256, ctx.options.model.mmproj_sha256,
+    )
+    engine = EngineConfig.of(model_path, mmproj_path, ctx.options.engine)
+    identity = identify_model(engine.model_path, engine.mmproj_path, engine.chat_format, ctx.settings.cache_dir)
+    return engine, identity
+
+
+def make_spec(ctx: RunContext, engine: EngineConfig, identity: ModelIdentity) -> RunSpec:
+    """The plain-data description of the run that every chunk receives.
+
+    Args:
+        ctx: the run.
+        engine: its engine config.
+        identity: its model's identity.
+
+    Returns:
+        The run spec.
+    """
+    generation, images = ctx.options.generation, ctx.options.images
+    return RunSpec(
+        run_id=ctx.run_id, layout=ctx.output, engine=engine, model=identity, generation=generation, images=images,
+        default_prompt=ctx.default_prompt, params_json=params_json(generation, images, identity.chat_format, engine),
+        fetch_workers=ctx.settings.fetch_workers, force=ctx.options.output.force,
+    )
+
+
+def chunk_rows(ctx: RunContext) -> int:
+    """Manifest rows per inference task for this run.
+
+    Args:
+        ctx: the run.
+
+    Returns:
+        The run's ``chunk_size`` option, else the settings' (at least 8 batches' worth).
+    """
+    return ctx.options.output.chunk_size or ctx.settings.chunk_rows(ctx.options.engine.n_parallel)

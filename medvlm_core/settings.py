@@ -1,0 +1,82 @@
+"""Process settings: every environment variable medvlm reads, in one typed object.
+
+``Settings()`` reads ``MEDVLM_*`` (and the few standard variables medvlm honours: the S3 endpoint, the GPU
+pin) once, when a run starts; the run passes the object down to its storage, its engine and the isolated
+inference child, so nothing below reads the environment again. This is the only module of the library that
+looks at ``os.environ`` (through pydantic-settings, as Prefect and prefect-aws do); a test checks it, and
+another that the README's settings table lists exactly these fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from medvlm_core.storage import RetryPolicy
+
+
+class Settings(BaseSettings):
+    """Settings of a worker process. Each field is set by ``MEDVLM_<FIELD>`` unless its alias says otherwise."""
+
+    model_config = SettingsConfigDict(env_prefix="MEDVLM_", frozen=True, extra="ignore", populate_by_name=True)
+
+    cache_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "medvlm",
+        description="local cache for downloaded models, extracted model bundles and file hashes",
+    )
+    # Large enough to amortise task overhead, small enough that a failed task loses little work.
+    chunk_size: int = Field(32, ge=1, description="least manifest rows per inference task (at least 8 x n_parallel are used)")
+    log_phi: bool = Field(
+        False,
+        description="debug only: inference error messages include llama.cpp's text, which can echo document "
+        "content (see PHI and logs)",
+    )
+    fetch_workers: int = Field(4, ge=1, le=64, description="documents read from storage concurrently per inference task")
+    retry_max_attempts: int = Field(8, ge=1, description="tries per object-store call on a transient failure")
+    retry_base_delay_s: float = Field(0.1, gt=0, description="backoff after the first failed try, doubling after each")
+    retry_max_delay_s: float = Field(5.0, gt=0, description="longest backoff between two tries")
+    s3_endpoint: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MEDVLM_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+        description="endpoint of an S3-compatible store when a run names none (standard AWS variables too)",
+    )
+    cuda_visible_devices: str | None = Field(
+        None,
+        validation_alias=AliasChoices("CUDA_VISIBLE_DEVICES"),
+        description="the GPU a worker is pinned to; recorded in a shard's audit record, never set by medvlm",
+    )
+
+    def chunk_rows(self, n_parallel: int = 1) -> int:
+        """Rows per inference task for a run decoding ``n_parallel`` pages together.
+
+        Args:
+            n_parallel: pages decoded together by the engine.
+
+        Returns:
+            ``chunk_size``, raised to 8 batches' worth: each task's batch drains at its end (its last pages
+            decode with free slots), so a task must hold several batches.
+        """
+        return max(self.chunk_size, 8 * n_parallel)
+
+    def retry_policy(self) -> RetryPolicy:
+        """The object-store retry policy these settings describe.
+
+        Returns:
+            A ``RetryPolicy`` for ``Storage``.
+        """
+        return RetryPolicy(self.retry_max_attempts, self.retry_base_delay_s, self.retry_max_delay_s)
+
+
+def environment_names() -> dict[str, str]:
+    """The environment variable that sets each field (the first alias where a field has several).
+
+    Returns:
+        Field name -> environment variable name, in declaration order.
+    """
+    names = {}
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        names[name] = alias.choices[0] if isinstance(alias, AliasChoices) else f"MEDVLM_{name.upper()}"
+    return names
