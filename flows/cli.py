@@ -262,8 +262,20 @@ def _print_table(table, limit: int = 50) -> None:
     print(f"({table.num_rows} rows{', first ' + str(limit) + ' shown' if table.num_rows > limit else ''})")
 
 
+def _have_demo_extra() -> bool:
+    """Whether the development tools' dependencies are installed (else say how to get them)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        print("medvlm: error: this command needs the demo extra: pip install 'medvlm[demo]'", file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     """``medvlm make-tiny-model``: write a tiny random-weight VLM for tests."""
+    if not _have_demo_extra():
+        return EXIT_CANNOT_RUN
     from medvlm_core.testing.tiny_model import make_tiny_model
 
     try:
@@ -277,6 +289,8 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``medvlm demo``: synthetic documents through the whole flow (a generated tiny model by default)."""
+    if not _have_demo_extra():
+        return EXIT_CANNOT_RUN
     from medvlm_core.testing.demo_docs import write_demo_documents
     from medvlm_core.testing.tiny_model import make_tiny_model
 

@@ -64,72 +64,143 @@ _CORE_TABLES = ("completions", "runs", "quarantine")
 CURRENT_SUFFIX = "_current"
 DOCUMENT_STATUS = "document_status"
 
-# The current rule over completions (module docstring). {source} is the history relation, {where} an
-# optional filter on document_id (pushed into the scan for one-document questions; the rule only compares
-# rows of the same document, so filtering first gives the same rows).
-CURRENT_COMPLETIONS_SQL = """
-with ranked as (
-    select *,
-        row_number() over (partition by document_id, prompt_id, page
-            order by created_at desc, run_id desc, result_key desc, manifest_row desc) as _latest,
-        row_number() over (partition by document_id, prompt_id, page
-            order by (status = 'ok') desc, created_at desc, run_id desc, result_key desc, manifest_row desc) as _best,
-        row_number() over (partition by document_id, prompt_id, page, result_key
-            order by created_at desc, run_id desc, manifest_row desc) as _latest_of_key,
-        max(case when page is not null then created_at end)
-            over (partition by document_id, prompt_id) as _last_page_row_at
-    from {source} {where}
-),
-judged as (
-    select *,
-        -- the slot's latest ok answer stands unless a later row re-ran its own result_key (--force)
-        bool_or(_best = 1 and status = 'ok' and _latest_of_key = 1)
-            over (partition by document_id, prompt_id, page) as _answer_stands
-    from ranked
-)
-select * exclude (_latest, _best, _latest_of_key, _last_page_row_at, _answer_stands)
-from judged
-where (case when _answer_stands then _best = 1 else _latest = 1 end)
-  and (page is not null or _last_page_row_at is null or created_at > _last_page_row_at)
+_RULE_COLUMNS = "document_id, prompt_id, page, result_key, run_id, manifest_row, created_at, status, error_type"
+
+
+def current_slots_sql(completions: str = "completions") -> str:
+    """The current rule (module docstring), the only place it is written: the current row of every slot.
+
+    Plain subqueries, no materialized CTEs, so that DuckDB pushes a ``document_id = ...`` filter on the
+    result into every scan of ``completions``.
+
+    Args:
+        completions: the relation holding the completions history (a view or CTE name).
+
+    Returns:
+        SQL of a SELECT giving, per slot (document_id, prompt_id, page), its current row's document_id,
+        prompt_id, page, result_key, run_id, manifest_row, created_at, status and error_type.
+    """
+    return f"""
+select s.* from (
+    select {_RULE_COLUMNS}
+    from (
+        select *,
+            row_number() over by_slot as _rn,
+            max(_key_ok_at) over by_slot as _last_ok_at,
+            first_value(case when status = 'ok' then result_key end ignore nulls) over by_slot as _answer_key,
+            first_value(case when status = 'ok' then created_at end ignore nulls) over by_slot as _answer_at
+        from (
+            -- the latest row of each result key (an older row of a key is never current), with the
+            -- latest time the key was ok, over all its rows
+            select *,
+                max(case when status = 'ok' then created_at end)
+                    over (partition by document_id, prompt_id, page, result_key) as _key_ok_at
+            from (select {_RULE_COLUMNS} from {completions})
+            qualify row_number() over (partition by document_id, prompt_id, page, result_key
+                                       order by created_at desc, run_id desc, manifest_row desc) = 1
+        )
+        window by_slot as (partition by document_id, prompt_id, page
+                           order by created_at desc, run_id desc, manifest_row desc
+                           rows between unbounded preceding and unbounded following)
+    )
+    -- the slot's latest ok answer stands while its key's latest row is still that ok (no --force re-run
+    -- of that key failed since); otherwise the slot's latest attempt is current
+    where case when _answer_at = _last_ok_at then result_key = _answer_key else _rn = 1 end
+) s
+left join (
+    -- a document-level row (page null) gives way to any later row of its document and prompt id with a page
+    select document_id, prompt_id, max(created_at) filter (where page is not null) as _last_page_row_at
+    from {completions} group by document_id, prompt_id
+) l using (document_id, prompt_id)
+where s.page is not null or l._last_page_row_at is null or s.created_at > l._last_page_row_at
 """
 
-# Quarantine rows with the document id they name, if any (row_json is the refused manifest row).
-_QUARANTINE_DOCS_SQL = """
-select *, json_extract_string(row_json, '$.document_id') as document_id from {source} {where}
+
+def current_rows_sql(table: str, completions: str = "completions") -> str:
+    """The rows of ``table`` that belong to current completion rows (``completions_current`` itself when
+    ``table`` is the completions relation).
+
+    An inner join on document_id (at most one current row per history row), so a document filter reaches
+    both sides.
+
+    Args:
+        table: a relation with document_id, result_key and run_id (completions or a structured table).
+        completions: the relation holding the completions history.
+
+    Returns:
+        SQL of a SELECT of ``table``'s columns.
+    """
+    extra = " and t.created_at = c.created_at" if table == completions else ""
+    keys = "*" if extra else "distinct document_id, result_key, run_id"
+    return f"""
+select t.* from {table} t join (select {keys} from ({current_slots_sql(completions)})) c
+    on t.document_id = c.document_id and t.result_key = c.result_key and t.run_id = c.run_id{extra}
 """
 
-CURRENT_QUARANTINE_SQL = """
-with q as ({quarantine_docs}),
-by_document as (
-    select *, max_by(run_id, created_at) over (partition by document_id) as _latest_quarantine_run
-    from q where document_id is not null
-),
-later_completions as (
-    select document_id, max(created_at) as _last_at, max_by(run_id, created_at) as _last_run
-    from {completions} {where} group by document_id
-),
-latest_run_of_manifest as (
-    select manifest_uri, max_by(run_id, started_at) as _run from {runs} group by manifest_uri
-)
+
+def _document_history_sql(completions: str) -> str:
+    # per document: the latest row any run wrote for it (history, current or not)
+    return f"""
+select document_id, max(created_at) as last_at, max_by(run_id, created_at) as last_run_id
+from {completions} group by document_id
+"""
+
+
+def _quarantine_documents_sql(quarantine: str) -> str:
+    return f"select *, json_extract_string(row_json, '$.document_id') as document_id from {quarantine}"
+
+
+def current_quarantine_sql(quarantine: str = "quarantine", completions: str = "completions",
+                           document_history: str | None = None) -> str:
+    """Rule 5 of the module docstring: the quarantine rows no later attempt has superseded.
+
+    Args:
+        quarantine: the relation holding the quarantine history.
+        completions: the relation holding the completions history.
+        document_history: a relation shaped like the per-document history (document_id, last_at,
+            last_run_id), if the caller already has one.
+
+    Returns:
+        SQL of a SELECT of the quarantine columns plus ``document_id`` (from ``row_json``; null if absent).
+    """
+    history = document_history or f"({_document_history_sql(completions)})"
+    q = _quarantine_documents_sql(quarantine)
+    return f"""
 select b.* exclude (_latest_quarantine_run)
-from by_document b left join later_completions c using (document_id)
+from (
+    select *, max_by(run_id, created_at) over (partition by document_id) as _latest_quarantine_run
+    from ({q}) where document_id is not null
+) b left join {history} h using (document_id)
 where b.run_id = b._latest_quarantine_run
-  and (c._last_at is null or c._last_at <= b.created_at or c._last_run = b.run_id)
+  and (h.last_at is null or h.last_at <= b.created_at or h.last_run_id = b.run_id)
 union all by name
-select q.* from q join latest_run_of_manifest m on q.manifest_uri = m.manifest_uri and q.run_id = m._run
+select q.* from ({q}) q
+join (select manifest_uri, max_by(run_id, started_at) as _run from runs group by manifest_uri) m
+  on q.manifest_uri = m.manifest_uri and q.run_id = m._run
 where q.document_id is null
 """
 
-DOCUMENT_STATUS_SQL = """
-with cur as (select document_id, page, prompt_id, status, error_type from ({current_completions})),
-touched as (
-    select document_id, run_id, created_at from {completions} {where}
-    union all
-    select document_id, run_id, created_at from ({quarantine_docs}) where document_id is not null
-),
-latest as (
-    select document_id, max_by(run_id, created_at) as latest_run_id, max(created_at) as latest_at
-    from touched group by document_id
+
+def document_status_sql(completions: str = "completions", quarantine: str = "quarantine") -> str:
+    """The document status: one row per document that has completion or quarantine rows.
+
+    Args:
+        completions: the relation holding the completions history.
+        quarantine: the relation holding the quarantine history.
+
+    Returns:
+        SQL of a SELECT of document_id, pages (distinct pages with a current row), prompts (distinct prompt
+        ids), ok, error, truncated (current rows: one per page and prompt id; a document-level error counts
+        one), quarantined (current quarantine rows), error_types (of the current errors), latest_run_id and
+        latest_at (the latest run that wrote a completion or quarantine row for it).
+    """
+    return f"""
+with history as not materialized ({_document_history_sql(completions)}),
+quarantined as (
+    select document_id, count(*) as quarantined, max(created_at) as quarantined_at,
+        max_by(run_id, created_at) as quarantine_run_id
+    from ({current_quarantine_sql(quarantine, completions, document_history="history")})
+    where document_id is not null group by document_id
 ),
 counts as (
     select document_id,
@@ -139,20 +210,23 @@ counts as (
         count(*) filter (where status = 'error') as error,
         count(*) filter (where status = 'truncated') as truncated,
         list(distinct error_type order by error_type) filter (where status = 'error') as error_types
-    from cur group by document_id
+    from ({current_slots_sql(completions)}) group by document_id
 ),
-quarantined as (
-    select document_id, count(*) as quarantined from ({current_quarantine})
-    where document_id is not null group by document_id
-)
-select l.document_id,
+documents as (select document_id from history union select document_id from quarantined)
+select d.document_id,
     coalesce(c.pages, 0) as pages, coalesce(c.prompts, 0) as prompts,
     coalesce(c.ok, 0) as ok, coalesce(c.error, 0) as error, coalesce(c.truncated, 0) as truncated,
     coalesce(q.quarantined, 0) as quarantined,
     coalesce(c.error_types, []) as error_types,
-    l.latest_run_id, l.latest_at
-from latest l left join counts c using (document_id) left join quarantined q using (document_id)
+    case when h.last_at is null or q.quarantined_at > h.last_at then q.quarantine_run_id
+         else h.last_run_id end as latest_run_id,
+    greatest(h.last_at, q.quarantined_at) as latest_at
+from documents d
+left join history h using (document_id)
+left join counts c using (document_id)
+left join quarantined q using (document_id)
 """
+
 
 # The questions analysts ask first (also in the README; tests run them on real pipeline output). They read
 # the current views, except throughput_per_run (each run row is its own fact).
@@ -199,61 +273,6 @@ def table_names(storage: Storage, output: str) -> list[str]:
     return sorted(names)
 
 
-def current_completions_sql(source: str = "completions", document_filter: bool = False) -> str:
-    """The SELECT of the current completion rows (the rule of the module docstring) over ``source``.
-
-    Args:
-        source: the history relation (a view name, or a ``read_parquet(...)`` call).
-        document_filter: filter the scan to ``document_id = $document_id`` (a named parameter to bind).
-
-    Returns:
-        SQL text.
-    """
-    where = "where document_id = $document_id" if document_filter else ""
-    return CURRENT_COMPLETIONS_SQL.format(source=source, where=where)
-
-
-def current_quarantine_sql(document_filter: bool = False) -> str:
-    """The SELECT of the current quarantine rows (rule 5 of the module docstring), with their ``document_id``.
-
-    Args:
-        document_filter: only rows naming ``$document_id`` (a named parameter to bind).
-
-    Returns:
-        SQL text over the views ``quarantine``, ``completions`` and ``runs``.
-    """
-    where = "where document_id = $document_id" if document_filter else ""
-    docs = _QUARANTINE_DOCS_SQL.format(
-        source="quarantine",
-        where="where json_extract_string(row_json, '$.document_id') = $document_id" if document_filter else "",
-    )
-    return CURRENT_QUARANTINE_SQL.format(quarantine_docs=docs, completions="completions", runs="runs", where=where)
-
-
-def document_status_sql(document_filter: bool = False) -> str:
-    """The SELECT of the document status (one row per document), optionally for one ``$document_id``.
-
-    Args:
-        document_filter: filter every scan to ``$document_id`` (a named parameter to bind), which keeps a
-            one-document question cheap on a long history.
-
-    Returns:
-        SQL text over the views ``completions``, ``quarantine`` and ``runs``.
-    """
-    where = "where document_id = $document_id" if document_filter else ""
-    docs = _QUARANTINE_DOCS_SQL.format(
-        source="quarantine",
-        where="where json_extract_string(row_json, '$.document_id') = $document_id" if document_filter else "",
-    )
-    return DOCUMENT_STATUS_SQL.format(
-        current_completions=current_completions_sql("completions", document_filter),
-        current_quarantine=current_quarantine_sql(document_filter),
-        quarantine_docs=docs,
-        completions="completions",
-        where=where,
-    )
-
-
 def _columns(con: duckdb.DuckDBPyConnection, view: str) -> set[str]:
     return {row[0] for row in con.execute(f"select column_name from (describe {view})").fetchall()}
 
@@ -295,16 +314,12 @@ def register_views(con: duckdb.DuckDBPyConnection, output: str, storage: Storage
         con.execute(f"create or replace view {view} as {sql}")
         created.append(view)
 
-    derived("completions" + CURRENT_SUFFIX, current_completions_sql())
+    derived("completions" + CURRENT_SUFFIX, current_rows_sql("completions"))
     for name in names:
         if name in _CORE_TABLES or name.endswith(CURRENT_SUFFIX):
             continue
-        if {"result_key", "run_id"} <= _columns(con, name):
-            derived(
-                name + CURRENT_SUFFIX,
-                f"select s.* from {name} s semi join completions_current c "
-                "on s.result_key = c.result_key and s.run_id = c.run_id",
-            )
+        if {"document_id", "result_key", "run_id"} <= _columns(con, name):
+            derived(name + CURRENT_SUFFIX, current_rows_sql(name))
     if "quarantine" not in names:  # every run publishes one, but an output may predate that
         con.execute("create or replace temp view quarantine as select null::varchar as run_id, "
                     "null::varchar as manifest_uri, null::varchar as row_json, null::timestamptz as created_at where false")
@@ -331,6 +346,8 @@ def connect(output: str, storage: Storage) -> duckdb.DuckDBPyConnection:
     """
     con = duckdb.connect()
     try:
+        # the views read every file's footer when bound; caching footers makes the second read free
+        con.execute("set parquet_metadata_cache = true")
         register_views(con, output, storage)
     except BaseException:
         con.close()
@@ -363,7 +380,7 @@ def query(output: str, sql: str, storage: Storage, parameters: dict | None = Non
 
 
 def document_status(output: str, storage: Storage, document_id: str | None = None) -> pa.Table:
-    """The ``document_status`` rows of every document, or of one (its filter is pushed into every scan).
+    """The ``document_status`` rows of every document, or of one (DuckDB pushes its filter into every scan).
 
     Args:
         output: the output folder or ``s3://`` prefix of medvlm runs.
@@ -375,6 +392,11 @@ def document_status(output: str, storage: Storage, document_id: str | None = Non
         latest_at; ordered by document_id.
     """
     if document_id is None:
-        return query(output, f"select * from ({document_status_sql()}) order by document_id", storage)
-    sql = f"select * from ({document_status_sql(document_filter=True)}) order by document_id"
+        return query(output, "select * from document_status order by document_id", storage)
+    # the document's rows first (one scan each), then the status over them
+    sql = f"""
+with one_completions as materialized (select * from completions where document_id = $document_id),
+one_quarantine as materialized (
+    select * from quarantine where json_extract_string(row_json, '$.document_id') = $document_id)
+select * from ({document_status_sql("one_completions", "one_quarantine")})"""
     return query(output, sql, storage, {"document_id": document_id})

@@ -88,7 +88,7 @@ class RunOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    prompt: PromptOptions = Field(default_factory=PromptOptions)
+    prompting: PromptOptions = Field(default_factory=PromptOptions)
     generation: GenerationParams = Field(default_factory=GenerationParams)
     images: ImageOptions = Field(default_factory=ImageOptions)
     engine: EngineOptions = Field(default_factory=EngineOptions)

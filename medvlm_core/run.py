@@ -73,7 +73,7 @@ class RunContext:
     @property
     def default_prompt(self) -> Prompt:
         """The prompt for rows that do not bring their own."""
-        return get_prompt(self.options.prompt.prompt_id, self.options.prompt.prompt)
+        return get_prompt(self.options.prompting.prompt_id, self.options.prompting.prompt)
 
 
 def open_run(
@@ -110,7 +110,7 @@ def open_run(
     policy.require(model, "model")
     if mmproj:
         policy.require(mmproj, "mmproj")
-    extraction = options.prompt.extraction
+    extraction = options.prompting.extraction
     if extraction:
         policy.require(extraction, "extraction definition")
         options = _with_extraction(options, storage, extraction)
@@ -128,7 +128,7 @@ def _with_extraction(options: RunOptions, storage: Storage, url: str) -> RunOpti
     except (ValueError, UnicodeDecodeError) as exc:
         raise RunError(str(exc)) from None
     register_extraction(prompt_id, prompt_text, schema)
-    if options.prompt.prompt_id is None and options.prompt.prompt is None:
+    if options.prompting.prompt_id is None and options.prompting.prompt is None:
         options = options.replace(prompt_id=prompt_id)
     return options
 

@@ -222,7 +222,10 @@ def _local_temp(path: str) -> Iterator[tuple[str, Any]]:
     try:
         yield tmp, f
     finally:
-        f._file.close()
+        try:
+            f.close()  # a no-op when the block closed it; may raise (a full disk) after a failed block
+        except OSError:
+            pass
         if os.path.exists(tmp):
             os.remove(tmp)
 

@@ -137,7 +137,6 @@ def test_source_failure_early_stop_and_a_parent_without_llama_cpp(config, pages,
         from PIL import Image
         from medvlm_core.config import EngineConfig, GenerationParams
         from medvlm_core.engine import IsolatedEngine, Request
-from medvlm_core.testing.faults import NativeAbort
 
         if __name__ == "__main__":
             config = EngineConfig({config.model_path!r}, {config.mmproj_path!r}, n_ctx=1024)
