@@ -69,10 +69,12 @@ def synthesize(output: Path, runs: int = 365, new_pages: int = 2300, seed: int =
         Counts: rows, runs, documents, slots (document, prompt, page), current_rows expected by the rule.
     """
     rng = random.Random(seed)
-    # state per slot: (document, page) -> [key, status, error_type]; document-level rows under page None
-    state: dict[tuple[str, int | None], list] = {}
+    # state per page slot: (document, page) -> (key, status); the document-level rows of missing files
+    # are tracked in ``missing`` (document -> key)
+    state: dict[tuple[str, int], tuple[str, str]] = {}
+    failing: set[tuple[str, int]] = set()
     pages_of: dict[str, int] = {}
-    missing: set[str] = set()
+    missing: dict[str, str] = {}
     model = "m1"
     total = 0
     documents = 0
@@ -81,32 +83,35 @@ def synthesize(output: Path, runs: int = 365, new_pages: int = 2300, seed: int =
         run_day = START + timedelta(days=r)
         rows: list[tuple] = []  # (document_id, page, key, status, error_type)
 
-        def attempt(doc: str, page: int | None, key: str, fail_rate: float) -> None:
+        def record(doc: str, page: int, key: str, status: str, error: str | None, current: bool = True) -> None:
+            rows.append((doc, page, key, status, error))
+            if current:
+                state[(doc, page)] = (key, status)
+                (failing.add if status == "error" else failing.discard)((doc, page))
+
+        def attempt(doc: str, page: int, key: str, fail_rate: float) -> None:
             u = rng.random()
             if u < fail_rate:
-                status, error = "error", rng.choice(ERROR_TYPES)
+                record(doc, page, key, "error", rng.choice(ERROR_TYPES))
             elif u < fail_rate + 0.03:
-                status, error = "truncated", None
+                record(doc, page, key, "truncated", None)
             else:
-                status, error = "ok", None
-            rows.append((doc, page, key, status, error))
-            state[(doc, page)] = [key, status, error]
+                record(doc, page, key, "ok", None)
 
-        # retries of yesterday's failures (same keys), and missing files that may have arrived
-        for (doc, page), (key, status, _) in list(state.items()):
-            if page is None:
-                if doc in missing:
-                    if rng.random() < 0.5:
-                        missing.discard(doc)
-                        for p in range(1, pages_of[doc] + 1):
-                            attempt(doc, p, _key(doc, p, model), 0.07)
-                    else:
-                        rows.append((doc, None, key, "error", "not_found"))
-            elif status == "error":
-                u = rng.random()
-                new_status = "ok" if u < 0.5 else "error"
-                rows.append((doc, page, key, new_status, None if new_status == "ok" else state[(doc, page)][2]))
-                state[(doc, page)][1] = new_status
+        # retries of yesterday's errors (same keys: half fixed, half fail again), and missing files
+        for doc, page in sorted(failing):
+            key = state[(doc, page)][0]
+            if rng.random() < 0.5:
+                record(doc, page, key, "ok", None)
+            else:
+                record(doc, page, key, "error", rng.choice(ERROR_TYPES))
+        for doc, key in sorted(missing.items()):
+            if rng.random() < 0.5:  # the file arrived
+                del missing[doc]
+                for p in range(1, pages_of[doc] + 1):
+                    attempt(doc, p, _key(doc, p, model), 0.07)
+            else:
+                rows.append((doc, None, key, "error", "not_found"))
         # new documents
         made = 0
         while made < new_pages:
@@ -116,33 +121,27 @@ def synthesize(output: Path, runs: int = 365, new_pages: int = 2300, seed: int =
             pages_of[doc] = n
             made += n
             if rng.random() < 0.01:
-                missing.add(doc)
-                key = _key(doc, None, model)
-                rows.append((doc, None, key, "error", "not_found"))
-                state[(doc, None)] = [key, "error", "not_found"]
+                missing[doc] = _key(doc, None, model)
+                rows.append((doc, None, missing[doc], "error", "not_found"))
                 continue
             for p in range(1, n + 1):
                 attempt(doc, p, _key(doc, p, model), 0.07)
-        # forced re-runs (same keys) and a model change (new keys)
-        answered = [s for s in state if s[1] is not None]
+        # a --force re-run (same keys: the new row is current, ok or not) and a model change (new keys: a
+        # failure does not displace an ok answer)
         if r and r % 30 == 0:
-            for doc, page in rng.sample(answered, min(20_000, len(answered))):
-                key = state[(doc, page)][0]
-                status = "ok" if rng.random() < 0.95 else "error"
-                rows.append((doc, page, key, status, None if status == "ok" else "inference_error"))
-                state[(doc, page)] = [key, status, None if status == "ok" else "inference_error"]
+            for doc, page in rng.sample(sorted(state), min(20_000, len(state))):
+                ok = rng.random() < 0.95
+                record(doc, page, state[(doc, page)][0], "ok" if ok else "error", None if ok else "inference_error")
         if r and r % 90 == 0:
             model = f"m{r}"
-            for doc, page in rng.sample(answered, min(10_000, len(answered))):
-                key = _key(doc, page, model)
-                status = "ok" if rng.random() < 0.98 else "error"
-                rows.append((doc, page, key, status, None if status == "ok" else "context_overflow"))
-                if status == "ok" or state[(doc, page)][1] != "ok":
-                    state[(doc, page)] = [key, status, None if status == "ok" else "context_overflow"]
+            for doc, page in rng.sample(sorted(state), min(10_000, len(state))):
+                ok = rng.random() < 0.98
+                record(doc, page, _key(doc, page, model), "ok" if ok else "error", None if ok else "context_overflow",
+                       current=ok or state[(doc, page)][1] != "ok")
         _write_run(output, run_id, run_day, rows, rng)
         total += len(rows)
-    # expected current rows: one per page slot, plus document-level rows of documents still missing
-    current = sum(1 for (doc, page) in state if page is not None) + len(missing)
+    # expected current rows: one per page slot, plus the document-level rows of files still missing
+    current = len(state) + len(missing)
     return {"rows": total, "runs": runs, "documents": documents, "current_rows": current}
 
 

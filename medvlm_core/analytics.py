@@ -254,8 +254,28 @@ EXAMPLE_QUERIES = {
 }
 
 
+def table_files(storage: Storage, output: str) -> dict[str, list[str]]:
+    """The published Parquet files of each table under ``output``: ``<table>/<partition>/<file>.parquet``,
+    where neither the table nor the partition folder starts with ``_`` (internal: staging, commits, state).
+
+    Args:
+        storage: the storage that reads ``output``.
+        output: the output folder or ``s3://`` prefix of medvlm runs.
+
+    Returns:
+        Table name -> its files' URLs, sorted.
+    """
+    base = st.normalize(output).rstrip("/")
+    tables: dict[str, list[str]] = {}
+    for url in storage.list_files(base, ".parquet"):
+        parts = url[len(base) :].lstrip("/").split("/")
+        if len(parts) == 3 and _IDENTIFIER.match(parts[0]) and not parts[1].startswith(("_", ".")):
+            tables.setdefault(parts[0], []).append(url)
+    return dict(sorted(tables.items()))
+
+
 def table_names(storage: Storage, output: str) -> list[str]:
-    """The tables under ``output``: its folders that hold Parquet files (``_``-prefixed ones are internal).
+    """The tables under ``output``: its folders that hold published Parquet files.
 
     Args:
         storage: the storage that reads ``output``.
@@ -264,13 +284,7 @@ def table_names(storage: Storage, output: str) -> list[str]:
     Returns:
         The table names, sorted.
     """
-    names = set()
-    base = st.normalize(output).rstrip("/")
-    for url in storage.list_files(base, ".parquet"):
-        first = url[len(base) :].lstrip("/").split("/", 1)[0]
-        if _IDENTIFIER.match(first):
-            names.add(first)
-    return sorted(names)
+    return list(table_files(storage, output))
 
 
 def _columns(con: duckdb.DuckDBPyConnection, view: str) -> set[str]:
@@ -292,17 +306,20 @@ def register_views(con: duckdb.DuckDBPyConnection, output: str, storage: Storage
         RunError: no tables under ``output``.
     """
     output = st.normalize(output).rstrip("/")
-    names = table_names(storage, output)
-    if not names:
+    files = table_files(storage, output)
+    if not files:
         raise RunError(f"output {output}: no tables found")
     if st.protocol_of(output) != st.LOCAL:
         fs, _ = storage.filesystem(output)
         con.register_filesystem(fs)
-    for name in names:
-        pattern = st.join(output, name, "*", "*.parquet")
+    names = list(files)
+    for name, urls in files.items():
+        # the files listed once, not a glob: every view of the connection reads the same snapshot (a run
+        # published meanwhile is not half seen), and no scan lists the store again
+        listed = ", ".join("'" + url.replace("'", "''") + "'" for url in urls)
         con.execute(
             f"create or replace view {name} as select * from "
-            f"read_parquet('{pattern}', hive_partitioning = true, union_by_name = true)"
+            f"read_parquet([{listed}], hive_partitioning = true, union_by_name = true)"
         )
     created = list(names)
     if "completions" not in names:

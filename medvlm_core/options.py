@@ -86,7 +86,10 @@ class OptionField(NamedTuple):
 class RunOptions(BaseModel):
     """Every knob of a run besides its locations (manifest, output, model, mmproj)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # extra="forbid" for parse(); the JSON schema allows more keys at the top level because that is where the flat
+    # form's keys go: Prefect's server validates a deployment run's parameters against this schema, and
+    # parse() checks every flat key afterwards (an unknown one is still refused, by name).
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra={"additionalProperties": True})
 
     prompting: PromptOptions = Field(default_factory=PromptOptions)
     generation: GenerationParams = Field(default_factory=GenerationParams)

@@ -101,3 +101,10 @@ def test_the_four_flows_take_options_the_same_way():
     assert list(run_options["properties"]) == list(GROUPS)
     max_tokens = definitions["GenerationParams"]["properties"]["max_tokens"]
     assert (max_tokens["default"], max_tokens["minimum"]) == (512, 1) and max_tokens["description"]
+    # what Prefect's server checks a deployment run's parameters against: flat and grouped both pass
+    import jsonschema
+
+    for options in ({"max_tokens": 5, "n_ctx": 4096}, {"generation": {"max_tokens": 5}}):
+        jsonschema.validate({"manifest": "m", "output": "o", "model": "m.gguf", "options": options}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"manifest": "m", "output": "o", "model": "m", "options": {"generation": {"bogus": 1}}}, schema)
