@@ -9,10 +9,12 @@ CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF
 
 .PHONY: setup demo test clean
 
+# PYTHONWARNINGS=ignore: setuptools prints an informational "Editable installation" banner on every editable
+# install (a meta path finder serves the three top-level packages); nothing is wrong, so the demo stays quiet.
 $(BIN)/medvlm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	CMAKE_ARGS="$(CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[test]'
+	CMAKE_ARGS="$(CMAKE_ARGS)" PYTHONWARNINGS=ignore $(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
 setup: $(BIN)/medvlm

@@ -17,22 +17,23 @@ Views made by ``connect`` / ``register_views``:
 
 ``runs`` has no current view: each of its rows is one run, a fact that stays true.
 
-The current rule (``CURRENT_COMPLETIONS_SQL`` is its only implementation; the README shows it):
+The current rule (``current_slots_sql`` is its only implementation; the README shows it):
 
 1. A *slot* is ``(document_id, prompt_id, page)``: one page may be asked several questions (prompt ids),
    and each question has one current answer. A changed model, prompt text or parameter under the same
    prompt id is a new attempt at the same slot (a new ``result_key``).
-2. Attempts are ordered by ``created_at``, ties broken by ``run_id``, then ``result_key``, then
-   ``manifest_row`` (all descending for "latest"), so the choice is deterministic.
+2. Attempts are ordered by ``created_at``; ties (the same microsecond) are broken by ``run_id``, then
+   ``manifest_row``, so the choice is deterministic.
 3. The current row of a slot is its latest attempt, **except** that a failed attempt (``error`` or
    ``truncated``) does not displace the slot's latest ``ok`` answer unless it re-ran that answer's own
-   ``result_key``. Why: the pipeline skips result keys that already have an ``ok`` (or ``truncated``) row,
-   so a later row with the same key exists only when ``--force`` produced it (the tables do not record
+   ``result_key``. Why: a run skips the result keys that already have an ``ok`` (or ``truncated``) row, so
+   a later row under the answer's key exists only when ``--force`` produced it (the tables do not record
    ``--force``; this is how it shows). A later failure under another key (a file that went missing, a new
-   model or prompt that fails) is a new attempt that failed: the answer already obtained stays current,
-   and the failure stays visible in the history. A later ``ok`` under any key replaces the answer. Once a
-   forced re-run has failed the answer's key, the slot's latest attempt is current again (the older answer
-   does not come back).
+   model, prompt text or parameters that fail) is a new attempt that failed: the answer already obtained
+   stays current and the failure stays in the history. A later ``ok`` under any key replaces the answer.
+   Once a forced re-run has failed the answer's key, the slot's latest attempt is current (an older answer
+   does not come back). Equivalently, replaying the rows in time order: a row replaces the current one
+   unless it is a failure under another key while the current one is ok (tests replay exactly this).
 4. A *document-level* row (``page`` null: the file could not be fetched or opened, so its pages are not
    known) is its own slot per document and prompt id, superseded by any later row of that document and
    prompt id with a page. It never displaces page rows: a document whose file went missing after it was
@@ -44,8 +45,13 @@ The current rule (``CURRENT_COMPLETIONS_SQL`` is its only implementation; the RE
 
 Consequences: a page whose error was retried and fixed shows only its ok row; an error retried that fails
 again shows once (the latest); ``--force`` re-runs make the new rows current; counts over the current views
-count each page and prompt id once, however many runs touched it.
-"""
+count each page and prompt id once, however many runs touched it. Known limit: two runs of one manifest
+started together may both write a key; the later row is then current even if it is a transient failure
+(as a ``--force`` failure would be).
+
+Cost (bench/analytics_scale.py, BENCHMARKS.md): the rule sorts the history twice; on ~1M history rows and
+2 cores the current views of every document take seconds, one document's well under a second (its filter
+reaches every scan). A connection lists the output once: its views read that snapshot of files.
 
 from __future__ import annotations
 
@@ -59,7 +65,7 @@ from medvlm_core.errors import RunError
 from medvlm_core.storage import Storage
 
 _IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-# Tables written by every run; any other table holding result_key and run_id is a structured table.
+# Tables written by every run; any other table holding document_id, result_key and run_id is structured.
 _CORE_TABLES = ("completions", "runs", "quarantine")
 CURRENT_SUFFIX = "_current"
 DOCUMENT_STATUS = "document_status"
