@@ -56,7 +56,7 @@ def _key(*parts: object) -> str:
     return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()
 
 
-def synthesize(output: Path, runs: int = 365, new_pages: int = 2300, seed: int = 0) -> dict:
+def synthesize(output: Path, runs: int = 365, new_pages: int = 2300, seed: int = 0, bloom: bool = False) -> dict:
     """Write the synthetic history under ``output``.
 
     Args:
@@ -64,6 +64,8 @@ def synthesize(output: Path, runs: int = 365, new_pages: int = 2300, seed: int =
         runs: number of runs (one per day).
         new_pages: pages of new documents per run (about).
         seed: random seed.
+        bloom: write a Parquet Bloom filter on ``completions.document_id`` (DuckDB then skips the files that
+            cannot hold a document; medvlm's writer does not write one today).
 
     Returns:
         Counts: rows, runs, documents, slots (document, prompt, page), current_rows expected by the rule.
@@ -138,14 +140,14 @@ def synthesize(output: Path, runs: int = 365, new_pages: int = 2300, seed: int =
                 ok = rng.random() < 0.98
                 record(doc, page, _key(doc, page, model), "ok" if ok else "error", None if ok else "context_overflow",
                        current=ok or state[(doc, page)][1] != "ok")
-        _write_run(output, run_id, run_day, rows, rng)
+        _write_run(output, run_id, run_day, rows, rng, bloom)
         total += len(rows)
     # expected current rows: one per page slot, plus the document-level rows of files still missing
     current = len(state) + len(missing)
     return {"rows": total, "runs": runs, "documents": documents, "current_rows": current}
 
 
-def _write_run(output: Path, run_id: str, day: datetime, rows: list[tuple], rng: random.Random) -> None:
+def _write_run(output: Path, run_id: str, day: datetime, rows: list[tuple], rng: random.Random, bloom: bool) -> None:
     n = len(rows)
     base = [day + timedelta(microseconds=i * 1000) for i in range(n)]
     columns = {
@@ -188,7 +190,8 @@ def _write_run(output: Path, run_id: str, day: datetime, rows: list[tuple], rng:
     table = pa.table(columns, schema=COMPLETIONS_SCHEMA)
     date = day.strftime("%Y-%m-%d")
     path = _part(output, "completions", date, run_id)
-    pq.write_table(table, path, compression="zstd")
+    options = {"bloom_filter_options": {"document_id": {"ndv": n, "fpp": 0.01}}} if bloom else {}
+    pq.write_table(table, path, compression="zstd", **options)
     ok = sum(1 for r in rows if r[3] == "ok")
     run = {name: None for name in RUNS_SCHEMA.names} | {
         "run_id": run_id, "status": "completed", "started_at": day, "finished_at": day + timedelta(hours=1),
@@ -277,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-pages", type=int, default=2300, help="pages of new documents per run")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", help="where to write the history (default: a temp folder, removed after)")
+    parser.add_argument("--bloom", action="store_true", help="Bloom filters on completions.document_id")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     temp = None
@@ -286,14 +290,15 @@ def main(argv: list[str] | None = None) -> int:
         temp = tempfile.TemporaryDirectory(prefix="medvlm-analytics-")
         output = Path(temp.name) / "out"
     started = time.perf_counter()
-    made = synthesize(output, runs=args.runs, new_pages=args.new_pages)
+    made = synthesize(output, runs=args.runs, new_pages=args.new_pages, bloom=args.bloom)
     made["synthesis_seconds"] = round(time.perf_counter() - started, 1)
     made["parquet_mb"] = round(sum(f.stat().st_size for f in output.rglob("*.parquet")) / 2**20, 1)
     results = measure(output, repeat=args.repeat)
     check = analytics.query(str(output), "select count(*) as n from completions_current", Storage()).column("n")[0].as_py()
     made["current_rows_found"] = check
+    made["bloom"] = args.bloom
     print(f"history: {made['rows']:,} completion rows in {made['runs']} runs ({made['parquet_mb']} MB Parquet), "
-          f"{made['documents']:,} documents; current rows {check:,} (expected {made['current_rows']:,}); "
+          f"{made['documents']:,} documents{', Bloom filter on document_id' if args.bloom else ''}; current rows {check:,} (expected {made['current_rows']:,}); "
           f"synthesised in {made['synthesis_seconds']} s")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"duckdb {__import__('duckdb').__version__}")

@@ -52,6 +52,7 @@ started together may both write a key; the later row is then current even if it 
 Cost (bench/analytics_scale.py, BENCHMARKS.md): the rule sorts the history twice; on ~1M history rows and
 2 cores the current views of every document take seconds, one document's well under a second (its filter
 reaches every scan). A connection lists the output once: its views read that snapshot of files.
+"""
 
 from __future__ import annotations
 
@@ -262,7 +263,7 @@ EXAMPLE_QUERIES = {
 
 def table_files(storage: Storage, output: str) -> dict[str, list[str]]:
     """The published Parquet files of each table under ``output``: ``<table>/<partition>/<file>.parquet``,
-    where neither the table nor the partition folder starts with ``_`` (internal: staging, commits, state).
+    where no part starts with ``_`` (internal: staging, commits, state) or ``.`` (temporary files).
 
     Args:
         storage: the storage that reads ``output``.
@@ -275,7 +276,7 @@ def table_files(storage: Storage, output: str) -> dict[str, list[str]]:
     tables: dict[str, list[str]] = {}
     for url in storage.list_files(base, ".parquet"):
         parts = url[len(base) :].lstrip("/").split("/")
-        if len(parts) == 3 and _IDENTIFIER.match(parts[0]) and not parts[1].startswith(("_", ".")):
+        if len(parts) == 3 and _IDENTIFIER.match(parts[0]) and not any(p.startswith(("_", ".")) for p in parts[1:]):
             tables.setdefault(parts[0], []).append(url)
     return dict(sorted(tables.items()))
 
@@ -293,17 +294,40 @@ def table_names(storage: Storage, output: str) -> list[str]:
     return list(table_files(storage, output))
 
 
+# Empty stand-ins for tables the current rule reads, in an output that has none of their files.
+_PLACEHOLDERS = {
+    "quarantine": "null::varchar as run_id, null::varchar as manifest_uri, null::varchar as row_json, "
+                  "null::timestamptz as created_at",
+    "runs": "null::varchar as run_id, null::varchar as manifest_uri, null::timestamptz as started_at",
+}
+
+
+def table_names_of(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """The views and tables a connection has.
+
+    Args:
+        con: the connection.
+
+    Returns:
+        Their names.
+    """
+    return {r[0] for r in con.execute("select view_name from duckdb_views() where not internal "
+                                      "union select table_name from duckdb_tables()").fetchall()}
+
+
 def _columns(con: duckdb.DuckDBPyConnection, view: str) -> set[str]:
     return {row[0] for row in con.execute(f"select column_name from (describe {view})").fetchall()}
 
 
-def register_views(con: duckdb.DuckDBPyConnection, output: str, storage: Storage) -> list[str]:
+def register_views(con: duckdb.DuckDBPyConnection, output: str, storage: Storage, current: bool = True) -> list[str]:
     """Add the history views and the current views of ``output``'s tables to an existing DuckDB connection.
 
     Args:
         con: the connection (an S3 output's filesystem is registered on it).
         output: the output folder or ``s3://`` prefix of medvlm runs.
         storage: the storage that reads ``output``.
+        current: also the current views and ``document_status`` (binding them reads every file's schema
+            again; False gives the history views only).
 
     Returns:
         The names of the views created (history first, then current views, then ``document_status``).
@@ -328,8 +352,8 @@ def register_views(con: duckdb.DuckDBPyConnection, output: str, storage: Storage
             f"read_parquet([{listed}], hive_partitioning = true, union_by_name = true)"
         )
     created = list(names)
-    if "completions" not in names:
-        return created  # nothing to judge currency by
+    if not current or "completions" not in names:
+        return created  # (without completions there is nothing to judge currency by)
 
     def derived(view: str, sql: str) -> None:
         if view in names:  # an extraction table already has this name: the table on disk wins
@@ -343,23 +367,21 @@ def register_views(con: duckdb.DuckDBPyConnection, output: str, storage: Storage
             continue
         if {"document_id", "result_key", "run_id"} <= _columns(con, name):
             derived(name + CURRENT_SUFFIX, current_rows_sql(name))
-    if "quarantine" not in names:  # every run publishes one, but an output may predate that
-        con.execute("create or replace temp view quarantine as select null::varchar as run_id, "
-                    "null::varchar as manifest_uri, null::varchar as row_json, null::timestamptz as created_at where false")
-    if "runs" not in names:
-        con.execute("create or replace temp view runs as select null::varchar as run_id, "
-                    "null::varchar as manifest_uri, null::timestamptz as started_at where false")
+    for view, columns in _PLACEHOLDERS.items():  # every run publishes them, but an output may predate that
+        if view not in names:
+            con.execute(f"create or replace temp view {view} as select {columns} where false")
     derived("quarantine" + CURRENT_SUFFIX, current_quarantine_sql())
     derived(DOCUMENT_STATUS, document_status_sql())
     return created
 
 
-def connect(output: str, storage: Storage) -> duckdb.DuckDBPyConnection:
+def connect(output: str, storage: Storage, current: bool = True) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the output's history views, current views and ``document_status``.
 
     Args:
         output: the output folder or ``s3://`` prefix of medvlm runs.
         storage: the storage that reads ``output``.
+        current: also the current views (see ``register_views``).
 
     Returns:
         An open connection (close it when done).
@@ -371,14 +393,14 @@ def connect(output: str, storage: Storage) -> duckdb.DuckDBPyConnection:
     try:
         # the views read every file's footer when bound; caching footers makes the second read free
         con.execute("set parquet_metadata_cache = true")
-        register_views(con, output, storage)
+        register_views(con, output, storage, current)
     except BaseException:
         con.close()
         raise
     return con
 
 
-def query(output: str, sql: str, storage: Storage, parameters: dict | None = None) -> pa.Table:
+def query(output: str, sql: str, storage: Storage, parameters: dict | None = None, current: bool = True) -> pa.Table:
     """Run ``sql`` over the output's views.
 
     Args:
@@ -386,6 +408,7 @@ def query(output: str, sql: str, storage: Storage, parameters: dict | None = Non
         sql: the query (may use every view of ``register_views``).
         storage: the storage that reads ``output``.
         parameters: values of named parameters (``$name``) in ``sql``.
+        current: create the current views too (False: ``sql`` reads the history views only).
 
     Returns:
         The result as an Arrow table.
@@ -393,7 +416,7 @@ def query(output: str, sql: str, storage: Storage, parameters: dict | None = Non
     Raises:
         RunError: no tables, or the query is wrong (DuckDB's message, first line).
     """
-    con = connect(output, storage)
+    con = connect(output, storage, current)
     try:
         return con.sql(sql, params=parameters).to_arrow_table()
     except duckdb.Error as exc:
@@ -416,10 +439,19 @@ def document_status(output: str, storage: Storage, document_id: str | None = Non
     """
     if document_id is None:
         return query(output, "select * from document_status order by document_id", storage)
-    # the document's rows first (one scan each), then the status over them
+    # the document's rows first (one scan of each table), then the status over them: no current view needed
     sql = f"""
 with one_completions as materialized (select * from completions where document_id = $document_id),
 one_quarantine as materialized (
     select * from quarantine where json_extract_string(row_json, '$.document_id') = $document_id)
 select * from ({document_status_sql("one_completions", "one_quarantine")})"""
-    return query(output, sql, storage, {"document_id": document_id})
+    con = connect(output, storage, current=False)
+    try:
+        for view, columns in _PLACEHOLDERS.items():  # an output that has no such table yet
+            if view not in table_names_of(con):
+                con.execute(f"create temp view {view} as select {columns} where false")
+        return con.sql(sql, params={"document_id": document_id}).to_arrow_table()
+    except duckdb.Error as exc:
+        raise RunError(f"query failed: {str(exc).splitlines()[0]}") from None
+    finally:
+        con.close()

@@ -13,39 +13,94 @@ field here (plus the code that uses it).
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict
-from typing import Any, Optional, Tuple
+from dataclasses import asdict, fields
+from typing import Any, Literal, Optional, Tuple
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 from pydantic.dataclasses import dataclass
 
 # Unknown keys are errors, not silently dropped (a misspelt knob must not be ignored).
 STRICT = ConfigDict(extra="forbid")
 
 
+# Knobs added after the first release enter ``params_json`` (and so the result key) only when set to something
+# else than their default: pages answered before a knob existed keep their keys and are not redone. Knobs that
+# do not change the answer (how many alternatives are stored) never do.
+def _later(default: Any, description: str, key: str = "when_set", **limits: Any) -> Any:
+    """A knob added after the first release: part of the result key only when set (``key="never"``: not at all)."""
+    return Field(default, description=description, json_schema_extra={"key": key}, **limits)
+
+
 @dataclass(frozen=True, kw_only=True, config=STRICT)
 class GenerationParams:
-    """Sampling parameters. Defaults suit a clinical batch job: greedy (temperature 0), fixed seed."""
+    """Sampling parameters (Spark NLP's names in brackets). Defaults suit a clinical batch job: greedy
+    (temperature 0), fixed seed."""
 
-    max_tokens: int = Field(512, ge=1, description="most tokens generated per page")
-    temperature: float = Field(0.0, ge=0, description="sampling temperature; 0 = greedy, the same answer every time")
-    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling: smallest token set with this probability")
-    top_k: int = Field(40, ge=0, description="sample among the k most likely tokens (0 = all)")
-    min_p: float = Field(0.05, ge=0, le=1, description="drop tokens below this fraction of the top token's probability")
+    max_tokens: int = Field(512, ge=-1, description="most tokens generated per page, thinking included; -1 = until "
+                            "the end of sequence or the context [nPredict]")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature; 0 = greedy, the same answer every time [temperature]")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling: smallest token set with this probability [topP]")
+    top_k: int = Field(40, ge=0, description="sample among the k most likely tokens (0 = all) [topK]")
+    min_p: float = Field(0.05, ge=0, le=1, description="drop tokens below this fraction of the top token's probability [minP]")
     # 1.0 = no penalty: medication lists legitimately repeat tokens (units, routes, frequencies).
-    repeat_penalty: float = Field(1.0, gt=0, description="penalty on recently generated tokens (1.0 = none)")
-    seed: int = Field(0, description="sampling seed")
-    stop: Tuple[str, ...] = Field((), description="stop string (repeatable); generation ends before it")
+    repeat_penalty: float = Field(1.0, gt=0, description="penalty on recently generated tokens (1.0 = none) [repeatPenalty]")
+    seed: int = Field(0, description="sampling seed [seed]")
+    stop: Tuple[str, ...] = Field((), description="stop string (repeatable); generation ends before it [stopStrings]")
+    repeat_last_n: int = _later(64, "tokens the penalties look back over (0 = none, -1 = the context) [repeatLastN]", ge=-1)
+    frequency_penalty: float = _later(0.0, "penalty growing with how often a token was generated [frequencyPenalty]")
+    presence_penalty: float = _later(0.0, "penalty on any token already generated [presencePenalty]")
+    typical_p: float = _later(1.0, "locally typical sampling (1.0 = off) [typicalP]", gt=0, le=1)
+    min_keep: int = _later(1, "tokens the top-p, min-p and typical samplers always keep [minKeep]", ge=1)
+    mirostat: int = _later(0, "mirostat sampling: 0 off, 1 or 2 (replaces top-k/top-p/min-p) [mirostat]", ge=0, le=2)
+    mirostat_tau: float = _later(5.0, "mirostat target surprise [mirostatTau]", gt=0)
+    mirostat_eta: float = _later(0.1, "mirostat learning rate [mirostatEta]", gt=0)
+    dynatemp_range: float = _later(0.0, "dynamic temperature: temperature +/- this range by entropy (0 = off) "
+                                   "[dynamicTemperatureRange]", ge=0)
+    dynatemp_exponent: float = _later(1.0, "dynamic temperature exponent [dynamicTemperatureExponent]", gt=0)
+    logit_bias: Tuple[Tuple[int, float], ...] = _later((), "token id -> bias added to its logit (JSON object or pairs) "
+                                                       "[tokenIdBias]")
+    banned_tokens: Tuple[int, ...] = _later((), "token ids never generated (repeatable) [disableTokenIds]")
+    # Reasoning models: how a thinking block (think_open ... think_close) is handled (see README "Reasoning").
+    reasoning: Literal["separate", "raw"] = _later(
+        "separate", "separate: the thinking block goes to the reasoning column, the answer to completion; raw: "
+        "completion keeps the text as generated [removeThinkingTag]")
+    think_open: str = _later("<think>", "marker that opens a thinking block", min_length=1)
+    think_close: str = _later("</think>", "marker that closes a thinking block", min_length=1)
+    max_reasoning_tokens: Optional[int] = _later(None, "reasoning budget: after this many thinking tokens medvlm "
+                                                 "closes the block itself and the answer follows", ge=0)
+    top_logprobs: int = _later(0, "keep the N most likely alternatives of every answer token (0 = none) [nProbs]",
+                               key="never", ge=0, le=20)
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _not_zero(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("max_tokens must be >= 1 (or -1: until the end of sequence or the context)")
+        return value
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias_pairs(cls, value: Any) -> Any:
+        """Accept ``{"123": -5.0}`` (JSON) as well as pairs; keep pairs sorted, so equal biases hash equal."""
+        items = value.items() if isinstance(value, dict) else value
+        return tuple(sorted((int(k), float(v)) for k, v in items))
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain dict (stop as a list) for JSON.
+        """The parameters for ``params_json``: the first release's knobs always, later ones only when set.
 
         Returns:
-            Field name -> value.
+            Field name -> JSON-ready value.
         """
-        d = asdict(self)
-        d["stop"] = list(self.stop)
+        d = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            info = type(self).__pydantic_fields__[f.name]
+            key = (info.json_schema_extra or {}).get("key", "always")
+            if key == "never" or (key == "when_set" and value == info.default):
+                continue
+            d[f.name] = [list(v) if isinstance(v, tuple) else v for v in value] if isinstance(value, tuple) else value
         return d
 
 
@@ -73,7 +128,18 @@ class EngineOptions:
     # -1 = offload every layer when llama.cpp was built with a GPU backend; ignored by CPU builds.
     n_gpu_layers: int = Field(-1, description="layers offloaded to the GPU (-1 = all)")
     n_threads: Optional[int] = Field(None, ge=1, description="CPU threads (default: llama.cpp's choice)")
-    n_batch: int = Field(512, ge=1, description="tokens per llama.cpp decode call during prefill")
+    n_batch: int = Field(512, ge=1, description="tokens per llama.cpp decode call during prefill [nBatch]")
+    # None = n_batch. Gemma 3 attends over an image non-causally: n_ubatch must hold a whole image's tokens.
+    n_ubatch: Optional[int] = Field(None, ge=1, description="tokens per physical batch (default: n_batch) [nUbatch]")
+    n_threads_batch: Optional[int] = Field(None, ge=1, description="CPU threads for prefill (default: n_threads) [nThreadsBatch]")
+    use_mmap: bool = Field(True, description="memory-map the model file [useMmap]")
+    use_mlock: bool = Field(False, description="lock the model in RAM (no swapping) [useMlock]")
+    main_gpu: int = Field(0, ge=0, description="the GPU that holds the model (split mode none) or the scratch buffers [mainGpu]")
+    split_mode: Literal["none", "layer", "row"] = Field("layer", description="how a model is split over several GPUs [gpuSplitMode]")
+    tensor_split: Optional[Tuple[float, ...]] = Field(None, description="fraction of the model per GPU (repeatable), e.g. 3 1")
+    # Quantized KV cache: half the memory at q8_0, slightly different numerics (part of params_json when set).
+    cache_type_k: Literal["f16", "q8_0", "f32"] = Field("f16", description="KV cache type of keys")
+    cache_type_v: Literal["f16", "q8_0", "f32"] = Field("f16", description="KV cache type of values (q8_0 needs flash attention)")
     # On this machine's CPU flash attention cut a ~1300-token page's encode from ~350 to ~150 ms
     # (BENCHMARKS.md F vs D). Numerics only.
     flash_attn: bool = Field(True, description="flash attention in the text model and the vision encoder")
@@ -105,19 +171,23 @@ class ModelFiles:
 class EngineConfig(EngineOptions, ModelFiles):
     """Where the model is (local files) and how llama.cpp runs it."""
 
+    # A Jinja chat template that replaces the text GGUF's own (for a GGUF that has none); its text.
+    chat_template: Optional[str] = None
+
     @classmethod
-    def of(cls, model_path: str, mmproj_path: str, options: EngineOptions) -> "EngineConfig":
+    def of(cls, model_path: str, mmproj_path: str, options: EngineOptions, chat_template: str | None = None) -> "EngineConfig":
         """The config for these model files under ``options``.
 
         Args:
             model_path: local text GGUF.
             mmproj_path: local vision projector GGUF.
             options: the run's engine options.
+            chat_template: a Jinja chat template replacing the model's own.
 
         Returns:
             The engine config.
         """
-        return cls(model_path=model_path, mmproj_path=mmproj_path, **asdict(options))
+        return cls(model_path=model_path, mmproj_path=mmproj_path, chat_template=chat_template, **asdict(options))
 
     def replace(self, **changes: Any) -> "EngineConfig":
         """A copy with ``changes`` applied (validated again).
@@ -131,14 +201,16 @@ class EngineConfig(EngineOptions, ModelFiles):
         return EngineConfig(**{**asdict(self), **changes})
 
 
-def params_json(generation: GenerationParams, images: ImageOptions, chat_format: str, engine: EngineOptions | None = None) -> str:
+def params_json(generation: GenerationParams, images: ImageOptions, chat_format: str, engine: EngineOptions | None = None,
+                chat_template: str | None = None) -> str:
     """Canonical JSON of everything (besides model, mmproj and prompt) that shapes a completion.
 
     Args:
         generation: the sampling parameters.
         images: the page image options (pixel budget and PDF resolution shape the pixels the model sees).
         chat_format: the chat format the prompt is laid out with.
-        engine: the engine options (their image token budget shapes the answer when set).
+        engine: the engine options (their image token budget and KV cache type shape the answer when set).
+        chat_template: a chat template that replaces the model's own (its hash is recorded).
 
     Returns:
         Compact JSON with sorted keys: the same parameters always give the same text.
@@ -151,4 +223,8 @@ def params_json(generation: GenerationParams, images: ImageOptions, chat_format:
     }
     if engine is not None and (engine.image_min_tokens or engine.image_max_tokens):
         payload["image_tokens"] = [engine.image_min_tokens, engine.image_max_tokens]
+    if engine is not None and (engine.cache_type_k, engine.cache_type_v) != ("f16", "f16"):
+        payload["kv_cache"] = [engine.cache_type_k, engine.cache_type_v]
+    if chat_template:
+        payload["chat_template_sha256"] = hashlib.sha256(chat_template.encode("utf-8")).hexdigest()
     return json.dumps(payload, sort_keys=True, separators=(",", ":"))

@@ -38,12 +38,27 @@ CHAT_HANDLERS = {
 }
 CHAT_FORMATS = tuple(CHAT_HANDLERS)
 
+# Projector types whose layout a llama-cpp-python handler hard-codes (the GGUF's template is not used).
 _PROJECTOR_FORMATS = {
     "qwen2vl_merger": "qwen2.5-vl",
     "qwen2.5vl_merger": "qwen2.5-vl",
     "qwen25vl_merger": "qwen2.5-vl",
-    "resampler": "minicpm-v-2.6",
+    "resampler": "minicpm-v-2.6",  # MiniCPM-V 2.6 / MiniCPM-o 2.6
 }
+# Families llama-cpp-python has no handler for: only the model's own template ("mtmd") lays them out.
+_TEMPLATE_ONLY_PROJECTORS = {
+    "gemma3": "Gemma 3",
+    "qwen3vl_merger": "Qwen3-VL",
+    "internvl": "InternVL",
+    "idefics3": "SmolVLM / Idefics3",
+    "gemma4v": "Gemma 4",
+    "pixtral": "Pixtral / Mistral Small",
+    "llama4": "Llama 4",
+    "lfm2": "LFM2-VL",
+}
+# A template that opens (or strips) a <think> block is a reasoning model's (Qwen3 thinking, QwQ, R1-style
+# fine-tunes): only rendering the template itself keeps its generation prompt.
+_THINK_MARKER = "<think>"
 
 
 def read_gguf_metadata(path: str | os.PathLike, skip_arrays: bool = True) -> dict[str, Any]:
@@ -127,6 +142,8 @@ class ModelInfo:
     projector_type: str
     has_chat_template: bool
     context_length: int | None
+    # True when the text GGUF's template is a reasoning model's (it mentions <think>).
+    thinking_template: bool = False
 
 
 def inspect_model(model_path: str, mmproj_path: str) -> ModelInfo:
@@ -148,21 +165,42 @@ def inspect_model(model_path: str, mmproj_path: str) -> ModelInfo:
     projector = proj.get("clip.projector_type") or ("mlp" if proj.get("clip.has_llava_projector") else "unknown")
     name = text.get("general.name") or Path(model_path).stem
     ctx = text.get(f"{arch}.context_length")
+    template = text.get("tokenizer.chat_template")
     return ModelInfo(
         model_name=str(name),
         architecture=str(arch),
         projector_type=str(projector),
-        has_chat_template=bool(text.get("tokenizer.chat_template")),
+        has_chat_template=bool(template),
         context_length=int(ctx) if isinstance(ctx, int) else None,
+        thinking_template=isinstance(template, str) and _THINK_MARKER in template,
     )
 
 
 def choose_chat_format(info: ModelInfo, requested: str | None = None) -> str:
-    """The chat format for this model: ``requested`` if given (validated), else from the projector type."""
+    """The chat format for this model: ``requested`` if given (validated), else picked from its metadata.
+
+    The rules, in order: a reasoning template (one that mentions ``<think>``) is rendered as it is
+    (``mtmd``), since a fixed handler layout would drop its thinking prompt; a projector type with a
+    llama-cpp-python handler gets that handler (``qwen2vl_merger`` -> ``qwen2.5-vl``, ``resampler`` ->
+    ``minicpm-v-2.6``); any other model with a chat template gets ``mtmd`` (Gemma 3, Qwen3-VL, InternVL,
+    LLaVA conversions with a template); a LLaVA-style projector without a template gets ``llava-1-5``.
+
+    Args:
+        info: the model pair's metadata (`inspect_model`).
+        requested: an explicit chat format (one of `CHAT_FORMATS`), or None to pick one.
+
+    Returns:
+        A key of `CHAT_HANDLERS`.
+
+    Raises:
+        RunError: for an unknown ``requested`` format, or a model whose format cannot be told.
+    """
     if requested:
         if requested not in CHAT_FORMATS:
             raise RunError(f"unknown chat format {requested!r}; known: {', '.join(CHAT_FORMATS)}")
         return requested
+    if info.has_chat_template and info.thinking_template:
+        return "mtmd"
     if info.projector_type in _PROJECTOR_FORMATS:
         return _PROJECTOR_FORMATS[info.projector_type]
     # The model's own template is the most faithful layout when it has one (Gemma 3, Qwen3-VL, LLaVA-NeXT
@@ -171,6 +209,12 @@ def choose_chat_format(info: ModelInfo, requested: str | None = None) -> str:
         return "mtmd"
     if info.projector_type in ("mlp", "mlp_norm", "ldp", "ldpv2"):
         return "llava-1-5"
+    if info.projector_type in _TEMPLATE_ONLY_PROJECTORS:
+        raise RunError(
+            f"{_TEMPLATE_ONLY_PROJECTORS[info.projector_type]} (projector type {info.projector_type!r}) is laid out "
+            f"only by its own chat template (chat format 'mtmd'), and this model's GGUF carries none; use a "
+            f"conversion with tokenizer.chat_template, or pass --chat-format with one of {', '.join(CHAT_FORMATS)}"
+        )
     raise RunError(
         f"cannot tell the chat format for projector type {info.projector_type!r} (the model has no chat "
         f"template); pass --chat-format with one of {', '.join(CHAT_FORMATS)}"

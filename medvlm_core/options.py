@@ -33,6 +33,11 @@ class PromptOptions:
     prompt: Optional[str] = Field(None, description="free prompt text for every row (rows may still set their own)")
     # A JSON file (prompt_id, prompt, schema); see medvlm_core.structured.
     extraction: Optional[str] = Field(None, description="your own extraction: JSON file with prompt_id, prompt and a JSON schema")
+    system_prompt: Optional[str] = Field(None, description="system prompt sent before every page's question "
+                                         "(library prompts may bring their own) [systemPrompt]")
+    # For a GGUF without tokenizer.chat_template; its sha256 goes into params_json.
+    chat_template_file: Optional[str] = Field(None, description="Jinja chat template file (path or s3://) used instead "
+                                              "of the model's own; implies chat format mtmd [chatTemplate]")
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)

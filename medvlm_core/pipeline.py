@@ -37,7 +37,7 @@ from medvlm_core.models import ModelIdentity
 from medvlm_core.prompts import Prompt, get_prompt
 from medvlm_core.results import DoneKeys, result_key, utc_now
 from medvlm_core.storage import Storage
-from medvlm_core.structured import flatten
+from medvlm_core.structured import flatten, item_confidences
 from medvlm_core.threads import put_unless_stopped
 
 T = TypeVar("T")
@@ -192,10 +192,22 @@ def prefetch(source: Iterable[T], depth: int = 2) -> Iterator[T]:
         thread.join(timeout=5)
 
 
-def row_prompt(row: ManifestRow, default: Prompt) -> Prompt:
-    """The prompt for a row: its own text, else its prompt id, else the run's prompt."""
+def row_prompt(row: ManifestRow, default: Prompt, system: str | None = None) -> Prompt:
+    """The prompt for a row: its own text, else its prompt id, else the run's prompt.
+
+    Args:
+        row: the manifest row.
+        default: the run's prompt.
+        system: the run's system prompt, for a row prompt whose library entry brings none.
+
+    Returns:
+        The prompt.
+
+    Raises:
+        RunError: the row names an unknown prompt id.
+    """
     if row.prompt or row.prompt_id:
-        return get_prompt(row.prompt_id, row.prompt)
+        return get_prompt(row.prompt_id, row.prompt, system)
     return default
 
 
@@ -245,7 +257,7 @@ def error_row(work: PageWork, spec: RunSpec, prompt: Prompt, error: DocumentErro
     return row
 
 
-def _add_structured(out: dict[str, Any], prompt: Prompt) -> None:
+def _add_structured(out: dict[str, Any], prompt: Prompt, result: Generation) -> None:
     """Parse a constrained answer into ``out["structured"]`` (table -> rows), or mark it truncated/invalid."""
     if out["finish_reason"] == "length":
         # Cut off at max_tokens: the JSON is incomplete, so no partial rows reach the tables.
@@ -255,17 +267,18 @@ def _add_structured(out: dict[str, Any], prompt: Prompt) -> None:
         answer = json.loads(out["completion"])
         if not isinstance(answer, dict):
             raise ValueError("not a JSON object")
+        confidence = item_confidences(result.text, result.token_logprobs, result.token_offsets)
     except ValueError:
         out.update(status=row_status.ERROR, error_type=errors.INVALID_OUTPUT,
                    error_message=f"{out['image_uri']}: the model's answer is not the JSON the schema asks for")
         return
     keys = {k: out[k] for k in ("run_id", "result_key", "document_id", "page", "patient_id", "encounter_id")}
-    out["structured"] = flatten(prompt.prompt_id, prompt.schema, answer, keys)
+    out["structured"] = flatten(prompt.prompt_id, prompt.schema, answer, keys, confidence)
 
 
 def _safe_prompt(row: ManifestRow, default: Prompt) -> tuple[Prompt, DocumentError | None]:
     try:
-        return row_prompt(row, default), None
+        return row_prompt(row, default, default.system), None
     except RunError as exc:
         return default, DocumentError(errors.INVALID_ROW, str(exc))
 
@@ -288,9 +301,15 @@ def _result_row(work: PageWork, spec: RunSpec, prompt: Prompt, result: Generatio
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
             latency_ms=result.latency_ms,
+            reasoning=result.reasoning,
+            reasoning_tokens=result.reasoning_tokens,
+            reasoning_budget_hit=result.reasoning_budget_hit,
+            mean_logprob=result.mean_logprob,
+            min_logprob=result.min_logprob,
+            top_logprobs=json.dumps(result.top_logprobs, separators=(",", ":")) if result.top_logprobs else None,
         )
         if prompt.schema is not None:
-            _add_structured(out, prompt)
+            _add_structured(out, prompt, result)
     work.image = None  # free the pixels before the next page
     return out
 
@@ -352,7 +371,7 @@ def _run(engine: Engine, pages: Iterable[PageWork], spec: RunSpec) -> Iterator[d
                 ready.append(_result_row(work, spec, prompt, None))
                 continue
             in_flight[index] = (work, prompt)
-            yield Request(index, work.image.image, prompt.text, spec.generation, prompt.schema)
+            yield Request(index, work.image.image, prompt.text, spec.generation, prompt.schema, prompt.system)
 
     for key, result in engine.generate_many(requests()):
         while ready:

@@ -51,6 +51,8 @@ PROMPTS: dict[str, str] = {
 
 # Prompts whose answers are JSON constrained by a schema (structured mode); see medvlm_core.structured.
 SCHEMAS: dict[str, dict[str, Any]] = {}
+# Library prompts that bring their own system prompt (a run's --system-prompt applies to the others).
+SYSTEM_PROMPTS: dict[str, str] = {}
 
 
 def _builtin_schemas() -> None:
@@ -61,16 +63,21 @@ def _builtin_schemas() -> None:
 
 @dataclass(frozen=True)
 class Prompt:
-    """A resolved prompt: its id (``custom`` for free text), its text, and its JSON schema if structured."""
+    """A resolved prompt: its id (``custom`` for free text), its text, its JSON schema if structured, and the
+    system prompt it is sent with (None: the chat format's default)."""
 
     prompt_id: str
     text: str
     schema: dict[str, Any] | None = field(default=None, compare=False)
+    system: str | None = None
 
     @property
     def sha256(self) -> str:
-        """Hex sha256 of the prompt text (and schema, when structured): identifies the exact request."""
+        """Hex sha256 of the prompt text (and schema, when structured; and system prompt, when set): identifies
+        the exact request."""
         payload = self.text if self.schema is None else self.text + "\x1f" + json.dumps(self.schema, sort_keys=True)
+        if self.system:
+            payload += "\x1esystem\x1f" + self.system
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -79,25 +86,47 @@ def known_prompt_ids() -> list[str]:
     return sorted(PROMPTS)
 
 
-def register_extraction(prompt_id: str, text: str, schema: dict[str, Any]) -> None:
-    """Add a user-defined structured prompt to the library for this process."""
+def register_extraction(prompt_id: str, text: str, schema: dict[str, Any], system: str | None = None) -> None:
+    """Add a user-defined structured prompt to the library for this process.
+
+    Args:
+        prompt_id: its id (also the name of its table).
+        text: the prompt.
+        schema: the JSON schema its answers follow.
+        system: its own system prompt, if any.
+
+    Raises:
+        RunError: the id is a built-in prompt's.
+    """
     if prompt_id in PROMPTS and SCHEMAS.get(prompt_id) != schema and prompt_id in _BUILTIN_IDS:
         raise RunError(f"prompt id {prompt_id!r} is built in; choose another id for the extraction")
     PROMPTS[prompt_id] = text
     SCHEMAS[prompt_id] = schema
+    if system:
+        SYSTEM_PROMPTS[prompt_id] = system
 
 
-def get_prompt(prompt_id: str | None = None, text: str | None = None) -> Prompt:
+def get_prompt(prompt_id: str | None = None, text: str | None = None, system: str | None = None) -> Prompt:
     """The prompt for an id, or free ``text`` (which wins, and keeps the id if one is given).
 
-    Raises RunError naming the id if it is unknown.
+    Args:
+        prompt_id: a library id (default ``clinical_analysis``).
+        text: free prompt text.
+        system: the run's system prompt, for prompts whose library entry brings none.
+
+    Returns:
+        The prompt.
+
+    Raises:
+        RunError: naming the id if it is unknown.
     """
+    system = SYSTEM_PROMPTS.get(prompt_id or "") or (system if system and system.strip() else None)
     if text is not None and text.strip():
-        return Prompt(prompt_id or CUSTOM_PROMPT_ID, text, SCHEMAS.get(prompt_id or ""))
+        return Prompt(prompt_id or CUSTOM_PROMPT_ID, text, SCHEMAS.get(prompt_id or ""), system)
     pid = prompt_id or DEFAULT_PROMPT_ID
     if pid not in PROMPTS:
         raise RunError(f"unknown prompt id {pid!r}; known ids: {', '.join(known_prompt_ids())}")
-    return Prompt(pid, PROMPTS[pid], SCHEMAS.get(pid))
+    return Prompt(pid, PROMPTS[pid], SCHEMAS.get(pid), SYSTEM_PROMPTS.get(pid) or system)
 
 
 _builtin_schemas()

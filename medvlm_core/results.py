@@ -54,6 +54,16 @@ COMPLETIONS_SCHEMA = pa.schema(
         ("fetch_ms", pa.float64()),
         ("preprocess_ms", pa.float64()),
         ("latency_ms", pa.float64()),
+        # Reasoning models: the thinking block (completion is then the answer alone), its tokens, and whether
+        # medvlm's reasoning budget closed it.
+        ("reasoning", pa.string()),
+        ("reasoning_tokens", pa.int32()),
+        ("reasoning_budget_hit", pa.bool_()),
+        # Confidence of the answer: mean and least log-probability of its tokens under the model; with
+        # --top-logprobs N, the alternatives per token as JSON [[[token, logprob], ...], ...].
+        ("mean_logprob", pa.float64()),
+        ("min_logprob", pa.float64()),
+        ("top_logprobs", pa.string()),
         ("status", pa.string()),
         ("error_type", pa.string()),
         ("error_message", pa.string()),

@@ -73,7 +73,8 @@ class RunContext:
     @property
     def default_prompt(self) -> Prompt:
         """The prompt for rows that do not bring their own."""
-        return get_prompt(self.options.prompting.prompt_id, self.options.prompting.prompt)
+        prompting = self.options.prompting
+        return get_prompt(prompting.prompt_id, prompting.prompt, prompting.system_prompt)
 
 
 def open_run(
@@ -110,6 +111,8 @@ def open_run(
     policy.require(model, "model")
     if mmproj:
         policy.require(mmproj, "mmproj")
+    if options.prompting.chat_template_file:
+        policy.require(options.prompting.chat_template_file, "chat template")
     extraction = options.prompting.extraction
     if extraction:
         policy.require(extraction, "extraction definition")
@@ -181,9 +184,24 @@ def prepare_model(ctx: RunContext) -> tuple[EngineConfig, ModelIdentity]:
         ctx.model, ctx.mmproj, ctx.storage, ctx.settings.cache_dir,
         ctx.options.model.model_sha256, ctx.options.model.mmproj_sha256,
     )
-    engine = EngineConfig.of(model_path, mmproj_path, ctx.options.engine)
-    identity = identify_model(engine.model_path, engine.mmproj_path, engine.chat_format, ctx.settings.cache_dir)
+    template = _read_chat_template(ctx)
+    engine = EngineConfig.of(model_path, mmproj_path, ctx.options.engine, template)
+    # A template of one's own is rendered by the generic handler, unless a chat format is forced.
+    requested = engine.chat_format or ("mtmd" if template else None)
+    identity = identify_model(engine.model_path, engine.mmproj_path, requested, ctx.settings.cache_dir)
     return engine, identity
+
+
+def _read_chat_template(ctx: RunContext) -> str | None:
+    url = ctx.options.prompting.chat_template_file
+    if not url:
+        return None
+    try:
+        return ctx.storage.read_bytes(url, max_bytes=1024 * 1024).decode("utf-8")
+    except DocumentError as exc:
+        raise RunError(f"chat template cannot be read: {exc.message}") from None
+    except UnicodeDecodeError:
+        raise RunError(f"{url}: the chat template is not UTF-8 text") from None
 
 
 def make_spec(ctx: RunContext, engine: EngineConfig, identity: ModelIdentity) -> RunSpec:
@@ -200,7 +218,8 @@ def make_spec(ctx: RunContext, engine: EngineConfig, identity: ModelIdentity) ->
     generation, images = ctx.options.generation, ctx.options.images
     return RunSpec(
         run_id=ctx.run_id, layout=ctx.output, engine=engine, model=identity, generation=generation, images=images,
-        default_prompt=ctx.default_prompt, params_json=params_json(generation, images, identity.chat_format, engine),
+        default_prompt=ctx.default_prompt,
+        params_json=params_json(generation, images, identity.chat_format, engine, engine.chat_template),
         fetch_workers=ctx.settings.fetch_workers, force=ctx.options.output.force,
     )
 

@@ -11,6 +11,7 @@ back to its page: run_id, result_key, document_id, page, patient_id, encounter_i
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -76,6 +77,8 @@ KEY_FIELDS = [
     ("patient_id", pa.string()),
     ("encounter_id", pa.string()),
     ("item_index", pa.int32()),
+    # exp(mean log-probability) of the tokens of the item's values: ~1 when the model was sure of every value.
+    ("confidence", pa.float64()),
 ]
 
 _ARROW_TYPES = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
@@ -113,19 +116,32 @@ def _arrow_schema(items: dict[str, Any], section: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
-def flatten(prompt_id: str, schema: dict[str, Any], answer: dict[str, Any], keys: dict[str, Any]) -> dict[str, list[dict]]:
-    """The rows each structured table gets from one parsed answer (keys added to every row)."""
+def flatten(prompt_id: str, schema: dict[str, Any], answer: dict[str, Any], keys: dict[str, Any],
+            confidence: dict[tuple[str, int], float] | None = None) -> dict[str, list[dict]]:
+    """The rows each structured table gets from one parsed answer.
+
+    Args:
+        prompt_id: the extraction's prompt id.
+        schema: its JSON schema.
+        answer: the parsed answer.
+        keys: columns every row gets (run, result key, document, page, patient, encounter).
+        confidence: (answer key, item position) -> the item's confidence (``item_confidences``).
+
+    Returns:
+        Table name -> rows.
+    """
     out: dict[str, list[dict]] = {}
+    confidence = confidence or {}
     for table, (prop, arrow) in tables_for(prompt_id, schema).items():
         sources = [(prop, answer.get(prop) or [])] if prop != "*" else [
             (name, value) for name, value in answer.items() if isinstance(value, list)
         ]
         rows = out.setdefault(table, [])
         for section, items in sources:
-            for item in items:
+            for position, item in enumerate(items):
                 if not isinstance(item, dict):
                     continue
-                row = dict(keys, item_index=len(rows))
+                row = dict(keys, item_index=len(rows), confidence=confidence.get((section, position)))
                 if prop == "*":
                     row["section"] = section
                 for name in arrow.names:
@@ -133,6 +149,91 @@ def flatten(prompt_id: str, schema: dict[str, Any], answer: dict[str, Any], keys
                         value = item[name]
                         row[name] = json.dumps(value) if isinstance(value, (dict, list)) else value
                 rows.append(row)
+    return out
+
+
+def value_spans(text: str) -> dict[tuple[str, int], list[tuple[int, int]]]:
+    """Where the values of each item of the answer's top-level arrays are, in the answer's text.
+
+    Args:
+        text: a JSON object whose arrays hold the items (the structured answer).
+
+    Returns:
+        (array key, item position) -> the character spans of that item's values (keys and punctuation left out).
+
+    Raises:
+        ValueError: ``text`` is not such a JSON object.
+    """
+    decoder = json.JSONDecoder()
+    spans: dict[tuple[str, int], list[tuple[int, int]]] = {}
+
+    def skip(i: int, *allowed: str) -> int:
+        while i < len(text) and (text[i].isspace() or text[i] in allowed):
+            i += 1
+        return i
+
+    def members(i: int, on_value: Any) -> int:
+        """Walk the object at ``i`` (which is '{'), calling on_value(key, start); the index after it."""
+        i = skip(i + 1)
+        while text[i] != "}":
+            key, i = decoder.raw_decode(text, i)
+            i = skip(i, ":")
+            i = on_value(key, i)
+            i = skip(i, ",")
+        return i + 1
+
+    def item_values(at: list[tuple[int, int]]) -> Any:
+        def on_value(_: str, i: int) -> int:
+            _, end = decoder.raw_decode(text, i)
+            at.append((i, end))
+            return end
+        return on_value
+
+    def top_value(key: str, i: int) -> int:
+        if text[i] != "[":
+            return decoder.raw_decode(text, i)[1]
+        i, position = skip(i + 1), 0
+        while text[i] != "]":
+            if text[i] == "{":
+                i = members(i, item_values(spans.setdefault((key, position), [])))
+            else:
+                i = decoder.raw_decode(text, i)[1]
+            position += 1
+            i = skip(i, ",")
+        return i + 1
+
+    start = skip(0)
+    if start >= len(text) or text[start] != "{":
+        raise ValueError("not a JSON object")
+    try:
+        members(start, top_value)
+    except (IndexError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not a JSON object ({type(exc).__name__})") from None
+    return spans
+
+
+def item_confidences(text: str, logprobs: tuple[float, ...], offsets: tuple[int, ...]) -> dict[tuple[str, int], float]:
+    """Each item's confidence: exp of the mean log-probability of the tokens that make its values.
+
+    Args:
+        text: the structured answer.
+        logprobs: the answer tokens' log-probabilities.
+        offsets: each token's byte offset in ``text`` (UTF-8).
+
+    Returns:
+        (array key, item position) -> confidence in (0, 1]; items whose values no token covers are left out.
+    """
+    if not logprobs:
+        return {}
+    data = text.encode("utf-8")
+    ends = list(offsets[1:]) + [len(data)]
+    out = {}
+    for item, char_spans in value_spans(text).items():
+        byte_spans = [(len(text[:a].encode("utf-8")), len(text[:b].encode("utf-8"))) for a, b in char_spans]
+        chosen = [lp for lp, start, end in zip(logprobs, offsets, ends)
+                  if any(start < b and end > a for a, b in byte_spans)]
+        if chosen:
+            out[item] = math.exp(sum(chosen) / len(chosen))
     return out
 
 

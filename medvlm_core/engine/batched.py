@@ -25,8 +25,11 @@ import ctypes
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
+
+import numpy as np
 
 from medvlm_core import errors
 from medvlm_core.config import GenerationParams
@@ -37,7 +40,6 @@ from medvlm_core.images import to_rgb
 from medvlm_core.threads import put_unless_stopped
 
 _SENTINEL = "\x00medvlm-image\x00"
-_PENALTY_LAST_N = 64  # llama-cpp-python's default last_n_tokens_size
 
 
 @dataclass
@@ -50,6 +52,7 @@ class _Encoded:
     n_tokens: int
     encode_ms: float
     started: float
+    opens_thinking: bool = False  # the rendered prompt ends with the think_open marker (Qwen3-style templates)
 
 
 @dataclass
@@ -76,6 +79,18 @@ class _Slot:
     generated: int
     started: float
     encode_ms: float = 0.0
+    # Reasoning (see _think): in a thinking block now; it may still open (free text, nothing generated yet);
+    # where in ``pieces`` the thinking text and the answer begin.
+    thinking: bool = False
+    may_open: bool = False
+    think_start: int = 0
+    think_end: int = 0
+    answer_start: int = 0
+    reasoning_tokens: int = 0
+    budget_hit: bool = False
+    forced: deque = field(default_factory=deque)  # tokens fed without sampling (the budget's closing marker)
+    # per sampled token: (byte offset in pieces, logprob, top alternatives)
+    scores: list = field(default_factory=list)
 
 
 class BatchedEngine(Engine):
@@ -123,7 +138,9 @@ class BatchedEngine(Engine):
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.ctx_per_seq * n_seq
         params.n_batch = engine.config.n_batch
-        params.n_ubatch = engine.config.n_batch
+        params.n_ubatch = engine.config.n_ubatch or engine.config.n_batch
+        params.type_k = llm.context_params.type_k  # the KV cache type chosen for the model (EngineOptions)
+        params.type_v = llm.context_params.type_v
         params.n_seq_max = n_seq
         params.flash_attn_type = llm.context_params.flash_attn_type  # same numerics as the single path
         # One KV stream per sequence: a step attends over each sequence's own cells, not over all
@@ -170,16 +187,25 @@ class BatchedEngine(Engine):
             self._ctx = None
 
     # -- prompt and sampling, exactly as the single-sequence handler does ------------------------
-    def render_prompt(self, prompt: str) -> str:
-        """The chat-formatted prompt text with libmtmd's media marker where the image goes (cached per prompt)."""
-        text = self._rendered.get(prompt)
+    def render_prompt(self, prompt: str, system: str | None = None) -> str:
+        """The chat-formatted prompt text with libmtmd's media marker where the image goes (cached per prompt).
+
+        Args:
+            prompt: the user's question.
+            system: the system prompt (None: the chat format's default, if it has one).
+
+        Returns:
+            The text libmtmd tokenizes.
+        """
+        key = (prompt, system)
+        text = self._rendered.get(key)
         if text is None:
             if len(self._rendered) > 256:  # row-level prompts can be many: keep the cache small
                 self._rendered.clear()
-            text = self._rendered[prompt] = self._render(prompt)
+            text = self._rendered[key] = self._render(prompt, system)
         return text
 
-    def _render(self, prompt: str) -> str:
+    def _render(self, prompt: str, system: str | None) -> str:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         from llama_cpp import llama_chat_format as lcf
 
@@ -187,6 +213,8 @@ class BatchedEngine(Engine):
         marker = self._mtmd.mtmd_default_marker().decode("utf-8")
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _SENTINEL}},
                                                  {"type": "text", "text": prompt}]}]
+        if system:
+            messages = [{"role": "system", "content": system}] + messages
         handler = self._handler
         if isinstance(handler, lcf.MTMDChatHandler):
             import jinja2.ext
@@ -207,7 +235,7 @@ class BatchedEngine(Engine):
                 raise_exception=raise_exception, functions=None, function_call=None, tools=None, tool_choice=None,
                 strftime_now=lcf.Jinja2ChatFormatter.strftime_now,
             )
-        if handler.DEFAULT_SYSTEM_MESSAGE is not None:
+        if handler.DEFAULT_SYSTEM_MESSAGE is not None and not system:
             messages = [{"role": "system", "content": handler.DEFAULT_SYSTEM_MESSAGE}] + messages
         text = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(handler.CHAT_FORMAT).render(
             messages=messages, add_generation_prompt=True,
@@ -216,23 +244,42 @@ class BatchedEngine(Engine):
         return text.replace(_SENTINEL, marker)
 
     def _sampler(self, params: GenerationParams, schema: dict | None) -> Any:
+        """The sampler chain for ``params``, as llama-cpp-python builds it for a completion: logit bias, penalties,
+        grammar (``schema``), then greedy at temperature 0, else mirostat or top-k/typical/top-p/min-p, then
+        (dynamic) temperature and a seeded draw."""
         lc = self._llama_cpp
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        lc.llama_sampler_chain_add(
-            chain, lc.llama_sampler_init_penalties(self._n_vocab, _PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0)
-        )
+        add = lambda sampler: lc.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        bias = dict(params.logit_bias)
+        bias.update({token: float("-inf") for token in params.banned_tokens})
+        if bias:
+            entries = (lc.llama_logit_bias * len(bias))(*[lc.llama_logit_bias(t, b) for t, b in sorted(bias.items())])
+            add(lc.llama_sampler_init_logit_bias(self._n_vocab, len(bias), entries))
+        last_n = self.ctx_per_seq if params.repeat_last_n == -1 else params.repeat_last_n
+        add(lc.llama_sampler_init_penalties(self._n_vocab, last_n, params.repeat_penalty, params.frequency_penalty,
+                                            params.presence_penalty))
         if schema is not None:
             gbnf = self.engine.grammar_text(schema).encode("utf-8")
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_grammar(self._vocab, gbnf, b"root"))
+            add(lc.llama_sampler_init_grammar(self._vocab, gbnf, b"root"))
         if params.temperature == 0.0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+            add(lc.llama_sampler_init_greedy())
+            return chain
+        if params.mirostat:
+            add(lc.llama_sampler_init_temp(params.temperature))
+            if params.mirostat == 1:
+                add(lc.llama_sampler_init_mirostat(self._n_vocab, params.seed, params.mirostat_tau, params.mirostat_eta, 100))
+            else:
+                add(lc.llama_sampler_init_mirostat_v2(params.seed, params.mirostat_tau, params.mirostat_eta))
+            return chain
+        add(lc.llama_sampler_init_top_k(params.top_k))
+        add(lc.llama_sampler_init_typical(params.typical_p, params.min_keep))
+        add(lc.llama_sampler_init_top_p(params.top_p, params.min_keep))
+        add(lc.llama_sampler_init_min_p(params.min_p, params.min_keep))
+        if params.dynatemp_range > 0:
+            add(lc.llama_sampler_init_temp_ext(params.temperature, params.dynatemp_range, params.dynatemp_exponent))
         else:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(params.top_k))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_typical(1.0, 1))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(params.top_p, 1))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(params.min_p, 1))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params.temperature))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(params.seed))
+            add(lc.llama_sampler_init_temp(params.temperature))
+        add(lc.llama_sampler_init_dist(params.seed))
         return chain
 
     def _sample(self, slot: _Slot, index: int) -> int:
@@ -253,7 +300,9 @@ class BatchedEngine(Engine):
             raise DocumentError(errors.INFERENCE_ERROR, "libmtmd could not read the page image")
         chunks = mtmd.mtmd_input_chunks_init()
         try:
-            text = self.render_prompt(request.prompt).encode("utf-8")
+            rendered = self.render_prompt(request.prompt, request.system)
+            opens = request.params.reasoning == "separate" and rendered.rstrip().endswith(request.params.think_open)
+            text = rendered.encode("utf-8")
             entry = mtmd.mtmd_input_text()
             entry.text, entry.text_len, entry.add_special, entry.parse_special = text, len(text), True, True
             bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
@@ -279,7 +328,7 @@ class BatchedEngine(Engine):
                 ctypes.memmove(copy, mtmd.mtmd_get_output_embd(self._handler.mtmd_ctx), size * ctypes.sizeof(ctypes.c_float))
                 embeddings.append(copy)
             encode_ms = (time.perf_counter() - encode_started) * 1000.0
-            return _Encoded(request, chunks, embeddings, n_tokens, encode_ms, started)
+            return _Encoded(request, chunks, embeddings, n_tokens, encode_ms, started, opens)
         except BaseException:
             mtmd.mtmd_input_chunks_free(chunks)
             raise
@@ -315,8 +364,14 @@ class BatchedEngine(Engine):
                 if rc != 0:
                     raise DocumentError(errors.INFERENCE_ERROR, "llama.cpp failed to evaluate the prompt")
                 n_past = new_n_past.value
-            sampler = self._sampler(encoded.request.params, encoded.request.schema)
-            slot = _Slot(encoded.request, seq, sampler, n_past, n_past, 0, bytearray(), 0, encoded.started, encoded.encode_ms)
+            request = encoded.request
+            # A thinking block is free text: the schema's grammar starts at its end (see _end_thinking).
+            sampler = self._sampler(request.params, None if encoded.opens_thinking else request.schema)
+            slot = _Slot(request, seq, sampler, n_past, n_past, 0, bytearray(), 0, encoded.started, encoded.encode_ms)
+            separate = request.params.reasoning == "separate"
+            slot.thinking = encoded.opens_thinking
+            # A model may open the block itself; not under a grammar, which allows only the answer.
+            slot.may_open = separate and not slot.thinking and request.schema is None
             slot.pending = self._sample(slot, -1)
             return slot
         except BaseException:
@@ -353,27 +408,115 @@ class BatchedEngine(Engine):
     def _finish(self, slot: _Slot, reason: str) -> Generation:
         self._llama_cpp.llama_sampler_free(slot.sampler)
         self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
-        text = bytes(slot.pieces).decode("utf-8", errors="ignore")
+        raw = bytes(slot.pieces)
+        reasoning = None
+        answer_at = slot.answer_start
+        if slot.thinking:  # still thinking when it ended: no answer
+            reasoning, answer_at = raw[slot.think_start:], len(raw)
+        elif slot.think_end or slot.answer_start:
+            reasoning = raw[slot.think_start:slot.think_end]
+        answer = raw[answer_at:]
+        stripped = answer.lstrip()
+        base = answer_at + len(answer) - len(stripped)  # where the answer text starts in ``pieces``
+        text = stripped.decode("utf-8", errors="ignore")
         for stop in slot.request.params.stop:
             if stop and stop in text:
                 text, reason = text[: text.index(stop)], "stop"
+        kept = [(max(0, offset - base), lp, top) for offset, lp, top in slot.scores if offset >= answer_at]
         latency_ms = (time.perf_counter() - slot.started) * 1000.0
-        return Generation(text, reason, slot.prompt_tokens, slot.generated, latency_ms, slot.encode_ms)
+        return Generation(
+            text, reason, slot.prompt_tokens, slot.generated, latency_ms, slot.encode_ms,
+            reasoning=None if reasoning is None else reasoning.decode("utf-8", errors="ignore").strip(),
+            reasoning_tokens=slot.reasoning_tokens, reasoning_budget_hit=slot.budget_hit,
+            token_logprobs=tuple(lp for _, lp, _ in kept), token_offsets=tuple(o for o, _, _ in kept),
+            top_logprobs=tuple(top for _, _, top in kept) if slot.request.params.top_logprobs else (),
+        )
 
-    def _take(self, slot: _Slot) -> str | None:
-        """Account for the token just sampled; the finish reason if the sequence is done."""
+    def _score(self, index: int, token: int, top_n: int) -> tuple[float, tuple]:
+        """The sampled token's log-probability under the model's own distribution (the logits before any sampler:
+        penalties, grammar and temperature shape the choice, not the model's confidence), and the top-N."""
+        logits = np.ctypeslib.as_array(self._llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
+        peak = float(logits.max())
+        log_z = peak + float(np.log(np.exp(logits - peak).sum()))
+        top: tuple = ()
+        if top_n:
+            best = np.argpartition(-logits, top_n - 1)[:top_n]
+            best = best[np.argsort(-logits[best], kind="stable")]
+            top = tuple((self._piece_of(int(t)).decode("utf-8", errors="replace"), float(logits[t]) - log_z) for t in best)
+        return float(logits[token]) - log_z, top
+
+    def _piece_of(self, token: int) -> bytes:
+        n = self._llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        return self._piece.raw[: max(n, 0)]
+
+    def _take(self, slot: _Slot, index: int) -> str | None:
+        """Account for the token just sampled (from the logits at ``index``); the finish reason if it is done."""
         token = slot.pending
+        params = slot.request.params
+        if slot.thinking and params.max_reasoning_tokens is not None and slot.reasoning_tokens >= params.max_reasoning_tokens:
+            self._close_thinking(slot)  # the budget is spent: the sampled token is dropped, the block closed
+            return self._done(slot)
         if self._llama_cpp.llama_vocab_is_eog(self._vocab, token):
             return "stop"
-        n = self._llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
-        slot.pieces += self._piece.raw[: max(n, 0)]
+        if not slot.thinking:  # answer tokens (and ones that may open a block) are scored
+            logprob, top = self._score(index, token, params.top_logprobs)
+            slot.scores.append((len(slot.pieces), logprob, top))
+        slot.pieces += self._piece_of(token)
         slot.generated += 1
+        if slot.thinking:
+            slot.reasoning_tokens += 1
+            self._find_close(slot)
+        elif slot.may_open:
+            self._find_open(slot)
+        return self._done(slot)
+
+    def _done(self, slot: _Slot) -> str | None:
+        """The finish reason if a limit is reached or a stop string was generated (in the answer), else None."""
         params = slot.request.params
-        if slot.generated >= params.max_tokens or slot.n_past + 1 >= self.ctx_per_seq:
+        if (params.max_tokens != -1 and slot.generated >= params.max_tokens) or \
+                slot.n_past + 1 + len(slot.forced) >= self.ctx_per_seq:
             return "length"
-        if params.stop and any(s in bytes(slot.pieces).decode("utf-8", errors="ignore") for s in params.stop):
-            return "stop"
+        if params.stop and not slot.thinking:
+            answer = bytes(slot.pieces[slot.answer_start:]).decode("utf-8", errors="ignore")
+            if any(s in answer for s in params.stop):
+                return "stop"
         return None
+
+    # -- reasoning: a thinking block (think_open ... think_close) apart from the answer ---------------------
+    def _find_open(self, slot: _Slot) -> None:
+        """While nothing but whitespace and a prefix of think_open was generated, watch for the block to open."""
+        marker = slot.request.params.think_open.encode("utf-8")
+        text = bytes(slot.pieces).lstrip()
+        if text.startswith(marker):
+            slot.thinking, slot.may_open = True, False
+            slot.think_start = len(slot.pieces) - len(text) + len(marker)
+            slot.scores.clear()  # the marker is not part of the answer
+        elif not marker.startswith(text):
+            slot.may_open = False  # the answer began
+
+    def _find_close(self, slot: _Slot) -> None:
+        marker = slot.request.params.think_close.encode("utf-8")
+        at = slot.pieces.find(marker, slot.think_start)
+        if at >= 0:
+            self._end_thinking(slot, at, at + len(marker))
+
+    def _close_thinking(self, slot: _Slot) -> None:
+        """The reasoning budget is spent: append the closing marker as if the model had written it."""
+        closing = f"\n{slot.request.params.think_close}\n\n"
+        tokens = self.engine.llm.tokenize(closing.encode("utf-8"), add_bos=False, special=True)
+        at = len(slot.pieces)
+        slot.pieces += closing.encode("utf-8")
+        slot.generated += len(tokens)
+        slot.pending, slot.forced = tokens[0], deque(tokens[1:])
+        slot.budget_hit = True
+        self._end_thinking(slot, at, len(slot.pieces))
+
+    def _end_thinking(self, slot: _Slot, think_end: int, answer_start: int) -> None:
+        slot.thinking = False
+        slot.think_end, slot.answer_start = think_end, answer_start
+        if slot.request.schema is not None:  # the answer is constrained from here: a fresh chain with the grammar
+            self._llama_cpp.llama_sampler_free(slot.sampler)
+            slot.sampler = self._sampler(slot.request.params, slot.request.schema)
 
     def generate_many(self, requests: Iterable[Request]) -> Iterator[tuple[Any, Result]]:
         """Answer every request, yielding ``(key, Generation or DocumentError)`` as each finishes.
@@ -460,7 +603,7 @@ class BatchedEngine(Engine):
                         free.append(seq)
                         yield item.request.key, exc
                         continue
-                    reason = self._take(slot)
+                    reason = self._take(slot, -1)
                     if reason is not None:
                         free.append(seq)
                         yield item.request.key, self._finish(slot, reason)
@@ -491,8 +634,11 @@ class BatchedEngine(Engine):
                 for i, seq in enumerate(order):
                     slot = live[seq]
                     slot.n_past += 1
+                    if slot.forced:  # fed, not sampled (the budget's closing marker)
+                        slot.pending = slot.forced.popleft()
+                        continue
                     slot.pending = self._sample(slot, i)
-                    reason = self._take(slot)
+                    reason = self._take(slot, i)
                     if reason is not None:
                         del live[seq]
                         free.append(seq)

@@ -25,6 +25,10 @@ from medvlm_core.errors import DocumentError, RunError, error_detail, short_mess
 from medvlm_core.images import to_data_uri
 from medvlm_core.models import CHAT_HANDLERS
 
+# llama.cpp's enum values (llama.h: llama_split_mode; ggml.h: ggml_type) for the options' names.
+SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+
 def _quiet_native_logs() -> None:
     """Route libmtmd's logging through llama-cpp-python's logger (errors only unless verbose)."""
     import llama_cpp._logger as llama_logger
@@ -123,20 +127,32 @@ class VisionEngine(Engine):
                 handler._mtmd_cpp = _ImageTokenBudget(
                     handler._mtmd_cpp, self.config.image_min_tokens, self.config.image_max_tokens
                 )
+            config = self.config
             kwargs: dict[str, Any] = dict(
-                model_path=self.config.model_path,
+                model_path=config.model_path,
                 chat_handler=handler,
-                n_ctx=self.config.n_ctx,
-                n_batch=self.config.n_batch,
-                n_ubatch=self.config.n_batch,
-                n_gpu_layers=self.config.n_gpu_layers,
-                flash_attn=self.config.flash_attn,
+                n_ctx=config.n_ctx,
+                n_batch=config.n_batch,
+                n_ubatch=config.n_ubatch or config.n_batch,
+                n_gpu_layers=config.n_gpu_layers,
+                main_gpu=config.main_gpu,
+                split_mode=SPLIT_MODES[config.split_mode],
+                tensor_split=list(config.tensor_split) if config.tensor_split else None,
+                use_mmap=config.use_mmap,
+                use_mlock=config.use_mlock,
+                flash_attn=config.flash_attn,
+                type_k=KV_TYPES[config.cache_type_k],
+                type_v=KV_TYPES[config.cache_type_v],
                 verbose=self.verbose,
             )
-            if self.config.n_threads:
-                kwargs["n_threads"] = self.config.n_threads
-                kwargs["n_threads_batch"] = self.config.n_threads
+            if config.n_threads:
+                kwargs["n_threads"] = config.n_threads
+            if config.n_threads_batch or config.n_threads:
+                kwargs["n_threads_batch"] = config.n_threads_batch or config.n_threads
             llm = llama_cpp.Llama(**kwargs)
+            if config.chat_template:
+                # The MTMD handler (and the batched engine's prompt rendering) read the template from here.
+                llm.metadata["tokenizer.chat_template"] = config.chat_template
         except (ValueError, RuntimeError, OSError) as exc:
             # Loading sees no document, so llama-cpp-python's text (file paths, reasons) carries no PHI.
             raise RunError(f"llama.cpp could not load {self.config.model_path}: {short_message(exc)}") from None
@@ -145,15 +161,21 @@ class VisionEngine(Engine):
         return self
 
     def generate(
-        self, image: Image.Image, prompt: str, params: GenerationParams, schema: dict[str, Any] | None = None
+        self, image: Image.Image, prompt: str, params: GenerationParams, schema: dict[str, Any] | None = None,
+        system: str | None = None,
     ) -> Generation:
-        """Answer ``prompt`` about ``image``.
+        """Answer ``prompt`` about ``image`` through llama-cpp-python's own chat completion.
+
+        The reference path: runs use ``BatchedEngine`` (one sequence or several), whose answers the tests
+        compare with this one. It passes what ``create_chat_completion`` takes; it does not separate reasoning,
+        and ``repeat_last_n``, ``min_keep`` and dynamic temperature keep llama-cpp-python's defaults.
 
         Args:
             image: the page.
             prompt: the question.
             params: sampling parameters.
             schema: a JSON schema the answer is constrained to, or None for free text.
+            system: the system prompt (None: the chat format's default).
 
         Returns:
             The completion.
@@ -171,6 +193,10 @@ class VisionEngine(Engine):
                 ],
             }
         ]
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        bias = dict(params.logit_bias)
+        bias.update({token: float("-inf") for token in params.banned_tokens})
         grammar = self.grammar(schema) if schema is not None else None
         with self.lock:
             started = time.perf_counter()
@@ -178,12 +204,19 @@ class VisionEngine(Engine):
                 response = llm.create_chat_completion(
                     grammar=grammar,
                     messages=messages,
-                    max_tokens=params.max_tokens,
+                    max_tokens=None if params.max_tokens == -1 else params.max_tokens,
                     temperature=params.temperature,
                     top_p=params.top_p,
                     top_k=params.top_k,
                     min_p=params.min_p,
                     repeat_penalty=params.repeat_penalty,
+                    frequency_penalty=params.frequency_penalty,
+                    presence_penalty=params.presence_penalty,
+                    typical_p=params.typical_p,
+                    mirostat_mode=params.mirostat,
+                    mirostat_tau=params.mirostat_tau,
+                    mirostat_eta=params.mirostat_eta,
+                    logit_bias=bias or None,
                     seed=params.seed,
                     stop=list(params.stop) or None,
                 )
@@ -209,7 +242,7 @@ class VisionEngine(Engine):
         )
 
     def generate_many(self, requests: Iterable[Request]) -> Iterator[tuple[Any, Result]]:
-        """Answer requests one after another, in order.
+        """Answer requests one after another, in order, through ``generate`` (the reference path).
 
         Args:
             requests: the pages, taken one at a time.
@@ -219,7 +252,8 @@ class VisionEngine(Engine):
         """
         for request in requests:
             try:
-                yield request.key, self.generate(request.image, request.prompt, request.params, request.schema)
+                yield request.key, self.generate(request.image, request.prompt, request.params, request.schema,
+                                                 request.system)
             except DocumentError as exc:
                 yield request.key, exc
 

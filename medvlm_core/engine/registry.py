@@ -3,7 +3,9 @@
 A worker process running many chunks loads the model once. Asking for another config closes the previous
 engine first, so two models never sit in memory (or VRAM) at once. Which engine answers pages follows the
 config: ``isolate`` -> ``IsolatedEngine`` (the model lives in a supervised child; this process never loads
-it); else ``n_parallel > 1`` -> ``BatchedEngine`` over a ``VisionEngine``; else the ``VisionEngine`` itself.
+it); else a ``BatchedEngine`` of ``n_parallel`` sequences over a ``VisionEngine`` (one sequence when
+``n_parallel`` is 1). Every page is thus answered by the same code, whichever way it runs: the batched
+engine's sampler chain, reasoning handling and confidences.
 """
 
 from __future__ import annotations
@@ -45,8 +47,6 @@ def _create(config: EngineConfig, chat_format: str, log_phi: bool) -> list[Engin
     if config.isolate:
         return [IsolatedEngine(config, chat_format, log_phi=log_phi, fault=_FAULT[0]).start()]
     single = VisionEngine(config, chat_format, log_phi=log_phi).start()
-    if config.n_parallel == 1:
-        return [single]
     try:
         batched = BatchedEngine(single, n_seq=config.n_parallel, ctx_per_seq=config.n_ctx, overlap=config.overlap_encode)
     except BaseException:

@@ -27,6 +27,7 @@ class Request:
     prompt: str
     params: GenerationParams
     schema: dict | None = None
+    system: str | None = None  # the system prompt (None: the chat format's default)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,26 @@ class Generation:
     latency_ms: float
     # Vision encoder time for the page where the engine measures it apart (the batched engine); else 0.0.
     encode_ms: float = 0.0
+    # Reasoning models: the thinking block (without its markers), its tokens, and whether the reasoning
+    # budget closed it. ``text`` is then the answer alone.
+    reasoning: str | None = None
+    reasoning_tokens: int = 0
+    reasoning_budget_hit: bool = False
+    # Confidence: log-probabilities of the answer's tokens under the model (before any sampler), and for each
+    # answer token the top-N alternatives as (token text, logprob) when asked.
+    token_logprobs: tuple[float, ...] = ()
+    token_offsets: tuple[int, ...] = ()  # byte offset in ``text`` where each answer token starts
+    top_logprobs: tuple[tuple[tuple[str, float], ...], ...] = ()
+
+    @property
+    def mean_logprob(self) -> float | None:
+        """Mean log-probability of the answer tokens (None without tokens)."""
+        return sum(self.token_logprobs) / len(self.token_logprobs) if self.token_logprobs else None
+
+    @property
+    def min_logprob(self) -> float | None:
+        """The least likely answer token's log-probability (None without tokens)."""
+        return min(self.token_logprobs) if self.token_logprobs else None
 
 
 Result = Generation | DocumentError

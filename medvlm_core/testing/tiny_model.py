@@ -8,14 +8,31 @@ vision-language model:
 * an "mmproj" GGUF (a 2-block vision encoder plus the projector that maps
   image patches into the text model's embedding space).
 
-Two families are supported, matching the two code paths we care about in
-llama.cpp:
+Each family follows the GGUF layout that llama.cpp's converters write for the
+real models (tensor names, metadata keys, projector type), so the same code
+paths in llama.cpp's ``clip.cpp`` / libmtmd run as for the real model:
 
 * ``"llava"``: text architecture ``llama`` + ``clip`` projector ``mlp``
   (every image becomes 64 image tokens).
 * ``"qwen2vl"``: text architecture ``qwen2vl`` (M-RoPE, QKV bias) +
   ``clip`` projector ``qwen2vl_merger`` (dynamic resolution: the number of
-  image tokens grows with the image size).
+  image tokens grows with the image size). Stands for Qwen2-VL and
+  Qwen2.5-VL (same text model and chat layout).
+* ``"qwen3vl"``: text architecture ``qwen3vl`` (interleaved M-RoPE, QK norm,
+  deepstack inputs) + projector ``qwen3vl_merger`` (fused QKV, learned
+  position embeddings resized to the image, one deepstack merger).
+* ``"gemma3"``: text architecture ``gemma3`` (QK norm, post-norms, sliding
+  window) + projector ``gemma3`` (SigLIP, 4x4 average pooling, 16 tokens).
+* ``"internvl"``: text architecture ``qwen2`` + projector ``internvl``
+  (InternViT with layer scale, pixel shuffle, dynamic tiling: each page
+  becomes up to 6 tiles plus a thumbnail, 16 tokens each).
+* ``"minicpmv"``: text architecture ``qwen2`` (128 wide: the resampler's
+  attention heads are 128 wide) + projector ``resampler`` (MiniCPM-V 2.6:
+  llava-uhd slicing, 16 query tokens per slice).
+
+``reasoning=True`` gives the variant whose chat template opens a thinking
+block in the generation prompt (``<|im_start|>assistant\\n<think>\\n``, as
+Qwen3 thinking models do), and ``chat_template=`` replaces the template.
 
 Everything is built from scratch with ``gguf.GGUFWriter``: no downloads, no
 network. The weights are random, so the generated text is gibberish, but it
@@ -31,15 +48,15 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-__all__ = ["FAMILIES", "TinyModel", "make_tiny_model"]
+__all__ = ["FAMILIES", "REASONING_FAMILIES", "TinyModel", "make_tiny_model", "thinking_template"]
 
-FAMILIES = ("llava", "qwen2vl")
+FAMILIES = ("llava", "qwen2vl", "qwen3vl", "gemma3", "internvl", "minicpmv")
 """Model families `make_tiny_model` can generate."""
 
 
@@ -50,13 +67,15 @@ class TinyModel:
     family: str
     model_path: Path
     mmproj_path: Path
+    reasoning: bool = False
 
 
 # --------------------------------------------------------------------------
 # Sizes
 # --------------------------------------------------------------------------
 
-# Text decoder, shared by both families. head_dim = 64 / 4 = 16.
+# Text decoder, shared by the families (MiniCPM-V doubles the width, see
+# MINICPMV_TEXT_EMBD). head_dim = 64 / 4 = 16.
 TEXT_EMBD = 64
 TEXT_LAYERS = 2
 TEXT_HEADS = 4
@@ -185,6 +204,8 @@ def _bytes_to_unicode() -> list[str]:
 
 @dataclass(frozen=True)
 class _Vocab:
+    """A tokenizer vocabulary and which of its tokens the model may emit."""
+
     tokens: list[str]
     token_types: list[int]
     merges: list[str]
@@ -194,14 +215,16 @@ class _Vocab:
     generatable: list[bool]
 
     def id_of(self, token: str) -> int:
+        """The id of ``token``."""
         return self.tokens.index(token)
 
 
-def _build_vocab() -> _Vocab:
-    """The byte-level BPE vocabulary shared by both families.
+def _build_vocab(specials: list[str] = SPECIAL_TOKENS, reasoning: bool = False) -> _Vocab:
+    """A byte-level BPE vocabulary (the same for every family but its control tokens).
 
     Ids 0-255 are the 256 byte tokens (id == byte value), then the merged
-    tokens, then the control tokens.
+    tokens, then the control tokens, then (for a reasoning model) ``<think>``
+    and ``</think>`` as user-defined tokens, as in Qwen3's vocabulary.
     """
     byte_chars = _bytes_to_unicode()
     tokens = list(byte_chars)
@@ -209,25 +232,32 @@ def _build_vocab() -> _Vocab:
     for left, right in MERGES:
         tokens.append(left + right)
         generatable.append(True)
-    tokens += SPECIAL_TOKENS
-    generatable += [False] * len(SPECIAL_TOKENS)
-    token_types = [int(gguf.TokenType.NORMAL)] * (len(tokens) - len(SPECIAL_TOKENS))
-    token_types += [int(gguf.TokenType.CONTROL)] * len(SPECIAL_TOKENS)
+    tokens += specials
+    generatable += [False] * len(specials)
+    token_types = [int(gguf.TokenType.NORMAL)] * (len(tokens) - len(specials))
+    token_types += [int(gguf.TokenType.CONTROL)] * len(specials)
+    if reasoning:
+        tokens += ["<think>", "</think>"]
+        generatable += [False, False]
+        token_types += [int(gguf.TokenType.USER_DEFINED)] * 2
     merges = [f"{left} {right}" for left, right in MERGES]
     return _Vocab(tokens, token_types, merges, generatable)
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, vocab: _Vocab, chat_template: str) -> None:
+def _add_tokenizer(writer: gguf.GGUFWriter, vocab: _Vocab, chat_template: str, bos: str = BOS_TOKEN,
+                   eos: str = EOS_TOKEN, add_bos: bool = False, pad: str | None = None) -> None:
+    """The ``tokenizer.*`` keys: the vocabulary, its special token ids and the chat template."""
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.token_types)
     writer.add_token_merges(vocab.merges)
-    writer.add_bos_token_id(vocab.id_of(BOS_TOKEN))
-    writer.add_eos_token_id(vocab.id_of(EOS_TOKEN))
-    writer.add_pad_token_id(vocab.id_of(BOS_TOKEN))
-    # Like Qwen: prompts start with <|im_start|>, not with a BOS token.
-    writer.add_add_bos_token(False)
+    writer.add_bos_token_id(vocab.id_of(bos))
+    writer.add_eos_token_id(vocab.id_of(eos))
+    writer.add_pad_token_id(vocab.id_of(pad or bos))
+    # Like Qwen: prompts start with <|im_start|>, not with a BOS token
+    # (Gemma's start with <bos>, added by the tokenizer).
+    writer.add_add_bos_token(add_bos)
     writer.add_chat_template(chat_template)
 
 
@@ -259,20 +289,20 @@ def _zeros(n: int) -> np.ndarray:
     return np.zeros(n, dtype=np.float32)
 
 
-def _output_matrix(rng: np.random.Generator, vocab: _Vocab) -> np.ndarray:
+def _output_matrix(rng: np.random.Generator, vocab: _Vocab, n_embd: int = TEXT_EMBD) -> np.ndarray:
     """Output projection (vocab x n_embd) that can only emit generatable tokens.
 
     With random weights the argmax token is arbitrary, so it could be the
     end-of-sequence token and a completion would end up empty. Tokens whose
     row is all zeros always get a logit of exactly 0, while the other ~100
     tokens get logits of roughly +-0.4 (the hidden state is RMS-normalised to
-    norm 8 and the weights have std 0.05); the largest of those is positive
+    norm sqrt(n_embd) = 8 and the weights have std 0.05); the largest of those is positive
     except with probability ~2^-100, so greedy decoding never picks a zeroed
     token. Zeroing also the whitespace and non-ASCII bytes keeps the output
     valid UTF-8 with visible characters, so the decoded text is not empty
     even after .strip().
     """
-    weights = _matrix(rng, len(vocab.tokens), TEXT_EMBD)
+    weights = _matrix(rng, len(vocab.tokens), n_embd)
     weights[~np.array(vocab.generatable)] = 0
     return weights
 
@@ -282,13 +312,14 @@ def _output_matrix(rng: np.random.Generator, vocab: _Vocab) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
-def _write_text_model(writer: gguf.GGUFWriter, family: str, rng: np.random.Generator) -> None:
-    """Hyperparameters, tokenizer and weights of the text decoder."""
+def _write_text_model(writer: gguf.GGUFWriter, family: str, rng: np.random.Generator, name: str | None = None,
+                      template: str | None = None, reasoning: bool = False) -> None:
+    """Hyperparameters, tokenizer and weights of the llava and qwen2vl text decoders."""
     is_qwen = family == "qwen2vl"
-    vocab = _build_vocab()
+    vocab = _build_vocab(reasoning=reasoning)
     kv_dim = TEXT_KV_HEADS * (TEXT_EMBD // TEXT_HEADS)
 
-    writer.add_name(f"tiny-{family}")
+    writer.add_name(name or f"tiny-{family}")
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     writer.add_context_length(TEXT_CONTEXT)
     writer.add_embedding_length(TEXT_EMBD)
@@ -303,7 +334,7 @@ def _write_text_model(writer: gguf.GGUFWriter, family: str, rng: np.random.Gener
         writer.add_rope_dimension_sections(QWEN2VL_ROPE_SECTIONS)
     else:
         writer.add_rope_freq_base(10_000.0)
-    _add_tokenizer(writer, vocab, QWEN2VL_TEMPLATE if is_qwen else CHATML_TEMPLATE)
+    _add_tokenizer(writer, vocab, template or (QWEN2VL_TEMPLATE if is_qwen else CHATML_TEMPLATE))
 
     writer.add_tensor("token_embd.weight", _matrix(rng, len(vocab.tokens), TEXT_EMBD))
     writer.add_tensor("output_norm.weight", _ones(TEXT_EMBD))
@@ -326,7 +357,7 @@ def _write_text_model(writer: gguf.GGUFWriter, family: str, rng: np.random.Gener
 
 
 def _write_mmproj(writer: gguf.GGUFWriter, family: str, rng: np.random.Generator) -> None:
-    """Hyperparameters and weights of the vision encoder and projector."""
+    """Hyperparameters and weights of the llava and qwen2vl vision encoders and projectors."""
     is_qwen = family == "qwen2vl"
     image_size = QWEN2VL_IMAGE_SIZE if is_qwen else LLAVA_IMAGE_SIZE
     patch = QWEN2VL_PATCH_SIZE if is_qwen else LLAVA_PATCH_SIZE
@@ -396,13 +427,416 @@ def _write_mmproj(writer: gguf.GGUFWriter, family: str, rng: np.random.Generator
         writer.add_tensor("mm.2.bias", _bias(rng, TEXT_EMBD))
 
 
-def _write_gguf(
-    path: Path,
-    arch: str,
-    fill: Callable[[gguf.GGUFWriter, str, np.random.Generator], None],
-    family: str,
-    rng: np.random.Generator,
-) -> None:
+# --------------------------------------------------------------------------
+# Families added after llava and qwen2vl
+# --------------------------------------------------------------------------
+#
+# Every new family writes its files through the generic helpers below; the
+# two original families keep their own writers above so that their files stay
+# byte-identical for a given seed.
+
+# What a generation prompt ends with in ChatML, and what a Qwen3 thinking
+# model's template (Qwen3-*-Thinking, QwQ) writes there instead.
+CHATML_GENERATION_PROMPT = "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+THINKING_GENERATION_PROMPT = "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+# Qwen3-VL-Instruct's layout (no default system turn, vision tokens in place
+# of each image part), without its tool-calling branches.
+QWEN3VL_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}"
+    "{% if message['role'] == 'assistant' and '</think>' in message['content'] %}"
+    "{{ message['content'].split('</think>')[-1].lstrip('\n') }}"
+    "{% else %}{{ message['content'] }}{% endif %}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    + CHATML_GENERATION_PROMPT
+)
+
+# InternVL 2.5 / 3 (ChatML with InternVL's default system turn).
+INTERNVL_SYSTEM = "You are InternVL, a multimodal large language model."
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\n" + INTERNVL_SYSTEM + "<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    + CHATML_GENERATION_PROMPT
+)
+
+# google/gemma-3-4b-it's template, without its role-alternation checks.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% if messages[0]['content'] is string %}{% set first_user_prefix = messages[0]['content'] + '\n\n' %}"
+    "{% else %}{% set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' %}{% endif %}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+# Gemma's control tokens (SentencePiece in the real model; a byte-level BPE
+# here, which llama.cpp runs the same way).
+GEMMA3_SPECIAL_TOKENS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+]
+
+# Qwen3-VL: patches of 16 pixels in the real model; 28 here for the same
+# reason as qwen2vl (a page stays at a few hundred tokens). The learned
+# position embeddings are a square grid that clip.cpp resizes (bilinear) to
+# the image's patch grid; deepstack taps the output of vision block 0.
+QWEN3VL_PATCH_SIZE = 28
+QWEN3VL_IMAGE_SIZE = 560
+QWEN3VL_POS_GRID = 8
+QWEN3VL_DEEPSTACK_LAYERS = (0,)
+QWEN3VL_ROPE_SECTIONS = [4, 2, 2, 0]
+
+# Gemma 3: SigLIP at a fixed square input; clip.cpp average-pools the patch
+# grid by 4 (the default of every Gemma 3 size): 16x16 patches -> 16 tokens.
+GEMMA3_IMAGE_SIZE = 64
+GEMMA3_PATCH_SIZE = 4
+GEMMA3_SLIDING_WINDOW = 512
+
+# InternVL: 32-pixel tiles of 8x8 patches, pixel shuffle by 2 -> 16 tokens
+# per tile; a page is cut into up to 6 tiles plus a thumbnail.
+INTERNVL_IMAGE_SIZE = 32
+INTERNVL_PATCH_SIZE = 4
+INTERNVL_SCALE_FACTOR = 2
+INTERNVL_MAX_TILES = 6
+
+# MiniCPM-V 2.6 (clip.minicpmv_version 3): the resampler's attention heads
+# are 128 wide (hard-coded in clip.cpp), so the text model is 128 wide. Each
+# slice (and the overview) becomes 16 query tokens; the SigLIP position
+# embeddings are the 70x70 bucket grid clip.cpp indexes.
+MINICPMV_TEXT_EMBD = 128
+MINICPMV_TEXT_FF = 128
+MINICPMV_IMAGE_SIZE = 32
+MINICPMV_PATCH_SIZE = 4
+MINICPMV_VERSION = 3
+MINICPMV_QUERIES = 16
+MINICPMV_POS_BUCKETS = 70
+
+# SigLIP / Qwen3-VL / MiniCPM-V normalisation; InternVL uses ImageNet's.
+HALF = [0.5, 0.5, 0.5]
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass(frozen=True)
+class _TextSpec:
+    """Shape and vocabulary of a family's text decoder."""
+
+    arch: str
+    template: str
+    n_embd: int = TEXT_EMBD
+    n_ff: int = TEXT_FF
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    post_norms: bool = False  # Gemma: norms after attention and after the FFN
+    rope_base: float = 1_000_000.0
+    rope_sections: list[int] | None = None
+    n_deepstack: int = 0
+    sliding_window: int | None = None
+    specials: list[str] = field(default_factory=lambda: list(SPECIAL_TOKENS))
+    bos: str = BOS_TOKEN
+    eos: str = EOS_TOKEN
+    add_bos: bool = False
+
+
+_TEXT_SPECS = {
+    "qwen3vl": _TextSpec(
+        arch="qwen3vl", template=QWEN3VL_TEMPLATE, qk_norm=True, rope_base=5_000_000.0,
+        rope_sections=QWEN3VL_ROPE_SECTIONS, n_deepstack=len(QWEN3VL_DEEPSTACK_LAYERS),
+    ),
+    "gemma3": _TextSpec(
+        arch="gemma3", template=GEMMA3_TEMPLATE, qk_norm=True, post_norms=True,
+        sliding_window=GEMMA3_SLIDING_WINDOW, specials=GEMMA3_SPECIAL_TOKENS,
+        bos="<bos>", eos="<end_of_turn>", add_bos=True,
+    ),
+    "internvl": _TextSpec(
+        arch="qwen2", template=INTERNVL_TEMPLATE, qkv_bias=True,
+        specials=SPECIAL_TOKENS + ["<img>", "</img>", "<IMG_CONTEXT>"],
+    ),
+    "minicpmv": _TextSpec(
+        arch="qwen2", template=CHATML_TEMPLATE, n_embd=MINICPMV_TEXT_EMBD, n_ff=MINICPMV_TEXT_FF, qkv_bias=True,
+        specials=SPECIAL_TOKENS + ["<image>", "</image>", "<slice>", "</slice>", "<unk>"],
+    ),
+}
+
+
+def thinking_template(template: str) -> str:
+    """The reasoning variant of a ChatML chat template: its generation prompt opens a thinking block.
+
+    Args:
+        template: a template that ends its generation prompt with ``<|im_start|>assistant\\n``.
+
+    Returns:
+        The same template whose generation prompt is ``<|im_start|>assistant\\n<think>\\n``, as the
+        templates of Qwen3 thinking models write it.
+
+    Raises:
+        ValueError: if the template has no ChatML generation prompt to extend.
+    """
+    if CHATML_GENERATION_PROMPT not in template:
+        raise ValueError("the reasoning variant needs a ChatML template (<|im_start|>assistant generation prompt)")
+    return template.replace(CHATML_GENERATION_PROMPT, THINKING_GENERATION_PROMPT)
+
+
+def _write_decoder(writer: gguf.GGUFWriter, spec: _TextSpec, rng: np.random.Generator, name: str,
+                   template: str, reasoning: bool) -> None:
+    """Hyperparameters, tokenizer and weights of a new family's text decoder."""
+    vocab = _build_vocab(spec.specials, reasoning)
+    head_dim = spec.n_embd // TEXT_HEADS
+    kv_dim = TEXT_KV_HEADS * head_dim
+
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_context_length(TEXT_CONTEXT)
+    writer.add_embedding_length(spec.n_embd)
+    writer.add_block_count(TEXT_LAYERS)
+    writer.add_feed_forward_length(spec.n_ff)
+    writer.add_head_count(TEXT_HEADS)
+    writer.add_head_count_kv(TEXT_KV_HEADS)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_vocab_size(len(vocab.tokens))
+    writer.add_rope_freq_base(spec.rope_base)
+    if spec.rope_sections is not None:
+        writer.add_rope_dimension_sections(spec.rope_sections)
+    if spec.n_deepstack:
+        # The text model takes (1 + n) * n_embd wide image embeddings: the
+        # main one plus one per deepstack layer, added after decoder layer i.
+        writer.add_uint32(f"{spec.arch}.n_deepstack_layers", spec.n_deepstack)
+    if spec.sliding_window is not None:
+        writer.add_sliding_window(spec.sliding_window)
+        writer.add_rope_freq_base_swa(10_000.0)
+    _add_tokenizer(writer, vocab, template, bos=spec.bos, eos=spec.eos, add_bos=spec.add_bos)
+
+    n = spec.n_embd
+    writer.add_tensor("token_embd.weight", _matrix(rng, len(vocab.tokens), n))
+    writer.add_tensor("output_norm.weight", _ones(n))
+    writer.add_tensor("output.weight", _output_matrix(rng, vocab, n))
+    for layer in range(TEXT_LAYERS):
+        prefix = f"blk.{layer}."
+        writer.add_tensor(prefix + "attn_norm.weight", _ones(n))
+        writer.add_tensor(prefix + "attn_q.weight", _matrix(rng, n, n))
+        writer.add_tensor(prefix + "attn_k.weight", _matrix(rng, kv_dim, n))
+        writer.add_tensor(prefix + "attn_v.weight", _matrix(rng, kv_dim, n))
+        if spec.qkv_bias:
+            writer.add_tensor(prefix + "attn_q.bias", _bias(rng, n))
+            writer.add_tensor(prefix + "attn_k.bias", _bias(rng, kv_dim))
+            writer.add_tensor(prefix + "attn_v.bias", _bias(rng, kv_dim))
+        if spec.qk_norm:
+            writer.add_tensor(prefix + "attn_q_norm.weight", _ones(head_dim))
+            writer.add_tensor(prefix + "attn_k_norm.weight", _ones(head_dim))
+        writer.add_tensor(prefix + "attn_output.weight", _matrix(rng, n, n))
+        if spec.post_norms:
+            writer.add_tensor(prefix + "post_attention_norm.weight", _ones(n))
+        writer.add_tensor(prefix + "ffn_norm.weight", _ones(n))
+        writer.add_tensor(prefix + "ffn_gate.weight", _matrix(rng, spec.n_ff, n))
+        writer.add_tensor(prefix + "ffn_up.weight", _matrix(rng, spec.n_ff, n))
+        writer.add_tensor(prefix + "ffn_down.weight", _matrix(rng, n, spec.n_ff))
+        if spec.post_norms:
+            writer.add_tensor(prefix + "post_ffw_norm.weight", _ones(n))
+
+
+def _pos_embd(rng: np.random.Generator, n: int, width: int = VISION_EMBD) -> np.ndarray:
+    """F32 learned position embeddings: clip.cpp adds (or interpolates) them in F32, and ggml aborts on F16 there."""
+    return rng.standard_normal((n, width), dtype=np.float32) * WEIGHT_STD
+
+
+def _vision_header(writer: gguf.GGUFWriter, name: str, projector: str, image_size: int, patch: int,
+                   projection_dim: int, mean: list[float], std: list[float]) -> None:
+    """The ``clip.*`` keys every vision projector file carries."""
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_string("clip.projector_type", projector)
+    writer.add_bool("clip.use_gelu", True)
+    writer.add_uint32("clip.vision.image_size", image_size)
+    writer.add_uint32("clip.vision.patch_size", patch)
+    writer.add_uint32("clip.vision.embedding_length", VISION_EMBD)
+    writer.add_uint32("clip.vision.feed_forward_length", VISION_FF)
+    writer.add_uint32("clip.vision.projection_dim", projection_dim)
+    writer.add_uint32("clip.vision.attention.head_count", VISION_HEADS)
+    writer.add_uint32("clip.vision.block_count", VISION_LAYERS)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    writer.add_array("clip.vision.image_mean", mean)
+    writer.add_array("clip.vision.image_std", std)
+
+
+def _vision_block(writer: gguf.GGUFWriter, rng: np.random.Generator, block: int, fused_qkv: bool = False,
+                  layer_scale: bool = False) -> None:
+    """One pre-norm ViT block: ``v.blk.N.*`` (fused ``attn_qkv`` as Qwen3-VL writes it, ``ls1``/``ls2`` as InternViT)."""
+    prefix = f"v.blk.{block}."
+    writer.add_tensor(prefix + "ln1.weight", _ones(VISION_EMBD))
+    writer.add_tensor(prefix + "ln1.bias", _zeros(VISION_EMBD))
+    if fused_qkv:
+        writer.add_tensor(prefix + "attn_qkv.weight", _matrix(rng, 3 * VISION_EMBD, VISION_EMBD))
+        writer.add_tensor(prefix + "attn_qkv.bias", _bias(rng, 3 * VISION_EMBD))
+        names = ("attn_out",)
+    else:
+        names = ("attn_q", "attn_k", "attn_v", "attn_out")
+    for name in names:
+        writer.add_tensor(prefix + name + ".weight", _matrix(rng, VISION_EMBD, VISION_EMBD))
+        writer.add_tensor(prefix + name + ".bias", _bias(rng, VISION_EMBD))
+    writer.add_tensor(prefix + "ln2.weight", _ones(VISION_EMBD))
+    writer.add_tensor(prefix + "ln2.bias", _zeros(VISION_EMBD))
+    writer.add_tensor(prefix + "ffn_up.weight", _matrix(rng, VISION_FF, VISION_EMBD))
+    writer.add_tensor(prefix + "ffn_up.bias", _bias(rng, VISION_FF))
+    writer.add_tensor(prefix + "ffn_down.weight", _matrix(rng, VISION_EMBD, VISION_FF))
+    writer.add_tensor(prefix + "ffn_down.bias", _bias(rng, VISION_EMBD))
+    if layer_scale:
+        writer.add_tensor(prefix + "ls1.weight", np.full(VISION_EMBD, 0.5, dtype=np.float32))
+        writer.add_tensor(prefix + "ls2.weight", np.full(VISION_EMBD, 0.5, dtype=np.float32))
+
+
+def _write_qwen3vl_mmproj(writer: gguf.GGUFWriter, name: str, rng: np.random.Generator) -> None:
+    """Qwen3-VL's vision tower: ``qwen3vl_merger`` with a patch bias, resized position embeddings and deepstack."""
+    patch, text = QWEN3VL_PATCH_SIZE, TEXT_EMBD
+    merged = VISION_EMBD * QWEN2VL_MERGE * QWEN2VL_MERGE
+    _vision_header(writer, name, "qwen3vl_merger", QWEN3VL_IMAGE_SIZE, patch, text, HALF, HALF)
+    writer.add_uint32("clip.vision.spatial_merge_size", QWEN2VL_MERGE)
+    # The 3-D patch convolution over two frames, one 2-D kernel per frame.
+    writer.add_tensor("v.patch_embd.weight", _matrix(rng, VISION_EMBD, 3, patch, patch))
+    writer.add_tensor("v.patch_embd.weight.1", _matrix(rng, VISION_EMBD, 3, patch, patch))
+    writer.add_tensor("v.patch_embd.bias", _bias(rng, VISION_EMBD))
+    writer.add_tensor("v.position_embd.weight", _pos_embd(rng, QWEN3VL_POS_GRID * QWEN3VL_POS_GRID))
+    for block in range(VISION_LAYERS):
+        _vision_block(writer, rng, block, fused_qkv=True)
+        if block in QWEN3VL_DEEPSTACK_LAYERS:
+            # Deepstack merger: this block's output, 2x2-merged, projected to
+            # the text width; the text model adds it after its layer i.
+            prefix = f"v.deepstack.{block}."
+            writer.add_tensor(prefix + "norm.weight", _ones(merged))
+            writer.add_tensor(prefix + "norm.bias", _zeros(merged))
+            writer.add_tensor(prefix + "fc1.weight", _matrix(rng, merged, merged))
+            writer.add_tensor(prefix + "fc1.bias", _bias(rng, merged))
+            writer.add_tensor(prefix + "fc2.weight", _matrix(rng, text, merged))
+            writer.add_tensor(prefix + "fc2.bias", _bias(rng, text))
+    # The merger's norm (before the 2x2 merge) and MLP.
+    writer.add_tensor("v.post_ln.weight", _ones(VISION_EMBD))
+    writer.add_tensor("v.post_ln.bias", _zeros(VISION_EMBD))
+    writer.add_tensor("mm.0.weight", _matrix(rng, merged, merged))
+    writer.add_tensor("mm.0.bias", _bias(rng, merged))
+    writer.add_tensor("mm.2.weight", _matrix(rng, text, merged))
+    writer.add_tensor("mm.2.bias", _bias(rng, text))
+
+
+def _write_gemma3_mmproj(writer: gguf.GGUFWriter, name: str, rng: np.random.Generator) -> None:
+    """Gemma 3's SigLIP tower and projector: ``gemma3`` (average pooling, soft-embedding norm, input projection)."""
+    patch = GEMMA3_PATCH_SIZE
+    _vision_header(writer, name, "gemma3", GEMMA3_IMAGE_SIZE, patch, TEXT_EMBD, HALF, HALF)
+    writer.add_tensor("v.patch_embd.weight", _matrix(rng, VISION_EMBD, 3, patch, patch))
+    writer.add_tensor("v.patch_embd.bias", _bias(rng, VISION_EMBD))
+    writer.add_tensor("v.position_embd.weight", _pos_embd(rng, (GEMMA3_IMAGE_SIZE // patch) ** 2))
+    for block in range(VISION_LAYERS):
+        _vision_block(writer, rng, block)
+    writer.add_tensor("v.post_ln.weight", _ones(VISION_EMBD))
+    writer.add_tensor("v.post_ln.bias", _zeros(VISION_EMBD))
+    writer.add_tensor("mm.soft_emb_norm.weight", _ones(VISION_EMBD))
+    # Stored (vision, text) in numpy order: clip.cpp transposes it before use.
+    writer.add_tensor("mm.input_projection.weight", _matrix(rng, VISION_EMBD, TEXT_EMBD))
+
+
+def _write_internvl_mmproj(writer: gguf.GGUFWriter, name: str, rng: np.random.Generator) -> None:
+    """InternViT plus InternVL's MLP projector: ``internvl`` (class token, layer scale, pixel shuffle, tiling)."""
+    patch, text = INTERNVL_PATCH_SIZE, TEXT_EMBD
+    shuffled = VISION_EMBD * INTERNVL_SCALE_FACTOR * INTERNVL_SCALE_FACTOR
+    _vision_header(writer, name, "internvl", INTERNVL_IMAGE_SIZE, patch, text, IMAGENET_MEAN, IMAGENET_STD)
+    writer.add_uint32("clip.vision.projector.scale_factor", INTERNVL_SCALE_FACTOR)
+    writer.add_uint32("clip.vision.preproc_min_tiles", 1)
+    writer.add_uint32("clip.vision.preproc_max_tiles", INTERNVL_MAX_TILES)
+    writer.add_tensor("v.patch_embd.weight", _matrix(rng, VISION_EMBD, 3, patch, patch))
+    writer.add_tensor("v.patch_embd.bias", _bias(rng, VISION_EMBD))
+    writer.add_tensor("v.class_embd", rng.standard_normal(VISION_EMBD, dtype=np.float32) * WEIGHT_STD)
+    writer.add_tensor("v.position_embd.weight", _pos_embd(rng, (INTERNVL_IMAGE_SIZE // patch) ** 2 + 1))
+    for block in range(VISION_LAYERS):
+        _vision_block(writer, rng, block, layer_scale=True)
+    # mlp1: LayerNorm over the shuffled features, Linear, GELU, Linear.
+    writer.add_tensor("mm.model.mlp.0.weight", _ones(shuffled))
+    writer.add_tensor("mm.model.mlp.0.bias", _zeros(shuffled))
+    writer.add_tensor("mm.model.mlp.1.weight", _matrix(rng, text, shuffled))
+    writer.add_tensor("mm.model.mlp.1.bias", _bias(rng, text))
+    writer.add_tensor("mm.model.mlp.3.weight", _matrix(rng, text, text))
+    writer.add_tensor("mm.model.mlp.3.bias", _bias(rng, text))
+
+
+def _write_minicpmv_mmproj(writer: gguf.GGUFWriter, name: str, rng: np.random.Generator) -> None:
+    """MiniCPM-V 2.6's SigLIP tower and perceiver resampler: ``resampler`` (``clip.minicpmv_version`` 3)."""
+    patch, text = MINICPMV_PATCH_SIZE, MINICPMV_TEXT_EMBD
+    _vision_header(writer, name, "resampler", MINICPMV_IMAGE_SIZE, patch, text, HALF, HALF)
+    writer.add_int32("clip.minicpmv_version", MINICPMV_VERSION)
+    writer.add_uint32("clip.minicpmv_query_num", MINICPMV_QUERIES)
+    writer.add_tensor("v.patch_embd.weight", _matrix(rng, VISION_EMBD, 3, patch, patch))
+    writer.add_tensor("v.patch_embd.bias", _bias(rng, VISION_EMBD))
+    # Looked up by row (70x70 buckets), so F16 is fine here and halves the file.
+    writer.add_tensor("v.position_embd.weight", _matrix(rng, MINICPMV_POS_BUCKETS ** 2, VISION_EMBD))
+    for block in range(VISION_LAYERS):
+        _vision_block(writer, rng, block)
+    writer.add_tensor("v.post_ln.weight", _ones(VISION_EMBD))
+    writer.add_tensor("v.post_ln.bias", _zeros(VISION_EMBD))
+    # The resampler: learned queries cross-attend to the projected patches
+    # (keys get a 2-D sin/cos position code computed by clip.cpp).
+    writer.add_tensor("resampler.query", rng.standard_normal((MINICPMV_QUERIES, text), dtype=np.float32) * WEIGHT_STD)
+    writer.add_tensor("resampler.kv.weight", _matrix(rng, text, VISION_EMBD))
+    for part in ("q", "k", "v", "out"):
+        writer.add_tensor(f"resampler.attn.{part}.weight", _matrix(rng, text, text))
+        writer.add_tensor(f"resampler.attn.{part}.bias", _bias(rng, text))
+    for part in ("q", "kv", "post"):
+        writer.add_tensor(f"resampler.ln_{part}.weight", _ones(text))
+        writer.add_tensor(f"resampler.ln_{part}.bias", _zeros(text))
+    writer.add_tensor("resampler.proj.weight", _matrix(rng, text, text))
+    # Required by clip.cpp's loader but unused by its graph (the key position
+    # code is computed on the fly): one row instead of the converter's 4900.
+    writer.add_tensor("resampler.pos_embed_k", _zeros(text).reshape(1, text))
+
+
+_MMPROJ_WRITERS: dict[str, Callable[[gguf.GGUFWriter, str, np.random.Generator], None]] = {
+    "qwen3vl": _write_qwen3vl_mmproj,
+    "gemma3": _write_gemma3_mmproj,
+    "internvl": _write_internvl_mmproj,
+    "minicpmv": _write_minicpmv_mmproj,
+}
+
+REASONING_FAMILIES = tuple(f for f in FAMILIES if f != "gemma3")
+"""Families with a ChatML template, so a reasoning (``<think>``) variant: every family but Gemma 3."""
+
+
+def _write_gguf(path: Path, arch: str, fill: Callable[[gguf.GGUFWriter], None]) -> None:
     """Write one GGUF file atomically: readers never see a partial file."""
     # The temporary file sits in the destination directory so that
     # os.replace is a rename on the same filesystem.
@@ -410,7 +844,7 @@ def _write_gguf(
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp_name, arch=arch)
-        fill(writer, family, rng)
+        fill(writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -424,13 +858,22 @@ def _write_gguf(
         raise
 
 
-def make_tiny_model(out_dir: str | os.PathLike, family: str = "llava", seed: int = 0) -> TinyModel:
+def make_tiny_model(
+    out_dir: str | os.PathLike,
+    family: str = "llava",
+    seed: int = 0,
+    *,
+    chat_template: str | None = None,
+    reasoning: bool = False,
+) -> TinyModel:
     """Generate a tiny random-weight vision-language model pair.
 
     Writes ``<out_dir>/tiny-<family>.gguf`` (the text model) and
     ``<out_dir>/tiny-<family>-mmproj.gguf`` (the vision projector), creating
     ``out_dir`` if needed and replacing existing files atomically. The same
-    ``seed`` always gives byte-identical files.
+    arguments always give byte-identical files. The reasoning variant is
+    written as ``tiny-<family>-reasoning.gguf`` (and ``-mmproj.gguf``), so it
+    can sit next to the plain one; its mmproj equals the plain family's.
 
     Load the pair with llama-cpp-python, e.g. for ``"llava"``::
 
@@ -439,27 +882,55 @@ def make_tiny_model(out_dir: str | os.PathLike, family: str = "llava", seed: int
 
     Args:
         out_dir: Directory for the two files.
-        family: One of `FAMILIES`: ``"llava"`` or ``"qwen2vl"``.
+        family: One of `FAMILIES` (``"llava"``, ``"qwen2vl"``, ``"qwen3vl"``,
+            ``"gemma3"``, ``"internvl"``, ``"minicpmv"``).
         seed: Non-negative seed of the random weights.
+        chat_template: A Jinja chat template that replaces the family's
+            default ``tokenizer.chat_template`` (e.g. a custom layout, or one
+            that opens ``<think>`` in the generation prompt).
+        reasoning: Write the reasoning variant: ``<think>``/``</think>`` in the
+            vocabulary and a Qwen3-thinking-style template whose generation
+            prompt ends with ``<|im_start|>assistant\\n<think>\\n`` (see
+            `thinking_template`); ``chat_template``, when given, still wins.
+            Only for `REASONING_FAMILIES` (ChatML templates).
 
     Returns:
         The family and the paths of the two files.
 
     Raises:
-        ValueError: If ``family`` is not one of `FAMILIES`.
+        ValueError: If ``family`` is not one of `FAMILIES`, or ``reasoning``
+            is asked of a family without a ChatML template (Gemma 3).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if reasoning and family not in REASONING_FAMILIES:
+        raise ValueError(f"no reasoning variant of {family!r}: it needs a ChatML template ({', '.join(REASONING_FAMILIES)})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stem = f"tiny-{family}-reasoning" if reasoning else f"tiny-{family}"
     model = TinyModel(
         family=family,
-        model_path=out / f"tiny-{family}.gguf",
-        mmproj_path=out / f"tiny-{family}-mmproj.gguf",
+        model_path=out / f"{stem}.gguf",
+        mmproj_path=out / f"{stem}-mmproj.gguf",
+        reasoning=reasoning,
     )
-    text_arch = "qwen2vl" if family == "qwen2vl" else "llama"
     # One independent random stream per file, so that changing one file's
     # layout does not change the other's weights.
-    _write_gguf(model.model_path, text_arch, _write_text_model, family, np.random.default_rng([seed, 0]))
-    _write_gguf(model.mmproj_path, "clip", _write_mmproj, family, np.random.default_rng([seed, 1]))
+    text_rng, vision_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
+    mmproj_name = f"tiny-{family}-mmproj"
+    if family in ("llava", "qwen2vl"):
+        template = chat_template
+        if template is None and reasoning:
+            template = thinking_template(QWEN2VL_TEMPLATE if family == "qwen2vl" else CHATML_TEMPLATE)
+        text_arch = "qwen2vl" if family == "qwen2vl" else "llama"
+        _write_gguf(model.model_path, text_arch,
+                    lambda w: _write_text_model(w, family, text_rng, stem, template, reasoning))
+        _write_gguf(model.mmproj_path, "clip", lambda w: _write_mmproj(w, family, vision_rng))
+        return model
+    spec = _TEXT_SPECS[family]
+    template = chat_template
+    if template is None:
+        template = thinking_template(spec.template) if reasoning else spec.template
+    _write_gguf(model.model_path, spec.arch, lambda w: _write_decoder(w, spec, text_rng, stem, template, reasoning))
+    _write_gguf(model.mmproj_path, "clip", lambda w: _MMPROJ_WRITERS[family](w, mmproj_name, vision_rng))
     return model
