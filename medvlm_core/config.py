@@ -70,7 +70,7 @@ class GenerationParams:
     think_close: str = _later("</think>", "marker that closes a thinking block", min_length=1)
     max_reasoning_tokens: Optional[int] = _later(None, "reasoning budget: after this many thinking tokens medvlm "
                                                  "closes the block itself and the answer follows", ge=0)
-    top_logprobs: int = _later(0, "keep the N most likely alternatives of every answer token (0 = none) [nProbs]",
+    logprobs: int = _later(0, "keep the N most likely alternatives of every answer token (0 = none) [nProbs]",
                                key="never", ge=0, le=20)
 
     @field_validator("max_tokens")

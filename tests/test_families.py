@@ -23,15 +23,17 @@ from medvlm_core.testing.tiny_model import FAMILIES, REASONING_FAMILIES, make_ti
 EXPECTED = {
     ("llava", False): ("llama", "mlp", "mtmd"),  # carries a template, so it is rendered as is
     ("qwen2vl", False): ("qwen2vl", "qwen2vl_merger", "qwen2.5-vl"),
+    ("qwen25vl", False): ("qwen2vl", "qwen2.5vl_merger", "qwen2.5-vl"),
     ("qwen3vl", False): ("qwen3vl", "qwen3vl_merger", "mtmd"),
     ("gemma3", False): ("gemma3", "gemma3", "mtmd"),
     ("internvl", False): ("qwen2", "internvl", "mtmd"),
     ("minicpmv", False): ("qwen2", "resampler", "minicpm-v-2.6"),
+    ("idefics3", False): ("llama", "idefics3", "mtmd"),  # SmolVLM
     ("qwen3vl", True): ("qwen3vl", "qwen3vl_merger", "mtmd"),  # Qwen3-VL-Thinking
     ("qwen2vl", True): ("qwen2vl", "qwen2vl_merger", "mtmd"),  # the <think> template beats the fixed handler
 }
 CASES = [pytest.param(family, reasoning, id=f"{family}-reasoning" if reasoning else family) for family, reasoning in EXPECTED]
-GENERATION_PROMPT_END = {"gemma3": "<start_of_turn>model\n"}  # the others are ChatML
+GENERATION_PROMPT_END = {"gemma3": "<start_of_turn>model\n", "idefics3": "Assistant:"}  # the others are ChatML
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def models(tmp_path_factory):
 
 def test_every_family_is_covered():
     assert {family for family, _ in EXPECTED} == set(FAMILIES)
-    assert set(REASONING_FAMILIES) == set(FAMILIES) - {"gemma3"}
+    assert set(REASONING_FAMILIES) == set(FAMILIES) - set(GENERATION_PROMPT_END)
 
 
 @pytest.mark.parametrize("family, reasoning", CASES)
@@ -95,7 +97,7 @@ def test_only_the_reasoning_variant_opens_a_thinking_block(tmp_path, family):
     plain = read_gguf_metadata(make_tiny_model(tmp_path, family).model_path)["tokenizer.chat_template"]
     assert _render(plain, add_generation_prompt=True).endswith(GENERATION_PROMPT_END.get(family, "<|im_start|>assistant\n"))
     if family not in REASONING_FAMILIES:
-        with pytest.raises(ValueError, match="ChatML"):
+        with pytest.raises(ValueError, match="ChatML"):  # Gemma 3's and SmolVLM's layouts are not ChatML
             make_tiny_model(tmp_path, family, reasoning=True)
         return
     thinking = read_gguf_metadata(make_tiny_model(tmp_path, family, reasoning=True).model_path)["tokenizer.chat_template"]

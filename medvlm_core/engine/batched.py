@@ -429,7 +429,7 @@ class BatchedEngine(Engine):
             reasoning=None if reasoning is None else reasoning.decode("utf-8", errors="ignore").strip(),
             reasoning_tokens=slot.reasoning_tokens, reasoning_budget_hit=slot.budget_hit,
             token_logprobs=tuple(lp for _, lp, _ in kept), token_offsets=tuple(o for o, _, _ in kept),
-            top_logprobs=tuple(top for _, _, top in kept) if slot.request.params.top_logprobs else (),
+            top_logprobs=tuple(top for _, _, top in kept) if slot.request.params.logprobs else (),
         )
 
     def _score(self, index: int, token: int, top_n: int) -> tuple[float, tuple]:
@@ -459,7 +459,7 @@ class BatchedEngine(Engine):
         if self._llama_cpp.llama_vocab_is_eog(self._vocab, token):
             return "stop"
         if not slot.thinking:  # answer tokens (and ones that may open a block) are scored
-            logprob, top = self._score(index, token, params.top_logprobs)
+            logprob, top = self._score(index, token, params.logprobs)
             slot.scores.append((len(slot.pieces), logprob, top))
         slot.pieces += self._piece_of(token)
         slot.generated += 1

@@ -16,8 +16,9 @@ paths in llama.cpp's ``clip.cpp`` / libmtmd run as for the real model:
   (every image becomes 64 image tokens).
 * ``"qwen2vl"``: text architecture ``qwen2vl`` (M-RoPE, QKV bias) +
   ``clip`` projector ``qwen2vl_merger`` (dynamic resolution: the number of
-  image tokens grows with the image size). Stands for Qwen2-VL and
-  Qwen2.5-VL (same text model and chat layout).
+  image tokens grows with the image size).
+* ``"qwen25vl"``: the same text model + projector ``qwen2.5vl_merger``
+  (RMS norms, SiLU-gated FFN, window attention), as Qwen2.5-VL files are.
 * ``"qwen3vl"``: text architecture ``qwen3vl`` (interleaved M-RoPE, QK norm,
   deepstack inputs) + projector ``qwen3vl_merger`` (fused QKV, learned
   position embeddings resized to the image, one deepstack merger).
@@ -29,6 +30,9 @@ paths in llama.cpp's ``clip.cpp`` / libmtmd run as for the real model:
 * ``"minicpmv"``: text architecture ``qwen2`` (128 wide: the resampler's
   attention heads are 128 wide) + projector ``resampler`` (MiniCPM-V 2.6:
   llava-uhd slicing, 16 query tokens per slice).
+* ``"idefics3"``: text architecture ``llama`` + projector ``idefics3``
+  (SmolVLM / Idefics3: SigLIP, pixel shuffle, a grid of tiles plus the
+  global image, each tile behind ``<row_R_col_C>`` tokens).
 
 ``reasoning=True`` gives the variant whose chat template opens a thinking
 block in the generation prompt (``<|im_start|>assistant\\n<think>\\n``, as
@@ -56,7 +60,7 @@ import numpy as np
 
 __all__ = ["FAMILIES", "REASONING_FAMILIES", "TinyModel", "make_tiny_model", "thinking_template"]
 
-FAMILIES = ("llava", "qwen2vl", "qwen3vl", "gemma3", "internvl", "minicpmv")
+FAMILIES = ("llava", "qwen2vl", "qwen25vl", "qwen3vl", "gemma3", "internvl", "minicpmv", "idefics3")
 """Model families `make_tiny_model` can generate."""
 
 
@@ -219,7 +223,8 @@ class _Vocab:
         return self.tokens.index(token)
 
 
-def _build_vocab(specials: list[str] = SPECIAL_TOKENS, reasoning: bool = False) -> _Vocab:
+def _build_vocab(specials: list[str] = SPECIAL_TOKENS, reasoning: bool = False,
+                 extra_merges: tuple[tuple[str, str], ...] = ()) -> _Vocab:
     """A byte-level BPE vocabulary (the same for every family but its control tokens).
 
     Ids 0-255 are the 256 byte tokens (id == byte value), then the merged
@@ -232,6 +237,10 @@ def _build_vocab(specials: list[str] = SPECIAL_TOKENS, reasoning: bool = False) 
     for left, right in MERGES:
         tokens.append(left + right)
         generatable.append(True)
+    # Family-specific merges (whitespace runs such as "\n\n"): never emitted.
+    for left, right in extra_merges:
+        tokens.append(left + right)
+        generatable.append(False)
     tokens += specials
     generatable += [False] * len(specials)
     token_types = [int(gguf.TokenType.NORMAL)] * (len(tokens) - len(specials))
@@ -240,7 +249,7 @@ def _build_vocab(specials: list[str] = SPECIAL_TOKENS, reasoning: bool = False) 
         tokens += ["<think>", "</think>"]
         generatable += [False, False]
         token_types += [int(gguf.TokenType.USER_DEFINED)] * 2
-    merges = [f"{left} {right}" for left, right in MERGES]
+    merges = [f"{left} {right}" for left, right in MERGES + list(extra_merges)]
     return _Vocab(tokens, token_types, merges, generatable)
 
 
@@ -513,6 +522,33 @@ GEMMA3_SPECIAL_TOKENS = [
     "<image_soft_token>",
 ]
 
+# HuggingFaceTB/SmolVLM-Instruct's template (with string contents handled).
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>"
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}{{ ': ' + message['content'] }}"
+    "{% else %}{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}"
+    "{% if line['type'] == 'text' %}{{ line['text'] }}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<end_of_utterance>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+# SmolVLM's control tokens, with the tile-position tokens of grids up to 4x4
+# (libmtmd writes "<fake_token_around_image><row_R_col_C>" before each tile).
+IDEFICS3_SPECIAL_TOKENS = (
+    ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>", "<fake_token_around_image>",
+     "<global-img>", "<image>"]
+    + [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
+)
+
+# Qwen2.5-VL: the qwen2vl sizes, with window attention in every block but
+# each n-th (full attention in block 1 of 2; the real models: 7, 15, 23, 31).
+QWEN25VL_WA_PATTERN = 2
+
 # Qwen3-VL: patches of 16 pixels in the real model; 28 here for the same
 # reason as qwen2vl (a page stays at a few hundred tokens). The learned
 # position embeddings are a square grid that clip.cpp resizes (bilinear) to
@@ -548,6 +584,14 @@ MINICPMV_VERSION = 3
 MINICPMV_QUERIES = 16
 MINICPMV_POS_BUCKETS = 70
 
+# SmolVLM: 32-pixel tiles (8x8 patches), pixel shuffle by 2 -> 16 tokens per
+# tile; a page is first resized to a longest edge of 64 pixels, so a letter
+# page is a 2x2 grid of tiles plus the global image: 80 image tokens.
+IDEFICS3_IMAGE_SIZE = 32
+IDEFICS3_PATCH_SIZE = 4
+IDEFICS3_SCALE_FACTOR = 2
+IDEFICS3_LONGEST_EDGE = 64
+
 # SigLIP / Qwen3-VL / MiniCPM-V normalisation; InternVL uses ImageNet's.
 HALF = [0.5, 0.5, 0.5]
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -573,6 +617,7 @@ class _TextSpec:
     bos: str = BOS_TOKEN
     eos: str = EOS_TOKEN
     add_bos: bool = False
+    extra_merges: tuple[tuple[str, str], ...] = ()
 
 
 _TEXT_SPECS = {
@@ -592,6 +637,11 @@ _TEXT_SPECS = {
     "minicpmv": _TextSpec(
         arch="qwen2", template=CHATML_TEMPLATE, n_embd=MINICPMV_TEXT_EMBD, n_ff=MINICPMV_TEXT_FF, qkv_bias=True,
         specials=SPECIAL_TOKENS + ["<image>", "</image>", "<slice>", "</slice>", "<unk>"],
+    ),
+    # libmtmd looks "\n\n" up as one token (it opens the global image).
+    "idefics3": _TextSpec(
+        arch="llama", template=SMOLVLM_TEMPLATE, rope_base=100_000.0, specials=IDEFICS3_SPECIAL_TOKENS,
+        bos="<|im_start|>", eos="<end_of_utterance>", extra_merges=(("Ċ", "Ċ"),),
     ),
 }
 
@@ -617,7 +667,7 @@ def thinking_template(template: str) -> str:
 def _write_decoder(writer: gguf.GGUFWriter, spec: _TextSpec, rng: np.random.Generator, name: str,
                    template: str, reasoning: bool) -> None:
     """Hyperparameters, tokenizer and weights of a new family's text decoder."""
-    vocab = _build_vocab(spec.specials, reasoning)
+    vocab = _build_vocab(spec.specials, reasoning, spec.extra_merges)
     head_dim = spec.n_embd // TEXT_HEADS
     kv_dim = TEXT_KV_HEADS * head_dim
 
@@ -643,7 +693,8 @@ def _write_decoder(writer: gguf.GGUFWriter, spec: _TextSpec, rng: np.random.Gene
     if spec.sliding_window is not None:
         writer.add_sliding_window(spec.sliding_window)
         writer.add_rope_freq_base_swa(10_000.0)
-    _add_tokenizer(writer, vocab, template, bos=spec.bos, eos=spec.eos, add_bos=spec.add_bos)
+    pad = "<pad>" if "<pad>" in spec.specials else None
+    _add_tokenizer(writer, vocab, template, bos=spec.bos, eos=spec.eos, add_bos=spec.add_bos, pad=pad)
 
     n = spec.n_embd
     writer.add_tensor("token_embd.weight", _matrix(rng, len(vocab.tokens), n))
@@ -679,13 +730,13 @@ def _pos_embd(rng: np.random.Generator, n: int, width: int = VISION_EMBD) -> np.
 
 
 def _vision_header(writer: gguf.GGUFWriter, name: str, projector: str, image_size: int, patch: int,
-                   projection_dim: int, mean: list[float], std: list[float]) -> None:
-    """The ``clip.*`` keys every vision projector file carries."""
+                   projection_dim: int, mean: list[float], std: list[float], silu: bool = False) -> None:
+    """The ``clip.*`` keys every vision projector file carries (FFN activation GELU, or SiLU)."""
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     writer.add_bool("clip.has_vision_encoder", True)
     writer.add_string("clip.projector_type", projector)
-    writer.add_bool("clip.use_gelu", True)
+    writer.add_bool("clip.use_silu" if silu else "clip.use_gelu", True)
     writer.add_uint32("clip.vision.image_size", image_size)
     writer.add_uint32("clip.vision.patch_size", patch)
     writer.add_uint32("clip.vision.embedding_length", VISION_EMBD)
@@ -699,11 +750,16 @@ def _vision_header(writer: gguf.GGUFWriter, name: str, projector: str, image_siz
 
 
 def _vision_block(writer: gguf.GGUFWriter, rng: np.random.Generator, block: int, fused_qkv: bool = False,
-                  layer_scale: bool = False) -> None:
-    """One pre-norm ViT block: ``v.blk.N.*`` (fused ``attn_qkv`` as Qwen3-VL writes it, ``ls1``/``ls2`` as InternViT)."""
+                  layer_scale: bool = False, rms_norm: bool = False, gated: bool = False) -> None:
+    """One pre-norm ViT block: ``v.blk.N.*``.
+
+    Options: fused ``attn_qkv`` (Qwen3-VL), ``ls1``/``ls2`` layer scale
+    (InternViT), RMS norms without bias and a gated FFN (Qwen2.5-VL).
+    """
     prefix = f"v.blk.{block}."
     writer.add_tensor(prefix + "ln1.weight", _ones(VISION_EMBD))
-    writer.add_tensor(prefix + "ln1.bias", _zeros(VISION_EMBD))
+    if not rms_norm:
+        writer.add_tensor(prefix + "ln1.bias", _zeros(VISION_EMBD))
     if fused_qkv:
         writer.add_tensor(prefix + "attn_qkv.weight", _matrix(rng, 3 * VISION_EMBD, VISION_EMBD))
         writer.add_tensor(prefix + "attn_qkv.bias", _bias(rng, 3 * VISION_EMBD))
@@ -714,7 +770,11 @@ def _vision_block(writer: gguf.GGUFWriter, rng: np.random.Generator, block: int,
         writer.add_tensor(prefix + name + ".weight", _matrix(rng, VISION_EMBD, VISION_EMBD))
         writer.add_tensor(prefix + name + ".bias", _bias(rng, VISION_EMBD))
     writer.add_tensor(prefix + "ln2.weight", _ones(VISION_EMBD))
-    writer.add_tensor(prefix + "ln2.bias", _zeros(VISION_EMBD))
+    if not rms_norm:
+        writer.add_tensor(prefix + "ln2.bias", _zeros(VISION_EMBD))
+    if gated:
+        writer.add_tensor(prefix + "ffn_gate.weight", _matrix(rng, VISION_FF, VISION_EMBD))
+        writer.add_tensor(prefix + "ffn_gate.bias", _bias(rng, VISION_FF))
     writer.add_tensor(prefix + "ffn_up.weight", _matrix(rng, VISION_FF, VISION_EMBD))
     writer.add_tensor(prefix + "ffn_up.bias", _bias(rng, VISION_FF))
     writer.add_tensor(prefix + "ffn_down.weight", _matrix(rng, VISION_EMBD, VISION_FF))
@@ -825,15 +885,52 @@ def _write_minicpmv_mmproj(writer: gguf.GGUFWriter, name: str, rng: np.random.Ge
     writer.add_tensor("resampler.pos_embed_k", _zeros(text).reshape(1, text))
 
 
+def _write_qwen25vl_mmproj(writer: gguf.GGUFWriter, name: str, rng: np.random.Generator) -> None:
+    """Qwen2.5-VL's vision tower: ``qwen2.5vl_merger`` (RMS norms, SiLU-gated FFN, window attention)."""
+    patch, text = QWEN2VL_PATCH_SIZE, TEXT_EMBD
+    merged = VISION_EMBD * QWEN2VL_MERGE * QWEN2VL_MERGE
+    _vision_header(writer, name, "qwen2.5vl_merger", QWEN2VL_IMAGE_SIZE, patch, text, IMAGE_MEAN, IMAGE_STD, silu=True)
+    writer.add_uint32("clip.vision.spatial_merge_size", QWEN2VL_MERGE)
+    writer.add_uint32("clip.vision.n_wa_pattern", QWEN25VL_WA_PATTERN)
+    writer.add_tensor("v.patch_embd.weight", _matrix(rng, VISION_EMBD, 3, patch, patch))
+    writer.add_tensor("v.patch_embd.weight.1", _matrix(rng, VISION_EMBD, 3, patch, patch))
+    for block in range(VISION_LAYERS):
+        _vision_block(writer, rng, block, rms_norm=True, gated=True)
+    writer.add_tensor("v.post_ln.weight", _ones(VISION_EMBD))  # the merger's RMS norm (ln_q)
+    writer.add_tensor("mm.0.weight", _matrix(rng, merged, merged))
+    writer.add_tensor("mm.0.bias", _bias(rng, merged))
+    writer.add_tensor("mm.2.weight", _matrix(rng, text, merged))
+    writer.add_tensor("mm.2.bias", _bias(rng, text))
+
+
+def _write_idefics3_mmproj(writer: gguf.GGUFWriter, name: str, rng: np.random.Generator) -> None:
+    """SmolVLM / Idefics3's SigLIP tower and connector: ``idefics3`` (pixel shuffle, one linear projection)."""
+    patch, text = IDEFICS3_PATCH_SIZE, TEXT_EMBD
+    shuffled = VISION_EMBD * IDEFICS3_SCALE_FACTOR * IDEFICS3_SCALE_FACTOR
+    _vision_header(writer, name, "idefics3", IDEFICS3_IMAGE_SIZE, patch, text, HALF, HALF)
+    writer.add_uint32("clip.vision.projector.scale_factor", IDEFICS3_SCALE_FACTOR)
+    writer.add_uint32("clip.vision.preproc_image_size", IDEFICS3_LONGEST_EDGE)
+    writer.add_tensor("v.patch_embd.weight", _matrix(rng, VISION_EMBD, 3, patch, patch))
+    writer.add_tensor("v.patch_embd.bias", _bias(rng, VISION_EMBD))
+    writer.add_tensor("v.position_embd.weight", _pos_embd(rng, (IDEFICS3_IMAGE_SIZE // patch) ** 2))
+    for block in range(VISION_LAYERS):
+        _vision_block(writer, rng, block)
+    writer.add_tensor("v.post_ln.weight", _ones(VISION_EMBD))
+    writer.add_tensor("v.post_ln.bias", _zeros(VISION_EMBD))
+    writer.add_tensor("mm.model.fc.weight", _matrix(rng, text, shuffled))
+
+
 _MMPROJ_WRITERS: dict[str, Callable[[gguf.GGUFWriter, str, np.random.Generator], None]] = {
+    "qwen25vl": _write_qwen25vl_mmproj,
+    "idefics3": _write_idefics3_mmproj,
     "qwen3vl": _write_qwen3vl_mmproj,
     "gemma3": _write_gemma3_mmproj,
     "internvl": _write_internvl_mmproj,
     "minicpmv": _write_minicpmv_mmproj,
 }
 
-REASONING_FAMILIES = tuple(f for f in FAMILIES if f != "gemma3")
-"""Families with a ChatML template, so a reasoning (``<think>``) variant: every family but Gemma 3."""
+REASONING_FAMILIES = tuple(f for f in FAMILIES if f not in ("gemma3", "idefics3"))
+"""Families with a ChatML template, so a reasoning (``<think>``) variant: all but Gemma 3 and SmolVLM."""
 
 
 def _write_gguf(path: Path, arch: str, fill: Callable[[gguf.GGUFWriter], None]) -> None:
@@ -882,8 +979,9 @@ def make_tiny_model(
 
     Args:
         out_dir: Directory for the two files.
-        family: One of `FAMILIES` (``"llava"``, ``"qwen2vl"``, ``"qwen3vl"``,
-            ``"gemma3"``, ``"internvl"``, ``"minicpmv"``).
+        family: One of `FAMILIES` (``"llava"``, ``"qwen2vl"``, ``"qwen25vl"``,
+            ``"qwen3vl"``, ``"gemma3"``, ``"internvl"``, ``"minicpmv"``,
+            ``"idefics3"``).
         seed: Non-negative seed of the random weights.
         chat_template: A Jinja chat template that replaces the family's
             default ``tokenizer.chat_template`` (e.g. a custom layout, or one
@@ -899,7 +997,7 @@ def make_tiny_model(
 
     Raises:
         ValueError: If ``family`` is not one of `FAMILIES`, or ``reasoning``
-            is asked of a family without a ChatML template (Gemma 3).
+            is asked of a family without a ChatML template (Gemma 3, SmolVLM).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
@@ -918,14 +1016,19 @@ def make_tiny_model(
     # layout does not change the other's weights.
     text_rng, vision_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
     mmproj_name = f"tiny-{family}-mmproj"
-    if family in ("llava", "qwen2vl"):
+    if family in ("llava", "qwen2vl", "qwen25vl"):
+        # Qwen2.5-VL's text model is Qwen2-VL's (architecture qwen2vl).
+        text_family = "llava" if family == "llava" else "qwen2vl"
         template = chat_template
         if template is None and reasoning:
-            template = thinking_template(QWEN2VL_TEMPLATE if family == "qwen2vl" else CHATML_TEMPLATE)
-        text_arch = "qwen2vl" if family == "qwen2vl" else "llama"
+            template = thinking_template(QWEN2VL_TEMPLATE if text_family == "qwen2vl" else CHATML_TEMPLATE)
+        text_arch = "llama" if family == "llava" else "qwen2vl"
         _write_gguf(model.model_path, text_arch,
-                    lambda w: _write_text_model(w, family, text_rng, stem, template, reasoning))
-        _write_gguf(model.mmproj_path, "clip", lambda w: _write_mmproj(w, family, vision_rng))
+                    lambda w: _write_text_model(w, text_family, text_rng, stem, template, reasoning))
+        if family == "qwen25vl":
+            _write_gguf(model.mmproj_path, "clip", lambda w: _write_qwen25vl_mmproj(w, mmproj_name, vision_rng))
+        else:
+            _write_gguf(model.mmproj_path, "clip", lambda w: _write_mmproj(w, family, vision_rng))
         return model
     spec = _TEXT_SPECS[family]
     template = chat_template
