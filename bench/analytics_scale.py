@@ -187,7 +187,9 @@ def _write_run(output: Path, run_id: str, day: datetime, rows: list[tuple], rng:
         "error_message": [None if r[4] is None else f"{r[0]}: {r[4]}" for r in rows],
         "created_at": base,
     }
-    table = pa.table(columns, schema=COMPLETIONS_SCHEMA)
+    for name in COMPLETIONS_SCHEMA.names:  # columns this harness does not fill (added since) stay null
+        columns.setdefault(name, [None] * n)
+    table = pa.table({name: columns[name] for name in COMPLETIONS_SCHEMA.names}, schema=COMPLETIONS_SCHEMA)
     date = day.strftime("%Y-%m-%d")
     path = _part(output, "completions", date, run_id)
     options = {"bloom_filter_options": {"document_id": {"ndv": n, "fpp": 0.01}}} if bloom else {}

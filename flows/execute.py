@@ -48,6 +48,8 @@ def run_chunks(logger: Any, ctx: RunContext, spec: RunSpec, rows: list[ManifestR
     engine = shared_engine(spec.engine, spec.model.chat_format, log_phi)  # loads here: a bad model fails the run now
     logger.info("run %s: model %s (%s) ready, loaded in %.1f s", spec.run_id, spec.model.model_name,
                 spec.model.chat_format, engine.load_seconds)
+    if ctx.saved_defaults:
+        logger.info("run %s: options from the model zip's saved parameters: %s", spec.run_id, ", ".join(sorted(ctx.saved_defaults)))
     done = results.DoneKeys() if spec.force else results.load_done_keys(ctx.storage, ctx.output)
     if len(done):
         logger.info("run %s: %d pages already have ok results in the output and are skipped", spec.run_id, len(done))

@@ -102,7 +102,7 @@ async def _fan_out(logger: Any, ctx: RunContext, manifest: str, shard_size: int,
     pending = list(range(len(shards)))
     reasons: dict[int, str] = {}
     attempts = {i: 0 for i in pending}
-    options = ctx.options.flat()
+    options = ctx.requested  # each shard resolves the same defaults (a model zip's saved parameters) itself
     for attempt in range(1, max(1, max_attempts) + 1):
         if not pending:
             break

@@ -136,7 +136,7 @@ def _run_one(ctx: RunContext, manifest: str, fan_out: bool, deployment: str, sha
     child = run_deployment(
         name=deployment, as_subflow=True,
         parameters=dict(manifest=manifest, output=ctx.output.root, model=ctx.model, mmproj=ctx.mmproj,
-                        options=ctx.options.flat(), shard_size=shard_size),
+                        options=ctx.requested, shard_size=shard_size),
     )
     if child.state is not None and child.state.is_completed():
         return {"flow_run_id": str(child.id)}, None

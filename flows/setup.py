@@ -45,7 +45,7 @@ def start_run(
     started = utc_now()
     storage = build_storage(opts.storage, settings)
     run_id = run_id or make_run_id(started, str(flow_run.id) if flow_run.id else None)
-    return open_run(run_id, started, output, model, mmproj, opts, settings, storage)
+    return open_run(run_id, started, output, model, mmproj, options, settings, storage)
 
 
 def guard_output(logger: Any, ctx: RunContext) -> None:

@@ -166,16 +166,31 @@ def resolve_model_files(
     cache_dir: str | os.PathLike,
     model_sha256: str | None = None,
     mmproj_sha256: str | None = None,
-) -> tuple[str, str]:
-    """Local (model, mmproj) paths for the given URIs; a ``.zip`` model holds both and needs no mmproj."""
+) -> tuple[str, str, str | None]:
+    """Local files for the given model URIs; a ``.zip`` model holds both GGUFs and needs no mmproj.
+
+    Args:
+        model: the text GGUF's URI, or a model zip's.
+        mmproj: the mmproj GGUF's URI (None with a zip).
+        storage: where remote models are.
+        cache_dir: the local model cache.
+        model_sha256: the expected hash of ``model``.
+        mmproj_sha256: the expected hash of ``mmproj``.
+
+    Returns:
+        ``(model path, mmproj path, the local zip's path or None)``.
+
+    Raises:
+        RunError: a missing or mismatched file, or a zip that does not hold exactly the two GGUFs.
+    """
     try:
         model_path = fetch_file(model, storage, cache_dir, model_sha256)
         if model_path.lower().endswith(".zip"):
             if mmproj:
                 raise RunError("a .zip model bundle holds the mmproj too: do not pass --mmproj with it")
-            return split_bundle(model_path, cache_dir)
+            return (*split_bundle(model_path, cache_dir), model_path)
         if not mmproj:
             raise RunError("--mmproj is required unless --model is a .zip bundle holding both files")
-        return model_path, fetch_file(mmproj, storage, cache_dir, mmproj_sha256)
+        return model_path, fetch_file(mmproj, storage, cache_dir, mmproj_sha256), None
     except DocumentError as exc:
         raise RunError(exc.message) from None

@@ -155,19 +155,40 @@ class RunOptions(BaseModel):
         dumped = self.model_dump(mode="json")
         return {name: value for group in GROUPS for name, value in dumped[group].items()}
 
-    def replace(self, **changes: Any) -> "RunOptions":
-        """A copy with some options changed (flat names), validated again.
-
-        Args:
-            changes: option name -> new value.
-
-        Returns:
-            The new options.
-        """
-        return RunOptions.parse({**self.flat(), **changes})
-
 
 GROUPS = tuple(RunOptions.model_fields)
+
+
+def requested_options(value: "RunOptions | dict[str, Any] | None") -> dict[str, Any]:
+    """The options a caller set, by their flat names: what defaults from elsewhere (a model zip's saved
+    parameters) must not override, and what a fan-out hands its shards.
+
+    Args:
+        value: a flow's ``options`` parameter: a flat or grouped dict (its keys are what was set), an instance
+            (the values that differ from the defaults are what was set), or None.
+
+    Returns:
+        Option name -> value.
+
+    Raises:
+        RunError: an unknown option.
+    """
+    if value is None:
+        return {}
+    if isinstance(value, RunOptions):
+        defaults = RunOptions().flat()
+        return {k: v for k, v in value.flat().items() if v != defaults[k]}
+    if not isinstance(value, dict):
+        raise RunError(f"options must be an object of run options, got {type(value).__name__}")
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        if key in GROUPS and isinstance(item, dict):
+            flat.update(item)
+        elif key in GROUPS and dataclasses.is_dataclass(item):
+            flat.update(asdict(item))
+        else:
+            flat[key] = item
+    return flat
 
 
 def option_fields() -> Iterator[OptionField]:

@@ -13,13 +13,14 @@ import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from medvlm_core.config import EngineConfig, params_json
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.layout import OutputLayout
 from medvlm_core.model_cache import resolve_model_files
 from medvlm_core.models import ModelIdentity, identify_model
-from medvlm_core.options import RunOptions
+from medvlm_core.options import RunOptions, requested_options
 from medvlm_core.pipeline import RunSpec
 from medvlm_core.policy import LocationPolicy
 from medvlm_core.prompts import Prompt, get_prompt, register_extraction
@@ -27,6 +28,7 @@ from medvlm_core.publish import recover_interrupted_publishes
 from medvlm_core.settings import Settings
 from medvlm_core.storage import Storage
 from medvlm_core.structured import load_extraction
+from medvlm_core.vendor import read_saved_params, saved_options
 
 
 def make_run_id(started: datetime, source_id: str | None = None) -> str:
@@ -57,6 +59,11 @@ class RunContext:
     settings: Settings
     storage: Storage
     policy: LocationPolicy = field(default_factory=LocationPolicy)
+    # The options the caller set (flat names): a model zip's saved parameters fill in only the others, and a
+    # fan-out hands exactly these to its shards (which then resolve the same defaults).
+    requested: dict[str, Any] = field(default_factory=dict)
+    # The options a model zip's saved parameters set (``prepare_model``), for the log and the audit.
+    saved_defaults: dict[str, Any] = field(default_factory=dict)
 
     def next_run(self, started: datetime, source_id: str | None = None) -> "RunContext":
         """Another run with the same locations, options and settings (the nightly flow's runs).
@@ -83,7 +90,7 @@ def open_run(
     output: str,
     model: str,
     mmproj: str | None,
-    options: RunOptions,
+    options: RunOptions | dict[str, Any] | None,
     settings: Settings,
     storage: Storage,
 ) -> RunContext:
@@ -95,7 +102,7 @@ def open_run(
         output: the output URI.
         model: the model URI (a GGUF, or a .zip bundle).
         mmproj: the mmproj URI (None with a bundle).
-        options: the run's options.
+        options: the run's options (a flow's ``options`` parameter).
         settings: the process settings.
         storage: the run's storage.
 
@@ -105,6 +112,8 @@ def open_run(
     Raises:
         RunError: a location outside the allowed ones, or an unreadable extraction definition.
     """
+    requested = requested_options(options)
+    options = RunOptions.parse(requested)
     layout = OutputLayout.of(output)
     policy = LocationPolicy(options.policy.allowed_locations)
     policy.require(layout.root, "output")
@@ -116,13 +125,16 @@ def open_run(
     extraction = options.prompting.extraction
     if extraction:
         policy.require(extraction, "extraction definition")
-        options = _with_extraction(options, storage, extraction)
-    return RunContext(run_id, started, layout, model, mmproj, options, settings, storage, policy)
+        prompt_id = _register_extraction(storage, extraction)
+        if options.prompting.prompt_id is None and options.prompting.prompt is None:
+            requested = dict(requested, prompt_id=prompt_id)  # the default prompt when the run names none
+            options = RunOptions.parse(requested)
+    return RunContext(run_id, started, layout, model, mmproj, options, settings, storage, policy, requested)
 
 
-def _with_extraction(options: RunOptions, storage: Storage, url: str) -> RunOptions:
+def _register_extraction(storage: Storage, url: str) -> str:
     """Register the user extraction in the prompt library (before the manifest is validated, whose prompt
-    ids it checks); it becomes the default prompt when the run names none."""
+    ids it checks); its prompt id."""
     try:
         text = storage.read_bytes(url, max_bytes=1024 * 1024).decode("utf-8")
         prompt_id, prompt_text, schema = load_extraction(text, url)
@@ -131,9 +143,7 @@ def _with_extraction(options: RunOptions, storage: Storage, url: str) -> RunOpti
     except (ValueError, UnicodeDecodeError) as exc:
         raise RunError(str(exc)) from None
     register_extraction(prompt_id, prompt_text, schema)
-    if options.prompting.prompt_id is None and options.prompting.prompt is None:
-        options = options.replace(prompt_id=prompt_id)
-    return options
+    return prompt_id
 
 
 def check_output_writable(ctx: RunContext) -> None:
@@ -180,16 +190,30 @@ def prepare_model(ctx: RunContext) -> tuple[EngineConfig, ModelIdentity]:
     Raises:
         RunError: a missing, mismatched or unusable model file.
     """
-    model_path, mmproj_path = resolve_model_files(
+    model_path, mmproj_path, bundle = resolve_model_files(
         ctx.model, ctx.mmproj, ctx.storage, ctx.settings.cache_dir,
         ctx.options.model.model_sha256, ctx.options.model.mmproj_sha256,
     )
-    template = _read_chat_template(ctx)
+    saved_template = _apply_saved_parameters(ctx, bundle) if bundle else None
+    template = _read_chat_template(ctx) or saved_template
     engine = EngineConfig.of(model_path, mmproj_path, ctx.options.engine, template)
     # A template of one's own is rendered by the generic handler, unless a chat format is forced.
     requested = engine.chat_format or ("mtmd" if template else None)
     identity = identify_model(engine.model_path, engine.mmproj_path, requested, ctx.settings.cache_dir)
     return engine, identity
+
+
+def _apply_saved_parameters(ctx: RunContext, bundle: str) -> str | None:
+    """A model zip's saved parameters become the run's options wherever the caller set none; its chat template."""
+    saved, template = saved_options(read_saved_params(bundle))
+    applied = {k: v for k, v in saved.items() if k not in ctx.requested}
+    if applied:
+        try:
+            ctx.options = RunOptions.parse({**applied, **ctx.requested})
+        except RunError as exc:
+            raise RunError(f"{ctx.model}: the parameters saved in the model zip are not usable: {exc}") from None
+        ctx.saved_defaults = applied
+    return template
 
 
 def _read_chat_template(ctx: RunContext) -> str | None:

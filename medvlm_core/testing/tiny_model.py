@@ -33,6 +33,9 @@ paths in llama.cpp's ``clip.cpp`` / libmtmd run as for the real model:
 * ``"idefics3"``: text architecture ``llama`` + projector ``idefics3``
   (SmolVLM / Idefics3: SigLIP, pixel shuffle, a grid of tiles plus the
   global image, each tile behind ``<row_R_col_C>`` tokens).
+* ``"pixtral"``: text architecture ``llama`` + projector ``pixtral`` in its
+  Mistral Small 3.1 form (2-D RoPE ViT, 2x2 patch merger, an
+  ``[IMG_BREAK]`` embedding after each row of image tokens).
 
 ``reasoning=True`` gives the variant whose chat template opens a thinking
 block in the generation prompt (``<|im_start|>assistant\\n<think>\\n``, as
@@ -60,7 +63,7 @@ import numpy as np
 
 __all__ = ["FAMILIES", "REASONING_FAMILIES", "TinyModel", "make_tiny_model", "thinking_template"]
 
-FAMILIES = ("llava", "qwen2vl", "qwen25vl", "qwen3vl", "gemma3", "internvl", "minicpmv", "idefics3")
+FAMILIES = ("llava", "qwen2vl", "qwen25vl", "qwen3vl", "gemma3", "internvl", "minicpmv", "idefics3", "pixtral")
 """Model families `make_tiny_model` can generate."""
 
 
@@ -545,6 +548,24 @@ IDEFICS3_SPECIAL_TOKENS = (
     + [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
 )
 
+# Mistral Small 3.1's template (Pixtral / Mistral3), without tool calls.
+MISTRAL3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ message['content'] }}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for block in message['content'] %}"
+    "{% if block['type'] == 'text' %}{{ block['text'] }}"
+    "{% elif block['type'] in ['image', 'image_url'] %}[IMG]{% endif %}"
+    "{% endfor %}{% endif %}[/INST]"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+MISTRAL3_SPECIAL_TOKENS = [
+    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "[IMG_BREAK]", "[IMG_END]",
+]
+
 # Qwen2.5-VL: the qwen2vl sizes, with window attention in every block but
 # each n-th (full attention in block 1 of 2; the real models: 7, 15, 23, 31).
 QWEN25VL_WA_PATTERN = 2
@@ -592,6 +613,13 @@ IDEFICS3_PATCH_SIZE = 4
 IDEFICS3_SCALE_FACTOR = 2
 IDEFICS3_LONGEST_EDGE = 64
 
+# Pixtral (Mistral Small 3.1): 28-pixel patches here (16 in the real model),
+# merged 2x2, plus one [IMG_BREAK] per row but the last: a letter page is
+# 17x23 + 22 = 413 image tokens.
+PIXTRAL_PATCH_SIZE = 28
+PIXTRAL_IMAGE_SIZE = 1540
+PIXTRAL_MERGE = 2
+
 # SigLIP / Qwen3-VL / MiniCPM-V normalisation; InternVL uses ImageNet's.
 HALF = [0.5, 0.5, 0.5]
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -637,6 +665,10 @@ _TEXT_SPECS = {
     "minicpmv": _TextSpec(
         arch="qwen2", template=CHATML_TEMPLATE, n_embd=MINICPMV_TEXT_EMBD, n_ff=MINICPMV_TEXT_FF, qkv_bias=True,
         specials=SPECIAL_TOKENS + ["<image>", "</image>", "<slice>", "</slice>", "<unk>"],
+    ),
+    "pixtral": _TextSpec(
+        arch="llama", template=MISTRAL3_TEMPLATE, rope_base=1_000_000_000.0, specials=MISTRAL3_SPECIAL_TOKENS,
+        bos="<s>", eos="</s>", add_bos=True,
     ),
     # libmtmd looks "\n\n" up as one token (it opens the global image).
     "idefics3": _TextSpec(
@@ -903,6 +935,26 @@ def _write_qwen25vl_mmproj(writer: gguf.GGUFWriter, name: str, rng: np.random.Ge
     writer.add_tensor("mm.2.bias", _bias(rng, text))
 
 
+def _write_pixtral_mmproj(writer: gguf.GGUFWriter, name: str, rng: np.random.Generator) -> None:
+    """Pixtral's ViT with Mistral Small 3.1's patch merger: ``pixtral`` (RMS norms, 2-D RoPE, gated SiLU FFN)."""
+    patch, text = PIXTRAL_PATCH_SIZE, TEXT_EMBD
+    merged = VISION_EMBD * PIXTRAL_MERGE * PIXTRAL_MERGE
+    _vision_header(writer, name, "pixtral", PIXTRAL_IMAGE_SIZE, patch, text, IMAGE_MEAN, IMAGE_STD, silu=True)
+    writer.add_uint32("clip.vision.spatial_merge_size", PIXTRAL_MERGE)
+    writer.add_tensor("v.patch_embd.weight", _matrix(rng, VISION_EMBD, 3, patch, patch))
+    writer.add_tensor("v.pre_ln.weight", _ones(VISION_EMBD))  # ln_pre (RMS)
+    for block in range(VISION_LAYERS):
+        _vision_block(writer, rng, block, rms_norm=True, gated=True)
+    writer.add_tensor("mm.input_norm.weight", _ones(VISION_EMBD))
+    writer.add_tensor("mm.patch_merger.weight", _matrix(rng, VISION_EMBD, merged))
+    writer.add_tensor("mm.1.weight", _matrix(rng, text, VISION_EMBD))
+    writer.add_tensor("mm.1.bias", _bias(rng, text))
+    writer.add_tensor("mm.2.weight", _matrix(rng, text, text))
+    writer.add_tensor("mm.2.bias", _bias(rng, text))
+    # The embedding of [IMG_BREAK], appended by the projector to each row.
+    writer.add_tensor("v.token_embd.img_break", rng.standard_normal(text, dtype=np.float32) * WEIGHT_STD)
+
+
 def _write_idefics3_mmproj(writer: gguf.GGUFWriter, name: str, rng: np.random.Generator) -> None:
     """SmolVLM / Idefics3's SigLIP tower and connector: ``idefics3`` (pixel shuffle, one linear projection)."""
     patch, text = IDEFICS3_PATCH_SIZE, TEXT_EMBD
@@ -923,14 +975,15 @@ def _write_idefics3_mmproj(writer: gguf.GGUFWriter, name: str, rng: np.random.Ge
 _MMPROJ_WRITERS: dict[str, Callable[[gguf.GGUFWriter, str, np.random.Generator], None]] = {
     "qwen25vl": _write_qwen25vl_mmproj,
     "idefics3": _write_idefics3_mmproj,
+    "pixtral": _write_pixtral_mmproj,
     "qwen3vl": _write_qwen3vl_mmproj,
     "gemma3": _write_gemma3_mmproj,
     "internvl": _write_internvl_mmproj,
     "minicpmv": _write_minicpmv_mmproj,
 }
 
-REASONING_FAMILIES = tuple(f for f in FAMILIES if f not in ("gemma3", "idefics3"))
-"""Families with a ChatML template, so a reasoning (``<think>``) variant: all but Gemma 3 and SmolVLM."""
+REASONING_FAMILIES = tuple(f for f in FAMILIES if f not in ("gemma3", "idefics3", "pixtral"))
+"""Families with a ChatML template, so a reasoning (``<think>``) variant: all but Gemma 3, SmolVLM and Pixtral."""
 
 
 def _write_gguf(path: Path, arch: str, fill: Callable[[gguf.GGUFWriter], None]) -> None:
@@ -981,7 +1034,7 @@ def make_tiny_model(
         out_dir: Directory for the two files.
         family: One of `FAMILIES` (``"llava"``, ``"qwen2vl"``, ``"qwen25vl"``,
             ``"qwen3vl"``, ``"gemma3"``, ``"internvl"``, ``"minicpmv"``,
-            ``"idefics3"``).
+            ``"idefics3"``, ``"pixtral"``).
         seed: Non-negative seed of the random weights.
         chat_template: A Jinja chat template that replaces the family's
             default ``tokenizer.chat_template`` (e.g. a custom layout, or one
@@ -997,7 +1050,8 @@ def make_tiny_model(
 
     Raises:
         ValueError: If ``family`` is not one of `FAMILIES`, or ``reasoning``
-            is asked of a family without a ChatML template (Gemma 3, SmolVLM).
+            is asked of a family without a ChatML template (Gemma 3, SmolVLM,
+            Pixtral).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
