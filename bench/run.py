@@ -63,10 +63,10 @@ def bench_naive(engine, images, prompt, params) -> dict:
             "gen_tok_per_s": tokens / wall, "peak_rss_mb": rss_mb()}
 
 
-def bench_engine(engine, images, prompt, params, n_seq: int, overlap: bool) -> dict:
+def bench_engine(engine, images, prompt, params, n_seq: int, overlap: bool, confidences: bool = True) -> dict:
     from medvlm_core.engine import BatchedEngine, Request
 
-    batched = BatchedEngine(engine, n_seq=n_seq, ctx_per_seq=engine.config.n_ctx, overlap=overlap)
+    batched = BatchedEngine(engine, n_seq=n_seq, ctx_per_seq=engine.config.n_ctx, overlap=overlap, confidences=confidences)
     try:
         started = time.perf_counter()
         tokens, encode_ms = 0, 0.0
@@ -76,9 +76,24 @@ def bench_engine(engine, images, prompt, params, n_seq: int, overlap: bool) -> d
         wall = time.perf_counter() - started
     finally:
         batched.close()
-    return {"path": "engine", "parallel": n_seq, "overlap": overlap, "docs": len(images), "wall_s": wall,
+    return {"path": "engine" if confidences else "engine-noconf", "parallel": n_seq, "overlap": overlap,
+            "docs": len(images), "wall_s": wall,
             "docs_per_s": len(images) / wall, "gen_tok_per_s": tokens / wall,
             "encode_ms_per_page": encode_ms / len(images), "peak_rss_mb": rss_mb()}
+
+
+def bench_scoring(vocab: int = 151_936, tokens: int = 2000) -> dict:
+    """The scoring of one token (log-softmax over the vocabulary, as BatchedEngine._score does) at a real model's
+    vocabulary size (Qwen2.5-VL's), on random logits: the confidences' cost per generated token on any backend."""
+    import numpy as np
+
+    logits = np.random.default_rng(0).standard_normal(vocab).astype(np.float32)
+    started = time.perf_counter()
+    for t in range(tokens):
+        peak = float(logits.max())
+        float(logits[t]) - (peak + float(np.log(np.exp(logits - peak).sum())))
+    per_token_ms = (time.perf_counter() - started) * 1000 / tokens
+    return {"path": "scoring", "parallel": None, "vocab": vocab, "ms_per_token": per_token_ms}
 
 
 def find_llama_server(choice: str) -> str | None:
@@ -264,6 +279,8 @@ def main(argv=None) -> int:
     ap.add_argument("--flow-docs", type=int, default=64,
                     help="pages for the flow-vs-engine comparison (a run's fixed cost shows less on more pages)")
     ap.add_argument("--plan-rows", type=int, default=100_000)
+    ap.add_argument("--confidence-repeats", type=int, default=2,
+                    help="alternating runs of the engine at the largest parallelism without and with confidences")
     ap.add_argument("--quick", action="store_true", help="a few pages and tokens: proves the harness works")
     ap.add_argument("--out", default="bench/results/latest.json")
     args = ap.parse_args(argv)
@@ -301,6 +318,11 @@ def main(argv=None) -> int:
     for n in parallel:
         for overlap in overlaps:
             results.append(bench_engine(engine, images, prompt, params, n, overlap))
+    # What the confidences cost (every answer token scored): the same engine without them, side by side.
+    for _ in range(args.confidence_repeats):
+        for confidences in (False, True):
+            results.append(bench_engine(engine, images, prompt, params, max(parallel), True, confidences))
+    results.append(bench_scoring())
     engine.close()
     server = find_llama_server(args.llama_server)
     if server:
@@ -317,7 +339,7 @@ def main(argv=None) -> int:
     naive = results[0]["docs_per_s"]
     server_at = {r["parallel"]: r for r in results if r["path"] == "server"}
     for r in results:
-        if "docs_per_s" in r and r["path"] != "plan":
+        if "docs_per_s" in r and r["path"] not in ("plan", "scoring"):
             r["x_naive"] = r["docs_per_s"] / naive
             if r["parallel"] in server_at:
                 r["x_server"] = r["docs_per_s"] / server_at[r["parallel"]]["docs_per_s"]
@@ -343,12 +365,22 @@ def main(argv=None) -> int:
             print(f"plan: {r['rows']} rows validated and planned in {r['validate_plan_s']:.2f} s, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB, {r['task_runs']} task runs (chunk_size {r['chunk_size']})")
             continue
+        if r["path"] == "scoring":
+            print(f"scoring: {r['ms_per_token']:.3f} ms per token at a {r['vocab']}-token vocabulary (numpy log-softmax)")
+            continue
         name = r["path"] + (" ov=" + ("on" if r["overlap"] else "off") if "overlap" in r else "")
         name += (" isolated" if r["isolate"] else " in-proc") if "isolate" in r else ""
         enc = f"{r['encode_ms_per_page']:.0f}" if "encode_ms_per_page" in r else "-"
         xs = f"{r['x_server']:.2f}" if "x_server" in r else "-"
         print(f"{name:<15} {r['parallel']:>4} {r['docs_per_s']:>8.2f} {r.get('gen_tok_per_s', 0):>8.1f} {enc:>7} "
               f"{r['x_naive']:>8.2f} {xs:>8} {r['peak_rss_mb']:>8.0f}")
+    plain = [r["gen_tok_per_s"] for r in results if r["path"] == "engine-noconf"]
+    scored = [r["gen_tok_per_s"] for r in results if r["path"] == "engine" and r["parallel"] == max(parallel)
+              and r.get("overlap")][-len(plain):] if plain else []
+    if plain and scored:
+        print(f"confidences: {sum(scored) / len(scored):.1f} vs {sum(plain) / len(plain):.1f} gen tok/s without "
+              f"(mean of {len(plain)} alternating runs at {max(parallel)}): "
+              f"{100 * (1 - sum(scored) / sum(plain)):+.1f}% cost")
     for flow in flows:
         print(f"flow ({'isolated' if flow['isolate'] else 'in-process'}) on {flow['docs']} pages at {flow['parallel']}: "
               f"{flow['docs_per_s']:.2f} docs/s; the engine alone on the same pages "

@@ -59,8 +59,8 @@ class GenerationParams:
     dynatemp_range: float = _later(0.0, "dynamic temperature: temperature +/- this range by entropy (0 = off) "
                                    "[dynamicTemperatureRange]", ge=0)
     dynatemp_exponent: float = _later(1.0, "dynamic temperature exponent [dynamicTemperatureExponent]", gt=0)
-    logit_bias: Tuple[Tuple[int, float], ...] = _later((), "token id -> bias added to its logit (JSON object or pairs) "
-                                                       "[tokenIdBias]")
+    logit_bias: Tuple[Tuple[int, float], ...] = _later((), "bias added to a token's logit: ID:BIAS (repeatable), or a "
+                                                       "JSON object {id: bias} [tokenIdBias]")
     banned_tokens: Tuple[int, ...] = _later((), "token ids never generated (repeatable) [disableTokenIds]")
     # Reasoning models: how a thinking block (think_open ... think_close) is handled (see README "Reasoning").
     reasoning: Literal["separate", "raw"] = _later(
@@ -83,9 +83,11 @@ class GenerationParams:
     @field_validator("logit_bias", mode="before")
     @classmethod
     def _bias_pairs(cls, value: Any) -> Any:
-        """Accept ``{"123": -5.0}`` (JSON) as well as pairs; keep pairs sorted, so equal biases hash equal."""
+        """Accept ``{"123": -5.0}`` (JSON), ``"123:-5"`` strings (the CLI) and pairs; sorted, so equal biases
+        hash equal."""
         items = value.items() if isinstance(value, dict) else value
-        return tuple(sorted((int(k), float(v)) for k, v in items))
+        pairs = [tuple(item.replace("=", ":").split(":", 1)) if isinstance(item, str) else item for item in items]
+        return tuple(sorted((int(k), float(v)) for k, v in pairs))
 
     def as_dict(self) -> dict[str, Any]:
         """The parameters for ``params_json``: the first release's knobs always, later ones only when set.

@@ -100,7 +100,7 @@ class BatchedEngine(Engine):
     """
 
     def __init__(self, engine: VisionEngine, n_seq: int = 8, ctx_per_seq: int | None = None,
-                 overlap: bool = True, encode_ahead: int | None = None):
+                 overlap: bool = True, encode_ahead: int | None = None, confidences: bool = True):
         """
         Args:
             engine: the loaded single-page engine whose model and vision projector are used.
@@ -109,6 +109,7 @@ class BatchedEngine(Engine):
             overlap: encode images on a second thread while the batch decodes (off: inline, one thread).
             encode_ahead: encoded pages waiting for a slot (default ``n_seq``); it bounds host memory to
                 about ``encode_ahead`` pages of embeddings (~24 MB each for a 7B model at 1656 image tokens).
+            confidences: score every answer token (log-probabilities); off only to measure what that costs.
         """
         if not engine.loaded:
             raise RunError("load the VisionEngine before batching over it")
@@ -125,6 +126,7 @@ class BatchedEngine(Engine):
         self.engine = engine
         self.n_seq = n_seq
         self.overlap = overlap
+        self.confidences = confidences
         self.encode_ahead = max(1, encode_ahead if encode_ahead is not None else n_seq)
         # llama.cpp sizes contexts in multiples of 256 cells: keep every slot the same, whole size.
         self.ctx_per_seq = -(-(ctx_per_seq or engine.config.n_ctx) // 256) * 256
@@ -458,7 +460,7 @@ class BatchedEngine(Engine):
             return self._done(slot)
         if self._llama_cpp.llama_vocab_is_eog(self._vocab, token):
             return "stop"
-        if not slot.thinking:  # answer tokens (and ones that may open a block) are scored
+        if not slot.thinking and self.confidences:  # answer tokens (and ones that may open a block) are scored
             logprob, top = self._score(index, token, params.logprobs)
             slot.scores.append((len(slot.pieces), logprob, top))
         slot.pieces += self._piece_of(token)
