@@ -19,7 +19,8 @@ from typing import Any, Sequence
 
 EXIT_OK, EXIT_UNRECONCILED, EXIT_CANNOT_RUN = 0, 1, 2
 # Names of the example queries (medvlm_core.analytics.EXAMPLE_QUERIES), listed without importing DuckDB.
-EXAMPLES = ("medications_per_diagnosis", "conditional_instructions", "errors_by_type", "throughput_per_run")
+EXAMPLES = ("medications_per_diagnosis", "conditional_instructions", "errors_by_type", "still_failing", "document_status",
+            "throughput_per_run")
 
 
 def _prefect_defaults() -> None:

@@ -108,3 +108,10 @@ def test_the_four_flows_take_options_the_same_way():
         jsonschema.validate({"manifest": "m", "output": "o", "model": "m.gguf", "options": options}, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"manifest": "m", "output": "o", "model": "m", "options": {"generation": {"bogus": 1}}}, schema)
+
+
+def test_the_cli_lists_every_built_in_query():
+    from flows.cli import EXAMPLES
+    from medvlm_core.analytics import EXAMPLE_QUERIES
+
+    assert set(EXAMPLES) == set(EXAMPLE_QUERIES)  # named without importing DuckDB at start-up; kept equal here

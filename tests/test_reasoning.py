@@ -184,3 +184,25 @@ def test_the_batched_path_equals_llama_cpp_python_own_for_the_parameters_it_take
 def test_schema_answers_without_thinking_still_start_constrained(plain, pages):
     [g] = answers(plain, pages[:1], GenerationParams(max_tokens=400), schema=CLINICAL_SCHEMA)
     assert g.reasoning is None and set(json.loads(g.text)) == {"diagnoses", "medications", "instructions"}
+
+
+def test_resource_parameters_reach_llama_cpp_and_leave_the_answers_alone(tiny_llava, pages, plain):
+    from medvlm_core.errors import RunError
+
+    params = GenerationParams(max_tokens=10)
+    reference = [g.text for g in answers(plain, pages[:2], params)]
+    config = EngineConfig(str(tiny_llava.model_path), str(tiny_llava.mmproj_path), n_ctx=2048, n_batch=256, n_ubatch=128,
+                          n_threads=1, n_threads_batch=2, use_mmap=False, split_mode="none", main_gpu=0)
+    engine = VisionEngine(config, "mtmd").start()
+    try:
+        context = engine.llm.context_params
+        assert (context.n_batch, context.n_ubatch, context.n_threads, context.n_threads_batch) == (256, 128, 1, 2)
+        assert engine.llm.model_params.split_mode == 0
+        assert [g.text for g in answers(engine, pages[:2], params)] == reference
+    finally:
+        engine.close()
+    # a quantized KV cache is part of the key; the tiny model's 16-wide heads cannot hold one: a clear error
+    q8 = EngineConfig(str(tiny_llava.model_path), str(tiny_llava.mmproj_path), n_ctx=1024, cache_type_k="q8_0")
+    assert '"kv_cache":["q8_0","f16"]' in params_json(params, ImageOptions(), "mtmd", q8)
+    with pytest.raises(RunError, match="multiple of 32"):
+        VisionEngine(q8, "mtmd").start()

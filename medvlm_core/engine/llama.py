@@ -155,7 +155,11 @@ class VisionEngine(Engine):
                 llm.metadata["tokenizer.chat_template"] = config.chat_template
         except (ValueError, RuntimeError, OSError) as exc:
             # Loading sees no document, so llama-cpp-python's text (file paths, reasons) carries no PHI.
-            raise RunError(f"llama.cpp could not load {self.config.model_path}: {short_message(exc)}") from None
+            hint = ""
+            if (self.config.cache_type_k, self.config.cache_type_v) != ("f16", "f16"):
+                hint = (" (a quantized KV cache needs the model's attention head size to be a multiple of 32, and a "
+                        "quantized value cache needs flash attention)")
+            raise RunError(f"llama.cpp could not load {self.config.model_path}: {short_message(exc)}{hint}") from None
         self._llm = llm
         self.load_seconds = time.perf_counter() - started
         return self
