@@ -158,6 +158,10 @@ class EngineOptions:
     # A native crash (GGML_ABORT, a segfault) becomes an engine_crash error row for the page that caused it
     # instead of killing the worker with every page in flight. Costs a pipe transfer of each page's pixels.
     isolate: bool = Field(True, description="run llama.cpp in a supervised child process (a native crash costs one page)")
+    # Enforced by the isolated engine's supervisor (isolate on): a child silent this long with pages in flight is
+    # ended; the page that hangs again alone becomes a `timeout` error row.
+    page_timeout: Optional[float] = Field(None, gt=0, description="seconds without an answer before a page counts as "
+                                          "hung (default: 120 + 2 per max token)")
 
 
 @dataclass(frozen=True, config=STRICT)

@@ -44,6 +44,9 @@ INVALID_OUTPUT = "invalid_output"
 # The inference process died (native abort or segfault) on this page, alone, after a restart
 # (medvlm_core.engine.isolated); the message names only the signal or exit code.
 ENGINE_CRASH = "engine_crash"
+# The inference process answered nothing within the page timeout, on this page alone, after a restart; it was
+# ended (the other pages in flight are answered by a new one).
+TIMEOUT = "timeout"
 
 ERROR_TYPES = (
     NOT_FOUND,
@@ -59,6 +62,7 @@ ERROR_TYPES = (
     INVALID_ROW,
     INVALID_OUTPUT,
     ENGINE_CRASH,
+    TIMEOUT,
 )
 
 

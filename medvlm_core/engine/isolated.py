@@ -10,7 +10,10 @@ model or touches VRAM) and feeds it pages over pipes. When the child dies with p
 * a page whose solo run also kills the child is the culprit: it gets a ``DocumentError`` of type
   ``engine_crash`` ("the inference process died (SIGABRT) while processing this page"), the child is
   started again, and the run goes on; pages that were merely in the same batch get their normal results;
-* more than ``max_restarts`` crashes in one ``IsolatedEngine``'s life raise ``RunError``: a model or
+* a child that answers nothing for the page timeout (``EngineConfig.page_timeout``, by default 120 s plus 2 s per
+  token a page may generate) while pages are in flight is hung: it is ended and treated like a crash, and the
+  page that hangs again alone gets a ``DocumentError`` of type ``timeout``;
+* more than ``max_restarts`` crashes (hangs included) in one ``IsolatedEngine``'s life raise ``RunError``: a model or
   machine that keeps crashing should fail the run loudly instead of looping.
 
 Error messages carry only the signal name or exit code, never document text, prompts or completions.
@@ -67,6 +70,7 @@ class PageRequest:
     prompt: str
     params: GenerationParams
     schema: dict | None
+    system: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,16 @@ class _Died(Exception):
     """The child process ended (its description in ``args[0]``)."""
 
 
+class _Hung(Exception):
+    """The child sent nothing for ``args[0]`` seconds while pages were in flight."""
+
+
+# The default page deadline: generous, so that only a stuck llama.cpp call reaches it (a 2-core CPU makes an
+# 8B model's tokens at ~2 per second; a GPU at ~50).
+PAGE_TIMEOUT_BASE_S = 120.0
+PAGE_TIMEOUT_PER_TOKEN_S = 2.0
+
+
 class _Child:
     """One running child process, its pipe ends and the sender thread that writes its requests."""
 
@@ -172,11 +186,14 @@ class _Child:
         """Queue a message for the child (never blocks: the sender thread does the writing)."""
         self._outbox.put(message)
 
-    def receive(self) -> Any:
-        """The child's next message; ``_Died`` once it has exited and every message it sent has been read."""
+    def receive(self, timeout: float | None = None) -> Any:
+        """The child's next message; ``_Died`` once it has exited and every message it sent has been read;
+        ``_Hung`` when it sent nothing for ``timeout`` seconds."""
         sentinel = self.process.sentinel
         while True:
-            ready = mp_connection.wait([self.results, sentinel])
+            ready = mp_connection.wait([self.results, sentinel], timeout)
+            if not ready:
+                raise _Hung(timeout)
             # Read what the child wrote before it died first: those pages did finish.
             if self.results in ready or self.results.poll():
                 try:
@@ -390,11 +407,11 @@ class IsolatedEngine(Engine):
                         raise source_error
                     return
                 try:
-                    message = child.receive()
-                except _Died as died:
+                    message = child.receive(max(self.page_timeout(p.message.params) for p in pending.values()))
+                except (_Died, _Hung) as failure:
                     if not self._open:  # close() from another thread, not a crash
                         raise RunError("the IsolatedEngine was closed while generating") from None
-                    self._crashed(died.args[0])
+                    self._crashed(_how(failure))
                     if self._failed:
                         raise RunError(self._failed) from None
                     yield from self._retry_alone(pending)
@@ -432,9 +449,25 @@ class IsolatedEngine(Engine):
             return item.key, message.generation
         return item.key, DocumentError(message.error_type, message.message)
 
+    def page_timeout(self, params: GenerationParams) -> float:
+        """How long the child may go without answering while a page with ``params`` is in flight.
+
+        Args:
+            params: the page's sampling parameters.
+
+        Returns:
+            Seconds: the config's ``page_timeout``, else ``PAGE_TIMEOUT_BASE_S`` plus ``PAGE_TIMEOUT_PER_TOKEN_S``
+            per token the page may generate (``max_tokens``, or ``n_ctx`` when it is -1).
+        """
+        if self.config.page_timeout:
+            return self.config.page_timeout
+        tokens = self.config.n_ctx if params.max_tokens == -1 else params.max_tokens
+        return PAGE_TIMEOUT_BASE_S + PAGE_TIMEOUT_PER_TOKEN_S * tokens
+
     def _retry_alone(self, pending: dict[int, _Pending]) -> Iterator[tuple[Any, Result]]:
-        """After a crash with ``pending`` in flight: run each of them alone in a new child, once. Alone, a
-        second crash names its culprit; the pages that were only in the same batch get their answers."""
+        """After a crash (or a hang) with ``pending`` in flight: run each of them alone in a new child, once.
+        Alone, a second crash names its culprit (``engine_crash``), a second hang too (``timeout``); the pages that
+        were only in the same batch get their answers."""
         suspects = list(pending.values())
         pending.clear()
         for item in suspects:
@@ -444,12 +477,17 @@ class IsolatedEngine(Engine):
             solo = {item.id: item}
             while solo:
                 try:
-                    message = child.receive()
-                except _Died as died:
-                    self._crashed(died.args[0])
-                    yield item.key, DocumentError(
-                        errors.ENGINE_CRASH, f"the inference process died ({died.args[0]}) while processing this page"
-                    )
+                    message = child.receive(self.page_timeout(item.message.params))
+                except (_Died, _Hung) as failure:
+                    self._crashed(_how(failure))
+                    if isinstance(failure, _Hung):
+                        yield item.key, DocumentError(
+                            errors.TIMEOUT, f"no answer within the page timeout ({failure.args[0]:.0f} s); the "
+                            "inference process was ended and restarted")
+                    else:
+                        yield item.key, DocumentError(
+                            errors.ENGINE_CRASH, f"the inference process died ({failure.args[0]}) while processing this page"
+                        )
                     if self._failed:  # the culprit's row first, then fail the run loudly
                         raise RunError(self._failed) from None
                     break
@@ -458,11 +496,19 @@ class IsolatedEngine(Engine):
                     yield answered
 
 
+def _how(failure: Exception) -> str:
+    """A child's failure in words: its exit (``SIGABRT``) or its silence."""
+    if isinstance(failure, _Hung):
+        return f"no answer within {failure.args[0]:.0f} s"
+    return failure.args[0]
+
+
 def _page_request(rid: int, intake: int, request: Request) -> PageRequest:
     """What the child needs of a request, without its key. Pixels go as raw RGB bytes: BatchedEngine
     converts to RGB anyway, and ``tobytes`` of a palette image alone would lose its palette."""
     image = to_rgb(request.image)
-    return PageRequest(rid, intake, 0, image.size, image.tobytes(), request.prompt, request.params, request.schema)
+    return PageRequest(rid, intake, 0, image.size, image.tobytes(), request.prompt, request.params, request.schema,
+                       request.system)
 
 
 # -- the child --------------------------------------------------------------------------------------
@@ -489,7 +535,7 @@ class _Stream:
             if self.fault is not None:
                 self.fault(message.intake, message.attempt)  # tests: the pages before this one are in flight
             yield Request(message.id, Image.frombytes("RGB", message.size, message.pixels), message.prompt,
-                          message.params, message.schema)
+                          message.params, message.schema, message.system)
             try:
                 message = self.connection.recv()
             except (EOFError, OSError):  # the parent is gone

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from dataclasses import dataclass, field
 
 
@@ -29,6 +30,26 @@ class NativeAbort:
         """
         if intake in self.on or (attempt == 0 and intake in self.once):
             native_abort()
+
+
+@dataclass(frozen=True)
+class Stall:
+    """Hang the child (a sleep in its page intake, where a stuck llama.cpp call would hold it) before it takes
+    certain pages: ``on`` every time, ``once`` only on the first run (so the solo retry succeeds)."""
+
+    on: frozenset[int] = field(default_factory=frozenset)
+    once: frozenset[int] = field(default_factory=frozenset)
+    seconds: float = 3600.0
+
+    def __call__(self, intake: int, attempt: int) -> None:
+        """Sleep if this page is one of ours.
+
+        Args:
+            intake: the page's intake number.
+            attempt: 0 in the batch, 1 in the solo retry.
+        """
+        if intake in self.on or (attempt == 0 and intake in self.once):
+            time.sleep(self.seconds)
 
 
 def native_abort() -> None:
