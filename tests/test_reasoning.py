@@ -206,3 +206,16 @@ def test_resource_parameters_reach_llama_cpp_and_leave_the_answers_alone(tiny_ll
     assert '"kv_cache":["q8_0","f16"]' in params_json(params, ImageOptions(), "mtmd", q8)
     with pytest.raises(RunError, match="multiple of 32"):
         VisionEngine(q8, "mtmd").start()
+
+
+def test_the_isolated_child_gets_the_system_prompt_and_reasoning_settings(tiny_llava, pages, thinking):
+    from medvlm_core.engine import IsolatedEngine
+
+    system, params = "Answer briefly.", GenerationParams(max_tokens=12, max_reasoning_tokens=4, logprobs=2)
+    expected = answers(thinking, pages[:2], params, system=system)
+    config = thinking.config.replace(n_parallel=2)
+    with IsolatedEngine(config, "mtmd") as engine:
+        got = dict(engine.generate_many(Request(i, p, PROMPT, params, None, system) for i, p in enumerate(pages[:2])))
+    assert [(got[i].text, got[i].reasoning, got[i].reasoning_budget_hit) for i in range(2)] == \
+        [(g.text, g.reasoning, g.reasoning_budget_hit) for g in expected]
+    assert [len(got[i].top_logprobs) for i in range(2)] == [len(g.top_logprobs) for g in expected]
