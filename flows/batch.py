@@ -22,7 +22,7 @@ from medvlm_core import storage as st
 from medvlm_core.errors import RunError
 from medvlm_core.manifest import read_manifest
 from medvlm_core.options import RunOptions
-from medvlm_core.run import RunContext, make_spec, prepare_model
+from medvlm_core.run import RunContext, make_spec, prepare_model, release_output
 
 
 # validate_parameters=False: the options are validated by RunOptions.parse, whose error names the bad
@@ -88,8 +88,11 @@ def run_batch(logger: Any, ctx: RunContext, manifest: str) -> dict:
     # run, before any document is touched (a failing task would log a traceback for a user error).
     plan = read_manifest(manifest, ctx.storage, ctx.policy)
     logger.info("run %s: %d manifest rows, %d quarantined", ctx.run_id, plan.total_rows, len(plan.quarantined))
-    guard_output(logger, ctx)
-    engine, identity = prepare_model(ctx)
-    spec = make_spec(ctx, engine, identity)
-    summaries = run_chunks(logger, ctx, spec, plan.rows)
-    return finish_run(logger, ctx, manifest, plan, summaries, identity, spec.params_json)
+    try:
+        guard_output(logger, ctx)  # takes the output's lease: given back here whatever happens
+        engine, identity = prepare_model(ctx)
+        spec = make_spec(ctx, engine, identity)
+        summaries = run_chunks(logger, ctx, spec, plan.rows)
+        return finish_run(logger, ctx, manifest, plan, summaries, identity, spec.params_json)
+    finally:
+        release_output(ctx)

@@ -48,6 +48,14 @@ def run_chunks(logger: Any, ctx: RunContext, spec: RunSpec, rows: list[ManifestR
     engine = shared_engine(spec.engine, spec.model.chat_format, log_phi)  # loads here: a bad model fails the run now
     logger.info("run %s: model %s (%s) ready, loaded in %.1f s", spec.run_id, spec.model.model_name,
                 spec.model.chat_format, engine.load_seconds)
+    plan = ctx.memory
+    if plan is not None and plan.n_parallel < plan.requested_parallel:
+        logger.warning("run %s: n_parallel %d needs about %.0f MiB more than the %.0f MiB of %s memory; decoding %d "
+                       "pages together instead (weights %.0f MiB, KV cache %.0f MiB per page, compute %.0f MiB)",
+                       spec.run_id, plan.requested_parallel,
+                       plan.needed_mb + (plan.requested_parallel - plan.n_parallel) * plan.kv_mb_per_page - plan.budget_mb,
+                       plan.budget_mb, plan.budget_source, plan.n_parallel, plan.weights_mb, plan.kv_mb_per_page,
+                       plan.compute_mb)
     if ctx.saved_defaults:
         logger.info("run %s: options from the model zip's saved parameters: %s", spec.run_id, ", ".join(sorted(ctx.saved_defaults)))
     done = results.DoneKeys() if spec.force else results.load_done_keys(ctx.storage, ctx.output)

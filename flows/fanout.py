@@ -29,7 +29,7 @@ from medvlm_core.errors import RunError
 from medvlm_core.manifest import read_manifest
 from medvlm_core.models import ModelIdentity
 from medvlm_core.options import RunOptions
-from medvlm_core.run import RunContext, make_spec, prepare_model
+from medvlm_core.run import RunContext, make_spec, prepare_model, release_output
 
 
 @flow(name="medvlm-fanout", log_prints=False, validate_parameters=False)
@@ -63,8 +63,11 @@ async def medvlm_fanout(
     logger = get_run_logger()
     try:
         ctx = start_run(output, model, mmproj, options)
-        return await _fan_out(logger, ctx, st.normalize(manifest), shard_size, max_shard_attempts, shard_deployment,
-                              shard_timeout_seconds)
+        try:  # _fan_out takes the output's lease (guard_output); the shards work under it
+            return await _fan_out(logger, ctx, st.normalize(manifest), shard_size, max_shard_attempts, shard_deployment,
+                                  shard_timeout_seconds)
+        finally:
+            release_output(ctx)
     except RunError as exc:
         logger.error("run failed: %s", exc)
         return Failed(message=str(exc))
@@ -146,6 +149,7 @@ async def _fan_out(logger: Any, ctx: RunContext, manifest: str, shard_size: int,
         audit={"shards": [
             {k: r[k] for k in ("shard_index", "worker", "started_at", "finished_at")} for r in records
         ], "failed_shards": {str(i): reasons[i] for i in pending}, "shard_attempts": {str(i): n for i, n in attempts.items()}},
+        memory=next((r["memory"] for r in records if r.get("memory")), None),
     )
     summary["shards"] = len(shards)
     if pending:

@@ -12,7 +12,7 @@ from medvlm_core.manifest import ManifestPlan
 from medvlm_core.models import ModelIdentity
 from medvlm_core.publish import run_date_of
 from medvlm_core.results import utc_now
-from medvlm_core.run import RunContext
+from medvlm_core.run import RunContext, ensure_output_held, release_output
 from tasks.publish import publish_run
 
 
@@ -25,6 +25,7 @@ def finish_run(
     identity: ModelIdentity,
     params: str,
     audit: dict[str, Any] | None = None,
+    memory: dict | None = None,
 ) -> dict[str, Any]:
     """Reconcile the counts, publish the run's tables atomically, write the artifact.
 
@@ -37,19 +38,27 @@ def finish_run(
         identity: the model's identity.
         params: the run's ``params_json``.
         audit: how the run ran (shards, workers), for the commit record.
+        memory: the engine's memory plan (default: this process's, when it planned one).
 
     Returns:
         The run's summary (``medvlm_core.accounting.run_summary``).
+
+    Raises:
+        RunError: the run lost the output's lease to another run (nothing is published); the lease is given
+            back once the run is published.
     """
     total = merge_summaries(summaries)
     facts = RunFacts(
         run_id=ctx.run_id, flow_run_id=str(flow_run.id) if flow_run.id else None, manifest=manifest,
         output=ctx.output.root, started=ctx.started, finished=utc_now(), identity=identity, params_json=params,
         default_prompt=ctx.default_prompt, storage_retries=ctx.storage.retries,
+        memory=memory or (ctx.memory.as_dict() if ctx.memory else None),
     )
     row = run_row(facts, plan, total)
     quarantine_rows = [dict(q, run_id=ctx.run_id, manifest_uri=manifest, created_at=facts.finished) for q in plan.quarantined]
+    ensure_output_held(ctx)  # a run whose lease was taken over must not publish: the other run does these pages
     published = publish_run(ctx.storage, ctx.output, ctx.run_id, run_date_of(ctx.started), quarantine_rows, row, audit)
+    release_output(ctx)  # published: the next run on this output may start deciding what is done
     summary = run_summary(row, total, published)
     publish_artifact(summary)
     logger.info(

@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 
 from medvlm_core.options import RunOptions
 from medvlm_core.results import utc_now
-from medvlm_core.run import RunContext, check_output_writable, make_run_id, open_run, recover_output
+from medvlm_core.run import RunContext, acquire_output, check_output_writable, make_run_id, open_run, recover_output
 from medvlm_core.settings import Settings
 from tasks.credentials import build_storage
 
@@ -49,13 +49,20 @@ def start_run(
 
 
 def guard_output(logger: Any, ctx: RunContext) -> None:
-    """Before a run decides what is done: check the output is writable, finish interrupted publishes.
+    """Before a run decides what is done: check the output is writable, take its lease (one run at a time; wait
+    for another run's, or fail, as ``on_busy`` says), finish interrupted publishes.
+
+    The caller gives the lease back (``medvlm_core.run.release_output``) in a ``finally``.
 
     Args:
         logger: the flow run's logger.
         ctx: the run.
+
+    Raises:
+        RunError: the output cannot be written, or another run holds its lease (the message names it).
     """
     check_output_writable(ctx)
+    acquire_output(ctx, logger)
     for run_id in recover_output(ctx):
         logger.warning("output %s: finished publishing run %s, which was interrupted while publishing",
                        ctx.output.root, run_id)

@@ -94,6 +94,7 @@ def medvlm_shard(
             "summary": total.to_json(),
             "identity": asdict(identity),
             "params_json": spec.params_json,
+            "memory": ctx.memory.as_dict() if ctx.memory else None,
             "worker": {
                 "hostname": socket.gethostname(),
                 "pid": os.getpid(),

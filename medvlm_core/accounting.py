@@ -148,6 +148,7 @@ class RunFacts:
     params_json: str
     default_prompt: Prompt
     storage_retries: int  # the run's own Storage's retries (shards report theirs in their summaries)
+    memory: dict | None = None  # the engine's memory plan (``MemoryPlan.as_dict``), when one was made
 
 
 def run_row(facts: RunFacts, plan: ManifestPlan, total: ChunkSummary) -> dict[str, Any]:
@@ -193,6 +194,9 @@ def run_row(facts: RunFacts, plan: ManifestPlan, total: ChunkSummary) -> dict[st
         "pages_per_second": total.pages_ok / wall,
         "completion_tokens_per_second": total.completion_tokens / wall,
         "storage_retries": total.storage_retries + facts.storage_retries,
+        "n_parallel": (facts.memory or {}).get("n_parallel"),
+        "memory_needed_mb": (facts.memory or {}).get("needed_mb"),
+        "memory_budget_mb": (facts.memory or {}).get("budget_mb"),
         "medvlm_version": medvlm_core.__version__,
     }
 

@@ -9,6 +9,7 @@
       _staging/<run_id>/shards/shard-NNNNN.json                      a finished shard's record (fan-out)
       _staging/<run_id>/_publish.json                                the run is being published (roll forward)
       _commits/<run_id>.json                                  written once, create-if-absent, when published
+      _lease/lease-NNNNNNNNNNNN.json                          who holds the output's lease (``medvlm_core.lease``)
       _state/nightly/...                                      what the nightly flow has processed
 
 Readers (pyarrow.dataset, DuckDB globs) skip ``_``-prefixed folders. Every name is deterministic, so a
@@ -215,6 +216,26 @@ class OutputLayout:
             Its URL.
         """
         return st.join(self.run_staging(run_id), ".write-probe")
+
+    # -- the lease -----------------------------------------------------------------------------------
+    def lease(self) -> str:
+        """The folder of the output's lease records (one per holder, see ``medvlm_core.lease``).
+
+        Returns:
+            Its URL.
+        """
+        return st.join(self.root, "_lease")
+
+    def lease_epoch(self, epoch: int) -> str:
+        """One holder's lease record; the newest epoch is the lease.
+
+        Args:
+            epoch: the record's number (each new holder takes the next one).
+
+        Returns:
+            Its URL.
+        """
+        return st.join(self.lease(), f"lease-{epoch:012d}.json")
 
     # -- state of the nightly flow -----------------------------------------------------------------
     def nightly_state(self) -> str:

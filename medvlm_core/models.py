@@ -144,6 +144,8 @@ class ModelInfo:
     context_length: int | None
     # True when the text GGUF's template is a reasoning model's (it mentions <think>).
     thinking_template: bool = False
+    # True when the mmproj tiles images at several resolutions (clip.vision.image_grid_pinpoints: LLaVA-1.6).
+    grid_pinpoints: bool = False
 
 
 def inspect_model(model_path: str, mmproj_path: str) -> ModelInfo:
@@ -173,6 +175,8 @@ def inspect_model(model_path: str, mmproj_path: str) -> ModelInfo:
         has_chat_template=bool(template),
         context_length=int(ctx) if isinstance(ctx, int) else None,
         thinking_template=isinstance(template, str) and _THINK_MARKER in template,
+        # the key's presence is enough (long arrays are skipped when reading)
+        grid_pinpoints="clip.vision.image_grid_pinpoints" in proj,
     )
 
 
@@ -183,7 +187,8 @@ def choose_chat_format(info: ModelInfo, requested: str | None = None) -> str:
     (``mtmd``), since a fixed handler layout would drop its thinking prompt; a projector type with a
     llama-cpp-python handler gets that handler (``qwen2vl_merger`` -> ``qwen2.5-vl``, ``resampler`` ->
     ``minicpm-v-2.6``); any other model with a chat template gets ``mtmd`` (Gemma 3, Qwen3-VL, InternVL,
-    LLaVA conversions with a template); a LLaVA-style projector without a template gets ``llava-1-5``.
+    LLaVA conversions with a template); a LLaVA-style projector without a template gets ``llava-1-6`` when it
+    tiles images (``image_grid_pinpoints``: LLaVA-1.6 / NeXT), else ``llava-1-5``.
 
     Args:
         info: the model pair's metadata (`inspect_model`).
@@ -208,7 +213,7 @@ def choose_chat_format(info: ModelInfo, requested: str | None = None) -> str:
     if info.has_chat_template:
         return "mtmd"
     if info.projector_type in ("mlp", "mlp_norm", "ldp", "ldpv2"):
-        return "llava-1-5"
+        return "llava-1-6" if info.grid_pinpoints else "llava-1-5"
     if info.projector_type in _TEMPLATE_ONLY_PROJECTORS:
         raise RunError(
             f"{_TEMPLATE_ONLY_PROJECTORS[info.projector_type]} (projector type {info.projector_type!r}) is laid out "

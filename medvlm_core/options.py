@@ -67,6 +67,12 @@ class OutputOptions:
 
     force: bool = Field(False, description="re-run pages that already have an ok result in the output")
     chunk_size: Optional[int] = Field(None, ge=1, description="manifest rows per inference task (default: MEDVLM_CHUNK_SIZE, at least 8 x n_parallel)")
+    # One run at a time holds an output's lease (medvlm_core.lease); these say what a second one does.
+    on_busy: Literal["wait", "fail"] = Field(
+        "wait", description="when another run holds the output's lease: wait for it (up to busy_wait_seconds), "
+        "or fail at once naming that run")
+    busy_wait_seconds: float = Field(3600.0, ge=0, description="longest wait for another run's lease on the output, "
+                                     "in seconds, before the run fails")
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)

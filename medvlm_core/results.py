@@ -103,6 +103,10 @@ RUNS_SCHEMA = pa.schema(
         ("completion_tokens_per_second", pa.float64()),
         # Object-store calls repeated after a transient failure (throttling, 5xx, resets) up to the publish.
         ("storage_retries", pa.int64()),
+        # The engine's memory plan: the pages decoded together (lowered to fit), its estimate and the budget.
+        ("n_parallel", pa.int64()),
+        ("memory_needed_mb", pa.float64()),
+        ("memory_budget_mb", pa.float64()),
         ("medvlm_version", pa.string()),
     ]
 )

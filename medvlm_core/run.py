@@ -1,7 +1,8 @@
 """A run's set-up, free of orchestration: one ``RunContext`` serves a batch run, a fan-out parent and a shard.
 
 ``open_run`` normalises the locations, applies the location policy and loads a user extraction before the
-manifest is read; ``check_output_writable`` and ``recover_output`` guard the output before any inference;
+manifest is read; ``check_output_writable``, ``acquire_output`` (the output's lease, one run at a time) and
+``recover_output`` guard the output before any inference, ``release_output`` gives the lease back;
 ``prepare_model`` fetches (if remote), checks and identifies the model files; ``make_spec`` is the plain-data
 description of the run that every chunk receives. A problem found here is a ``RunError``: one clear message,
 before any document is touched.
@@ -18,6 +19,8 @@ from typing import Any
 from medvlm_core.config import EngineConfig, params_json
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.layout import OutputLayout
+from medvlm_core.lease import OutputLease
+from medvlm_core.memory import MemoryPlan, plan_memory
 from medvlm_core.model_cache import resolve_model_files
 from medvlm_core.models import ModelIdentity, identify_model
 from medvlm_core.options import RunOptions, requested_options
@@ -64,6 +67,10 @@ class RunContext:
     requested: dict[str, Any] = field(default_factory=dict)
     # The options a model zip's saved parameters set (``prepare_model``), for the log and the audit.
     saved_defaults: dict[str, Any] = field(default_factory=dict)
+    # The memory plan of the engine (``prepare_model``): the parallelism that fits.
+    memory: MemoryPlan | None = None
+    # The output's lease while this run holds it (``acquire_output``); shards work under their parent's.
+    lease: OutputLease | None = None
 
     def next_run(self, started: datetime, source_id: str | None = None) -> "RunContext":
         """Another run with the same locations, options and settings (the nightly flow's runs).
@@ -75,7 +82,8 @@ class RunContext:
         Returns:
             The new run's context, with its own storage (its own retry count).
         """
-        return dataclasses.replace(self, run_id=make_run_id(started, source_id), started=started, storage=self.storage.fresh())
+        return dataclasses.replace(self, run_id=make_run_id(started, source_id), started=started, storage=self.storage.fresh(),
+                                   lease=None)
 
     @property
     def default_prompt(self) -> Prompt:
@@ -165,6 +173,66 @@ def check_output_writable(ctx: RunContext) -> None:
         raise RunError(f"output {ctx.output.root}: cannot be written ({exc.strerror or type(exc).__name__})") from None
 
 
+def acquire_output(ctx: RunContext, logger: Any = None) -> OutputLease:
+    """Take the output's lease for this run (before it finishes interrupted publishes and loads the done keys)
+    and keep it renewed until ``release_output``.
+
+    A second run on the same output waits for the holder to give it back (``on_busy="wait"``, at most
+    ``busy_wait_seconds``, logging which run holds it) or fails at once (``on_busy="fail"``); a lease whose
+    holder died is taken over (see ``medvlm_core.lease``).
+
+    Args:
+        ctx: the run.
+        logger: where waiting and take-overs are logged.
+
+    Returns:
+        The lease (also ``ctx.lease``).
+
+    Raises:
+        RunError: another run holds the lease (naming it) and this run may not wait, or waited in vain.
+    """
+    if ctx.lease is not None and ctx.lease.held is not None:
+        return ctx.lease
+    output = ctx.options.output
+    lease = OutputLease(ctx.storage, ctx.output, ctx.run_id, ctx.settings.lease_ttl_s, ctx.settings.lease_poll_s, logger)
+    try:
+        lease.acquire(output.on_busy, output.busy_wait_seconds)
+    except PermissionError:
+        raise RunError(f"output {ctx.output.root}: access denied (check the credentials and the bucket policy)") from None
+    except OSError as exc:
+        raise RunError(f"output {ctx.output.root}: its lease cannot be written ({exc.strerror or type(exc).__name__})") from None
+    ctx.lease = lease
+    lease.start_renewing()
+    return lease
+
+
+def ensure_output_held(ctx: RunContext) -> None:
+    """Right before publishing: check that this run still holds the output's lease (no-op for a run without one).
+
+    Args:
+        ctx: the run.
+
+    Raises:
+        RunError: another run took the lease over (this run was stalled past the lease's life): nothing may be
+            published, the other run does these pages.
+    """
+    if ctx.lease is not None:
+        ctx.lease.ensure_held()
+
+
+def release_output(ctx: RunContext) -> bool:
+    """Give the output's lease back (after publishing, and on every failure path); safe to call twice.
+
+    Args:
+        ctx: the run.
+
+    Returns:
+        True if this call gave it back.
+    """
+    lease, ctx.lease = ctx.lease, None
+    return lease.release() if lease is not None else False
+
+
 def recover_output(ctx: RunContext) -> list[str]:
     """Finish publishing the runs on this output that were killed half-way through it.
 
@@ -188,7 +256,8 @@ def prepare_model(ctx: RunContext) -> tuple[EngineConfig, ModelIdentity]:
         ``(engine config, model identity)``.
 
     Raises:
-        RunError: a missing, mismatched or unusable model file.
+        RunError: a missing, mismatched or unusable model file, or a model that does not fit in memory even at
+            one page.
     """
     model_path, mmproj_path, bundle = resolve_model_files(
         ctx.model, ctx.mmproj, ctx.storage, ctx.settings.cache_dir,
@@ -200,6 +269,9 @@ def prepare_model(ctx: RunContext) -> tuple[EngineConfig, ModelIdentity]:
     # A template of one's own is rendered by the generic handler, unless a chat format is forced.
     requested = engine.chat_format or ("mtmd" if template else None)
     identity = identify_model(engine.model_path, engine.mmproj_path, requested, ctx.settings.cache_dir)
+    ctx.memory = plan_memory(engine, ctx.settings.memory_budget_mb, ctx.settings.cuda_visible_devices)
+    if ctx.memory.n_parallel < engine.n_parallel:  # the answers do not depend on it (tested)
+        engine = engine.replace(n_parallel=ctx.memory.n_parallel)
     return engine, identity
 
 

@@ -34,9 +34,20 @@ class Settings(BaseSettings):
         "content (see PHI and logs)",
     )
     fetch_workers: int = Field(4, ge=1, le=64, description="documents read from storage concurrently per inference task")
+    lease_ttl_s: float = Field(
+        120.0, gt=0,
+        description="an output lease's life without renewal (renewed every quarter of it): how soon a run that "
+        "died on another machine is taken over",
+    )
+    lease_poll_s: float = Field(2.0, gt=0, description="how often a run waiting for an output's lease looks again")
     retry_max_attempts: int = Field(8, ge=1, description="tries per object-store call on a transient failure")
     retry_base_delay_s: float = Field(0.1, gt=0, description="backoff after the first failed try, doubling after each")
     retry_max_delay_s: float = Field(5.0, gt=0, description="longest backoff between two tries")
+    memory_budget_mb: float | None = Field(
+        None, gt=0,
+        description="memory the engine may plan with (default: the GPU's free memory when offloading, else the "
+        "host's available memory); n_parallel is lowered to fit",
+    )
     s3_endpoint: str | None = Field(
         None,
         validation_alias=AliasChoices("MEDVLM_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),

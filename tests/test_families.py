@@ -22,18 +22,27 @@ from medvlm_core.testing.tiny_model import FAMILIES, REASONING_FAMILIES, make_ti
 # (family, reasoning variant) -> (text architecture, projector type, chat format picked without an override)
 EXPECTED = {
     ("llava", False): ("llama", "mlp", "mtmd"),  # carries a template, so it is rendered as is
+    ("llavanext", False): ("llama", "mlp", "llava-1-6"),  # no template, tiles by image_grid_pinpoints
     ("qwen2vl", False): ("qwen2vl", "qwen2vl_merger", "qwen2.5-vl"),
     ("qwen25vl", False): ("qwen2vl", "qwen2.5vl_merger", "qwen2.5-vl"),
     ("qwen3vl", False): ("qwen3vl", "qwen3vl_merger", "mtmd"),
     ("gemma3", False): ("gemma3", "gemma3", "mtmd"),
+    ("gemma4", False): ("gemma4", "gemma4v", "mtmd"),
     ("internvl", False): ("qwen2", "internvl", "mtmd"),
     ("minicpmv", False): ("qwen2", "resampler", "minicpm-v-2.6"),
     ("idefics3", False): ("llama", "idefics3", "mtmd"),  # SmolVLM
+    ("pixtral", False): ("llama", "pixtral", "mtmd"),  # Mistral Small 3.1
     ("qwen3vl", True): ("qwen3vl", "qwen3vl_merger", "mtmd"),  # Qwen3-VL-Thinking
     ("qwen2vl", True): ("qwen2vl", "qwen2vl_merger", "mtmd"),  # the <think> template beats the fixed handler
 }
 CASES = [pytest.param(family, reasoning, id=f"{family}-reasoning" if reasoning else family) for family, reasoning in EXPECTED]
-GENERATION_PROMPT_END = {"gemma3": "<start_of_turn>model\n", "idefics3": "Assistant:"}  # the others are ChatML
+# where a rendered generation prompt ends, for the families whose layout is not ChatML
+GENERATION_PROMPT_END = {
+    "gemma3": "<start_of_turn>model\n",
+    "gemma4": "<|turn>model\n<|channel>thought\n<channel|>",  # thinking off: an empty thought channel
+    "idefics3": "Assistant:",
+    "pixtral": "[/INST]",
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +54,7 @@ def models(tmp_path_factory):
 
 def test_every_family_is_covered():
     assert {family for family, _ in EXPECTED} == set(FAMILIES)
-    assert set(REASONING_FAMILIES) == set(FAMILIES) - set(GENERATION_PROMPT_END)
+    assert set(REASONING_FAMILIES) == set(FAMILIES) - set(GENERATION_PROMPT_END) - {"llavanext"}
 
 
 @pytest.mark.parametrize("family, reasoning", CASES)
@@ -53,7 +62,7 @@ def test_chat_format_is_picked_from_the_files(models, tmp_path, family, reasonin
     model = models[family, reasoning]
     arch, projector, chat_format = EXPECTED[family, reasoning]
     info = inspect_model(str(model.model_path), str(model.mmproj_path))
-    assert (info.architecture, info.projector_type, info.has_chat_template) == (arch, projector, True)
+    assert (info.architecture, info.projector_type, info.has_chat_template) == (arch, projector, family != "llavanext")
     assert info.thinking_template is reasoning
     identity = identify_model(str(model.model_path), str(model.mmproj_path), None, tmp_path / "cache")
     assert identity.chat_format == chat_format
@@ -94,10 +103,13 @@ def _render(template: str, **extra) -> str:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_only_the_reasoning_variant_opens_a_thinking_block(tmp_path, family):
-    plain = read_gguf_metadata(make_tiny_model(tmp_path, family).model_path)["tokenizer.chat_template"]
-    assert _render(plain, add_generation_prompt=True).endswith(GENERATION_PROMPT_END.get(family, "<|im_start|>assistant\n"))
+    plain = read_gguf_metadata(make_tiny_model(tmp_path, family).model_path).get("tokenizer.chat_template")
+    if family == "llavanext":
+        assert plain is None  # like the LLaVA-1.6 conversions: the handler's layout is used
+    else:
+        assert _render(plain, add_generation_prompt=True).endswith(GENERATION_PROMPT_END.get(family, "<|im_start|>assistant\n"))
     if family not in REASONING_FAMILIES:
-        with pytest.raises(ValueError, match="ChatML"):  # Gemma 3's and SmolVLM's layouts are not ChatML
+        with pytest.raises(ValueError, match="ChatML"):
             make_tiny_model(tmp_path, family, reasoning=True)
         return
     thinking = read_gguf_metadata(make_tiny_model(tmp_path, family, reasoning=True).model_path)["tokenizer.chat_template"]
@@ -111,6 +123,11 @@ def test_chat_template_replaces_the_default(tmp_path):
         model = make_tiny_model(tmp_path / family, family, chat_template=template)
         assert read_gguf_metadata(model.model_path)["tokenizer.chat_template"] == template
     assert inspect_model(str(model.model_path), str(model.mmproj_path)).thinking_template
+    # "" writes none: a classic LLaVA-1.5 conversion, laid out by the Vicuna handler
+    bare = make_tiny_model(tmp_path / "bare", "llava", chat_template="")
+    info = inspect_model(str(bare.model_path), str(bare.mmproj_path))
+    assert not info.has_chat_template and not info.grid_pinpoints
+    assert identify_model(str(bare.model_path), str(bare.mmproj_path), None, None).chat_format == "llava-1-5"
 
 
 def test_engine_prompt_of_the_reasoning_variant_ends_open(models):

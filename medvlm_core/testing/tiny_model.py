@@ -4,7 +4,8 @@
 llama-cpp-python and its libmtmd bindings) loads and runs like a real
 vision-language model:
 
-* a text model GGUF (a 2-layer decoder with a 64-wide hidden state), and
+* a text model GGUF (a 2-layer decoder with a 64-wide hidden state, 128 for
+  MiniCPM-V), and
 * an "mmproj" GGUF (a 2-block vision encoder plus the projector that maps
   image patches into the text model's embedding space).
 
@@ -14,6 +15,10 @@ paths in llama.cpp's ``clip.cpp`` / libmtmd run as for the real model:
 
 * ``"llava"``: text architecture ``llama`` + ``clip`` projector ``mlp``
   (every image becomes 64 image tokens).
+* ``"llavanext"``: the llava text model without a chat template (as the
+  LLaVA-1.6 conversions ship) + projector ``mlp`` with
+  ``image_grid_pinpoints`` (llava-uhd tiling: a page becomes a grid of
+  64-token tiles plus the overview) and an ``image_newline`` embedding.
 * ``"qwen2vl"``: text architecture ``qwen2vl`` (M-RoPE, QKV bias) +
   ``clip`` projector ``qwen2vl_merger`` (dynamic resolution: the number of
   image tokens grows with the image size).
@@ -24,6 +29,9 @@ paths in llama.cpp's ``clip.cpp`` / libmtmd run as for the real model:
   position embeddings resized to the image, one deepstack merger).
 * ``"gemma3"``: text architecture ``gemma3`` (QK norm, post-norms, sliding
   window) + projector ``gemma3`` (SigLIP, 4x4 average pooling, 16 tokens).
+* ``"gemma4"``: text architecture ``gemma4`` (a sliding-window and a
+  full-attention layer, proportional RoPE) + projector ``gemma4v`` (2-D
+  RoPE ViT with learned x/y position tables, 3x3 pooling, variable size).
 * ``"internvl"``: text architecture ``qwen2`` + projector ``internvl``
   (InternViT with layer scale, pixel shuffle, dynamic tiling: each page
   becomes up to 6 tiles plus a thumbnail, 16 tokens each).
@@ -63,7 +71,9 @@ import numpy as np
 
 __all__ = ["FAMILIES", "REASONING_FAMILIES", "TinyModel", "make_tiny_model", "thinking_template"]
 
-FAMILIES = ("llava", "qwen2vl", "qwen25vl", "qwen3vl", "gemma3", "internvl", "minicpmv", "idefics3", "pixtral")
+FAMILIES = (
+    "llava", "llavanext", "qwen2vl", "qwen25vl", "qwen3vl", "gemma3", "gemma4", "internvl", "minicpmv", "idefics3", "pixtral",
+)
 """Model families `make_tiny_model` can generate."""
 
 
@@ -270,7 +280,8 @@ def _add_tokenizer(writer: gguf.GGUFWriter, vocab: _Vocab, chat_template: str, b
     # Like Qwen: prompts start with <|im_start|>, not with a BOS token
     # (Gemma's start with <bos>, added by the tokenizer).
     writer.add_add_bos_token(add_bos)
-    writer.add_chat_template(chat_template)
+    if chat_template:  # "" = a model without a template (classic LLaVA conversions)
+        writer.add_chat_template(chat_template)
 
 
 # --------------------------------------------------------------------------
@@ -346,7 +357,7 @@ def _write_text_model(writer: gguf.GGUFWriter, family: str, rng: np.random.Gener
         writer.add_rope_dimension_sections(QWEN2VL_ROPE_SECTIONS)
     else:
         writer.add_rope_freq_base(10_000.0)
-    _add_tokenizer(writer, vocab, template or (QWEN2VL_TEMPLATE if is_qwen else CHATML_TEMPLATE))
+    _add_tokenizer(writer, vocab, template if template is not None else (QWEN2VL_TEMPLATE if is_qwen else CHATML_TEMPLATE))
 
     writer.add_tensor("token_embd.weight", _matrix(rng, len(vocab.tokens), TEXT_EMBD))
     writer.add_tensor("output_norm.weight", _ones(TEXT_EMBD))
@@ -451,8 +462,6 @@ def _write_mmproj(writer: gguf.GGUFWriter, family: str, rng: np.random.Generator
 # model's template (Qwen3-*-Thinking, QwQ) writes there instead.
 CHATML_GENERATION_PROMPT = "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 THINKING_GENERATION_PROMPT = "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
 
 # Qwen3-VL-Instruct's layout (no default system turn, vision tokens in place
 # of each image part), without its tool-calling branches.
@@ -511,6 +520,27 @@ GEMMA3_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
+
+# google/gemma-4-31B-it's layout (thinking off: the generation prompt holds
+# an empty thought channel), without its tool-calling branches.
+GEMMA4_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "<|turn>{{ role }}\n"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|image|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<turn|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n"
+    "{% if not enable_thinking | default(false) %}<|channel>thought\n<channel|>{% endif %}{% endif %}"
+)
+GEMMA4_SPECIAL_TOKENS = [
+    "<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>", "<|channel>", "<channel|>",
+]
 
 # Gemma's control tokens (SentencePiece in the real model; a byte-level BPE
 # here, which llama.cpp runs the same way).
@@ -586,6 +616,16 @@ GEMMA3_IMAGE_SIZE = 64
 GEMMA3_PATCH_SIZE = 4
 GEMMA3_SLIDING_WINDOW = 512
 
+# Gemma 4: 16-pixel patches in the real model, 28 here; clip.cpp pools 3x3
+# patches into a token (84 pixels): a letter page is about 12x15 tokens.
+GEMMA4_PATCH_SIZE = 28
+GEMMA4_IMAGE_SIZE = 896
+# Rows of each learned position table (x and y; 10240 in the real model): a
+# patch column or row index past it would read out of bounds, so room for
+# pages of extreme aspect ratio. F16, looked up by row.
+GEMMA4_POS_TABLE = 512
+GEMMA4_SLIDING_WINDOW = 512
+
 # InternVL: 32-pixel tiles of 8x8 patches, pixel shuffle by 2 -> 16 tokens
 # per tile; a page is cut into up to 6 tiles plus a thumbnail.
 INTERNVL_IMAGE_SIZE = 32
@@ -615,7 +655,7 @@ IDEFICS3_LONGEST_EDGE = 64
 
 # Pixtral (Mistral Small 3.1): 28-pixel patches here (16 in the real model),
 # merged 2x2, plus one [IMG_BREAK] per row but the last: a letter page is
-# 17x23 + 22 = 413 image tokens.
+# 18x23 + 22 = 436 image tokens.
 PIXTRAL_PATCH_SIZE = 28
 PIXTRAL_IMAGE_SIZE = 1540
 PIXTRAL_MERGE = 2
@@ -657,6 +697,11 @@ _TEXT_SPECS = {
         arch="gemma3", template=GEMMA3_TEMPLATE, qk_norm=True, post_norms=True,
         sliding_window=GEMMA3_SLIDING_WINDOW, specials=GEMMA3_SPECIAL_TOKENS,
         bos="<bos>", eos="<end_of_turn>", add_bos=True,
+    ),
+    "gemma4": _TextSpec(
+        arch="gemma4", template=GEMMA4_TEMPLATE, qk_norm=True, post_norms=True,
+        sliding_window=GEMMA4_SLIDING_WINDOW, specials=GEMMA4_SPECIAL_TOKENS,
+        bos="<bos>", eos="<turn|>", add_bos=True,
     ),
     "internvl": _TextSpec(
         arch="qwen2", template=INTERNVL_TEMPLATE, qkv_bias=True,
@@ -725,6 +770,15 @@ def _write_decoder(writer: gguf.GGUFWriter, spec: _TextSpec, rng: np.random.Gene
     if spec.sliding_window is not None:
         writer.add_sliding_window(spec.sliding_window)
         writer.add_rope_freq_base_swa(10_000.0)
+    is_gemma4 = spec.arch == "gemma4"
+    if is_gemma4:
+        # Layer 0 slides, layer 1 attends globally (5:1 in the real models);
+        # no per-layer input embeddings (as the 31B model).
+        writer.add_array("gemma4.attention.sliding_window_pattern", [True, False])
+        writer.add_uint32("gemma4.attention.key_length_swa", head_dim)
+        writer.add_uint32("gemma4.attention.value_length_swa", head_dim)
+        writer.add_uint32("gemma4.embedding_length_per_layer_input", 0)
+        writer.add_float32("gemma4.final_logit_softcapping", 30.0)
     pad = "<pad>" if "<pad>" in spec.specials else None
     _add_tokenizer(writer, vocab, template, bos=spec.bos, eos=spec.eos, add_bos=spec.add_bos, pad=pad)
 
@@ -732,6 +786,9 @@ def _write_decoder(writer: gguf.GGUFWriter, spec: _TextSpec, rng: np.random.Gene
     writer.add_tensor("token_embd.weight", _matrix(rng, len(vocab.tokens), n))
     writer.add_tensor("output_norm.weight", _ones(n))
     writer.add_tensor("output.weight", _output_matrix(rng, vocab, n))
+    if is_gemma4:
+        # Frequency factors of the full-attention layers' proportional RoPE.
+        writer.add_tensor("rope_freqs.weight", _ones(head_dim // 2))
     for layer in range(TEXT_LAYERS):
         prefix = f"blk.{layer}."
         writer.add_tensor(prefix + "attn_norm.weight", _ones(n))
@@ -782,12 +839,16 @@ def _vision_header(writer: gguf.GGUFWriter, name: str, projector: str, image_siz
 
 
 def _vision_block(writer: gguf.GGUFWriter, rng: np.random.Generator, block: int, fused_qkv: bool = False,
-                  layer_scale: bool = False, rms_norm: bool = False, gated: bool = False) -> None:
+                  layer_scale: bool = False, rms_norm: bool = False, gated: bool = False, gemma4: bool = False) -> None:
     """One pre-norm ViT block: ``v.blk.N.*``.
 
     Options: fused ``attn_qkv`` (Qwen3-VL), ``ls1``/``ls2`` layer scale
-    (InternViT), RMS norms without bias and a gated FFN (Qwen2.5-VL).
+    (InternViT), RMS norms without bias and a gated FFN (Qwen2.5-VL), and
+    Gemma 4's per-head QK norms and post-attention / post-FFN norms.
     """
+    if gemma4:
+        _gemma4_vision_block(writer, rng, block)
+        return
     prefix = f"v.blk.{block}."
     writer.add_tensor(prefix + "ln1.weight", _ones(VISION_EMBD))
     if not rms_norm:
@@ -814,6 +875,35 @@ def _vision_block(writer: gguf.GGUFWriter, rng: np.random.Generator, block: int,
     if layer_scale:
         writer.add_tensor(prefix + "ls1.weight", np.full(VISION_EMBD, 0.5, dtype=np.float32))
         writer.add_tensor(prefix + "ls2.weight", np.full(VISION_EMBD, 0.5, dtype=np.float32))
+
+
+def _gemma4_vision_block(writer: gguf.GGUFWriter, rng: np.random.Generator, block: int) -> None:
+    """A Gemma 4 ViT block: RMS norms, no biases, per-head QK norms, post-norms, gated FFN."""
+    prefix = f"v.blk.{block}."
+    head_dim = VISION_EMBD // VISION_HEADS
+    writer.add_tensor(prefix + "ln1.weight", _ones(VISION_EMBD))
+    for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+        writer.add_tensor(prefix + name + ".weight", _matrix(rng, VISION_EMBD, VISION_EMBD))
+    writer.add_tensor(prefix + "attn_q_norm.weight", _ones(head_dim))
+    writer.add_tensor(prefix + "attn_k_norm.weight", _ones(head_dim))
+    writer.add_tensor(prefix + "attn_post_norm.weight", _ones(VISION_EMBD))
+    writer.add_tensor(prefix + "ln2.weight", _ones(VISION_EMBD))
+    writer.add_tensor(prefix + "ffn_gate.weight", _matrix(rng, VISION_FF, VISION_EMBD))
+    writer.add_tensor(prefix + "ffn_up.weight", _matrix(rng, VISION_FF, VISION_EMBD))
+    writer.add_tensor(prefix + "ffn_down.weight", _matrix(rng, VISION_EMBD, VISION_FF))
+    writer.add_tensor(prefix + "ffn_post_norm.weight", _ones(VISION_EMBD))
+
+
+def _write_gemma4_mmproj(writer: gguf.GGUFWriter, name: str, rng: np.random.Generator) -> None:
+    """Gemma 4's vision tower and embedder: ``gemma4v`` (x/y position tables, 2-D RoPE, 3x3 pooling)."""
+    patch = GEMMA4_PATCH_SIZE
+    _vision_header(writer, name, "gemma4v", GEMMA4_IMAGE_SIZE, patch, TEXT_EMBD, HALF, HALF)
+    writer.add_tensor("v.patch_embd.weight", _matrix(rng, VISION_EMBD, 3, patch, patch))
+    # Two lookup tables, x then y: numpy (2, rows, n_embd).
+    writer.add_tensor("v.position_embd.weight", _matrix(rng, 2, GEMMA4_POS_TABLE, VISION_EMBD))
+    for block in range(VISION_LAYERS):
+        _vision_block(writer, rng, block, gemma4=True)
+    writer.add_tensor("mm.input_projection.weight", _matrix(rng, TEXT_EMBD, VISION_EMBD))
 
 
 def _write_qwen3vl_mmproj(writer: gguf.GGUFWriter, name: str, rng: np.random.Generator) -> None:
@@ -917,6 +1007,31 @@ def _write_minicpmv_mmproj(writer: gguf.GGUFWriter, name: str, rng: np.random.Ge
     writer.add_tensor("resampler.pos_embed_k", _zeros(text).reshape(1, text))
 
 
+# LLaVA-1.6: resolutions a page is tiled at (multiples of the 32-pixel tile
+# in the real list's shapes: 1x1, 1x2, 2x1, 2x2, 1x3, 3x1).
+LLAVANEXT_PINPOINTS = [32, 32, 32, 64, 64, 32, 64, 64, 32, 96, 96, 32]
+
+
+def _write_llavanext_mmproj(writer: gguf.GGUFWriter, name: str, rng: np.random.Generator) -> None:
+    """LLaVA-1.6's CLIP tower and MLP: ``mlp`` with grid pinpoints (llava-uhd tiling) and an image newline."""
+    patch, text = LLAVA_PATCH_SIZE, TEXT_EMBD
+    _vision_header(writer, name, "mlp", LLAVA_IMAGE_SIZE, patch, text, IMAGE_MEAN, IMAGE_STD)
+    writer.add_array("clip.vision.image_grid_pinpoints", LLAVANEXT_PINPOINTS)
+    writer.add_string("clip.vision.mm_patch_merge_type", "spatial_unpad")
+    writer.add_tensor("v.patch_embd.weight", _matrix(rng, VISION_EMBD, 3, patch, patch))
+    writer.add_tensor("v.class_embd", rng.standard_normal(VISION_EMBD, dtype=np.float32) * WEIGHT_STD)
+    writer.add_tensor("v.position_embd.weight", _pos_embd(rng, (LLAVA_IMAGE_SIZE // patch) ** 2 + 1))
+    writer.add_tensor("v.pre_ln.weight", _ones(VISION_EMBD))
+    writer.add_tensor("v.pre_ln.bias", _zeros(VISION_EMBD))
+    for block in range(VISION_LAYERS):
+        _vision_block(writer, rng, block)
+    writer.add_tensor("mm.0.weight", _matrix(rng, text, VISION_EMBD))
+    writer.add_tensor("mm.0.bias", _bias(rng, text))
+    writer.add_tensor("mm.2.weight", _matrix(rng, text, text))
+    writer.add_tensor("mm.2.bias", _bias(rng, text))
+    writer.add_tensor("v.image_newline", rng.standard_normal(text, dtype=np.float32) * WEIGHT_STD)
+
+
 def _write_qwen25vl_mmproj(writer: gguf.GGUFWriter, name: str, rng: np.random.Generator) -> None:
     """Qwen2.5-VL's vision tower: ``qwen2.5vl_merger`` (RMS norms, SiLU-gated FFN, window attention)."""
     patch, text = QWEN2VL_PATCH_SIZE, TEXT_EMBD
@@ -978,12 +1093,13 @@ _MMPROJ_WRITERS: dict[str, Callable[[gguf.GGUFWriter, str, np.random.Generator],
     "pixtral": _write_pixtral_mmproj,
     "qwen3vl": _write_qwen3vl_mmproj,
     "gemma3": _write_gemma3_mmproj,
+    "gemma4": _write_gemma4_mmproj,
     "internvl": _write_internvl_mmproj,
     "minicpmv": _write_minicpmv_mmproj,
 }
 
-REASONING_FAMILIES = tuple(f for f in FAMILIES if f not in ("gemma3", "idefics3", "pixtral"))
-"""Families with a ChatML template, so a reasoning (``<think>``) variant: all but Gemma 3, SmolVLM and Pixtral."""
+REASONING_FAMILIES = tuple(f for f in FAMILIES if f not in ("llavanext", "gemma3", "gemma4", "idefics3", "pixtral"))
+"""Families with a ChatML template, so a reasoning (``<think>``) variant (not LLaVA-1.6: no template at all)."""
 
 
 def _write_gguf(path: Path, arch: str, fill: Callable[[gguf.GGUFWriter], None]) -> None:
@@ -1032,13 +1148,14 @@ def make_tiny_model(
 
     Args:
         out_dir: Directory for the two files.
-        family: One of `FAMILIES` (``"llava"``, ``"qwen2vl"``, ``"qwen25vl"``,
-            ``"qwen3vl"``, ``"gemma3"``, ``"internvl"``, ``"minicpmv"``,
+        family: One of `FAMILIES` (``"llava"``, ``"llavanext"``, ``"qwen2vl"``, ``"qwen25vl"``,
+            ``"qwen3vl"``, ``"gemma3"``, ``"gemma4"``, ``"internvl"``, ``"minicpmv"``,
             ``"idefics3"``, ``"pixtral"``).
         seed: Non-negative seed of the random weights.
         chat_template: A Jinja chat template that replaces the family's
             default ``tokenizer.chat_template`` (e.g. a custom layout, or one
-            that opens ``<think>`` in the generation prompt).
+            that opens ``<think>`` in the generation prompt); ``""`` writes
+            none (as classic LLaVA conversions).
         reasoning: Write the reasoning variant: ``<think>``/``</think>`` in the
             vocabulary and a Qwen3-thinking-style template whose generation
             prompt ends with ``<|im_start|>assistant\\n<think>\\n`` (see
@@ -1050,8 +1167,8 @@ def make_tiny_model(
 
     Raises:
         ValueError: If ``family`` is not one of `FAMILIES`, or ``reasoning``
-            is asked of a family without a ChatML template (Gemma 3, SmolVLM,
-            Pixtral).
+            is asked of a family without a ChatML template (Gemma 3 and 4,
+            SmolVLM, Pixtral).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
@@ -1070,17 +1187,21 @@ def make_tiny_model(
     # layout does not change the other's weights.
     text_rng, vision_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
     mmproj_name = f"tiny-{family}-mmproj"
-    if family in ("llava", "qwen2vl", "qwen25vl"):
-        # Qwen2.5-VL's text model is Qwen2-VL's (architecture qwen2vl).
-        text_family = "llava" if family == "llava" else "qwen2vl"
+    if family in ("llava", "llavanext", "qwen2vl", "qwen25vl"):
+        # Qwen2.5-VL's text model is Qwen2-VL's (architecture qwen2vl), LLaVA-1.6's is LLaVA's.
+        text_family = "qwen2vl" if family.startswith("qwen") else "llava"
         template = chat_template
         if template is None and reasoning:
             template = thinking_template(QWEN2VL_TEMPLATE if text_family == "qwen2vl" else CHATML_TEMPLATE)
-        text_arch = "llama" if family == "llava" else "qwen2vl"
+        if template is None and family == "llavanext":
+            template = ""  # no tokenizer.chat_template
+        text_arch = "llama" if text_family == "llava" else "qwen2vl"
         _write_gguf(model.model_path, text_arch,
                     lambda w: _write_text_model(w, text_family, text_rng, stem, template, reasoning))
         if family == "qwen25vl":
             _write_gguf(model.mmproj_path, "clip", lambda w: _write_qwen25vl_mmproj(w, mmproj_name, vision_rng))
+        elif family == "llavanext":
+            _write_gguf(model.mmproj_path, "clip", lambda w: _write_llavanext_mmproj(w, mmproj_name, vision_rng))
         else:
             _write_gguf(model.mmproj_path, "clip", lambda w: _write_mmproj(w, family, vision_rng))
         return model
