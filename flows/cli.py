@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="./medvlm-demo")
     demo.add_argument("--model", help="text model GGUF (default: generate the tiny random model)")
     demo.add_argument("--mmproj", help="vision projector GGUF (with --model)")
-    demo.add_argument("--family", default="llava", help="tiny model family when generating (llava, qwen2vl)")
+    demo.add_argument("--family", default="llava", help="tiny model family when generating (see README: Model families)")
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.add_argument("--mode", choices=["text", "structured"], default="text",
                       help="structured: schema-constrained JSON into diagnoses/medications/instructions tables")
@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = add("make-tiny-model", help="write a tiny random-weight VLM (text GGUF + mmproj) for tests")
     tiny.add_argument("--out", required=True)
-    tiny.add_argument("--family", default="llava")
+    tiny.add_argument("--family", default="llava", help="llava, qwen2vl, qwen3vl, gemma3, internvl, minicpmv, ... "
+                      "(README: Model families)")
+    tiny.add_argument("--reasoning", action="store_true", help="a Qwen3-style template that opens a thinking block")
     tiny.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -280,7 +282,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from medvlm_core.testing.tiny_model import make_tiny_model
 
     try:
-        model = make_tiny_model(args.out, family=args.family, seed=args.seed)
+        model = make_tiny_model(args.out, family=args.family, seed=args.seed, reasoning=args.reasoning)
     except ValueError as exc:
         print(f"medvlm: error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
