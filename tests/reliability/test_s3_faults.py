@@ -54,7 +54,7 @@ def test_run_survives_faults_with_every_page_accounted_for(s3_server, s3, tmp_pa
     s3.put(str(tiny_llava.mmproj_path), f"{prefix}/models/mmproj.gguf")
     monkeypatch.setenv("MEDVLM_CACHE_DIR", str(tmp_path / "cache"))
 
-    with FaultProxy(s3_server.endpoint_url, rate=0.15, seed=7, slow_seconds=0.3) as proxy:
+    with FaultProxy(s3_server.endpoint_url, rate=0.20, seed=7, slow_seconds=0.3) as proxy:
         summary = batch(
             manifest=f"{prefix}/in/m.csv", output=f"{prefix}/out", model=f"{prefix}/models/model.gguf",
             mmproj=f"{prefix}/models/mmproj.gguf", max_tokens=4, n_ctx=2048, chunk_size=4, s3_endpoint=proxy.endpoint,
@@ -68,7 +68,7 @@ def test_run_survives_faults_with_every_page_accounted_for(s3_server, s3, tmp_pa
     read = lambda table: ds.dataset(f"{prefix}/out/{table}".replace("s3://", ""), filesystem=s3,  # noqa: E731
                                     format="parquet", partitioning="hive").to_table().to_pylist()
     rows = read("completions")
-    record("S3: a run behind a 15% fault proxy", inputs=len(records), faults=injected,
+    record("S3: a run behind a 20% fault proxy", inputs=len(records), faults=injected,
            rows_lost=len(records) - len({r["manifest_row"] for r in rows}))
     assert sorted(r["manifest_row"] for r in rows) == list(range(1, 14))  # one row per manifest row
     [run] = read("runs")
