@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -10,6 +12,8 @@ from pathlib import Path
 import pyarrow.dataset as ds
 
 from conftest import write_manifest
+
+pytestmark = pytest.mark.e2e  # pytest -m 'not e2e' leaves these out
 
 MEDVLM = str(Path(sys.executable).with_name("medvlm"))
 

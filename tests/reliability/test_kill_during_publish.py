@@ -7,6 +7,8 @@ process group the moment the run's first table file is published (before its com
 
 from __future__ import annotations
 
+import pytest
+
 import glob
 import os
 import signal
@@ -20,6 +22,8 @@ import pyarrow.dataset as ds
 
 from conftest import write_manifest
 from report import record
+
+pytestmark = pytest.mark.e2e  # pytest -m 'not e2e' leaves these out
 
 MEDVLM = str(Path(sys.executable).with_name("medvlm"))
 
