@@ -211,7 +211,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except RunError as exc:
         print(f"medvlm: error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
-    print(f"{args.manifest}: {plan.total_rows} rows, {len(plan.rows)} valid, {len(plan.quarantined)} would be quarantined")
+    print(f"{args.manifest}: {plan.total_rows} rows, {plan.valid_rows} valid, {len(plan.quarantined)} would be quarantined")
     by_check: dict[str, list[dict]] = {}
     for record in plan.quarantined:
         by_check.setdefault(f"{record['column']}: {record['check']}", []).append(record)

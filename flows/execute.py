@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import unmapped
 
-from medvlm_core import results
+from medvlm_core import done_index, results
 from medvlm_core.accounting import ChunkSummary
 from medvlm_core.chunks import stage_failed_rows
 from medvlm_core.engine.registry import shared_engine
@@ -58,7 +58,8 @@ def run_chunks(logger: Any, ctx: RunContext, spec: RunSpec, rows: list[ManifestR
                        plan.compute_mb)
     if ctx.saved_defaults:
         logger.info("run %s: options from the model zip's saved parameters: %s", spec.run_id, ", ".join(sorted(ctx.saved_defaults)))
-    done = results.DoneKeys() if spec.force else results.load_done_keys(ctx.storage, ctx.output)
+    documents = {r.document_id for r in rows}  # only their buckets of the done index are read
+    done = results.DoneKeys() if spec.force else done_index.load_done_keys(ctx.storage, ctx.output, documents)
     if len(done):
         logger.info("run %s: %d pages already have ok results in the output and are skipped", spec.run_id, len(done))
     chunks = split_chunks(rows, chunk_rows(ctx))

@@ -1,9 +1,10 @@
 """The ``medvlm-fanout`` flow: spread one manifest over GPU workers as ``medvlm-shard`` runs, then publish once.
 
-The parent (on a CPU pool) validates the manifest, splits the valid rows into shards sized to amortise the
-model load, launches one ``medvlm-shard`` deployment run per shard (they run in parallel on as many GPU
-workers as there are), waits for all of them, relaunches a failed or lost shard a bounded number of times,
-and publishes every shard's rows as one run. A shard that still failed has its rows recorded as
+The parent (on a CPU pool) validates the manifest a batch at a time and writes each shard's rows (shards sized
+to amortise the model load) to its plan file in the run's staging, keeps at most ``max_concurrent_shards``
+``medvlm-shard`` deployment runs in flight (they run in parallel on as many GPU workers as there are; a new one
+is created as one finishes, so the Prefect server never holds thousands of scheduled runs), waits for all,
+relaunches a failed or lost shard a bounded number of times, and publishes every shard's rows as one run. A shard that still failed has its rows recorded as
 ``task_failed`` error rows (nothing is lost) and the flow run fails, naming the shard and the reason.
 """
 
@@ -13,11 +14,11 @@ import asyncio
 from typing import Any
 
 from prefect import flow, get_client, get_run_logger
+from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
 from prefect.deployments import run_deployment
 from prefect.flow_runs import wait_for_flow_run
 from prefect.states import Cancelled, Failed
 
-from flows.execute import split_chunks
 from flows.finish import finish_run
 from flows.setup import guard_output, start_run
 from flows.shard import read_shard_record
@@ -26,10 +27,16 @@ from medvlm_core.accounting import ChunkSummary
 from medvlm_core.chunks import discard_staged_shard, stage_failed_rows
 from medvlm_core.config import EngineConfig
 from medvlm_core.errors import RunError
-from medvlm_core.manifest import read_manifest
+from medvlm_core.manifest import plan_manifest
 from medvlm_core.models import ModelIdentity
 from medvlm_core.options import RunOptions
 from medvlm_core.run import RunContext, make_spec, prepare_model, release_output
+from medvlm_core.shards import ShardPlanWriter, read_shard_rows
+
+# Shard runs in flight per slot of the shard pool (so each worker has its next shard queued), and without a
+# readable pool.
+SHARDS_PER_SLOT = 2
+UNKNOWN_POOL_SHARDS = 8
 
 
 @flow(name="medvlm-fanout", log_prints=False, validate_parameters=False)
@@ -43,6 +50,7 @@ async def medvlm_fanout(
     max_shard_attempts: int = 2,
     shard_deployment: str = "medvlm-shard/medvlm-shard",
     shard_timeout_seconds: float = 6 * 3600,
+    max_concurrent_shards: int | None = None,
 ) -> Any:
     """Run ``manifest`` through ``shard_deployment`` runs in parallel and publish the results under ``output``.
 
@@ -56,6 +64,8 @@ async def medvlm_fanout(
         max_shard_attempts: launches per shard before its rows become ``task_failed`` error rows.
         shard_deployment: the ``medvlm-shard`` deployment to launch.
         shard_timeout_seconds: a shard lost with its worker is noticed after this long and relaunched.
+        max_concurrent_shards: shard runs in flight at once (created as others finish); default
+            ``default_concurrency``: twice the shard pool's capacity.
 
     Returns:
         The run's summary (with ``shards``), or a Failed state naming the shards that failed.
@@ -65,7 +75,7 @@ async def medvlm_fanout(
         ctx = start_run(output, model, mmproj, options)
         try:  # _fan_out takes the output's lease (guard_output); the shards work under it
             return await _fan_out(logger, ctx, st.normalize(manifest), shard_size, max_shard_attempts, shard_deployment,
-                                  shard_timeout_seconds)
+                                  shard_timeout_seconds, max_concurrent_shards)
         finally:
             release_output(ctx)
     except RunError as exc:
@@ -95,31 +105,43 @@ async def _run_shard(deployment: str, parameters: dict, timeout: float) -> tuple
 
 
 async def _fan_out(logger: Any, ctx: RunContext, manifest: str, shard_size: int, max_attempts: int, deployment: str,
-                   timeout: float) -> Any:
+                   timeout: float, max_concurrent: int | None) -> Any:
     storage, layout, run_id = ctx.storage, ctx.output, ctx.run_id
-    plan = read_manifest(manifest, storage, ctx.policy)
     guard_output(logger, ctx)
-    shards = split_chunks([r.row_number for r in plan.rows], shard_size)
-    logger.info("run %s: %d manifest rows (%d quarantined) in %d shards", run_id, plan.total_rows, len(plan.quarantined), len(shards))
+    # The manifest is validated a batch at a time and each shard's rows go straight to its plan file.
+    writer = ShardPlanWriter(storage, layout, run_id, shard_size)
+    plan = plan_manifest(manifest, storage, ctx.policy, sink=writer)
+    count = writer.close()
+    limit = max_concurrent or await default_concurrency(deployment)
+    logger.info("run %s: %d manifest rows (%d quarantined) in %d shards, at most %d at a time", run_id, plan.total_rows,
+                len(plan.quarantined), count, limit)
 
-    pending = list(range(len(shards)))
+    pending = list(range(count))
     reasons: dict[int, str] = {}
     attempts = {i: 0 for i in pending}
     options = ctx.requested  # each shard resolves the same defaults (a model zip's saved parameters) itself
+    progress = ShardProgress(logger, run_id, count)
+    await progress.start()
+    slots = asyncio.Semaphore(limit)  # a shard run is created only when a slot is free
+
+    async def run_one(index: int) -> tuple[bool, str]:
+        parameters = dict(manifest=manifest, output=layout.root, model=ctx.model, mmproj=ctx.mmproj, run_id=run_id,
+                          shard_index=index, options=options)
+        async with slots:
+            ok, reason = await _run_shard(deployment, parameters, timeout)
+        ok = ok and read_shard_record(storage, layout, run_id, index) is not None
+        await progress.finished(index, ok)
+        return ok, reason
+
     for attempt in range(1, max(1, max_attempts) + 1):
         if not pending:
             break
         for i in pending:
             attempts[i] = attempt
-        parameters = [
-            dict(manifest=manifest, output=layout.root, model=ctx.model, mmproj=ctx.mmproj, run_id=run_id,
-                 shard_index=i, row_numbers=shards[i], options=options)
-            for i in pending
-        ]
-        outcomes = await asyncio.gather(*[_run_shard(deployment, p, timeout) for p in parameters])
+        outcomes = await asyncio.gather(*[run_one(i) for i in pending])
         failed = []
         for index, (ok, reason) in zip(pending, outcomes):
-            if ok and read_shard_record(storage, layout, run_id, index) is not None:
+            if ok:
                 reasons.pop(index, None)
             else:
                 reasons[index] = reason or "finished without its record"
@@ -127,7 +149,7 @@ async def _fan_out(logger: Any, ctx: RunContext, manifest: str, shard_size: int,
                 logger.warning("shard %d attempt %d failed: %s", index, attempt, reasons[index])
         pending = failed
 
-    records = [r for i in range(len(shards)) if (r := read_shard_record(storage, layout, run_id, i)) is not None]
+    records = [r for i in range(count) if (r := read_shard_record(storage, layout, run_id, i)) is not None]
     summaries = [ChunkSummary.from_json(r["summary"]) for r in records]
     if records:
         identity, params = ModelIdentity(**records[0]["identity"]), records[0]["params_json"]
@@ -137,9 +159,8 @@ async def _fan_out(logger: Any, ctx: RunContext, manifest: str, shard_size: int,
     if pending:
         # No model is loaded here: the spec only labels the error rows (its engine config is a placeholder).
         spec = make_spec(ctx, EngineConfig.of("", "", ctx.options.engine), identity)
-        by_number = {r.row_number: r for r in plan.rows}
         for index in pending:
-            rows = [by_number[n] for n in shards[index]]
+            rows = read_shard_rows(storage, layout, run_id, index)
             discard_staged_shard(storage, spec, index)  # a lost attempt may have staged part of it
             summaries.append(
                 stage_failed_rows(0, rows, spec, storage, f"shard {index} failed after {max_attempts} attempt(s): {reasons[index]}", index)
@@ -148,11 +169,76 @@ async def _fan_out(logger: Any, ctx: RunContext, manifest: str, shard_size: int,
         logger, ctx, manifest, plan, summaries, identity, params,
         audit={"shards": [
             {k: r[k] for k in ("shard_index", "worker", "started_at", "finished_at")} for r in records
-        ], "failed_shards": {str(i): reasons[i] for i in pending}, "shard_attempts": {str(i): n for i, n in attempts.items()}},
+        ], "failed_shards": {str(i): reasons[i] for i in pending}, "shard_attempts": {str(i): n for i, n in attempts.items()},
+            "max_concurrent_shards": limit},
         memory=next((r["memory"] for r in records if r.get("memory")), None),
     )
-    summary["shards"] = len(shards)
+    summary["shards"] = count
     if pending:
         detail = "; ".join(f"shard {i}: {reasons[i]}" for i in pending)
-        return Failed(message=f"{len(pending)} of {len(shards)} shard(s) failed ({detail}); their rows are error rows in run {run_id}")
+        return Failed(message=f"{len(pending)} of {count} shard(s) failed ({detail}); their rows are error rows in run {run_id}")
     return summary
+
+
+async def default_concurrency(deployment: str) -> int:
+    """How many shard runs a fan-out keeps in flight when ``max_concurrent_shards`` is not given:
+    ``SHARDS_PER_SLOT`` x the shard pool's capacity (its concurrency limit, else its online workers), so every
+    worker has its next shard queued while the Prefect server holds a bounded number of runs.
+
+    Args:
+        deployment: the shard deployment (``flow/deployment``).
+
+    Returns:
+        The limit (``UNKNOWN_POOL_SHARDS`` when the pool cannot be read).
+    """
+    try:
+        async with get_client() as client:
+            found = await client.read_deployment_by_name(deployment)
+            pool = await client.read_work_pool(found.work_pool_name)
+            capacity = pool.concurrency_limit
+            if not capacity:
+                workers = await client.read_workers_for_work_pool(found.work_pool_name)
+                capacity = sum(1 for w in workers if str(getattr(w, "status", "")).upper().endswith("ONLINE"))
+    except Exception:  # no such deployment or pool: the launch itself reports it, shard by shard
+        return UNKNOWN_POOL_SHARDS
+    return SHARDS_PER_SLOT * capacity if capacity else UNKNOWN_POOL_SHARDS
+
+
+class ShardProgress:
+    """The fan-out's progress while it runs: a log line and a Prefect progress artifact per finished shard.
+
+    Args:
+        logger: the flow run's logger.
+        run_id: the run.
+        shards: how many shards it has.
+    """
+
+    def __init__(self, logger: Any, run_id: str, shards: int):
+        self.logger, self.run_id, self.shards = logger, run_id, shards
+        self.done: set[int] = set()
+        self.artifact_id: Any = None
+
+    async def start(self) -> None:
+        """Create the progress artifact (0 %)."""
+        try:
+            self.artifact_id = await acreate_progress_artifact(
+                0.0, description=f"medvlm run {self.run_id}: shards finished of {self.shards}")
+        except Exception:  # progress is a convenience: never fail a run over it
+            self.artifact_id = None
+
+    async def finished(self, index: int, ok: bool) -> None:
+        """Record a shard's end (an ``ok`` one counts towards the progress).
+
+        Args:
+            index: the shard.
+            ok: whether it finished with its record.
+        """
+        if ok:
+            self.done.add(index)
+        self.logger.info("run %s: shard %d %s; %d/%d shards done", self.run_id, index, "finished" if ok else "failed",
+                         len(self.done), self.shards)
+        if self.artifact_id is not None:
+            try:
+                await aupdate_progress_artifact(self.artifact_id, 100.0 * len(self.done) / max(1, self.shards))
+            except Exception:
+                pass

@@ -1,6 +1,7 @@
 """The ``medvlm-shard`` flow: the unit of GPU work, one slice of a fan-out run on one GPU worker.
 
-A shard reads the run's manifest, keeps its own rows, loads the model once for all of them, stages their
+A shard reads its own rows from the plan file its parent wrote (``medvlm_core.shards``; never the whole
+manifest), reads the done index for just its documents, loads the model once for all of them, stages their
 result rows under the parent run's staging folder and writes a small JSON record (counts, model identity,
 which worker ran it) there too. The parent run reads those records from storage, not Prefect results, so
 nothing depends on result persistence, and it publishes all shards' rows at once.
@@ -21,13 +22,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.execute import run_chunks
 from flows.setup import start_run
-from medvlm_core import storage as st
 from medvlm_core.accounting import merge_summaries
 from medvlm_core.errors import RunError
 from medvlm_core.layout import OutputLayout
-from medvlm_core.manifest import read_manifest
 from medvlm_core.options import RunOptions
 from medvlm_core.results import utc_now
+from medvlm_core.shards import read_shard_rows
 from medvlm_core.run import make_spec, prepare_model
 from medvlm_core.storage import Storage
 
@@ -57,19 +57,17 @@ def medvlm_shard(
     model: str,
     run_id: str,
     shard_index: int,
-    row_numbers: list[int],
     mmproj: str | None = None,
     options: RunOptions | None = None,
 ) -> Any:
-    """Process the manifest rows ``row_numbers`` of run ``run_id`` and stage their results.
+    """Process shard ``shard_index`` of run ``run_id`` (the rows its parent planned for it) and stage their results.
 
     Args:
-        manifest: the run's manifest URI.
+        manifest: the run's manifest URI (for the log; the shard reads its plan, not the manifest).
         output: the run's output.
         model: the model URI.
         run_id: the parent (fan-out) run.
         shard_index: this shard's number.
-        row_numbers: the manifest rows it processes.
         mmproj: the mmproj URI.
         options: the run's options (``medvlm_core.options.RunOptions``).
 
@@ -79,11 +77,7 @@ def medvlm_shard(
     logger = get_run_logger()
     try:
         ctx = start_run(output, model, mmproj, options, run_id=run_id)
-        manifest = st.normalize(manifest)
-        wanted = set(row_numbers)
-        rows = [r for r in read_manifest(manifest, ctx.storage, ctx.policy).rows if r.row_number in wanted]
-        if len(rows) != len(wanted):
-            raise RunError(f"shard {shard_index}: the manifest changed since the run was planned ({len(wanted) - len(rows)} rows gone)")
+        rows = read_shard_rows(ctx.storage, ctx.output, run_id, shard_index)
         engine, identity = prepare_model(ctx)
         spec = make_spec(ctx, engine, identity)
         logger.info("shard %d of run %s: %d manifest rows", shard_index, run_id, len(rows))

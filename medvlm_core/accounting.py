@@ -127,7 +127,7 @@ def reconciles(plan: ManifestPlan, total: ChunkSummary) -> tuple[bool, set[int]]
         ``(reconciled, skipped_rows)``; skipped rows are those with no written page at all.
     """
     skipped = total.skipped_rows - total.written_rows
-    expected = {r.row_number for r in plan.rows}
+    expected = set(plan.row_numbers)
     ok = (total.written_rows | skipped) == expected and (
         len(plan.quarantined) + len(skipped) + len(total.written_rows) == plan.total_rows
     )

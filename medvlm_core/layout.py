@@ -7,8 +7,10 @@
       <structured table>/run_date=.../part-<run_id>.parquet   diagnoses, medications, ... (structured mode)
       _staging/<run_id>/<table>/[shard-NNNNN-]chunk-NNNNNN.parquet   a run's rows while it is in flight
       _staging/<run_id>/shards/shard-NNNNN.json                      a finished shard's record (fan-out)
+      _staging/<run_id>/plans/shard-NNNNN.parquet                    a shard's validated rows (fan-out)
       _staging/<run_id>/_publish.json                                the run is being published (roll forward)
       _commits/<run_id>.json                                  written once, create-if-absent, when published
+      _index/done/bucket-XXXX.parquet                         answered pages by document (``medvlm_core.done_index``)
       _lease/lease-NNNNNNNNNNNN.json                          who holds the output's lease (``medvlm_core.lease``)
       _state/nightly/...                                      what the nightly flow has processed
 
@@ -24,6 +26,8 @@ from medvlm_core import storage as st
 
 PUBLISH_MARKER = "_publish.json"
 SHARD_RECORDS = "shards"  # the staging folder of shard records (not a table)
+SHARD_PLANS = "plans"  # the staging folder of shard plans (not a table)
+NOT_TABLES = (SHARD_RECORDS, SHARD_PLANS)  # staging folders that publishing leaves out
 
 
 def chunk_file_name(chunk_index: int, shard_index: int | None = None) -> str:
@@ -184,6 +188,18 @@ class OutputLayout:
         """
         return st.join(self.run_staging(run_id), SHARD_RECORDS, f"shard-{shard_index:05d}.json")
 
+    def shard_plan(self, run_id: str, shard_index: int) -> str:
+        """Where a fan-out leaves a shard's validated rows (``medvlm_core.manifest.write_plan``) for it to read.
+
+        Args:
+            run_id: the parent run.
+            shard_index: the shard.
+
+        Returns:
+            Its URL.
+        """
+        return st.join(self.run_staging(run_id), SHARD_PLANS, f"shard-{shard_index:05d}.parquet")
+
     def publish_marker(self, run_id: str) -> str:
         """The marker that says a run's publish has begun (see ``medvlm_core.publish``).
 
@@ -216,6 +232,15 @@ class OutputLayout:
             Its URL.
         """
         return st.join(self.run_staging(run_id), ".write-probe")
+
+    # -- the done index ----------------------------------------------------------------------------
+    def done_index(self) -> str:
+        """The folder of the done index (``medvlm_core.done_index``).
+
+        Returns:
+            Its URL.
+        """
+        return st.join(self.root, "_index", "done")
 
     # -- the lease -----------------------------------------------------------------------------------
     def lease(self) -> str:

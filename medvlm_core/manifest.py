@@ -1,4 +1,4 @@
-"""Reading manifests (CSV, JSONL or Parquet, by extension) into typed work rows.
+"""Reading manifests (CSV, JSONL or Parquet, by extension) into typed work rows, in bounded batches.
 
 A manifest lists the documents of a run, one row per document (or per selected page):
 
@@ -14,16 +14,22 @@ A manifest lists the documents of a run, one row per document (or per selected p
 ========================  ==========================================================================
 
 Table-level problems (unreadable file, unknown format, missing required column, no rows) raise
-``RunError`` before any model is loaded.
+``RunError`` before any model is loaded. ``plan_manifest`` validates the rows ``BATCH_ROWS`` at a time and
+hands each batch of valid rows, typed and resolved (``PLAN_SCHEMA``), to a sink: a fan-out writes them
+straight into its shards' plan files (``write_plan``), so no step holds a million ``ManifestRow`` objects;
+``read_manifest`` collects them for a batch run.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from array import array
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from medvlm_core import storage as st
 from medvlm_core.errors import DocumentError, RunError
@@ -36,6 +42,23 @@ REQUIRED_COLUMNS = ("document_id", "image_uri")
 OPTIONAL_COLUMNS = ("page", "prompt_id", "prompt", "patient_id", "encounter_id", "sha256")
 COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+# Rows validated at a time: pandera's and the quarantine's working memory is bounded by this, not by the manifest.
+BATCH_ROWS = 100_000
+
+# A valid row, typed and resolved: what a shard's plan file holds and what ``ManifestRow`` carries.
+PLAN_SCHEMA = pa.schema(
+    [
+        ("row_number", pa.int64()),
+        ("document_id", pa.string()),
+        ("image_uri", pa.string()),
+        ("page", pa.int32()),
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("patient_id", pa.string()),
+        ("encounter_id", pa.string()),
+        ("sha256", pa.string()),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +74,25 @@ class ManifestRow:
     patient_id: str | None = None
     encounter_id: str | None = None
     sha256: str | None = None
+
+
+@dataclass
+class ManifestPlan:
+    """A manifest split into the rows to process and the rows refused (quarantine records).
+
+    ``row_numbers`` always lists the valid rows (8 bytes each); ``rows`` holds them as ``ManifestRow`` unless
+    they went to a sink (``plan_manifest``), e.g. straight into a fan-out's shard plans.
+    """
+
+    quarantined: list[dict[str, Any]]
+    total_rows: int
+    row_numbers: array = field(default_factory=lambda: array("q"))
+    rows: list[ManifestRow] = field(default_factory=list)
+
+    @property
+    def valid_rows(self) -> int:
+        """How many rows are to be processed."""
+        return len(self.row_numbers)
 
 
 def manifest_format(url: str) -> str:
@@ -80,6 +122,7 @@ def read_manifest_frame(url: str, storage: Storage) -> pl.DataFrame:
             df = pl.read_parquet(io.BytesIO(data))
     except Exception as exc:  # polars raises many types for malformed input
         raise RunError(f"manifest {url}: not a readable {fmt} file ({type(exc).__name__})") from None
+    del data
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise RunError(f"manifest {url}: missing required column(s) {', '.join(missing)}; found {', '.join(df.columns) or 'none'}")
@@ -93,73 +136,184 @@ def read_manifest_frame(url: str, storage: Storage) -> pl.DataFrame:
     return df.select(COLUMNS)
 
 
-def _clean(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = str(value).strip()
-    return text or None
+def plan_manifest(
+    url: str,
+    storage: Storage,
+    policy: "LocationPolicy | None" = None,
+    sink: Callable[[pl.DataFrame], None] | None = None,
+    batch_rows: int = BATCH_ROWS,
+) -> ManifestPlan:
+    """Read and validate a manifest (pandera, lazily: every problem of a row at once), a batch at a time.
 
+    Args:
+        url: the manifest's URI.
+        storage: where it is.
+        policy: the deployment's allowed locations; an ``image_uri`` outside them is quarantined.
+        sink: receives each batch of valid rows (``PLAN_SCHEMA`` columns, in manifest order); None collects
+            them as ``ManifestRow`` in the plan's ``rows``.
+        batch_rows: rows validated at a time.
 
-def row_from_record(record: dict[str, Any], row_number: int, base_dir: str) -> ManifestRow:
-    """A typed ManifestRow from one record of strings. ValueError names the column if a value is invalid."""
-    document_id = _clean(record.get("document_id"))
-    image_uri = _clean(record.get("image_uri"))
-    if document_id is None:
-        raise ValueError("document_id is empty")
-    if image_uri is None:
-        raise ValueError("image_uri is empty")
-    page_text = _clean(record.get("page"))
-    page = None
-    if page_text is not None:
-        try:
-            page = int(float(page_text)) if float(page_text).is_integer() else None
-        except ValueError:
-            page = None
-        if page is None or page < 1:
-            raise ValueError("page must be an integer >= 1")
-    return ManifestRow(
-        row_number=row_number,
-        document_id=document_id,
-        image_uri=st.resolve(image_uri, base_dir),
-        page=page,
-        prompt_id=_clean(record.get("prompt_id")),
-        prompt=record.get("prompt") if _clean(record.get("prompt")) else None,
-        patient_id=_clean(record.get("patient_id")),
-        encounter_id=_clean(record.get("encounter_id")),
-        sha256=(_clean(record.get("sha256")) or "").lower() or None,
-    )
+    Returns:
+        The plan: the valid rows' numbers (and rows without a sink), one quarantine record per refused row
+        with all its reasons, and the manifest's row count.
 
-
-@dataclass
-class ManifestPlan:
-    """A manifest split into the rows to process and the rows refused (quarantine records)."""
-
-    rows: list[ManifestRow]
-    quarantined: list[dict[str, Any]]
-    total_rows: int
-
-
-def read_manifest(url: str, storage: Storage, policy: "LocationPolicy | None" = None) -> ManifestPlan:
-    """Read and validate a manifest (pandera, lazily: every problem at once).
-
-    RunError for table-level problems; each bad row becomes a quarantine record with its reasons, among
-    them an ``image_uri`` that resolves outside the ``policy``'s allowed locations.
+    Raises:
+        RunError: table-level problems (unreadable, unknown format, missing required column, no rows, a
+            manifest outside the policy).
     """
-    from medvlm_core.validation import ROW, RowProblem, problems_by_row, validate_manifest
+    from medvlm_core.validation import ROW, duplicate_problems, problems_by_row, validate_manifest
 
     url = st.normalize(url)
     if policy is not None:
         policy.require(url, "manifest")
-    frame = read_manifest_frame(url, storage)
-    valid, problems = validate_manifest(frame)
+    frame = read_manifest_frame(url, storage).with_row_index(ROW, offset=1).with_columns(pl.col(ROW).cast(pl.Int64))
+    duplicates = duplicate_problems(frame)  # (document_id, page) must be unique across the whole manifest
     base_dir = st.dirname(url)
-    rows = []
-    for record in valid.iter_rows(named=True):
-        row = row_from_record(record, record[ROW], base_dir)
-        if policy is not None and not policy.allows(row.image_uri):
-            problems.append(RowProblem(row.row_number, "image_uri", "location_policy", record["image_uri"],
-                                       "image_uri is outside the allowed locations of this deployment"))
-            continue
-        rows.append(row)
-    problems.sort(key=lambda p: (p.row_number, p.column or ""))
-    return ManifestPlan(rows=rows, quarantined=problems_by_row(problems, frame), total_rows=frame.height)
+    plan = ManifestPlan(quarantined=[], total_rows=frame.height)
+    for offset in range(0, frame.height, max(1, batch_rows)):
+        batch = frame.slice(offset, batch_rows)
+        problems = validate_manifest(batch)
+        first, last = offset + 1, offset + batch.height
+        problems += [p for p in duplicates if first <= p.row_number <= last]
+        refused = {p.row_number for p in problems}
+        valid = resolved_rows(batch.filter(~pl.col(ROW).is_in(list(refused))), base_dir)
+        if policy is not None and policy.allowed:
+            allowed = policy.allows_many(valid["image_uri"])
+            problems += _policy_problems(valid.filter(~allowed), batch)
+            valid = valid.filter(allowed)
+        problems.sort(key=lambda p: (p.row_number, p.column or ""))
+        plan.quarantined += problems_by_row(problems, batch)
+        plan.row_numbers.extend(valid["row_number"].to_list())
+        if sink is not None:
+            sink(valid)
+        else:
+            plan.rows += rows_of(valid)
+    return plan
+
+
+def read_manifest(url: str, storage: Storage, policy: "LocationPolicy | None" = None) -> ManifestPlan:
+    """Read and validate a whole manifest into ``ManifestRow``s (a batch run's plan; see ``plan_manifest``).
+
+    Args:
+        url: the manifest's URI.
+        storage: where it is.
+        policy: the deployment's allowed locations.
+
+    Returns:
+        The plan, with ``rows``.
+
+    Raises:
+        RunError: table-level problems.
+    """
+    return plan_manifest(url, storage, policy)
+
+
+def _policy_problems(outside: pl.DataFrame, batch: pl.DataFrame) -> list:
+    """A quarantine problem for each row whose resolved ``image_uri`` is outside the allowed locations."""
+    from medvlm_core.validation import ROW, RowProblem
+
+    given = batch.filter(pl.col(ROW).is_in(outside["row_number"].to_list()))
+    return [RowProblem(n, "image_uri", "location_policy", uri, "image_uri is outside the allowed locations of this deployment")
+            for n, uri in zip(given[ROW].to_list(), given["image_uri"].to_list())]
+
+
+def _blank_is_null(column: str) -> pl.Expr:
+    text = pl.col(column).str.strip_chars()
+    return pl.when(text.str.len_chars() > 0).then(text).otherwise(None)
+
+
+# A path that os.path.normpath would change (``.`` or ``..`` segments, ``//``, a trailing ``/``).
+_NOT_NORMAL = r"(^|/)\.\.?(/|$)|//|/$"
+
+
+def resolved_rows(valid: pl.DataFrame, base_dir: str) -> pl.DataFrame:
+    """Validated manifest rows (strings) as typed plan rows (``PLAN_SCHEMA``), each ``image_uri`` resolved
+    against the manifest's folder exactly as ``medvlm_core.storage.resolve`` does.
+
+    The common forms (``s3://...``, clean absolute and relative paths) are resolved by column expressions;
+    the rest (``file://``, ``..`` segments, ...) by ``storage.resolve`` itself, row by row.
+
+    Args:
+        valid: rows that passed validation, with ``__row_number``.
+        base_dir: the manifest's folder.
+
+    Returns:
+        The typed rows.
+    """
+    from medvlm_core.validation import ROW
+
+    uri = pl.col("image_uri").str.strip_chars()
+    lower = uri.str.to_lowercase()
+    base = base_dir.rstrip("/") + "/"
+    fast = (
+        pl.when(lower.str.starts_with("s3://")).then(uri)
+        .when(lower.str.starts_with("s3a://")).then(pl.lit("s3://") + uri.str.slice(6))
+        .when(uri.str.contains("://", literal=True)).then(None)  # file:// and friends: storage.resolve
+        .when(uri.str.contains(_NOT_NORMAL)).then(None)
+        .when(uri.str.starts_with("/")).then(uri)
+        .otherwise(pl.lit(base) + uri)
+    )
+    rows = valid.select(
+        pl.col(ROW).alias("row_number"),
+        pl.col("document_id").str.strip_chars(),
+        fast.alias("image_uri"),
+        uri.alias("_given"),
+        pl.col("page").str.strip_chars().cast(pl.Float64).cast(pl.Int32),
+        _blank_is_null("prompt_id"),
+        pl.when(pl.col("prompt").str.strip_chars().str.len_chars() > 0).then(pl.col("prompt")).otherwise(None),
+        _blank_is_null("patient_id"),
+        _blank_is_null("encounter_id"),
+        _blank_is_null("sha256").str.to_lowercase(),
+    )
+    slow = rows.filter(pl.col("image_uri").is_null())
+    if slow.height:
+        resolved = {n: st.resolve(u, base_dir) for n, u in zip(slow["row_number"].to_list(), slow["_given"].to_list())}
+        rows = rows.with_columns(
+            pl.col("image_uri").fill_null(pl.col("row_number").replace_strict(resolved, default=None, return_dtype=pl.Utf8))
+        )
+    return rows.drop("_given")
+
+
+def rows_of(frame: pl.DataFrame) -> list[ManifestRow]:
+    """Plan rows (``PLAN_SCHEMA`` columns) as ``ManifestRow``s.
+
+    Args:
+        frame: plan rows.
+
+    Returns:
+        One ``ManifestRow`` per row, in order.
+    """
+    return [ManifestRow(**record) for record in frame.select(PLAN_SCHEMA.names).iter_rows(named=True)]
+
+
+def write_plan(storage: Storage, url: str, frame: pl.DataFrame) -> None:
+    """Write plan rows (a shard's share of a fan-out) as one Parquet file, atomically.
+
+    Args:
+        storage: where the run's staging is.
+        url: the plan file.
+        frame: the rows (``PLAN_SCHEMA`` columns).
+    """
+    table = frame.select(PLAN_SCHEMA.names).to_arrow().cast(PLAN_SCHEMA)
+    with storage.open_atomic(url) as f:
+        pq.write_table(table, f, compression="zstd")
+
+
+def read_plan(storage: Storage, url: str) -> list[ManifestRow]:
+    """The rows of a plan file (``write_plan``).
+
+    Args:
+        storage: where the run's staging is.
+        url: the plan file.
+
+    Returns:
+        Its rows.
+
+    Raises:
+        RunError: the plan file is missing (the run that wrote it was not this one's parent, or it was cleared).
+    """
+    try:
+        data = storage.read_bytes(url)
+    except DocumentError as exc:
+        raise RunError(f"the shard's plan cannot be read: {exc.message}") from None
+    return rows_of(pl.from_arrow(pq.read_table(io.BytesIO(data))))

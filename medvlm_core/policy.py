@@ -8,9 +8,13 @@ after resolving ``..`` and symbolic links, so neither can step out of an allowed
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from medvlm_core import storage as st
 from medvlm_core.errors import RunError
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 class LocationPolicy:
@@ -30,6 +34,29 @@ class LocationPolicy:
             return True
         target = self._canonical(url)
         return any(target == root or target.startswith(root + "/") for root in self.allowed)
+
+    def allows_many(self, urls: "pl.Series") -> "pl.Series":
+        """``allows`` for a column of URLs: remote ones by prefix in one expression, local ones (whose symbolic
+        links must be resolved) one by one.
+
+        Args:
+            urls: normalised URLs (resolved manifest ``image_uri``s).
+
+        Returns:
+            A boolean column, True where allowed.
+        """
+        import polars as pl
+
+        if not self.allowed:
+            return pl.Series(urls.name, [True] * len(urls), dtype=pl.Boolean)
+        remote = urls.str.contains("://", literal=True)
+        by_prefix = pl.Series([False] * len(urls), dtype=pl.Boolean)
+        for root in self.allowed:
+            by_prefix = by_prefix | (urls == root) | urls.str.starts_with(root + "/")
+        local = [self.allows(u) if not r else False for u, r in zip(urls.to_list(), remote.to_list())] if not remote.all() else None
+        if local is None:
+            return by_prefix
+        return (remote & by_prefix) | pl.Series(local, dtype=pl.Boolean)
 
     def require(self, url: str, what: str) -> None:
         """RunError naming ``what`` if ``url`` is outside the allowed locations."""

@@ -1,4 +1,4 @@
-"""Publishing a run: staged chunk files -> one file per table, then the runs row, then the commit record.
+"""Publishing a run: staged chunk files -> one file per table, then the runs row, the done index, the commit record.
 
 Publishing is crash-consistent by rolling forward. Before any table is published, everything the publish
 needs (the runs row, the quarantine rows, the run date and audit) is staged next to the chunk files, with
@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from medvlm_core import results
+from medvlm_core import done_index, results
 from medvlm_core.errors import DocumentError
-from medvlm_core.layout import PUBLISH_MARKER, SHARD_RECORDS, OutputLayout
+from medvlm_core.layout import NOT_TABLES, PUBLISH_MARKER, OutputLayout
 from medvlm_core.storage import Storage
 
 
@@ -82,7 +82,7 @@ def publish_staged(storage: Storage, layout: OutputLayout, run_id: str) -> dict[
         The published file URL by table.
     """
     marker = json.loads(storage.read_bytes(layout.publish_marker(run_id)))
-    staged = {t: urls for t, urls in staged_tables(storage, layout, run_id).items() if t != SHARD_RECORDS}
+    staged = {t: urls for t, urls in staged_tables(storage, layout, run_id).items() if t not in NOT_TABLES}
     staged.setdefault("completions", [])  # every row quarantined: still one (empty) completions file
     published: dict[str, str] = {}
     # completions first, runs last: a reader who sees the runs row sees every table of the run
@@ -90,6 +90,7 @@ def publish_staged(storage: Storage, layout: OutputLayout, run_id: str) -> dict[
         url = layout.table_part(table, marker["run_date"], run_id)
         results.merge_parquet(storage, sorted(staged[table]), url, results.TABLES.get(table))
         published[table] = url
+    done_index.add_runs(storage, layout, {run_id: published["completions"]})  # before the commit: see done_index
     storage.put_if_absent(layout.commit(run_id), results.commit_record(run_id, published, marker["audit"]))
     storage.remove_tree(layout.run_staging(run_id))
     return published

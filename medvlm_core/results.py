@@ -168,33 +168,6 @@ class DoneKeys:
         return len(self.keys)
 
 
-def load_done_keys(storage: Storage, layout: OutputLayout) -> DoneKeys:
-    """The result keys already answered in an output. Only two columns are read.
-
-    Args:
-        storage: where the output is.
-        layout: the output's layout.
-
-    Returns:
-        Keys of every published ``ok`` (or ``truncated``: deterministic, a re-run would cut it off again)
-        completion.
-    """
-    import pyarrow.compute as pc
-    import pyarrow.dataset as ds
-
-    base = layout.table("completions")
-    if not storage.exists(base):
-        return DoneKeys()
-    fs, path = storage.filesystem(base)
-
-    def read() -> pa.Table:
-        dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-        return dataset.to_table(columns=["result_key"], filter=pc.field("status").isin(list(status.ANSWERED)))
-
-    table = storage.call(base, read)
-    return DoneKeys(frozenset(table.column("result_key").to_pylist()))
-
-
 def to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     """Rows (dicts) as an Arrow table of exactly ``schema`` (missing keys become nulls)."""
     names = schema.names

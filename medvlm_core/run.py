@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from medvlm_core import done_index
 from medvlm_core.config import EngineConfig, params_json
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.layout import OutputLayout
@@ -234,15 +235,18 @@ def release_output(ctx: RunContext) -> bool:
 
 
 def recover_output(ctx: RunContext) -> list[str]:
-    """Finish publishing the runs on this output that were killed half-way through it.
+    """Finish publishing the runs on this output that were killed half-way through it, then fold any published
+    run the done index lacks into it (``medvlm_core.done_index.catch_up``), so shards read only the index.
 
     Args:
-        ctx: the run (before it decides which pages are done).
+        ctx: the run, holding the output's lease (before it decides which pages are done).
 
     Returns:
         The run ids whose publish was finished.
     """
-    return recover_interrupted_publishes(ctx.storage, ctx.output)
+    recovered = recover_interrupted_publishes(ctx.storage, ctx.output)
+    done_index.catch_up(ctx.storage, ctx.output)
+    return recovered
 
 
 def prepare_model(ctx: RunContext) -> tuple[EngineConfig, ModelIdentity]:

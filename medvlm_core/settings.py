@@ -26,8 +26,9 @@ class Settings(BaseSettings):
         default_factory=lambda: Path.home() / ".cache" / "medvlm",
         description="local cache for downloaded models, extracted model bundles and file hashes",
     )
-    # Large enough to amortise task overhead, small enough that a failed task loses little work.
-    chunk_size: int = Field(32, ge=1, description="least manifest rows per inference task (at least 8 x n_parallel are used)")
+    # Large enough to amortise task overhead (Prefect creates one task run per chunk: at 128, a million pages
+    # make under 8,000), small enough that a failed task loses little work.
+    chunk_size: int = Field(128, ge=1, description="least manifest rows per inference task (at least 8 x n_parallel are used)")
     log_phi: bool = Field(
         False,
         description="debug only: inference error messages include llama.cpp's text, which can echo document "

@@ -59,8 +59,8 @@ class ManifestModel(pa.DataFrameModel):
         return data.lazyframe.select(pl.col(data.key).str.strip_chars().is_in(known_prompt_ids()))
 
     class Config:
-        # A document page appears once per manifest; duplicates are resolved in quarantine_duplicates().
-        unique = ["document_id", "page"]
+        # A document page appears once per manifest: checked over the whole manifest by duplicate_problems(),
+        # while these checks run a batch at a time.
         strict = False  # extra columns are allowed and ignored
 
 
@@ -100,41 +100,52 @@ def _reason(column: str | None, check: str) -> str:
     return f"{column or 'row'} fails {check}"
 
 
-def validate_manifest(frame: pl.DataFrame) -> tuple[pl.DataFrame, list[RowProblem]]:
-    """Split a manifest frame (strings; see manifest.read_manifest_frame) into valid rows and problems.
+def validate_manifest(batch: pl.DataFrame) -> list[RowProblem]:
+    """The problems of a batch of manifest rows (strings, with their 1-based numbers in ``__row_number``; see
+    ``manifest.plan_manifest``), every failed check of every row. Uniqueness is ``duplicate_problems``'.
 
-    The returned frame keeps the 1-based row numbers in column ``__row_number``. Table-level failures
-    (a problem pandera cannot pin to a row) raise RunError.
+    Args:
+        batch: manifest rows.
+
+    Returns:
+        The problems, by row.
+
+    Raises:
+        RunError: a table-level failure (a problem pandera cannot pin to a row).
     """
-    frame = frame.with_columns(pl.all().cast(pl.Utf8)).with_row_index(ROW, offset=1).with_columns(pl.col(ROW).cast(pl.Int64))
     try:
-        ManifestModel.validate(frame, lazy=True)
-        failures = None
+        ManifestModel.validate(batch, lazy=True)
+        return []
     except SchemaErrors as exc:
         failures = exc.failure_cases
     except SchemaError as exc:  # pragma: no cover - lazy mode reports through SchemaErrors
         raise RunError(f"manifest does not match its schema: {exc.reason_code}") from None
+    numbers = batch[ROW]
     problems: list[RowProblem] = []
-    if failures is not None:
-        for case in failures.iter_rows(named=True):
-            if case["index"] is None:
-                raise RunError(f"manifest does not match its schema ({case['check']} on {case['column']})")
-            if case["check"] == "multiple_fields_uniqueness":
-                continue  # resolved below, with the knowledge of which duplicate came first
-            number = int(case["index"]) + 1
-            check = str(case["check"]).split("(", 1)[0]  # "str_matches('^...$')" -> "str_matches"
-            problems.append(RowProblem(number, case["column"], check, case["failure_case"], _reason(case["column"], check)))
-        problems += _duplicate_problems(frame)
-    bad = {p.row_number for p in problems}
-    return frame.filter(~pl.col(ROW).is_in(list(bad))), sorted(problems, key=lambda p: (p.row_number, p.column or ""))
+    for case in failures.iter_rows(named=True):
+        if case["index"] is None:
+            raise RunError(f"manifest does not match its schema ({case['check']} on {case['column']})")
+        check = str(case["check"]).split("(", 1)[0]  # "str_matches('^...$')" -> "str_matches"
+        problems.append(RowProblem(int(numbers[int(case["index"])]), case["column"], check, case["failure_case"],
+                                   _reason(case["column"], check)))
+    return problems
 
 
-def _duplicate_problems(frame: pl.DataFrame) -> list[RowProblem]:
-    """Repeated (document_id, page): exact repeats after the first are refused; conflicting rows all are."""
+def duplicate_problems(frame: pl.DataFrame) -> list[RowProblem]:
+    """Repeated (document_id, page) across a whole manifest: exact repeats after the first are refused;
+    conflicting rows all are. Only the repeated rows are looked at one by one.
+
+    Args:
+        frame: the manifest (strings, with ``__row_number``).
+
+    Returns:
+        One problem per refused row.
+    """
     problems = []
     content = [c for c in frame.columns if c != ROW]
-    keyed = frame.with_columns(pl.col("document_id").str.strip_chars().alias("__doc"), pl.col("page").str.strip_chars().alias("__page"))
-    for (_, _), group in keyed.filter(pl.struct("__doc", "__page").is_duplicated()).group_by(["__doc", "__page"], maintain_order=True):
+    key = [pl.col("document_id").str.strip_chars().alias("__doc"), pl.col("page").str.strip_chars().alias("__page")]
+    repeated = frame.filter(pl.struct(key).is_duplicated()).with_columns(key)
+    for _, group in repeated.group_by(["__doc", "__page"], maintain_order=True):
         group = group.sort(ROW)
         numbers = group[ROW].to_list()
         identical = group.select(content).unique().height == 1
@@ -149,12 +160,21 @@ def _duplicate_problems(frame: pl.DataFrame) -> list[RowProblem]:
     return problems
 
 
-def problems_by_row(problems: list[RowProblem], frame: pl.DataFrame) -> list[dict]:
-    """One quarantine record per refused row: all its problems joined, the first one's column and check."""
-    originals = {r[ROW]: r for r in frame.with_row_index(ROW, offset=1).with_columns(pl.col(ROW).cast(pl.Int64)).iter_rows(named=True)}
+def problems_by_row(problems: list[RowProblem], batch: pl.DataFrame) -> list[dict]:
+    """One quarantine record per refused row: all its problems joined, the first one's column and check.
+
+    Args:
+        problems: the batch's problems, sorted by row.
+        batch: the manifest rows they are about (strings, with ``__row_number``).
+
+    Returns:
+        The quarantine records (the row as given in ``row_json``).
+    """
     grouped: dict[int, list[RowProblem]] = {}
     for p in problems:
         grouped.setdefault(p.row_number, []).append(p)
+    refused = batch.filter(pl.col(ROW).is_in(list(grouped)))
+    originals = {r[ROW]: r for r in refused.iter_rows(named=True)}
     records = []
     for number, items in sorted(grouped.items()):
         original = {k: v for k, v in originals[number].items() if k != ROW}

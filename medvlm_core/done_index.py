@@ -1,0 +1,205 @@
+"""The done index: which pages an output has already answered, by document, kept up to date at publish.
+
+    <output>/_index/done/bucket-XXXX.parquet   (document_id, result_key) of the answered pages (``ok``,
+                                               ``truncated``) of the documents whose id hashes to bucket XXXX
+    <output>/_index/done/state.json            {"version": 1, "buckets": N, "runs": [the run ids it holds]}
+
+Why: deciding which pages are done used to read the ``result_key`` of every completions file ever published,
+in every run and in every shard of a fan-out, so a run's start-up grew with the output's history. A shard now
+reads only the buckets of its own documents: a few hundred small files, whatever the history.
+
+Consistency: the published tables are the truth and the index is derived from them. Publishing a run adds
+its keys to the buckets, then its id to ``state.json``, then writes its commit record (all of it in
+``publish.publish_staged``, which a crashed publish rolls forward; adding a run twice changes nothing). A
+reader also reads, directly, the completions file of every published run that ``state.json`` does not list
+(an output written before the index existed, a publish cut between the buckets and the state), so the answer
+is always what reading the whole history would give. The run holding the output's lease folds such runs into
+the index (``catch_up``) before any page is decided. Removing published files by hand leaves their keys in
+the index: delete ``_index/`` then, and the next run rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from medvlm_core import status
+from medvlm_core import storage as st
+from medvlm_core.layout import OutputLayout
+from medvlm_core.results import DoneKeys, write_parquet
+from medvlm_core.storage import Storage
+
+# Buckets of a new index: with 4096, a 256-document shard reads about 250 files, each holding 1/4096 of the
+# history (a few hundred keys at a million pages), so its start-up barely moves as the history grows.
+BUCKETS = 4096
+# Bucket files read or written at once (object-store latency, not CPU, is what they wait on).
+IO_THREADS = 16
+_SCHEMA = pa.schema([("document_id", pa.string()), ("result_key", pa.string())])
+
+
+def bucket_of(document_id: str, buckets: int) -> int:
+    """The index bucket of a document (stable across processes and versions: a hash, not Python's ``hash``).
+
+    Args:
+        document_id: the document's id.
+        buckets: the index's number of buckets.
+
+    Returns:
+        The bucket, ``0 <= b < buckets``.
+    """
+    return int.from_bytes(hashlib.sha256(document_id.encode("utf-8")).digest()[:8], "big") % buckets
+
+
+def _bucket_url(layout: OutputLayout, bucket: int) -> str:
+    return st.join(layout.done_index(), f"bucket-{bucket:04x}.parquet")
+
+
+def _state_url(layout: OutputLayout) -> str:
+    return st.join(layout.done_index(), "state.json")
+
+
+def read_state(storage: Storage, layout: OutputLayout) -> dict | None:
+    """The index's state (its bucket count and the runs it holds).
+
+    Args:
+        storage: where the output is.
+        layout: the output's layout.
+
+    Returns:
+        The state, or None when the output has no index yet.
+    """
+    url = _state_url(layout)
+    if not storage.exists(url):
+        return None
+    return json.loads(storage.read_bytes(url))
+
+
+def published_completions(storage: Storage, layout: OutputLayout) -> dict[str, str]:
+    """The published completions file of every run (one listing, no file read).
+
+    Args:
+        storage: where the output is.
+        layout: the output's layout.
+
+    Returns:
+        Run id -> its completions file.
+    """
+    found = {}
+    for url in storage.list_files(layout.table("completions"), ".parquet"):
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("part-"):
+            found[name[len("part-"):-len(".parquet")]] = url
+    return found
+
+
+def _answered(storage: Storage, url: str, documents: frozenset[str] | None = None) -> pa.Table:
+    """(document_id, result_key) of a completions file's answered rows (of ``documents`` only, if given)."""
+    table = pq.read_table(io.BytesIO(storage.read_bytes(url)), columns=["document_id", "result_key", "status"])
+    keep = pc.is_in(table["status"], value_set=pa.array(status.ANSWERED))
+    if documents is not None:
+        keep = pc.and_(keep, pc.is_in(table["document_id"], value_set=pa.array(sorted(documents), pa.string())))
+    return table.filter(keep).select(["document_id", "result_key"]).cast(_SCHEMA)
+
+
+def _read_bucket(storage: Storage, layout: OutputLayout, bucket: int) -> pa.Table:
+    url = _bucket_url(layout, bucket)
+    if not storage.exists(url):
+        return _SCHEMA.empty_table()
+    return pq.read_table(io.BytesIO(storage.read_bytes(url))).cast(_SCHEMA)
+
+
+def load_done_keys(storage: Storage, layout: OutputLayout, document_ids: Iterable[str] | None = None) -> DoneKeys:
+    """The result keys already answered in an output, for some documents or all.
+
+    Args:
+        storage: where the output is.
+        layout: the output's layout.
+        document_ids: the documents a run (or shard) is about to process; None for every document. Only their
+            buckets are read.
+
+    Returns:
+        The keys of every published ``ok`` or ``truncated`` page of those documents (a truncated answer is
+        deterministic: a re-run would cut it off again).
+    """
+    documents = None if document_ids is None else frozenset(document_ids)
+    state = read_state(storage, layout)
+    published = published_completions(storage, layout)
+    covered = set(state["runs"]) if state else set()
+    tables = []
+    if state:
+        buckets = state["buckets"]
+        wanted = range(buckets) if documents is None else sorted({bucket_of(d, buckets) for d in documents})
+        with ThreadPoolExecutor(IO_THREADS) as pool:
+            tables += list(pool.map(lambda b: _read_bucket(storage, layout, b), wanted))
+    for run_id, url in published.items():  # published but not (yet) in the index: read directly
+        if run_id not in covered:
+            tables.append(_answered(storage, url, documents))
+    keys: set[str] = set()
+    for table in tables:
+        if documents is not None and table.num_rows:
+            table = table.filter(pc.is_in(table["document_id"], value_set=pa.array(sorted(documents), pa.string())))
+        keys.update(table.column("result_key").to_pylist())
+    return DoneKeys(frozenset(keys))
+
+
+def add_runs(storage: Storage, layout: OutputLayout, runs: dict[str, str]) -> int:
+    """Add published runs' answered keys to the index (by the run that holds the output's lease).
+
+    Each touched bucket is rewritten once, atomically, with its old and new keys (no duplicates); the state
+    lists the runs last, so a cut here leaves runs that readers still read directly.
+
+    Args:
+        storage: where the output is.
+        layout: the output's layout.
+        runs: run id -> its published completions file.
+
+    Returns:
+        The buckets rewritten.
+    """
+    state = read_state(storage, layout) or {"version": 1, "buckets": BUCKETS, "runs": []}
+    new = [run for run in runs if run not in set(state["runs"])]
+    if not new:
+        return 0
+    buckets = state["buckets"]
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        added = pa.concat_tables(list(pool.map(lambda run: _answered(storage, runs[run]), new)))
+    by_bucket: dict[int, list[int]] = {}
+    for i, doc in enumerate(added.column("document_id").to_pylist()):
+        by_bucket.setdefault(bucket_of(doc, buckets), []).append(i)
+
+    def rewrite(bucket: int) -> None:
+        merged = pa.concat_tables([_read_bucket(storage, layout, bucket), added.take(by_bucket[bucket])])
+        unique = merged.group_by(["document_id", "result_key"]).aggregate([]).cast(_SCHEMA)
+        write_parquet(storage, _bucket_url(layout, bucket), unique)
+
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        list(pool.map(rewrite, sorted(by_bucket)))
+    state["runs"] = sorted(set(state["runs"]) | set(new))
+    storage.write_bytes_atomic(_state_url(layout), json.dumps(state).encode())
+    return len(by_bucket)
+
+
+def catch_up(storage: Storage, layout: OutputLayout) -> list[str]:
+    """Fold every published run the index does not hold into it (an output from before the index, a publish
+    cut between the buckets and the state). Only the run holding the output's lease may call this.
+
+    Args:
+        storage: where the output is.
+        layout: the output's layout.
+
+    Returns:
+        The run ids added.
+    """
+    state = read_state(storage, layout)
+    covered = set(state["runs"]) if state else set()
+    missing = {run: url for run, url in published_completions(storage, layout).items() if run not in covered}
+    if missing:
+        add_runs(storage, layout, missing)
+    return sorted(missing)

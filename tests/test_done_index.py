@@ -1,0 +1,125 @@
+"""The done index (medvlm_core.done_index): it always answers what reading the whole history would, a run's
+lookup reads only the buckets of its own documents, and runs it lacks are still seen, then folded in.
+
+The history is written in the real output layout with pyarrow (only the columns the index reads), on a local
+folder and on a real S3 server (SeaweedFS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from medvlm_core import done_index, status
+from medvlm_core.layout import OutputLayout
+from medvlm_core.storage import Storage, s3_options
+
+BUCKET = "medvlm-index"
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
+
+
+def write_history(storage: Storage, layout: OutputLayout, runs: int, rows: int, seed: int = 0, first: int = 0) -> dict[str, set[str]]:
+    """``runs`` published completions files of ``rows`` rows each (ok, truncated or error; repeated documents).
+
+    Returns:
+        Document id -> its answered keys (what the index must give back).
+    """
+    rng = random.Random(seed)
+    answered: dict[str, set[str]] = {}
+    for r in range(first, first + runs):
+        run_id = f"202601{r % 28 + 1:02d}T020000Z-{r:08x}"
+        docs = [f"doc-{rng.randrange(rows * runs // 2)}" for _ in range(rows)]
+        keys = [_key(d, r, i) for i, d in enumerate(docs)]
+        statuses = [rng.choice([status.OK, status.OK, status.TRUNCATED, status.ERROR]) for _ in docs]
+        for d, k, s in zip(docs, keys, statuses):
+            if s in status.ANSWERED:
+                answered.setdefault(d, set()).add(k)
+        table = pa.table({"document_id": docs, "result_key": keys, "status": statuses})
+        url = layout.table_part("completions", f"2026-01-{r % 28 + 1:02d}", run_id)
+        with storage.open_atomic(url) as f:
+            pq.write_table(table, f)
+    return answered
+
+
+def expected(answered: dict[str, set[str]], documents=None) -> set[str]:
+    return set().union(*[answered.get(d, set()) for d in (documents if documents is not None else answered)])
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path):
+    if request.param == "local":
+        return Storage(), OutputLayout.of(str(tmp_path / "out"))
+    server = request.getfixturevalue("s3_server")
+    request.getfixturevalue("s3")  # the server's credentials in the environment
+    server.create_bucket(BUCKET)
+    storage = Storage({"s3": s3_options(endpoint_url=server.endpoint_url)})
+    return storage, OutputLayout.of(f"s3://{BUCKET}/{uuid.uuid4().hex[:10]}")
+
+
+def test_the_index_answers_what_the_whole_history_does(output):
+    storage, layout = output
+    answered = write_history(storage, layout, runs=12, rows=60)
+    # No index yet (an output from before it): every run is read directly, and the answer is already right.
+    assert done_index.read_state(storage, layout) is None
+    assert done_index.load_done_keys(storage, layout).keys == expected(answered)
+
+    added = done_index.catch_up(storage, layout)
+    assert len(added) == 12 and sorted(done_index.read_state(storage, layout)["runs"]) == added
+    assert done_index.load_done_keys(storage, layout).keys == expected(answered)
+    some = sorted(answered)[:7] + ["never-seen"]
+    assert done_index.load_done_keys(storage, layout, some).keys == expected(answered, some)
+    assert done_index.catch_up(storage, layout) == []  # nothing left to fold in
+
+    # Adding the same runs again changes no bucket (no duplicate keys).
+    buckets = storage.list_files(layout.done_index(), ".parquet")
+    before = {u: pq.read_table(pa.BufferReader(storage.read_bytes(u))).num_rows for u in buckets}
+    done_index.add_runs(storage, layout, done_index.published_completions(storage, layout))
+    assert {u: pq.read_table(pa.BufferReader(storage.read_bytes(u))).num_rows for u in buckets} == before
+    assert sum(before.values()) == len(expected(answered))
+
+
+def test_a_published_run_the_index_lacks_is_still_seen_then_folded_in(tmp_path):
+    storage, layout = Storage(), OutputLayout.of(str(tmp_path / "out"))
+    old = write_history(storage, layout, runs=3, rows=40, seed=1)
+    done_index.catch_up(storage, layout)
+    # Two runs published after, as when a publish is cut between its tables and the index: not in the state.
+    new = write_history(storage, layout, runs=2, rows=40, seed=2, first=3)
+    published = done_index.published_completions(storage, layout)
+    assert len(published) == 5 and len(done_index.read_state(storage, layout)["runs"]) == 3
+    assert done_index.load_done_keys(storage, layout).keys == expected(old) | expected(new)
+    assert done_index.catch_up(storage, layout) == sorted(published)[3:]
+    assert done_index.load_done_keys(storage, layout).keys == expected(old) | expected(new)
+
+
+def test_a_lookup_reads_only_its_documents_buckets(tmp_path, monkeypatch):
+    storage, layout = Storage(), OutputLayout.of(str(tmp_path / "out"))
+    answered = write_history(storage, layout, runs=20, rows=200, seed=3)
+    done_index.catch_up(storage, layout)
+    read: list[str] = []
+    original = Storage.read_bytes
+
+    def counting(self, url, max_bytes=None):
+        read.append(url)
+        return original(self, url, max_bytes)
+
+    monkeypatch.setattr(Storage, "read_bytes", counting)
+    documents = sorted(answered)[:25]
+    keys = done_index.load_done_keys(storage, layout, documents).keys
+    assert keys == expected(answered, documents)
+    buckets = {done_index.bucket_of(d, done_index.BUCKETS) for d in documents}
+    bucket_files = [u for u in read if u.endswith(".parquet")]
+    assert len(bucket_files) <= len(buckets) and not any("/completions/" in u for u in read)
+
+
+def test_bucket_of_is_stable():
+    # Stored indexes depend on it: these values must never change.
+    assert done_index.bucket_of("discharge-0001", 4096) == int(hashlib.sha256(b"discharge-0001").hexdigest()[:16], 16) % 4096
+    assert {done_index.bucket_of(f"d{i}", 16) for i in range(200)} == set(range(16))
