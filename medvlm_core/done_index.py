@@ -108,9 +108,14 @@ def _answered(storage: Storage, url: str, documents: frozenset[str] | None = Non
     return table.filter(keep).select(["document_id", "result_key"]).cast(_SCHEMA)
 
 
-def _read_bucket(storage: Storage, layout: OutputLayout, bucket: int) -> pa.Table:
+def _existing_buckets(storage: Storage, layout: OutputLayout) -> set[str]:
+    """The bucket files there are (one listing: cheaper on S3 than asking for each of hundreds)."""
+    return set(storage.list_files(layout.done_index(), ".parquet"))
+
+
+def _read_bucket(storage: Storage, layout: OutputLayout, bucket: int, existing: set[str]) -> pa.Table:
     url = _bucket_url(layout, bucket)
-    if not storage.exists(url):
+    if url not in existing:
         return _SCHEMA.empty_table()
     return pq.read_table(io.BytesIO(storage.read_bytes(url))).cast(_SCHEMA)
 
@@ -136,15 +141,17 @@ def load_done_keys(storage: Storage, layout: OutputLayout, document_ids: Iterabl
     if state:
         buckets = state["buckets"]
         wanted = range(buckets) if documents is None else sorted({bucket_of(d, buckets) for d in documents})
+        existing = _existing_buckets(storage, layout)
         with ThreadPoolExecutor(IO_THREADS) as pool:
-            tables += list(pool.map(lambda b: _read_bucket(storage, layout, b), wanted))
+            tables += list(pool.map(lambda b: _read_bucket(storage, layout, b, existing), wanted))
+        if documents is not None:  # a bucket also holds other documents' keys
+            value_set = pa.array(sorted(documents), pa.string())
+            tables = [t.filter(pc.is_in(t["document_id"], value_set=value_set)) for t in tables]
     for run_id, url in published.items():  # published but not (yet) in the index: read directly
         if run_id not in covered:
             tables.append(_answered(storage, url, documents))
     keys: set[str] = set()
     for table in tables:
-        if documents is not None and table.num_rows:
-            table = table.filter(pc.is_in(table["document_id"], value_set=pa.array(sorted(documents), pa.string())))
         keys.update(table.column("result_key").to_pylist())
     return DoneKeys(frozenset(keys))
 
@@ -174,8 +181,10 @@ def add_runs(storage: Storage, layout: OutputLayout, runs: dict[str, str]) -> in
     for i, doc in enumerate(added.column("document_id").to_pylist()):
         by_bucket.setdefault(bucket_of(doc, buckets), []).append(i)
 
+    existing = _existing_buckets(storage, layout)
+
     def rewrite(bucket: int) -> None:
-        merged = pa.concat_tables([_read_bucket(storage, layout, bucket), added.take(by_bucket[bucket])])
+        merged = pa.concat_tables([_read_bucket(storage, layout, bucket, existing), added.take(by_bucket[bucket])])
         unique = merged.group_by(["document_id", "result_key"]).aggregate([]).cast(_SCHEMA)
         write_parquet(storage, _bucket_url(layout, bucket), unique)
 

@@ -32,5 +32,21 @@ def test_quick_benchmark_measures_every_path(tmp_path):
             assert r["encode_ms_per_page"] > 0
     flow = rows[("flow", 2, True)]  # --quick: the default (isolated) flow only
     assert flow["docs"] == 3 and flow["engine_alone_docs_per_s"] > 0 and flow["x_engine_same_pages"] > 0
-    assert rows[("plan", None, None)]["rows"] == 2000 and rows[("plan", None, None)]["task_runs"] == 32  # 2000 rows, 64 a task (8 x n_parallel 8)
+    assert rows[("plan", None, None)]["rows"] == 2000 and rows[("plan", None, None)]["task_runs"] == 16  # 2000 rows, 128 a task (MEDVLM_CHUNK_SIZE)
     assert "the engine alone on the same pages" in done.stdout
+
+
+def test_quick_scale_harness_measures_every_step(tmp_path):
+    out = tmp_path / "scale.json"
+    done = subprocess.run([sys.executable, "-m", "bench.scale", "--quick", "--dir", str(tmp_path / "w"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no inference runs" in done.stdout
+    [r] = json.loads(out.read_text())["results"]
+    assert r["manifest_rows"] == r["parent_plan"]["valid"] == 2000 and r["parent_plan"]["shards"] == 8
+    assert r["shard_startup"]["rows"] == r["shard_startup_before"]["rows"] == 256
+    # the shard's own documents' keys only, against every key of the history before
+    assert 0 < r["shard_startup"]["done_keys"] < r["shard_startup_before"]["done_keys"] == r["done_keys_whole_history"]["done_keys"]
+    assert r["index_build"]["runs"] == 10 and r["publish_index"]["buckets_rewritten"] > 0
+    assert r["prefect_runs"] == {**r["prefect_runs"], "flow_runs": 9, "shard_runs": 8, "task_runs": 16}
+    assert all(r[k]["peak_rss_mb"] > 0 for k in ("parent_plan", "shard_startup", "publish_index"))

@@ -126,6 +126,20 @@ def run_deployment(stack: PrefectStack, name: str, timeout: int = 900, **params)
     return stack.cli(*args, timeout=timeout + 30).stdout
 
 
+def shard_runs_and_progress(stack: PrefectStack) -> dict:
+    """From the stack's server: every ``medvlm-shard`` flow run as (created, ended), and the progress values of
+    the fan-out's progress artifacts, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: stack.env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["medvlm-shard"])))
+        artifacts = [a for a in client.read_artifacts() if a.type == "progress"]
+    shards = sorted((r.created, r.end_time or datetime.max.replace(tzinfo=r.created.tzinfo)) for r in runs)
+    return {"shards": shards, "artifacts": [a.data for a in sorted(artifacts, key=lambda a: a.created)]}
+
+
 def commit_records(output: Path) -> list[dict]:
     return sorted((json.loads(p.read_text()) for p in (output / "_commits").glob("*.json")), key=lambda r: r["committed_at"])
 
@@ -160,11 +174,19 @@ def test_fan_out_over_two_gpu_workers(stack, tmp_path, tiny_llava, tiny_qwen, de
     assert sorted(r["document_id"] for r in rows) == sorted(r["document_id"] for r in records)
     assert {r["status"] for r in rows} == {"ok"}
 
-    # 2. the same again: everything is skipped
-    run_deployment(stack, "medvlm-fanout/medvlm-fanout", **common)
+    # the run's pages are in the done index, which the shards of the next run read (each only its documents')
+    state = json.loads((output / "_index" / "done" / "state.json").read_text())
+    assert state["runs"] == [first["run_id"]]
+    progress = shard_runs_and_progress(stack)
+    assert progress["artifacts"] and progress["artifacts"][-1] == 100.0  # the progress artifact reached 100 %
+
+    # 2. the same again, one shard run at a time: everything is skipped (the done index says so)
+    run_deployment(stack, "medvlm-fanout/medvlm-fanout", **dict(common, max_concurrent_shards=1))
     runs = {r["run_id"]: r for r in ds.dataset(output / "runs", partitioning="hive").to_table().to_pylist()}
     second = runs[commit_records(output)[1]["run_id"]]
     assert (second["pages_ok"], second["skipped_rows"], second["reconciled"]) == (0, 8, True)
+    later = [r for r in shard_runs_and_progress(stack)["shards"] if r[0] > max(b for _, b in spans)]
+    assert len(later) == 2 and later[1][0] >= later[0][1], f"the second shard run existed before the first ended: {later}"
 
     # 3. a GPU worker is killed mid-shard; its shard is relaunched on the other worker; exactly once
     output2 = tmp_path / "out2"

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 
+import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
 from conftest import write_manifest
 from medvlm_core.errors import RunError
-from medvlm_core.manifest import read_manifest, read_manifest_frame
+from medvlm_core.manifest import plan_manifest, read_manifest, read_manifest_frame, resolved_rows, rows_of
 from medvlm_core.storage import Storage
 
 RECORDS = [
@@ -81,3 +84,44 @@ def test_bad_rows_are_quarantined_with_every_reason(tmp_path):
     assert "repeated in rows 6, 7 with different content" in q[6]["reason"] and 7 in q
     assert json.loads(q[4]["row_json"])["image_uri"] == "http://example.org/x.png"
     assert plan.total_rows == len(plan.rows) + len(plan.quarantined)
+
+
+def test_batches_give_the_same_plan_as_one_pass(tmp_path):
+    # duplicates and bad rows spread over several batches: the uniqueness check spans the whole manifest
+    records = [{"document_id": f"d{i % 7}", "image_uri": f"x/{i}.png", "page": str(i // 7 + 1)} for i in range(30)]
+    records += [{"document_id": "d1", "image_uri": "x/1.png", "page": "1"},  # exact duplicate of row 2
+                {"document_id": "d3", "image_uri": "other.png", "page": "1"},  # conflicts with row 4
+                {"document_id": "", "image_uri": "y.png"}]
+    path = write_manifest(tmp_path / "m.csv", records)
+    whole = plan_manifest(str(path), Storage())
+    sunk = []
+    batched = plan_manifest(str(path), Storage(), sink=sunk.append, batch_rows=4)
+    assert len(sunk) == 9 and batched.rows == []
+    assert rows_of(pl.concat(sunk)) == whole.rows
+    assert list(batched.row_numbers) == [r.row_number for r in whole.rows]
+    assert batched.quarantined == whole.quarantined and batched.total_rows == whole.total_rows == 33
+    q = {r["row_number"]: r["reason"] for r in whole.quarantined}
+    assert sorted(q) == [4, 31, 32, 33]
+    assert "exact duplicate of row 2" in q[31] and "repeated in rows 4, 32" in q[4] and q[32] == q[4].replace("row 4", "row 32")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    hst.lists(hst.one_of(
+        hst.sampled_from(["a.png", "../x.png", "./a/b.png", "a//b.png", "a/", "/abs/p.png", "/abs/../p.png", "//x",
+                          "s3://b/k.png", "S3A://b/k.png", "s3a://b/../k.png", "file:///tmp/f.png", "~/f.png", ".", "..",
+                          " spaced.png ", "a/./b", "dir/.hidden.png", "x..png"]),
+        hst.text(alphabet="ab./~:", min_size=1, max_size=8),
+    ), min_size=1, max_size=8),
+    hst.sampled_from(["/data/in", "/", "s3://bucket/in", "s3://bucket"]),
+)
+def test_resolved_uris_are_what_storage_resolve_gives(uris, base_dir):
+    from medvlm_core import storage as st
+    from medvlm_core.validation import ROW
+
+    frame = pl.DataFrame({ROW: list(range(1, len(uris) + 1)), "document_id": ["d"] * len(uris), "image_uri": uris,
+                          **{c: [None] * len(uris) for c in ("page", "prompt_id", "prompt", "patient_id", "encounter_id", "sha256")}},
+                         schema_overrides={c: pl.Utf8 for c in ("page", "prompt_id", "prompt", "patient_id", "encounter_id", "sha256")})
+    frame = frame.filter(pl.col("image_uri").str.strip_chars().str.len_chars() > 0)
+    got = resolved_rows(frame.with_columns(pl.col(ROW).cast(pl.Int64)), base_dir)["image_uri"].to_list()
+    assert got == [st.resolve(u.strip(), base_dir) for u in frame["image_uri"].to_list()]
