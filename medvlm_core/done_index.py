@@ -24,7 +24,9 @@ import hashlib
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
+from typing import Iterable, Iterator
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -177,22 +179,34 @@ def add_runs(storage: Storage, layout: OutputLayout, runs: dict[str, str]) -> in
     buckets = state["buckets"]
     with ThreadPoolExecutor(IO_THREADS) as pool:
         added = pa.concat_tables(list(pool.map(lambda run: _answered(storage, runs[run]), new)))
-    by_bucket: dict[int, list[int]] = {}
-    for i, doc in enumerate(added.column("document_id").to_pylist()):
-        by_bucket.setdefault(bucket_of(doc, buckets), []).append(i)
-
+    # Sorted by bucket, each bucket's new keys are one zero-copy slice.
+    of = _buckets_of(added.column("document_id"), buckets)
+    order = np.argsort(of, kind="stable")
+    added, of = added.take(pa.array(order)), of[order]
+    touched, starts, counts = np.unique(of, return_index=True, return_counts=True)
     existing = _existing_buckets(storage, layout)
 
-    def rewrite(bucket: int) -> None:
-        merged = pa.concat_tables([_read_bucket(storage, layout, bucket, existing), added.take(by_bucket[bucket])])
+    def rewrite(item: tuple[int, int, int]) -> None:
+        bucket, start, count = item
+        merged = pa.concat_tables([_read_bucket(storage, layout, bucket, existing), added.slice(start, count)])
         unique = merged.group_by(["document_id", "result_key"]).aggregate([]).cast(_SCHEMA)
         write_parquet(storage, _bucket_url(layout, bucket), unique)
 
     with ThreadPoolExecutor(IO_THREADS) as pool:
-        list(pool.map(rewrite, sorted(by_bucket)))
+        list(pool.map(rewrite, zip(touched.tolist(), starts.tolist(), counts.tolist())))
     state["runs"] = sorted(set(state["runs"]) | set(new))
     storage.write_bytes_atomic(_state_url(layout), json.dumps(state).encode())
-    return len(by_bucket)
+    return len(touched)
+
+
+def _buckets_of(documents: pa.ChunkedArray, buckets: int) -> np.ndarray:
+    """``bucket_of`` for a column of document ids, a slice at a time (no list of a million strings)."""
+    def each() -> Iterator[int]:
+        for start in range(0, len(documents), 65_536):
+            for document_id in documents.slice(start, 65_536).to_pylist():
+                yield bucket_of(document_id, buckets)
+
+    return np.fromiter(each(), dtype=np.int32, count=len(documents))
 
 
 def catch_up(storage: Storage, layout: OutputLayout) -> list[str]:

@@ -7,7 +7,7 @@
       <structured table>/run_date=.../part-<run_id>.parquet   diagnoses, medications, ... (structured mode)
       _staging/<run_id>/<table>/[shard-NNNNN-]chunk-NNNNNN.parquet   a run's rows while it is in flight
       _staging/<run_id>/shards/shard-NNNNN.json                      a finished shard's record (fan-out)
-      _staging/<run_id>/plans/shard-NNNNN.parquet                    a shard's validated rows (fan-out)
+      _staging/<run_id>/plans/part-NNNNN.parquet                     validated rows of 64 shards, a row group each
       _staging/<run_id>/_publish.json                                the run is being published (roll forward)
       _commits/<run_id>.json                                  written once, create-if-absent, when published
       _index/done/bucket-XXXX.parquet                         answered pages by document (``medvlm_core.done_index``)
@@ -188,17 +188,17 @@ class OutputLayout:
         """
         return st.join(self.run_staging(run_id), SHARD_RECORDS, f"shard-{shard_index:05d}.json")
 
-    def shard_plan(self, run_id: str, shard_index: int) -> str:
-        """Where a fan-out leaves a shard's validated rows (``medvlm_core.manifest.write_plan``) for it to read.
+    def shard_plan(self, run_id: str, part: int) -> str:
+        """Where a fan-out leaves some shards' validated rows for them to read (``medvlm_core.shards``).
 
         Args:
             run_id: the parent run.
-            shard_index: the shard.
+            part: the plan file's number (it holds consecutive shards, a row group each).
 
         Returns:
             Its URL.
         """
-        return st.join(self.run_staging(run_id), SHARD_PLANS, f"shard-{shard_index:05d}.parquet")
+        return st.join(self.run_staging(run_id), SHARD_PLANS, f"part-{part:05d}.parquet")
 
     def publish_marker(self, run_id: str) -> str:
         """The marker that says a run's publish has begun (see ``medvlm_core.publish``).

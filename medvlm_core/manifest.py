@@ -16,7 +16,7 @@ A manifest lists the documents of a run, one row per document (or per selected p
 Table-level problems (unreadable file, unknown format, missing required column, no rows) raise
 ``RunError`` before any model is loaded. ``plan_manifest`` validates the rows ``BATCH_ROWS`` at a time and
 hands each batch of valid rows, typed and resolved (``PLAN_SCHEMA``), to a sink: a fan-out writes them
-straight into its shards' plan files (``write_plan``), so no step holds a million ``ManifestRow`` objects;
+straight into its shards' plan files (``medvlm_core.shards``), so no step holds a million ``ManifestRow`` objects;
 ``read_manifest`` collects them for a batch run.
 """
 
@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from medvlm_core import storage as st
 from medvlm_core.errors import DocumentError, RunError
@@ -284,36 +283,3 @@ def rows_of(frame: pl.DataFrame) -> list[ManifestRow]:
         One ``ManifestRow`` per row, in order.
     """
     return [ManifestRow(**record) for record in frame.select(PLAN_SCHEMA.names).iter_rows(named=True)]
-
-
-def write_plan(storage: Storage, url: str, frame: pl.DataFrame) -> None:
-    """Write plan rows (a shard's share of a fan-out) as one Parquet file, atomically.
-
-    Args:
-        storage: where the run's staging is.
-        url: the plan file.
-        frame: the rows (``PLAN_SCHEMA`` columns).
-    """
-    table = frame.select(PLAN_SCHEMA.names).to_arrow().cast(PLAN_SCHEMA)
-    with storage.open_atomic(url) as f:
-        pq.write_table(table, f, compression="zstd")
-
-
-def read_plan(storage: Storage, url: str) -> list[ManifestRow]:
-    """The rows of a plan file (``write_plan``).
-
-    Args:
-        storage: where the run's staging is.
-        url: the plan file.
-
-    Returns:
-        Its rows.
-
-    Raises:
-        RunError: the plan file is missing (the run that wrote it was not this one's parent, or it was cleared).
-    """
-    try:
-        data = storage.read_bytes(url)
-    except DocumentError as exc:
-        raise RunError(f"the shard's plan cannot be read: {exc.message}") from None
-    return rows_of(pl.from_arrow(pq.read_table(io.BytesIO(data))))
