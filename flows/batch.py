@@ -17,7 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.execute import run_chunks
 from flows.finish import finish_run
-from flows.setup import guard_output, start_run
+from flows.setup import guard_output, run_name, start_run
 from medvlm_core import storage as st
 from medvlm_core.errors import RunError
 from medvlm_core.manifest import read_manifest
@@ -27,7 +27,10 @@ from medvlm_core.run import RunContext, make_spec, prepare_model, release_output
 
 # validate_parameters=False: the options are validated by RunOptions.parse, whose error names the bad
 # option in one line (Prefect's own validation error would be a wall of pydantic text before the flow starts).
-@flow(name="medvlm-batch", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False, validate_parameters=False)
+@flow(
+    name="medvlm-batch", flow_run_name=run_name("batch"),
+    task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False, validate_parameters=False,
+)
 def medvlm_batch(
     manifest: str,
     output: str,

@@ -20,7 +20,7 @@ from prefect.flow_runs import wait_for_flow_run
 from prefect.states import Cancelled, Failed
 
 from flows.finish import finish_run
-from flows.setup import guard_output, start_run
+from flows.setup import guard_output, run_name, start_run
 from flows.shard import read_shard_record
 from medvlm_core import storage as st
 from medvlm_core.accounting import ChunkSummary
@@ -39,7 +39,7 @@ SHARDS_PER_SLOT = 2
 UNKNOWN_POOL_SHARDS = 8
 
 
-@flow(name="medvlm-fanout", log_prints=False, validate_parameters=False)
+@flow(name="medvlm-fanout", flow_run_name=run_name("fanout"), log_prints=False, validate_parameters=False)
 async def medvlm_fanout(
     manifest: str,
     output: str,
@@ -170,7 +170,10 @@ async def _fan_out(logger: Any, ctx: RunContext, manifest: str, shard_size: int,
         audit={"shards": [
             {k: r[k] for k in ("shard_index", "worker", "started_at", "finished_at")} for r in records
         ], "failed_shards": {str(i): reasons[i] for i in pending}, "shard_attempts": {str(i): n for i, n in attempts.items()},
-            "max_concurrent_shards": limit},
+            "max_concurrent_shards": limit,
+            "shard_counts": [{"shard": r["shard_index"], "worker": r["worker"]["hostname"], "pages_ok": s.pages_ok,
+                              "pages_error": s.pages_error, "pages_skipped": s.pages_skipped}
+                             for r, s in zip(records, summaries)]},
         memory=next((r["memory"] for r in records if r.get("memory")), None),
     )
     summary["shards"] = count

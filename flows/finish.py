@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from medvlm_core.accounting import ChunkSummary, RunFacts, merge_summaries, run_row, run_summary
@@ -61,6 +62,8 @@ def finish_run(
     release_output(ctx)  # published: the next run on this output may start deciding what is done
     summary = run_summary(row, total, published)
     publish_artifact(summary)
+    publish_counts_artifact(summary, (audit or {}).get("shard_counts"))
+    emit_published(summary)
     logger.info(
         "run %s done: %d ok, %d error, %d skipped pages; %d quarantined rows; reconciled=%s",
         ctx.run_id, total.pages_ok, total.pages_error, total.pages_skipped, len(plan.quarantined), row["reconciled"],
@@ -106,4 +109,66 @@ def publish_artifact(summary: dict) -> None:
             markdown="\n".join(lines), key="medvlm-run-summary", description="medvlm run summary", _sync=True
         )
     except Exception:  # an artifact is a convenience: never fail a finished run over it
+        pass
+
+
+PUBLISHED_EVENT = "medvlm.run.published"
+
+
+def counts_table(summary: dict) -> list[dict[str, Any]]:
+    """A run's pages by status and error type (and its quarantined rows): the table artifact's rows.
+
+    Args:
+        summary: a run's summary.
+
+    Returns:
+        Rows of ``status``, ``error_type``, ``pages`` (no document data).
+    """
+    rows = [{"status": "ok", "error_type": "", "pages": summary["pages_ok"]}]
+    if summary.get("pages_truncated"):
+        rows.append({"status": "truncated", "error_type": "", "pages": summary["pages_truncated"]})
+    rows += [{"status": "error", "error_type": k, "pages": v} for k, v in summary["error_types"].items()]
+    rows.append({"status": "skipped (already done)", "error_type": "", "pages": summary["skipped_pages"]})
+    rows.append({"status": "quarantined (rows)", "error_type": "", "pages": summary["quarantined_rows"]})
+    return rows
+
+
+def publish_counts_artifact(summary: dict, shard_counts: list[dict] | None = None) -> None:
+    """Table artifacts of the counts by status and error type (and by shard for a fan-out), and a link
+    artifact to the output's tables, next to the markdown summary.
+
+    Args:
+        summary: a run's summary.
+        shard_counts: a fan-out's counts per shard (rows of ``shard``, ``pages_ok``, ``pages_error``, ...).
+    """
+    try:
+        create_table_artifact(table=counts_table(summary), key="medvlm-run-counts",
+                              description=f"medvlm run {summary['run_id']}: pages by status and error type", _sync=True)
+        if shard_counts:
+            create_table_artifact(table=shard_counts, key="medvlm-run-shards",
+                                  description=f"medvlm run {summary['run_id']}: pages by shard", _sync=True)
+        create_link_artifact(link=summary["output"], link_text=f"medvlm output ({len(summary['published'])} tables)",
+                             key="medvlm-run-output", description=f"medvlm run {summary['run_id']}: the output tables",
+                             _sync=True)
+    except Exception:  # artifacts are a convenience: never fail a finished run over them
+        pass
+
+
+def emit_published(summary: dict) -> None:
+    """Tell what comes after that a run has published: the ``medvlm.run.published`` event, the output as its
+    resource, the run as a related resource, the counts as payload (no document data). A deployment trigger
+    on it starts downstream work (prefect.yaml's ``medvlm-report``).
+
+    Args:
+        summary: a run's summary.
+    """
+    keys = ("manifest_rows", "quarantined_rows", "skipped_pages", "pages_ok", "pages_error", "pages_truncated", "reconciled")
+    try:
+        emit_event(
+            event=PUBLISHED_EVENT,
+            resource={"prefect.resource.id": f"medvlm.output.{summary['output']}", "prefect.resource.name": summary["output"]},
+            related=[{"prefect.resource.id": f"medvlm.run.{summary['run_id']}", "prefect.resource.role": "medvlm-run"}],
+            payload={"run_id": summary["run_id"], "output": summary["output"], **{k: summary.get(k) for k in keys}},
+        )
+    except Exception:  # an event is a convenience: never fail a finished run over it
         pass

@@ -19,7 +19,7 @@ from prefect.deployments import run_deployment
 from prefect.states import Failed
 
 from flows.batch import run_batch
-from flows.setup import start_run
+from flows.setup import run_name, start_run
 from medvlm_core import results
 from medvlm_core import storage as st
 from medvlm_core.errors import RunError
@@ -52,7 +52,7 @@ def _relative(url: str, prefix: str) -> str:
     return posixpath.relpath(url.split("://", 1)[-1], prefix.split("://", 1)[-1].rstrip("/"))
 
 
-@flow(name="medvlm-nightly", log_prints=False, validate_parameters=False)
+@flow(name="medvlm-nightly", flow_run_name=run_name("nightly"), log_prints=False, validate_parameters=False)
 def medvlm_nightly(
     input_prefix: str,
     output: str,

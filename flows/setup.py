@@ -18,6 +18,28 @@ from medvlm_core.settings import Settings
 from tasks.credentials import build_storage
 
 
+def run_name(kind: str):
+    """A ``flow_run_name`` callable: the flow runs show what they do (``batch discharge.csv a1b2c3d4``) instead
+    of a random name. Only locations and ids, never document data.
+
+    Args:
+        kind: ``batch``, ``fanout``, ``shard`` or ``nightly``.
+
+    Returns:
+        The callable Prefect calls to name each run.
+    """
+
+    def name() -> str:
+        params = flow_run.parameters or {}
+        run = (str(flow_run.id) if flow_run.id else "").replace("-", "")[:8]
+        if kind == "shard":
+            return f"shard {params.get('shard_index', 0):05d} of {params.get('run_id', '?')}"
+        source = str(params.get("input_prefix") if kind == "nightly" else params.get("manifest", "")).rstrip("/")
+        return f"{kind} {source.rsplit('/', 1)[-1] or source} {run}".strip()
+
+    return name
+
+
 def start_run(
     output: str,
     model: str,

@@ -21,7 +21,7 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.execute import run_chunks
-from flows.setup import start_run
+from flows.setup import run_name, start_run
 from medvlm_core.accounting import merge_summaries
 from medvlm_core.errors import RunError
 from medvlm_core.layout import OutputLayout
@@ -50,7 +50,10 @@ def read_shard_record(storage: Storage, layout: OutputLayout, run_id: str, shard
     return json.loads(storage.read_bytes(url))
 
 
-@flow(name="medvlm-shard", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False, validate_parameters=False)
+@flow(
+    name="medvlm-shard", flow_run_name=run_name("shard"),
+    task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=False, validate_parameters=False,
+)
 def medvlm_shard(
     manifest: str,
     output: str,

@@ -54,9 +54,6 @@ def stage_chunk(
 def stage_structured(spec: RunSpec, out: list[dict], chunk_index: int, shard_index: int | None, storage: Storage) -> None:
     """Stage the structured tables' rows of a chunk: one file per table of every extraction prompt used.
 
-    Every extraction used (and the run's default one) gets its files even when empty, so its tables exist
-    for queries when nothing was extracted or every answer was truncated.
-
     Args:
         spec: the run.
         out: the chunk's written result rows.
@@ -64,22 +61,36 @@ def stage_structured(spec: RunSpec, out: list[dict], chunk_index: int, shard_ind
         shard_index: its shard in a fan-out run.
         storage: where the output is.
     """
+    for table, (rows, schema) in structured_tables(spec, out).items():
+        url = spec.layout.staged_chunk(spec.run_id, table, chunk_index, shard_index)
+        results.write_rows(storage, url, table, rows, schema)
+
+
+def structured_tables(spec: RunSpec, out: list[dict]) -> dict[str, tuple[list[dict], object]]:
+    """The structured tables' rows of some result rows, with each table's Arrow schema.
+
+    Every extraction used (and the run's default one) gets its tables even when empty, so its tables exist
+    for queries when nothing was extracted or every answer was truncated.
+
+    Args:
+        spec: the run.
+        out: result rows (``pipeline.process_rows``'s, skipped ones left out).
+
+    Returns:
+        Table name -> (rows, schema).
+    """
     prompts = {spec.default_prompt.prompt_id: spec.default_prompt} if spec.default_prompt.schema else {}
     for row in out:
         if row["prompt_id"] not in prompts and row["prompt_id"] in SCHEMAS:
             prompts[row["prompt_id"]] = get_prompt(row["prompt_id"])
-    tables: dict[str, list[dict]] = {}
-    schemas: dict[str, object] = {}
+    tables: dict[str, tuple[list[dict], object]] = {}
     for prompt in prompts.values():
         for table, (_, arrow) in tables_for(prompt.prompt_id, prompt.schema).items():
-            tables[table] = []
-            schemas[table] = arrow
+            tables[table] = ([], arrow)
     for row in out:
         for table, rows in (row.get("structured") or {}).items():
-            tables[table].extend(rows)
-    for table, rows in tables.items():
-        url = spec.layout.staged_chunk(spec.run_id, table, chunk_index, shard_index)
-        results.write_rows(storage, url, table, rows, schemas[table])
+            tables[table][0].extend(rows)
+    return tables
 
 
 def discard_staged_shard(storage: Storage, spec: RunSpec, shard_index: int) -> None:

@@ -141,6 +141,7 @@ def plan_manifest(
     policy: "LocationPolicy | None" = None,
     sink: Callable[[pl.DataFrame], None] | None = None,
     batch_rows: int = BATCH_ROWS,
+    base_dir: str | None = None,
 ) -> ManifestPlan:
     """Read and validate a manifest (pandera, lazily: every problem of a row at once), a batch at a time.
 
@@ -151,6 +152,7 @@ def plan_manifest(
         sink: receives each batch of valid rows (``PLAN_SCHEMA`` columns, in manifest order); None collects
             them as ``ManifestRow`` in the plan's ``rows``.
         batch_rows: rows validated at a time.
+        base_dir: what relative ``image_uri``s are relative to (default: the manifest's folder).
 
     Returns:
         The plan: the valid rows' numbers (and rows without a sink), one quarantine record per refused row
@@ -167,7 +169,7 @@ def plan_manifest(
         policy.require(url, "manifest")
     frame = read_manifest_frame(url, storage).with_row_index(ROW, offset=1).with_columns(pl.col(ROW).cast(pl.Int64))
     duplicates = duplicate_problems(frame)  # (document_id, page) must be unique across the whole manifest
-    base_dir = st.dirname(url)
+    base_dir = st.normalize(base_dir) if base_dir else st.dirname(url)
     plan = ManifestPlan(quarantined=[], total_rows=frame.height)
     for offset in range(0, frame.height, max(1, batch_rows)):
         batch = frame.slice(offset, batch_rows)

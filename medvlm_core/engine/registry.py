@@ -89,6 +89,70 @@ def shared_engine(config: EngineConfig, chat_format: str, log_phi: bool = False)
         return engines[0]
 
 
+class OwnedEngine:
+    """An engine its caller owns (not shared, not cached): ``close`` frees every layer of it.
+
+    Args:
+        layers: the engines, outermost (the one that answers) first.
+    """
+
+    def __init__(self, layers: list[Engine]):
+        self._layers = layers
+        self.load_seconds = sum(getattr(e, "load_seconds", 0.0) for e in layers)
+
+    @property
+    def loaded(self) -> bool:
+        """True until ``close``."""
+        return self._layers[0].loaded
+
+    def start(self) -> "OwnedEngine":
+        """Already started by ``create_engine``.
+
+        Returns:
+            The engine.
+        """
+        return self
+
+    def generate_many(self, requests):
+        """Answer every request (the ``Engine`` protocol's ``generate_many``).
+
+        Args:
+            requests: the pages to answer.
+
+        Returns:
+            An iterator of ``(request.key, Generation or DocumentError)`` as pages finish.
+        """
+        return self._layers[0].generate_many(requests)
+
+    def close(self) -> None:
+        """Close every layer (idempotent)."""
+        for engine in self._layers:
+            engine.close()
+
+    def __enter__(self) -> "OwnedEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def create_engine(config: EngineConfig, chat_format: str, log_phi: bool = False) -> OwnedEngine:
+    """A started engine of the same kind ``shared_engine`` makes, for a caller that owns it (the Python API).
+
+    Args:
+        config: the model files and llama.cpp settings.
+        chat_format: the model's chat format.
+        log_phi: the ``MEDVLM_LOG_PHI`` debug setting.
+
+    Returns:
+        The engine; the caller closes it.
+
+    Raises:
+        RunError: the model cannot be loaded.
+    """
+    return OwnedEngine(_create(config, chat_format, log_phi))
+
+
 def close_shared_engines() -> None:
     """Close every shared engine (tests, process shutdown)."""
     with _LOCK:
