@@ -56,7 +56,7 @@ class StorageOptions:
     # Not on the CLI: a dict of s3fs options for deployments; put no secrets here (parameters are stored).
     storage_options: Optional[Dict[str, Any]] = Field(None, description="extra s3fs options (no secrets)",
                                                       json_schema_extra={"cli": None})
-    credentials_block: Optional[str] = Field(None, description="Prefect Secret block holding S3 credentials as JSON")
+    credentials_block: Optional[str] = Field(None, description="Prefect block with the S3 credentials: aws-credentials/NAME, s3-bucket/NAME (prefect-aws) or a Secret block's name")
     sse: Optional[Literal["AES256", "aws:kms"]] = Field(None, description="server-side encryption of what the run writes to S3")
     sse_kms_key_id: Optional[str] = Field(None, description="KMS key for sse aws:kms")
 

@@ -1,9 +1,15 @@
-"""S3 settings for a flow run: from the environment, a Prefect Secret block, and non-secret options.
+"""S3 settings for a flow run: from the environment, a Prefect block, and non-secret options.
 
 Deployments should not carry secrets in their parameters (Prefect stores parameters with every flow run).
-Instead, ``credentials_block`` names a Prefect ``Secret`` block whose JSON value holds the same fields as
-prefect-aws's ``AwsCredentials``: ``aws_access_key_id``, ``aws_secret_access_key``, ``aws_session_token``,
-``profile_name`` and optionally ``endpoint_url``.
+Instead, ``credentials_block`` names a block saved on the Prefect server:
+
+* ``aws-credentials/NAME``: a prefect-aws ``AwsCredentials`` block (keys, session token, profile, region; the
+  endpoint of an S3-compatible store in its ``aws_client_parameters.endpoint_url``);
+* ``s3-bucket/NAME``: a prefect-aws ``S3Bucket`` block: its ``credentials`` are used;
+* ``NAME`` (or ``secret/NAME``): a ``Secret`` block whose JSON value holds ``aws_access_key_id``,
+  ``aws_secret_access_key``, ``aws_session_token``, ``profile_name``, ``region_name`` and ``endpoint_url``.
+
+Errors name the block, never a value of it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,46 @@ from medvlm_core.storage import Storage, s3_options
 
 
 def load_credentials_block(name: str) -> dict[str, Any]:
+    """The S3 settings held by the block ``name`` (see the module's docstring for the kinds).
+
+    Args:
+        name: ``aws-credentials/NAME``, ``s3-bucket/NAME``, ``secret/NAME`` or ``NAME`` (a Secret block).
+
+    Returns:
+        ``aws_access_key_id``, ``aws_secret_access_key``, ``aws_session_token``, ``profile_name``,
+        ``region_name``, ``endpoint_url`` (those it sets).
+
+    Raises:
+        RunError: the block cannot be loaded or used (naming the block only).
+    """
+    kind, _, block_name = name.rpartition("/")
+    kind = kind or "secret"
+    if kind == "secret":
+        return _secret_block(block_name)
+    if kind not in ("aws-credentials", "s3-bucket"):
+        raise RunError(f"credentials block {name!r}: use aws-credentials/NAME, s3-bucket/NAME or a Secret block's name")
+    try:
+        import prefect_aws  # noqa: F401  (registers the block types)
+        from prefect.blocks.core import Block
+
+        block = Block.load(f"{kind}/{block_name}")
+        credentials = block.credentials if kind == "s3-bucket" else block
+        secret = credentials.aws_secret_access_key
+        client = credentials.aws_client_parameters
+        values = {
+            "aws_access_key_id": credentials.aws_access_key_id,
+            "aws_secret_access_key": secret.get_secret_value() if secret is not None else None,
+            "aws_session_token": credentials.aws_session_token,
+            "profile_name": credentials.profile_name,
+            "region_name": credentials.region_name,
+            "endpoint_url": client.endpoint_url if client is not None else None,
+        }
+    except Exception as exc:  # ValueError for a missing block, others for a server or type problem
+        raise RunError(f"credentials block {name!r} cannot be loaded ({type(exc).__name__})") from None
+    return {k: v for k, v in values.items() if v}
+
+
+def _secret_block(name: str) -> dict[str, Any]:
     """The JSON value of the Prefect Secret block ``name``; RunError (naming the block only) if unusable."""
     from prefect.blocks.system import Secret
 
@@ -50,6 +96,8 @@ def build_storage(options: StorageOptions, settings: Settings) -> Storage:
     """
     creds = load_credentials_block(options.credentials_block) if options.credentials_block else {}
     extra = dict(options.storage_options or {})
+    if creds.get("region_name"):
+        extra["client_kwargs"] = dict(extra.get("client_kwargs") or {}, region_name=creds["region_name"])
     if options.sse:
         sse = dict(extra.get("s3_additional_kwargs") or {}, ServerSideEncryption=options.sse)
         if options.sse_kms_key_id:

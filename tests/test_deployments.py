@@ -180,6 +180,14 @@ def test_fan_out_over_two_gpu_workers(stack, tmp_path, tiny_llava, tiny_qwen, de
     progress = shard_runs_and_progress(stack)
     assert progress["artifacts"] and progress["artifacts"][-1] == 100.0  # the progress artifact reached 100 %
 
+    # the published event triggered the downstream report deployment (prefect.yaml's trigger), which ran
+    report = output / "reports" / "throughput_per_run" / f"report-{first['run_id']}.parquet"
+    deadline = time.monotonic() + 600
+    while not report.exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert report.exists(), "the medvlm-report deployment was not triggered by medvlm.run.published"
+    assert [r["run_id"] for r in ds.dataset(report).to_table().to_pylist()] == [first["run_id"]]
+
     # 2. the same again, one shard run at a time: everything is skipped (the done index says so)
     run_deployment(stack, "medvlm-fanout/medvlm-fanout", **dict(common, max_concurrent_shards=1))
     runs = {r["run_id"]: r for r in ds.dataset(output / "runs", partitioning="hive").to_table().to_pylist()}

@@ -204,3 +204,37 @@ def test_server_side_encryption_is_requested_for_every_written_object(s3, s3_ser
 
     unencrypted = [p.rsplit("/out/", 1)[1] for p in written if encryption(p) != "AES256"]
     assert unencrypted == [], f"{len(unencrypted)} of {len(written)}: {unencrypted}"
+
+
+@pytest.mark.parametrize("kind", ["aws-credentials", "s3-bucket"])
+def test_credentials_from_prefect_aws_blocks(s3_server, tmp_path, prefix, tiny_llava, monkeypatch, kind):
+    from prefect.client.orchestration import get_client
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    fs = s3fs.S3FileSystem(**s3_server.storage_options())
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MEDVLM_S3_ENDPOINT"):
+        monkeypatch.delenv(key, raising=False)  # the block alone brings the keys and the endpoint
+    creds = s3_server.credentials
+    block = AwsCredentials(aws_access_key_id=creds.access_key, aws_secret_access_key=creds.secret_key,
+                           aws_client_parameters=AwsClientParameters(endpoint_url=s3_server.endpoint_url))
+    block.save("medvlm-test-aws", overwrite=True)
+    S3Bucket(bucket_name=BUCKET, credentials=block).save("medvlm-test-bucket", overwrite=True)
+    name = "aws-credentials/medvlm-test-aws" if kind == "aws-credentials" else "s3-bucket/medvlm-test-bucket"
+    fs.put(str(write_manifest(tmp_path / "m.csv", [{"document_id": "x", "image_uri": "gone.png"}])), f"{prefix}/m.csv")
+    state = batch(return_state=True, manifest=f"{prefix}/m.csv", output=f"{prefix}/out", model=str(tiny_llava.model_path),
+                  mmproj=str(tiny_llava.mmproj_path), credentials_block=name)
+    assert state.is_completed(), state.message
+    assert state.result()["error_types"] == {"not_found": 1}
+    # the secret is nowhere: not in the tables, the flow run's parameters or its logs
+    runs = read_s3(fs, f"{prefix}/out/runs").to_pylist()
+    assert creds.secret_key not in str(runs)
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
+        logs = client.read_logs()
+    assert creds.secret_key not in str(flow_run.parameters) and name in str(flow_run.parameters)
+    assert not any(creds.secret_key in log.message for log in logs)
+
+    state = batch(return_state=True, manifest=f"{prefix}/m.csv", output=f"{prefix}/out", model=str(tiny_llava.model_path),
+                  mmproj=str(tiny_llava.mmproj_path), credentials_block=f"{kind}/no-such-block")
+    assert state.is_failed() and f"credentials block '{kind}/no-such-block' cannot be loaded" in state.message
