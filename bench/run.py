@@ -185,7 +185,7 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
                quick: bool = False) -> list[dict]:
     import csv
 
-    from flows.batch import medvlm_batch
+    from medvlm.flows.batch import medvlm_batch
 
     docs = workdir / "docs"
     docs.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,9 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.execute import run_chunks
-from flows.finish import finish_run
-from flows.setup import guard_output, run_name, start_run
+from medvlm.flows.execute import run_chunks
+from medvlm.flows.finish import finish_run
+from medvlm.flows.setup import guard_output, run_name, start_run
 from medvlm_core import storage as st
 from medvlm_core.errors import RunError
 from medvlm_core.manifest import read_manifest

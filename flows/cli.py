@@ -156,7 +156,7 @@ def run_flow(manifest: str, output: str, model: str, mmproj: str | None, options
         ``(exit status, summary or None, error message or None)``.
     """
     _prefect_defaults()
-    from flows.batch import medvlm_batch
+    from medvlm.flows.batch import medvlm_batch
 
     state = medvlm_batch(manifest=manifest, output=output, model=model, mmproj=mmproj, options=options, return_state=True)
     if not state.is_completed():

@@ -13,7 +13,7 @@ from medvlm_core.engine.registry import shared_engine
 from medvlm_core.manifest import ManifestRow
 from medvlm_core.pipeline import RunSpec
 from medvlm_core.run import RunContext, chunk_rows
-from tasks.inference import infer_chunk
+from medvlm.tasks.inference import infer_chunk
 
 
 def split_chunks(items: list, size: int) -> list[list]:

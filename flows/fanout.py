@@ -19,9 +19,9 @@ from prefect.deployments import run_deployment
 from prefect.flow_runs import wait_for_flow_run
 from prefect.states import Cancelled, Failed
 
-from flows.finish import finish_run
-from flows.setup import guard_output, run_name, start_run
-from flows.shard import read_shard_record
+from medvlm.flows.finish import finish_run
+from medvlm.flows.setup import guard_output, run_name, start_run
+from medvlm.flows.shard import read_shard_record
 from medvlm_core import storage as st
 from medvlm_core.accounting import ChunkSummary
 from medvlm_core.chunks import discard_staged_shard, stage_failed_rows

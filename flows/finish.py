@@ -14,7 +14,7 @@ from medvlm_core.models import ModelIdentity
 from medvlm_core.publish import run_date_of
 from medvlm_core.results import utc_now
 from medvlm_core.run import RunContext, ensure_output_held, release_output
-from tasks.publish import publish_run
+from medvlm.tasks.publish import publish_run
 
 
 def finish_run(

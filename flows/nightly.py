@@ -18,8 +18,8 @@ from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 from prefect.states import Failed
 
-from flows.batch import run_batch
-from flows.setup import run_name, start_run
+from medvlm.flows.batch import run_batch
+from medvlm.flows.setup import run_name, start_run
 from medvlm_core import results
 from medvlm_core import storage as st
 from medvlm_core.errors import RunError

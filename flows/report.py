@@ -20,7 +20,7 @@ from medvlm_core.analytics import EXAMPLE_QUERIES, query
 from medvlm_core.errors import RunError
 from medvlm_core.options import RunOptions
 from medvlm_core.settings import Settings
-from tasks.credentials import build_storage
+from medvlm.tasks.credentials import build_storage
 
 
 @flow(name="medvlm-report", log_prints=False, validate_parameters=False)

@@ -15,7 +15,7 @@ from medvlm_core.options import RunOptions
 from medvlm_core.results import utc_now
 from medvlm_core.run import RunContext, acquire_output, check_output_writable, make_run_id, open_run, recover_output
 from medvlm_core.settings import Settings
-from tasks.credentials import build_storage
+from medvlm.tasks.credentials import build_storage
 
 
 def run_name(kind: str):

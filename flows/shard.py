@@ -20,8 +20,8 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.execute import run_chunks
-from flows.setup import run_name, start_run
+from medvlm.flows.execute import run_chunks
+from medvlm.flows.setup import run_name, start_run
 from medvlm_core.accounting import merge_summaries
 from medvlm_core.errors import RunError
 from medvlm_core.layout import OutputLayout

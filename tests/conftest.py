@@ -57,7 +57,7 @@ def demo_docs(tmp_path):
 
 def batch(manifest: str, output: str, model: str, mmproj: str | None = None, return_state: bool = False, **options):
     """The ``medvlm-batch`` flow with its run options given flat (``max_tokens=4``), as most tests write them."""
-    from flows.batch import medvlm_batch
+    from medvlm.flows.batch import medvlm_batch
 
     return medvlm_batch(manifest=manifest, output=output, model=model, mmproj=mmproj, options=options,
                         return_state=return_state)

@@ -246,7 +246,7 @@ def test_structured_and_quarantine_currency_and_document_status(tmp_path):
 
 def medvlm(*argv: str) -> tuple[int, str]:
     """The ``medvlm`` command in this process: (exit status, standard output)."""
-    from flows.cli import main
+    from medvlm.flows.cli import main
 
     out = io.StringIO()
     with redirect_stdout(out):

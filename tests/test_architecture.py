@@ -6,7 +6,8 @@
 - only ``medvlm_core/settings.py`` reads the environment (plus ``flows/cli.py``, which sets Prefect defaults,
   and ``medvlm_core/testing/``, whose tools start subprocesses with an environment);
 - at least 95% of the public modules, functions, classes and methods have a docstring;
-- the README's settings table lists exactly the variables ``Settings`` reads.
+- the README's settings table lists exactly the variables ``Settings`` reads;
+- every package folder is installed (pyproject.toml), the flows and tasks as ``medvlm.flows``, ``medvlm.tasks``.
 
 Each failure lists the offending files (``path:line``) or names.
 """
@@ -22,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = "medvlm_core"
-ORCHESTRATION = ("prefect", "flows", "tasks")
+ORCHESTRATION = ("prefect", "flows", "tasks", "medvlm")  # medvlm.flows, medvlm.tasks
 TESTING = "medvlm_core.testing"
 
 # Where reading or passing on the environment is allowed (paths relative to the repository root).
@@ -414,3 +415,18 @@ def test_readme_settings_table_lists_exactly_the_settings():
     assert not problems, 'README.md "## Settings (environment)" and medvlm_core.settings.Settings differ:\n  ' + (
         "\n  ".join(problems)
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Every package folder is installed, the flows and tasks under the medvlm namespace
+
+
+def test_pyproject_lists_every_package():
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {"medvlm.flows": "flows", "medvlm.tasks": "tasks"}
+    expected = {_module_name(p) for p in _files(CORE) if _is_package(p)}
+    expected |= set(folders)
+    assert set(config["packages"]) == expected, "pyproject.toml [tool.setuptools] packages must list every package"
+    assert config["package-dir"] == folders  # a user's own tasks.py or flows/ cannot shadow medvlm's

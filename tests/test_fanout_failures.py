@@ -7,7 +7,7 @@ import asyncio
 import pyarrow.dataset as ds
 
 from conftest import write_manifest
-from flows.fanout import medvlm_fanout
+from medvlm.flows.fanout import medvlm_fanout
 from medvlm_core.layout import OutputLayout
 from medvlm_core.storage import Storage
 

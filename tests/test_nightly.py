@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 
 from conftest import write_manifest
-from flows.nightly import medvlm_nightly
+from medvlm.flows.nightly import medvlm_nightly
 
 
 def test_nightly_processes_only_new_manifests(tmp_path, tiny_llava, demo_docs):

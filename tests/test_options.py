@@ -7,11 +7,11 @@ import inspect
 
 import pytest
 
-from flows.batch import medvlm_batch
-from flows.cli import _flow_options, build_parser
-from flows.fanout import medvlm_fanout
-from flows.nightly import medvlm_nightly
-from flows.shard import medvlm_shard
+from medvlm.flows.batch import medvlm_batch
+from medvlm.flows.cli import _flow_options, build_parser
+from medvlm.flows.fanout import medvlm_fanout
+from medvlm.flows.nightly import medvlm_nightly
+from medvlm.flows.shard import medvlm_shard
 from medvlm_core.errors import RunError
 from medvlm_core.options import GROUPS, RunOptions, option_fields
 
@@ -111,7 +111,7 @@ def test_the_four_flows_take_options_the_same_way():
 
 
 def test_the_cli_lists_every_built_in_query():
-    from flows.cli import EXAMPLES
+    from medvlm.flows.cli import EXAMPLES
     from medvlm_core.analytics import EXAMPLE_QUERIES
 
     assert set(EXAMPLES) == set(EXAMPLE_QUERIES)  # named without importing DuckDB at start-up; kept equal here

@@ -36,12 +36,14 @@ script that creates an ``IsolatedEngine`` must keep its top-level work under ``i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import multiprocessing
 import multiprocessing.connection as mp_connection
 import queue
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -55,6 +57,26 @@ from medvlm_core.images import to_rgb
 
 # A fault injector (tests only): called in the child with (intake, attempt) before each page is taken.
 FaultInjector = Callable[[int, int], None]
+
+
+@contextlib.contextmanager
+def _main_not_rerun() -> Iterator[None]:
+    """Start a spawned child without running the user's ``__main__`` script in it again.
+
+    ``spawn`` re-imports the parent's main module in the child; a plain script that loads a model at its top
+    level (no ``if __name__ == "__main__":`` guard, as in the README's examples) would then load it again in the
+    child and fail there. The child runs only ``_child_main`` from this module, so the main module is hidden from
+    multiprocessing's preparation data while the child starts (it reads them synchronously in ``start()``).
+    """
+    main = sys.modules.get("__main__")
+    saved = {name: getattr(main, name) for name in ("__file__", "__spec__") if main is not None and hasattr(main, name)}
+    try:
+        for name in saved:
+            setattr(main, name, None)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(main, name, value)
 
 
 # -- the messages between parent and child (pickled over the pipes) --------------------------------
@@ -317,7 +339,8 @@ class IsolatedEngine(Engine):
         process = ctx.Process(target=_child_main, args=(self.config, self.chat_format, self.log_phi, self.fault, request_recv, result_send),
                               name="medvlm-inference", daemon=True)
         started = time.perf_counter()
-        process.start()
+        with _main_not_rerun():
+            process.start()
         # Only the child holds these ends now, so its death reads as EOF here.
         request_recv.close()
         result_send.close()
