@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
 from medvlm_core import results
@@ -21,6 +21,10 @@ from medvlm_core.errors import RunError
 from medvlm_core.options import RunOptions
 from medvlm_core.settings import Settings
 from medvlm.tasks.credentials import build_storage
+
+# The built-in queries whose rows hold no document data (ids, text, names): only these are shown as a table
+# artifact; the others' rows stay in the report file.
+ARTIFACT_QUERIES = ("throughput_per_run", "errors_by_type")
 
 
 @flow(name="medvlm-report", log_prints=False, validate_parameters=False)
@@ -51,8 +55,12 @@ def medvlm_report(output: str, run_id: str | None = None, query_name: str = "thr
         return Failed(message=str(exc))
     logger.info("report %s: %d rows at %s", query_name, table.num_rows, url)
     try:
-        create_table_artifact(table=table.slice(0, 100).to_pylist(), key=f"medvlm-report-{query_name.replace('_', '-')}",
-                              description=f"medvlm report {query_name} after run {run_id}")
+        key = f"medvlm-report-{query_name.replace('_', '-')}"
+        if query_name in ARTIFACT_QUERIES:
+            create_table_artifact(table=table.slice(0, 100).to_pylist(), key=key,
+                                  description=f"medvlm report {query_name} after run {run_id}")
+        else:  # rows with document ids or text stay in the output's storage, out of Prefect
+            create_markdown_artifact(markdown=f"medvlm report `{query_name}`: {table.num_rows} rows at `{url}`", key=key)
     except Exception:  # an artifact is a convenience
         pass
     return {"report": url, "rows": table.num_rows}

@@ -44,3 +44,27 @@ def _table(data):
 
     rows = json.loads(data) if isinstance(data, str) else data
     return rows
+
+
+def test_report_flow_writes_the_query_and_keeps_document_data_out_of_prefect(tmp_path, tiny_llava, demo_docs):
+    import pyarrow.parquet as pq
+
+    from medvlm.flows.report import medvlm_report
+
+    output = tmp_path / "out"
+    summary = batch(manifest=str(write_manifest(tmp_path / "m.csv", demo_docs)), output=str(output),
+                    model=str(tiny_llava.model_path), mmproj=str(tiny_llava.mmproj_path), max_tokens=4, n_ctx=4096)
+    run_id = summary["run_id"]
+    throughput = medvlm_report(output=str(output), run_id=run_id)
+    assert [r["run_id"] for r in pq.read_table(throughput["report"]).to_pylist()] == [run_id]
+
+    state = medvlm_report(output=str(output), run_id=run_id, query_name="document_status", return_state=True)
+    report = state.result()
+    rows = pq.read_table(report["report"]).to_pylist()
+    assert sorted(r["document_id"] for r in rows) == sorted(d["document_id"] for d in demo_docs)
+    with get_client(sync_client=True) as client:
+        [artifact] = [a for a in client.read_artifacts() if a.flow_run_id == state.state_details.flow_run_id]
+    assert "3 rows" in artifact.data and not any(d["document_id"] in artifact.data for d in demo_docs)
+
+    failed = medvlm_report(output=str(output), query_name="no_such_query", return_state=True)
+    assert failed.is_failed() and "unknown query 'no_such_query'" in failed.message
