@@ -73,17 +73,18 @@ class PrefectStack:
         )
         self.processes: dict[str, subprocess.Popen] = {}
 
-    def spawn(self, name: str, *args: str, **env: str) -> subprocess.Popen:
+    def spawn(self, name: str, *args: str, cwd: Path = REPO, **env: str) -> subprocess.Popen:
         log = open(self.home / f"{name}.log", "ab")
         proc = subprocess.Popen(
-            [str(BIN / "prefect"), *args], cwd=REPO, env=dict(self.env, **env), stdout=log, stderr=subprocess.STDOUT,
+            [str(BIN / "prefect"), *args], cwd=cwd, env=dict(self.env, **env), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.processes[name] = proc
         return proc
 
-    def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-        proc = subprocess.run([str(BIN / "prefect"), *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+    def cli(self, *args: str, timeout: float = 180, cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([str(BIN / "prefect"), *args], cwd=cwd, env=dict(self.env, **env), capture_output=True,
+                              text=True, timeout=timeout)
         assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
         return proc
 
@@ -105,9 +106,9 @@ class PrefectStack:
                 kill_tree(proc)
 
 
-@pytest.fixture
-def stack(tmp_path):
-    s = PrefectStack(tmp_path / "prefect")
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = PrefectStack(tmp_path_factory.mktemp("stack") / "prefect")
     s.home.mkdir()
     try:
         s.start_server()
@@ -231,3 +232,49 @@ def test_fan_out_over_two_gpu_workers(stack, tmp_path, tiny_llava, tiny_qwen, de
     [run] = ds.dataset(output2 / "runs", partitioning="hive").to_table().to_pylist()
     assert (run["pages_ok"], run["reconciled"]) == (8, True)
 
+
+
+def test_a_worker_elsewhere_runs_the_code_from_a_git_clone(stack, tmp_path, tiny_llava, demo_docs):
+    """prefect.yaml's ``pull_from_git``: a worker with medvlm installed but no checkout runs a deployment whose
+    flow runs clone the repository (here a local bare one made from this working tree) into a temp folder."""
+    import shutil
+
+    import yaml
+
+    tree = tmp_path / "checkout"
+    listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                            check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, tree / name)
+    git = ["git", "-c", "user.name=medvlm-test", "-c", "user.email=test@example.org", "-c", "init.defaultBranch=main"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "medvlm"]):
+        subprocess.run(git + args, cwd=tree, check=True)
+    remote = tmp_path / "medvlm.git"
+    subprocess.run(git + ["clone", "-q", "--bare", str(tree), str(remote)], check=True)
+
+    # deploy from the checkout with the shipped git pull, to a pool whose worker runs in an empty folder
+    config = yaml.safe_load((tree / "prefect.yaml").read_text())
+    config["pull"] = config["definitions"]["pull_from_git"]
+    [batch] = [d for d in config["deployments"] if d["name"] == "medvlm-batch"]
+    config["deployments"] = [dict(batch, name="medvlm-batch-remote", work_pool={"name": "medvlm-remote"})]
+    (tree / "prefect.remote.yaml").write_text(yaml.safe_dump(config))
+    stack.cli("work-pool", "create", "medvlm-remote", "--type", "process")
+    stack.cli("--no-prompt", "deploy", "--prefect-file", "prefect.remote.yaml", "--all", cwd=tree,
+              MEDVLM_GIT_REPOSITORY=remote.as_uri(), MEDVLM_GIT_BRANCH="main")
+    inspected = stack.cli("deployment", "inspect", "medvlm-batch/medvlm-batch-remote").stdout
+    assert "git_clone" in inspected and remote.as_uri() in inspected and "set_working_directory" not in inspected
+    elsewhere = tmp_path / "worker-home"
+    elsewhere.mkdir()
+    stack.spawn("remote-0", "worker", "start", "--pool", "medvlm-remote", "--limit", "1", "--name", "remote-0",
+                cwd=elsewhere)
+
+    output = tmp_path / "out"
+    run_deployment(stack, "medvlm-batch/medvlm-batch-remote", manifest=str(write_manifest(tmp_path / "m.csv", demo_docs)),
+                   output=str(output), model=str(tiny_llava.model_path), mmproj=str(tiny_llava.mmproj_path),
+                   options={"max_tokens": 4, "n_ctx": 4096})
+    rows = ds.dataset(output / "completions", partitioning="hive").to_table().to_pylist()
+    assert sorted(r["document_id"] for r in rows) == sorted(d["document_id"] for d in demo_docs)
+    assert {r["status"] for r in rows} == {"ok"}
+    assert not list(elsewhere.iterdir())  # each flow run cloned into its own temp folder
