@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import unmapped
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from medvlm_core import done_index, results
 from medvlm_core.accounting import ChunkSummary
@@ -67,6 +68,8 @@ def run_chunks(logger: Any, ctx: RunContext, spec: RunSpec, rows: list[ManifestR
         list(range(len(chunks))), chunks, unmapped(spec), unmapped(ctx.storage), unmapped(done),
         unmapped(shard_index), unmapped(log_phi),
     )
+    progress = ChunkProgress(f"medvlm run {spec.run_id}" + (f" shard {shard_index}" if shard_index is not None else "")
+                             + f": manifest rows done of {len(rows)}")
     summaries: list[ChunkSummary] = []
     finished_rows = 0
     for index, future in enumerate(futures):
@@ -80,4 +83,32 @@ def run_chunks(logger: Any, ctx: RunContext, spec: RunSpec, rows: list[ManifestR
         summaries.append(summary)
         finished_rows += len(chunks[index])
         logger.info("progress: %d/%d manifest rows done", finished_rows, len(rows))
+        progress.update(100.0 * finished_rows / max(1, len(rows)))
     return summaries
+
+
+class ChunkProgress:
+    """A Prefect progress artifact for the flow run, updated as its chunks finish (a convenience: an artifact
+    the server refuses never fails the run).
+
+    Args:
+        description: what the percentage counts (no document data).
+    """
+
+    def __init__(self, description: str):
+        try:
+            self.artifact_id = create_progress_artifact(0.0, description=description)
+        except Exception:
+            self.artifact_id = None
+
+    def update(self, percent: float) -> None:
+        """Set the artifact to ``percent`` (0 to 100).
+
+        Args:
+            percent: the share of the run's rows done.
+        """
+        if self.artifact_id is not None:
+            try:
+                update_progress_artifact(self.artifact_id, percent)
+            except Exception:
+                pass

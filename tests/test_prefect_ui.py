@@ -14,7 +14,7 @@ from conftest import batch, write_manifest
 def test_a_run_names_itself_writes_its_artifacts_and_emits_published(tmp_path, tiny_llava, demo_docs):
     manifest = write_manifest(tmp_path / "discharge-batch.csv", demo_docs + [{"document_id": "", "image_uri": "x.png"}])
     state = batch(manifest=str(manifest), output=str(tmp_path / "out"), model=str(tiny_llava.model_path),
-                  mmproj=str(tiny_llava.mmproj_path), max_tokens=4, n_ctx=4096, return_state=True)
+                  mmproj=str(tiny_llava.mmproj_path), max_tokens=4, n_ctx=4096, chunk_size=1, return_state=True)
     summary = state.result()
     run_id = summary["run_id"]
     with get_client(sync_client=True) as client:
@@ -22,6 +22,8 @@ def test_a_run_names_itself_writes_its_artifacts_and_emits_published(tmp_path, t
         assert flow_run.name == f"batch discharge-batch.csv {run_id.rsplit('-', 1)[1]}"
         artifacts = {a.key: a for a in client.read_artifacts() if a.flow_run_id == flow_run.id}
         assert {"medvlm-run-summary", "medvlm-run-counts", "medvlm-run-output"} <= set(artifacts)
+        [progress] = [a for a in client.read_artifacts() if a.flow_run_id == flow_run.id and a.type == "progress"]
+        assert progress.data == 100.0 and "manifest rows done of 3" in progress.description  # the valid rows
         counts = {(r["status"], r["error_type"]): r["pages"] for r in _table(artifacts["medvlm-run-counts"].data)}
         assert counts[("ok", "")] == 3 and counts[("quarantined (rows)", "")] == 1
         assert artifacts["medvlm-run-output"].data.startswith("[") and str(tmp_path / "out") in artifacts["medvlm-run-output"].data
