@@ -155,6 +155,11 @@ class EngineOptions:
     image_max_tokens: Optional[int] = Field(None, ge=1, description="vision encoder: at most this many tokens per page")
     # Faster at every parallelism on the GPU and on this 2-core CPU too (BENCHMARKS.md). Same answers.
     overlap_encode: bool = Field(True, description="encode the next pages' images on a second thread while the batch decodes")
+    # On a GPU one encoder thread caps the engine at ~1.7 pages/s for a 7B Qwen2.5-VL page (../shared/gpu): several
+    # contexts encode in parallel on the same device, each holding its own copy of the projector weights (~1.3 GB
+    # for a 7B Qwen2.5-VL mmproj in f16). None = 1 on a CPU build or with no layer offloaded, else 2.
+    encode_workers: Optional[int] = Field(None, ge=1, description="vision-encoder contexts encoding pages in parallel "
+                                          "(with overlap_encode; default 1 on CPU, 2 on a GPU)")
     # A native crash (GGML_ABORT, a segfault) becomes an engine_crash error row for the page that caused it
     # instead of killing the worker with every page in flight. Costs a pipe transfer of each page's pixels.
     isolate: bool = Field(True, description="run llama.cpp in a supervised child process (a native crash costs one page)")

@@ -3,8 +3,8 @@
 From the text GGUF's metadata (layers, KV heads, key and value head sizes) and the KV cache type, the KV cache of
 the batched context is ``cells x layers x kv_heads x (key + value head size) x bytes per element``, with
 ``n_parallel x n_ctx`` cells (each sequence rounded up to 256 as llama.cpp does), exactly what llama.cpp allocates
-(a test compares it with llama.cpp's own report). To it come the weights (both files' sizes), the isolated child's
-small single-sequence context, and an estimate of llama.cpp's compute buffers (the logits of a batch plus a fixed
+(a test compares it with llama.cpp's own report). To it come the weights (both files' sizes, the projector once per
+encoder context), the isolated child's small single-sequence context, and an estimate of llama.cpp's compute buffers (the logits of a batch plus a fixed
 headroom). When the total exceeds the budget (the GPU's free memory when layers are offloaded to one, else the
 host's available memory; ``MEDVLM_MEMORY_BUDGET_MB`` overrides), ``n_parallel`` is lowered to what fits, or the run
 stops with the numbers when even one page does not.
@@ -112,7 +112,8 @@ def plan_memory(config: EngineConfig, budget_mb: float | None = None, gpu: str |
     if budget_mb is None:
         budget_mb, source = detect_budget_mb(config.n_gpu_layers != 0, gpu)
     shape = _text_shape(config.model_path)
-    weights = os.path.getsize(config.model_path) + os.path.getsize(config.mmproj_path)
+    # every encoder context beyond the first holds another copy of the projector
+    weights = os.path.getsize(config.model_path) + encode_workers_for(config) * os.path.getsize(config.mmproj_path)
     per_page = kv_cache_bytes(config.model_path, _cells_per_page(config.n_ctx), config.cache_type_k, config.cache_type_v)
     # the isolated child's own small context (n_batch cells) and a batch's logits
     single = kv_cache_bytes(config.model_path, _cells_per_page(max(256, config.n_batch)), config.cache_type_k, config.cache_type_v)
@@ -150,6 +151,22 @@ def detect_budget_mb(offloading: bool, gpu: str | None = None) -> tuple[float, s
         if free is not None:
             return free, "gpu"
     return _host_available_mb(), "host"
+
+
+def encode_workers_for(config: EngineConfig) -> int:
+    """The vision-encoder contexts an engine of ``config`` opens: ``encode_workers`` when set, else 1 on a CPU
+    build or with no layer offloaded (the cores are already shared by decode and one encoder) and 2 on a GPU
+    (two encodes side by side keep it busier).
+
+    Args:
+        config: the engine config.
+
+    Returns:
+        The number of encoder contexts (each holds a copy of the projector weights).
+    """
+    if config.encode_workers is not None:
+        return config.encode_workers
+    return 2 if config.n_gpu_layers != 0 and _gpu_build() else 1
 
 
 def _gpu_build() -> bool:

@@ -26,14 +26,17 @@ def test_batched_answers_match_the_single_path(request, pages, family, chat_form
     try:
         params = GenerationParams(max_tokens=20)
         single = [engine.generate(p, "Read the page.", params) for p in pages]
-        # overlap: images encoded on a second thread while the batch decodes
-        for n_seq, overlap in ((1, False), (3, False), (8, False), (3, True), (8, True)):
-            batched = BatchedEngine(engine, n_seq=n_seq, ctx_per_seq=2048, overlap=overlap, encode_ahead=2)
+        # overlap: images encoded on other threads (1 or 3 encoder contexts) while the batch decodes
+        for n_seq, overlap, workers in ((1, False, 1), (3, False, 1), (8, False, 1), (3, True, 1), (8, True, 1),
+                                        (3, True, 3)):
+            batched = BatchedEngine(engine, n_seq=n_seq, ctx_per_seq=2048, overlap=overlap, encode_ahead=2,
+                                    encode_workers=workers)
+            assert batched.encode_workers == workers
             try:
                 got = dict(batched.generate_many(Request(i, p, "Read the page.", params) for i, p in enumerate(pages)))
             finally:
                 batched.close()
-            assert [got[i].text for i in range(len(pages))] == [s.text for s in single], (n_seq, overlap)
+            assert [got[i].text for i in range(len(pages))] == [s.text for s in single], (n_seq, overlap, workers)
             assert all(got[i].encode_ms > 0 for i in got)
             assert [got[i].completion_tokens for i in range(len(pages))] == [20] * len(pages)
             assert all(got[i].finish_reason == "length" for i in got)
@@ -41,16 +44,16 @@ def test_batched_answers_match_the_single_path(request, pages, family, chat_form
         engine.close()
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_refill_errors_grammar_and_bounded_intake(tiny_qwen, pages, overlap):
+@pytest.mark.parametrize("overlap, workers", [(False, 1), (True, 1), (True, 3)])
+def test_refill_errors_grammar_and_bounded_intake(tiny_qwen, pages, overlap, workers):
     engine = VisionEngine(EngineConfig(str(tiny_qwen.model_path), str(tiny_qwen.mmproj_path), n_ctx=4096), "qwen2.5-vl").start()
-    batched = BatchedEngine(engine, n_seq=2, ctx_per_seq=512, overlap=overlap, encode_ahead=2)
+    batched = BatchedEngine(engine, n_seq=2, ctx_per_seq=512, overlap=overlap, encode_ahead=2, encode_workers=workers)
     try:
         pulled, finished = [], []
         params = GenerationParams(max_tokens=8)
         # requests taken ahead of the results handed back: the n_seq slots, plus with overlap the encoded
-        # queue and the one being encoded
-        bound = 2 + (2 + 1 if overlap else 0)
+        # queue and one being encoded per encoder
+        bound = 2 + (2 + workers if overlap else 0)
 
         def requests():
             for i in range(12):
@@ -77,10 +80,10 @@ def test_refill_errors_grammar_and_bounded_intake(tiny_qwen, pages, overlap):
         engine.close()
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_source_failure_and_early_stop_leave_the_engine_usable(tiny_llava, pages, overlap):
+@pytest.mark.parametrize("overlap, workers", [(False, 1), (True, 1), (True, 3)])
+def test_source_failure_and_early_stop_leave_the_engine_usable(tiny_llava, pages, overlap, workers):
     engine = VisionEngine(EngineConfig(str(tiny_llava.model_path), str(tiny_llava.mmproj_path), n_ctx=2048), "llava-1-5").start()
-    batched = BatchedEngine(engine, n_seq=3, ctx_per_seq=512, overlap=overlap)
+    batched = BatchedEngine(engine, n_seq=3, ctx_per_seq=512, overlap=overlap, encode_workers=workers)
     params = GenerationParams(max_tokens=6)
     try:
         def failing():
@@ -96,7 +99,7 @@ def test_source_failure_and_early_stop_leave_the_engine_usable(tiny_llava, pages
 
         stream = batched.generate_many(Request(i, pages[i % len(pages)], "Read.", params) for i in range(20))
         next(stream)
-        stream.close()  # the consumer stops early: slots and the encoder thread are released
+        stream.close()  # the consumer stops early: slots and the encoder threads are released
 
         again = dict(batched.generate_many(Request(i, pages[i], "Read.", params) for i in range(4)))
         assert [again[i].text for i in range(4)] == [got[i].text for i in range(4)]

@@ -50,6 +50,9 @@ def test_the_plan_lowers_n_parallel_or_refuses_with_the_numbers(tiny_llava):
     with pytest.raises(RunError) as caught:
         plan_memory(config, budget_mb=roomy.weights_mb)
     assert "does not fit" in str(caught.value) and "MiB" in str(caught.value) and "n_ctx 8192" in str(caught.value)
+    # each encoder context beyond the first holds another copy of the projector
+    three = plan_memory(config.replace(encode_workers=3), budget_mb=100_000)
+    assert three.weights_mb - roomy.weights_mb == pytest.approx(2 * tiny_llava.mmproj_path.stat().st_size / MIB)
     detected = plan_memory(config)  # this CPU machine: the host's available memory
     assert detected.budget_source == "host" and detected.budget_mb > 0
 

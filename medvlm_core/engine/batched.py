@@ -7,10 +7,10 @@ sequence frees its slot (``llama_memory_seq_rm``) and the next document takes it
 
 Vision encoding is split from prefill: a page's image is encoded by libmtmd into embeddings (``_encode``),
 and those embeddings are later decoded into a free slot (``_prefill``). With ``overlap`` on, encoding runs
-on a second thread a few pages ahead while the main thread decodes the batch, so the encoder (the slowest
-stage on a GPU: ~0.4 s per 1656-token page on an H200) is off the decode's critical path. The two threads
-use different llama.cpp objects (the mtmd context vs the batched llama context); the embeddings are copied
-out of libmtmd's buffer before the next encode overwrites it.
+on ``encode_workers`` threads a few pages ahead while the main thread decodes the batch, so the encoder (the
+slowest stage on a GPU: ~0.4 s per 1656-token page on an H200) is off the decode's critical path. Each encoder
+thread has its own libmtmd context (the handler's, plus copies of the projector); the decoding thread uses the
+batched llama context. The embeddings are copied out of libmtmd's buffer before the next encode overwrites it.
 
 The prompt is rendered exactly as the single-sequence chat handler renders it, and each sequence samples
 with the same chain llama-cpp-python builds (penalties, grammar, greedy or top-k/typical/top-p/min-p/temp/
@@ -37,6 +37,7 @@ from medvlm_core.engine.llama import VisionEngine
 from medvlm_core.engine.types import Engine, Generation, Request, Result
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.images import to_rgb
+from medvlm_core.memory import encode_workers_for
 from medvlm_core.threads import put_unless_stopped
 
 _SENTINEL = "\x00medvlm-image\x00"
@@ -100,7 +101,8 @@ class BatchedEngine(Engine):
     """
 
     def __init__(self, engine: VisionEngine, n_seq: int = 8, ctx_per_seq: int | None = None,
-                 overlap: bool = True, encode_ahead: int | None = None, confidences: bool = True):
+                 overlap: bool = True, encode_ahead: int | None = None, confidences: bool = True,
+                 encode_workers: int | None = None):
         """
         Args:
             engine: the loaded single-page engine whose model and vision projector are used.
@@ -110,6 +112,8 @@ class BatchedEngine(Engine):
             encode_ahead: encoded pages waiting for a slot (default ``n_seq``); it bounds host memory to
                 about ``encode_ahead`` pages of embeddings (~24 MB each for a 7B model at 1656 image tokens).
             confidences: score every answer token (log-probabilities); off only to measure what that costs.
+            encode_workers: vision-encoder threads (with ``overlap``), each with its own libmtmd context on the
+                same device (default: ``medvlm_core.memory.encode_workers_for``).
         """
         if not engine.loaded:
             raise RunError("load the VisionEngine before batching over it")
@@ -157,6 +161,9 @@ class BatchedEngine(Engine):
         self._batch = llama_cpp.llama_batch_init(n_seq, 0, 1)
         self._piece = ctypes.create_string_buffer(256)
         self._rendered: dict[str, str] = {}  # prompt -> rendered text: compiling the template costs ~ms per page
+        workers = encode_workers if encode_workers is not None else encode_workers_for(engine.config)
+        # The handler's context is the first encoder (and serves prefill); the others are extra copies.
+        self._encoders = [self._handler.mtmd_ctx] + [self._new_mtmd_context() for _ in range(max(1, workers) - 1)]
 
     @property
     def loaded(self) -> bool:
@@ -181,8 +188,30 @@ class BatchedEngine(Engine):
             raise RunError("the BatchedEngine was closed")
         return self
 
+    @property
+    def encode_workers(self) -> int:
+        """How many vision-encoder contexts encode pages in parallel (with ``overlap``)."""
+        return len(self._encoders)
+
+    def _new_mtmd_context(self) -> Any:
+        """Another libmtmd context of the same projector on the same device, set up as the handler's own."""
+        lc, llm = self._llama_cpp, self.engine.llm
+        params = self._mtmd.mtmd_context_params_default()  # with the image token budget, as the handler's
+        params.use_gpu = getattr(self._handler, "use_gpu", True)
+        params.print_timings = False
+        params.n_threads = llm.n_threads
+        enabled = llm.context_params.flash_attn_type == lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if enabled else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        ctx = self._mtmd.mtmd_init_from_file(self._handler.clip_model_path.encode(), llm._model.model, params)
+        if not ctx:
+            raise RunError(f"libmtmd could not open another encoder context for {self._handler.clip_model_path}")
+        return ctx
+
     def close(self) -> None:
-        """Free the batched context (the model stays loaded in the VisionEngine)."""
+        """Free the batched context and the extra encoder contexts (the model stays loaded in the VisionEngine)."""
+        for ctx in self._encoders[1:]:
+            self._mtmd.mtmd_free(ctx)
+        self._encoders = self._encoders[:1]
         if self._ctx:
             self._llama_cpp.llama_batch_free(self._batch)
             self._llama_cpp.llama_free(self._ctx)
@@ -289,9 +318,11 @@ class BatchedEngine(Engine):
         return self._llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, index)
 
     # -- encode (any thread) and prefill (the decoding thread) --------------------------------------
-    def _encode(self, request: Request) -> _Encoded:
-        """Tokenize the prompt and image and run the vision encoder; the embeddings are copied out."""
+    def _encode(self, request: Request, encoder: Any = None) -> _Encoded:
+        """Tokenize the prompt and image and run the vision encoder (``encoder``: a libmtmd context, default the
+        handler's); the embeddings are copied out."""
         mtmd = self._mtmd
+        encoder = encoder or self._handler.mtmd_ctx
         started = time.perf_counter()
         # Raw RGB pixels straight into libmtmd: the same pixels the single path's PNG round trip yields
         # (PNG is lossless), without ~30 ms of PNG encoding and decoding per 1.3 MP page.
@@ -308,7 +339,7 @@ class BatchedEngine(Engine):
             entry = mtmd.mtmd_input_text()
             entry.text, entry.text_len, entry.add_special, entry.parse_special = text, len(text), True, True
             bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
-            if mtmd.mtmd_tokenize(self._handler.mtmd_ctx, chunks, ctypes.byref(entry), bitmaps, 1) != 0:
+            if mtmd.mtmd_tokenize(encoder, chunks, ctypes.byref(entry), bitmaps, 1) != 0:
                 raise DocumentError(errors.INFERENCE_ERROR, "libmtmd could not tokenize the request")
             n_tokens = mtmd.mtmd_helper_get_n_tokens(chunks)
             if n_tokens + 1 > self.ctx_per_seq:
@@ -323,11 +354,11 @@ class BatchedEngine(Engine):
                 if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
                     embeddings.append(None)
                     continue
-                if mtmd.mtmd_encode_chunk(self._handler.mtmd_ctx, chunk) != 0:
+                if mtmd.mtmd_encode_chunk(encoder, chunk) != 0:
                     raise DocumentError(errors.INFERENCE_ERROR, "libmtmd failed to encode the page image")
                 size = mtmd.mtmd_input_chunk_get_n_tokens(chunk) * self._n_embd_inp
                 copy = (ctypes.c_float * size)()
-                ctypes.memmove(copy, mtmd.mtmd_get_output_embd(self._handler.mtmd_ctx), size * ctypes.sizeof(ctypes.c_float))
+                ctypes.memmove(copy, mtmd.mtmd_get_output_embd(encoder), size * ctypes.sizeof(ctypes.c_float))
                 embeddings.append(copy)
             encode_ms = (time.perf_counter() - encode_started) * 1000.0
             return _Encoded(request, chunks, embeddings, n_tokens, encode_ms, started, opens)
@@ -384,28 +415,48 @@ class BatchedEngine(Engine):
         finally:
             self._release(encoded)
 
-    def _encoder_thread(self, source: Iterator[Request], out: "queue.Queue[Any]", stop: threading.Event) -> None:
-        """Encode requests from ``source`` into ``out`` until it ends or ``stop`` is set."""
+    def _encoder_threads(self, source: Iterator[Request], out: "queue.Queue[Any]", stop: threading.Event) -> list[threading.Thread]:
+        """Start one thread per encoder context, each taking requests from ``source`` (in turn, under a lock) and
+        putting them encoded into ``out``; the last one to end puts ``_END``, or the source's exception (after
+        every page taken before it, which are still answered)."""
+        taking = threading.Lock()
+        running = [len(self._encoders)]
+        failure: list[BaseException] = []
 
         def put(item: Any) -> bool:
             return put_unless_stopped(out, item, stop)
 
-        try:
-            for request in source:
-                if stop.is_set():
-                    return
-                try:
-                    item: Any = self._encode(request)
-                except DocumentError as exc:
-                    item = _Failed(request, exc)
-                if not put(item):
-                    if isinstance(item, _Encoded):
-                        self._release(item)
-                    return
-        except BaseException as exc:  # the request source itself failed: hand it to the decoding thread
-            put(_Failed(None, exc))
-            return
-        put(_END)
+        def work(encoder: Any) -> None:
+            try:
+                while not stop.is_set():
+                    try:
+                        with taking:
+                            request = next(source, None)
+                    except BaseException as exc:  # the request source itself failed: the decoding thread raises it
+                        failure.append(exc)
+                        return
+                    if request is None:
+                        return
+                    try:
+                        item: Any = self._encode(request, encoder)
+                    except DocumentError as exc:
+                        item = _Failed(request, exc)
+                    if not put(item):
+                        if isinstance(item, _Encoded):
+                            self._release(item)
+                        return
+            finally:
+                with taking:
+                    running[0] -= 1
+                    last = running[0] == 0
+                if last:
+                    put(_Failed(None, failure[0]) if failure else _END)
+
+        threads = [threading.Thread(target=work, args=(encoder,), name=f"medvlm-encoder-{i}", daemon=True)
+                   for i, encoder in enumerate(self._encoders)]
+        for thread in threads:
+            thread.start()
+        return threads
 
     def _finish(self, slot: _Slot, reason: str) -> Generation:
         self._llama_cpp.llama_sampler_free(slot.sampler)
@@ -533,14 +584,13 @@ class BatchedEngine(Engine):
                 return
             encoded: queue.Queue[Any] = queue.Queue(maxsize=self.encode_ahead)
             stop = threading.Event()
-            thread = threading.Thread(target=self._encoder_thread, args=(iter(requests), encoded, stop),
-                                      name="medvlm-encoder", daemon=True)
-            thread.start()
+            threads = self._encoder_threads(iter(requests), encoded, stop)
             try:
                 yield from self._run(encoded, blocking=False)
             finally:
                 stop.set()
-                thread.join()  # the mtmd context must be idle before the lock is released
+                for thread in threads:
+                    thread.join()  # the mtmd contexts must be idle before the lock is released
                 while True:
                     try:
                         item = encoded.get_nowait()

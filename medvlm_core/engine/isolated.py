@@ -54,6 +54,7 @@ from medvlm_core.config import EngineConfig, GenerationParams
 from medvlm_core.engine.types import Engine, Generation, Request, Result
 from medvlm_core.errors import DocumentError, RunError, error_detail, short_message
 from medvlm_core.images import to_rgb
+from medvlm_core.memory import encode_workers_for
 
 # A fault injector (tests only): called in the child with (intake, attempt) before each page is taken.
 FaultInjector = Callable[[int, int], None]
@@ -286,9 +287,9 @@ class IsolatedEngine(Engine):
         self.max_restarts = max_restarts
         self.start_timeout_s = start_timeout_s
         # Unanswered requests at most: the child's batch (n_parallel), its encoded-ahead queue (as many
-        # again, BatchedEngine's default) and the one being encoded, plus one waiting in the pipe.
+        # again, BatchedEngine's default) and one being encoded per encoder, plus one waiting in the pipe.
         n = config.n_parallel
-        self.window = n + (n + 1 if config.overlap_encode else 0) + 1
+        self.window = n + (n + encode_workers_for(config) if config.overlap_encode else 0) + 1
         self.load_seconds = 0.0
         self.restarts = 0  # children started after the first one
         self.crashes = 0  # children that died while working
@@ -582,7 +583,7 @@ def _child_main(config: EngineConfig, chat_format: str, log_phi: bool, fault: Fa
             small = config.replace(n_ctx=max(256, config.n_batch))
             engine = VisionEngine(small, chat_format, log_phi=log_phi).start()
             batched = BatchedEngine(engine, n_seq=config.n_parallel, ctx_per_seq=config.n_ctx,
-                                    overlap=config.overlap_encode)
+                                    overlap=config.overlap_encode, encode_workers=config.encode_workers)
         except RunError as exc:
             results.send(LoadFailed(str(exc)))
             return

@@ -48,7 +48,8 @@ def _create(config: EngineConfig, chat_format: str, log_phi: bool) -> list[Engin
         return [IsolatedEngine(config, chat_format, log_phi=log_phi, fault=_FAULT[0]).start()]
     single = VisionEngine(config, chat_format, log_phi=log_phi).start()
     try:
-        batched = BatchedEngine(single, n_seq=config.n_parallel, ctx_per_seq=config.n_ctx, overlap=config.overlap_encode)
+        batched = BatchedEngine(single, n_seq=config.n_parallel, ctx_per_seq=config.n_ctx, overlap=config.overlap_encode,
+                                encode_workers=config.encode_workers)
     except BaseException:
         single.close()
         raise
