@@ -1,13 +1,14 @@
 """medvlm's benchmark harness: the same pages, model and settings through every path, in one process run.
 
     python -m bench.run [--family qwen2vl] [--model M --mmproj P --chat-format F] [--docs 16]
-                        [--max-tokens 64] [--parallel 1,4,8,16] [--overlap off,on] [--llama-server PATH|auto|none]
+                        [--max-tokens 64] [--parallel 1,4,8,16] [--overlap off,on] [--encode-workers 1,3]
+                        [--llama-server PATH|auto|none] [--n-gpu-layers -1] [--paths naive,engine,server,...]
                         [--quick] [--out bench/results/latest.json]
 
 Paths measured side by side:
   naive    llama-cpp-python's create_chat_completion in a loop, the matching chat handler, model loaded once
   engine   medvlm's BatchedEngine at each --parallel value (continuous refill), with the image encoder inline
-           (overlap off) and on a second thread ahead of the decode (overlap on)
+           (overlap off) and on threads ahead of the decode (overlap on), with each --encode-workers count
   server   llama.cpp's own llama-server (built from the same llama-cpp-python version's vendored sources by
            bench/build_llama_server.sh) with --parallel N and --mmproj, driven with N concurrent requests
   flow     the whole medvlm-batch Prefect flow (manifest -> Parquet) at the largest --parallel, against the
@@ -63,10 +64,12 @@ def bench_naive(engine, images, prompt, params) -> dict:
             "gen_tok_per_s": tokens / wall, "peak_rss_mb": rss_mb()}
 
 
-def bench_engine(engine, images, prompt, params, n_seq: int, overlap: bool, confidences: bool = True) -> dict:
+def bench_engine(engine, images, prompt, params, n_seq: int, overlap: bool, confidences: bool = True,
+                 encode_workers: int = 1) -> dict:
     from medvlm_core.engine import BatchedEngine, Request
 
-    batched = BatchedEngine(engine, n_seq=n_seq, ctx_per_seq=engine.config.n_ctx, overlap=overlap, confidences=confidences)
+    batched = BatchedEngine(engine, n_seq=n_seq, ctx_per_seq=engine.config.n_ctx, overlap=overlap, confidences=confidences,
+                            encode_workers=encode_workers)
     try:
         started = time.perf_counter()
         tokens, encode_ms = 0, 0.0
@@ -77,7 +80,7 @@ def bench_engine(engine, images, prompt, params, n_seq: int, overlap: bool, conf
     finally:
         batched.close()
     return {"path": "engine" if confidences else "engine-noconf", "parallel": n_seq, "overlap": overlap,
-            "docs": len(images), "wall_s": wall,
+            "encode_workers": encode_workers, "docs": len(images), "wall_s": wall,
             "docs_per_s": len(images) / wall, "gen_tok_per_s": tokens / wall,
             "encode_ms_per_page": encode_ms / len(images), "peak_rss_mb": rss_mb()}
 
@@ -123,13 +126,15 @@ def _post(url: str, payload: dict, timeout: float = 600) -> dict:
 
 
 def bench_server(binary: str, model: Path, mmproj: Path, images, prompt, params, n_seq: int, n_ctx: int,
-                 threads: tuple[int, int], image_max_tokens: int | None, flash_attn: str, workdir: Path) -> dict:
+                 threads: tuple[int, int], image_max_tokens: int | None, flash_attn: str, workdir: Path,
+                 n_gpu_layers: int = 0) -> dict:
     """llama-server -np N with N concurrent image chat requests (OpenAI API), greedy, the same max_tokens."""
     from concurrent.futures import ThreadPoolExecutor
 
     port = _free_port()
     cmd = [binary, "-m", str(model), "--mmproj", str(mmproj), "--host", "127.0.0.1", "--port", str(port),
-           "-np", str(n_seq), "-c", str(n_ctx * n_seq), "-ngl", "0", "-t", str(threads[0]), "-tb", str(threads[1]),
+           "-np", str(n_seq), "-c", str(n_ctx * n_seq), "-ngl", str(999 if n_gpu_layers < 0 else n_gpu_layers),
+           "-t", str(threads[0]), "-tb", str(threads[1]),
            "-b", "512", "-ub", "512", "-fa", flash_attn, "--jinja", "--no-webui"]
     if image_max_tokens:
         cmd += ["--image-max-tokens", str(image_max_tokens)]
@@ -281,6 +286,12 @@ def main(argv=None) -> int:
     ap.add_argument("--plan-rows", type=int, default=100_000)
     ap.add_argument("--confidence-repeats", type=int, default=2,
                     help="alternating runs of the engine at the largest parallelism without and with confidences")
+    ap.add_argument("--encode-workers", default="1",
+                    help="engine runs (encoder threaded) with each of these numbers of vision-encoder contexts")
+    ap.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded on a GPU build, every path (-1 = all)")
+    ap.add_argument("--naive-docs", type=int, help="pages for the one-at-a-time loop (default: --docs)")
+    ap.add_argument("--paths", default="naive,engine,confidences,server,flow,plan",
+                    help="which paths to run (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="a few pages and tokens: proves the harness works")
     ap.add_argument("--out", default="bench/results/latest.json")
     args = ap.parse_args(argv)
@@ -307,34 +318,42 @@ def main(argv=None) -> int:
     prompt = PROMPT
     parallel = [int(x) for x in args.parallel.split(",")]
 
+    paths = set(args.paths.split(","))
     engine = VisionEngine(
         EngineConfig(str(model), str(mmproj), n_ctx=args.n_ctx, image_max_tokens=args.image_max_tokens,
-                     n_threads=args.n_threads, flash_attn=args.flash_attn == "on"), chat_format
+                     n_threads=args.n_threads, flash_attn=args.flash_attn == "on", n_gpu_layers=args.n_gpu_layers),
+        chat_format,
     ).start()
     engine.generate(images[0], prompt, params)  # warm-up (first graph allocation)
     threads = (engine._llm.n_threads, engine._llm.n_threads_batch)
-    results = [bench_naive(engine, images, prompt, params)]
+    results = [bench_naive(engine, images[: args.naive_docs or len(images)], prompt, params)]  # the baseline, always
     overlaps = [{"off": False, "on": True}[x] for x in args.overlap.split(",")]
-    for n in parallel:
-        for overlap in overlaps:
-            results.append(bench_engine(engine, images, prompt, params, n, overlap))
+    workers = [int(x) for x in args.encode_workers.split(",")]
+    if "engine" in paths:
+        for n in parallel:
+            for overlap in overlaps:
+                for w in workers if overlap else [1]:  # encoder contexts work on threads: only with overlap
+                    results.append(bench_engine(engine, images, prompt, params, n, overlap, encode_workers=w))
     # What the confidences cost (every answer token scored): the same engine without them, side by side.
-    for _ in range(args.confidence_repeats):
-        for confidences in (False, True):
-            results.append(bench_engine(engine, images, prompt, params, max(parallel), True, confidences))
-    results.append(bench_scoring())
+    if "confidences" in paths:
+        for _ in range(args.confidence_repeats):
+            for confidences in (False, True):
+                results.append(bench_engine(engine, images, prompt, params, max(parallel), True, confidences))
+        results.append(bench_scoring())
     engine.close()
-    server = find_llama_server(args.llama_server)
+    server = find_llama_server(args.llama_server) if "server" in paths else None
     if server:
         for n in parallel:
             results.append(bench_server(server, model, mmproj, images, prompt, params, n, args.n_ctx, threads,
-                                        args.image_max_tokens, args.flash_attn, workdir))
-    else:
+                                        args.image_max_tokens, args.flash_attn, workdir, args.n_gpu_layers))
+    elif "server" in paths:
         print("llama-server: not built (bash bench/build_llama_server.sh), skipped", file=sys.stderr)
-    results.extend(bench_flow(model, mmproj, chat_format, pages(args.flow_docs), params, max(parallel), args.n_ctx,
-                              workdir / "flow", args.image_max_tokens, args.n_threads, args.flash_attn == "on",
-                              args.quick))
-    results.append(bench_plan(args.plan_rows, workdir))
+    if "flow" in paths:
+        results.extend(bench_flow(model, mmproj, chat_format, pages(args.flow_docs), params, max(parallel), args.n_ctx,
+                                  workdir / "flow", args.image_max_tokens, args.n_threads, args.flash_attn == "on",
+                                  args.quick))
+    if "plan" in paths:
+        results.append(bench_plan(args.plan_rows, workdir))
 
     naive = results[0]["docs_per_s"]
     server_at = {r["parallel"]: r for r in results if r["path"] == "server"}
@@ -352,6 +371,7 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "model": {"path": str(model.name), "mmproj": str(mmproj.name), "chat_format": chat_format},
         "settings": {"docs": args.docs, "max_tokens": args.max_tokens, "n_ctx_per_seq": args.n_ctx,
+                     "n_gpu_layers": args.n_gpu_layers,
                      "threads": list(threads), "flash_attn": args.flash_attn,
                      "image_max_tokens": args.image_max_tokens,
                      "page": "1000x1300 PNG"},
@@ -359,7 +379,7 @@ def main(argv=None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"{'path':<15} {'par':>4} {'docs/s':>8} {'tok/s':>8} {'enc ms':>7} {'x naive':>8} {'x server':>8} {'RSS MB':>8}")
+    print(f"{'path':<21} {'par':>4} {'docs/s':>8} {'tok/s':>8} {'enc ms':>7} {'x naive':>8} {'x server':>8} {'RSS MB':>8}")
     for r in results:
         if r["path"] == "plan":
             print(f"plan: {r['rows']} rows validated and planned in {r['validate_plan_s']:.2f} s, "
@@ -369,10 +389,11 @@ def main(argv=None) -> int:
             print(f"scoring: {r['ms_per_token']:.3f} ms per token at a {r['vocab']}-token vocabulary (numpy log-softmax)")
             continue
         name = r["path"] + (" ov=" + ("on" if r["overlap"] else "off") if "overlap" in r else "")
+        name += f" enc={r['encode_workers']}" if r.get("encode_workers", 1) > 1 else ""
         name += (" isolated" if r["isolate"] else " in-proc") if "isolate" in r else ""
         enc = f"{r['encode_ms_per_page']:.0f}" if "encode_ms_per_page" in r else "-"
         xs = f"{r['x_server']:.2f}" if "x_server" in r else "-"
-        print(f"{name:<15} {r['parallel']:>4} {r['docs_per_s']:>8.2f} {r.get('gen_tok_per_s', 0):>8.1f} {enc:>7} "
+        print(f"{name:<21} {r['parallel']:>4} {r['docs_per_s']:>8.2f} {r.get('gen_tok_per_s', 0):>8.1f} {enc:>7} "
               f"{r['x_naive']:>8.2f} {xs:>8} {r['peak_rss_mb']:>8.0f}")
     plain = [r["gen_tok_per_s"] for r in results if r["path"] == "engine-noconf"]
     scored = [r["gen_tok_per_s"] for r in results if r["path"] == "engine" and r["parallel"] == max(parallel)

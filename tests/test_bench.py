@@ -50,3 +50,20 @@ def test_quick_scale_harness_measures_every_step(tmp_path):
     assert r["index_build"]["runs"] == 10 and r["publish_index"]["buckets_rewritten"] > 0
     assert r["prefect_runs"] == {**r["prefect_runs"], "flow_runs": 9, "shard_runs": 8, "task_runs": 16}
     assert all(r[k]["peak_rss_mb"] > 0 for k in ("parent_plan", "shard_startup", "publish_index"))
+
+
+def test_gpu_script_cpu_quick_mode_prints_one_table_and_writes_json(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path / "gpu"), PYTHON=sys.executable, PREFECT_HOME=str(tmp_path / "prefect"),
+               MEDVLM_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run(["bash", "bench/gpu.sh", "--cpu-quick"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:] + (tmp_path / "gpu" / "bench.log").read_text()[-3000:]
+    summary = json.loads((tmp_path / "gpu" / "gpu.json").read_text())
+    assert [s["max_tokens"] for s in summary["settings"]] == [4, 8] and summary["mode"] == "cpu"
+    rows = {(r["label"], r["parallel"]): r for r in summary["rows"]}
+    assert set(rows) == {("naive", 1), ("engine enc=1", 2), ("engine enc=2", 2)}
+    for row in rows.values():
+        assert set(row["by_tokens"]) == {"4", "8"}
+        assert all(r["docs_per_s"] > 0 and r["x_naive"] > 0 for r in row["by_tokens"].values())
+    assert rows[("naive", 1)]["by_tokens"]["4"]["docs"] == 2 and rows[("engine enc=2", 2)]["by_tokens"]["8"]["docs"] == 3
+    assert "engine enc=2" in done.stdout and "x server" in done.stdout and "proves the script" in done.stdout

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One-shot GPU benchmark: on a fresh machine with one NVIDIA GPU (CUDA toolkit, cmake, a C++ compiler, Python
+# 3.10+, PyPI reachable or a wheelhouse in PIP_FIND_LINKS with PIP_NO_INDEX=1), build llama.cpp with CUDA from
+# the vendored sources of medvlm's llama-cpp-python version (libllama, libmtmd and llama-server in one build),
+# install medvlm on top of it in a venv, generate a random-weight model in the real Qwen2.5-VL-7B shape
+# (bench/gen_gpu_model.py: Q4_K_M-mix text, f16 mmproj; a 1000x1300 page is 1,656 image tokens), and run
+# bench.run at 128 and 512 new tokens: the naive loop, llama-server -np 8 and 16, and the engine at 8 and 16
+# with 1 and 3 encoder contexts. Prints one table and writes JSON. About 10 minutes on 16 cores, most of it the
+# CUDA build.
+#
+#   bash bench/gpu.sh                # the GPU run
+#   bash bench/gpu.sh --cpu-quick    # its CPU parts on this machine: the installed llama-cpp-python, a generated
+#                                    # tiny model, a few pages and tokens (tests/test_bench.py runs it)
+#
+# env: OUT (results folder, default bench/results/gpu-<time>), WORK (/tmp/medvlm-gpu: sources, build, venv,
+#      models), PYTHON (python3), JOBS (nproc), CUDA_ARCH (native), DOCS (16), NAIVE_DOCS (4), TOKENS ("128 512"),
+#      PARALLEL (8,16), ENCODERS (1,3), LLAMA_CPP_PYTHON_VERSION (the one pyproject.toml names).
+set -euo pipefail
+{ # parsed whole before it runs
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+MODE=gpu
+[ "${1:-}" = "--cpu-quick" ] && MODE=cpu
+OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}
+WORK=${WORK:-/tmp/medvlm-gpu}
+mkdir -p "$OUT" "$WORK"
+T0=$(date +%s)
+say() { echo "[gpu.sh $(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/gpu.log" >&2; }
+
+if [ "$MODE" = gpu ]; then
+  VERSION=${LLAMA_CPP_PYTHON_VERSION:-$(sed -n 's/.*"llama-cpp-python>=\([0-9.]*\).*/\1/p' pyproject.toml)}
+  PY=${PYTHON:-python3}
+  say "llama-cpp-python $VERSION: sources"
+  if [ ! -d "$WORK/src" ]; then
+    "$PY" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$WORK/sdist"
+    mkdir -p "$WORK/src.tmp"
+    tar -xzf "$WORK/sdist/llama_cpp_python-$VERSION.tar.gz" -C "$WORK/src.tmp" --strip-components=1
+    mv "$WORK/src.tmp" "$WORK/src"
+  fi
+  LLAMA=$WORK/src/vendor/llama.cpp
+  say "CUDA build of libllama, libmtmd and llama-server"
+  cmake -S "$LLAMA" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-native}" -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF \
+    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF >> "$OUT/build.log" 2>&1
+  cmake --build "$WORK/build" --target llama mtmd llama-server -j "${JOBS:-$(nproc)}" >> "$OUT/build.log" 2>&1
+  say "venv: llama-cpp-python without its own build (LLAMA_BUILD=OFF), the CUDA libraries copied in, medvlm"
+  [ -x "$WORK/venv/bin/python" ] || "$PY" -m venv "$WORK/venv"
+  PYBIN=$WORK/venv/bin/python
+  CMAKE_ARGS="-DLLAMA_BUILD=OFF" "$PYBIN" -m pip install --quiet --no-deps "$WORK/src"
+  LIBDIR=$("$PYBIN" -c 'import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec("llama_cpp").origin), "lib"))')
+  mkdir -p "$LIBDIR"
+  cp -a "$WORK/build/bin/"*.so* "$LIBDIR/"
+  "$PYBIN" -m pip install --quiet -e '.[demo]'
+  "$PYBIN" -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else "llama_cpp has no GPU offload")'
+  say "model: random weights, Qwen2.5-VL-7B shapes"
+  "$PYBIN" bench/gen_gpu_model.py --out-dir "$WORK/models" --vocab "$LLAMA/models/ggml-vocab-qwen2.gguf" \
+    --gguf-py "$LLAMA/gguf-py" >> "$OUT/model.log" 2>&1
+  MODEL_ARGS=(--model "$WORK/models/qwen25vl7b-full-q4_k_m.gguf"
+              --mmproj "$WORK/models/qwen25vl7b-full-mmproj-qwen25vl-f16.gguf" --chat-format qwen2.5-vl)
+  SERVER=$WORK/build/bin/llama-server
+  NGL=-1
+  DOCS=${DOCS:-16}; NAIVE_DOCS=${NAIVE_DOCS:-4}; TOKENS=${TOKENS:-128 512}; PARALLEL=${PARALLEL:-8,16}
+  ENCODERS=${ENCODERS:-1,3}
+else
+  PYBIN=${PYTHON:-.venv/bin/python}
+  MODEL_ARGS=(--family qwen2vl)  # bench.run generates the tiny model
+  SERVER=none
+  NGL=0
+  DOCS=${DOCS:-3}; NAIVE_DOCS=${NAIVE_DOCS:-2}; TOKENS=${TOKENS:-4 8}; PARALLEL=${PARALLEL:-2}; ENCODERS=${ENCODERS:-1,2}
+fi
+
+JSONS=()
+for T in $TOKENS; do
+  say "bench.run: $T new tokens, $DOCS pages, parallel $PARALLEL, encoders $ENCODERS"
+  "$PYBIN" -m bench.run "${MODEL_ARGS[@]}" --docs "$DOCS" --naive-docs "$NAIVE_DOCS" --max-tokens "$T" \
+    --parallel "$PARALLEL" --overlap on --encode-workers "$ENCODERS" --llama-server "$SERVER" \
+    --n-gpu-layers "$NGL" --n-ctx 4096 --paths naive,engine,server --out "$OUT/gpu-$T.json" >> "$OUT/bench.log" 2>&1
+  JSONS+=("$OUT/gpu-$T.json")
+done
+"$PYBIN" -m bench.gpu_summary --mode "$MODE" --out "$OUT/gpu.json" "${JSONS[@]}" | tee "$OUT/table.txt"
+say "done: $OUT/table.txt, $OUT/gpu.json"
+exit 0
+}
