@@ -14,6 +14,7 @@ Paths measured side by side:
   flow     the whole medvlm-batch Prefect flow (manifest -> Parquet) at the largest --parallel, against the
            engine alone at the same parallelism: the orchestration and I/O overhead
   plan     validating and planning a 100,000-row manifest (time, memory, Prefect task runs it would create)
+  handoff  a page to the isolated engine's child: pixels pickled through the pipe vs a shared-memory block
 Prints a table and writes JSON. Peak RSS is the process's high-water mark when each path ends (monotonic).
 """
 
@@ -97,6 +98,52 @@ def bench_scoring(vocab: int = 151_936, tokens: int = 2000) -> dict:
         float(logits[t]) - (peak + float(np.log(np.exp(logits - peak).sum())))
     per_token_ms = (time.perf_counter() - started) * 1000 / tokens
     return {"path": "scoring", "parallel": None, "vocab": vocab, "ms_per_token": per_token_ms}
+
+
+def _handoff_child(connection) -> None:
+    """The receiving end of bench_handoff: rebuild each page as the isolated engine's child does, then ack."""
+    from PIL import Image
+
+    from medvlm_core.engine.isolated import _shared_pixels
+
+    while (message := connection.recv()) is not None:
+        Image.frombytes("RGB", message.size, _shared_pixels(message))
+        connection.send(message.id)
+
+
+def bench_handoff(images, repeats: int = 3) -> list[dict]:
+    """Handing pages to the isolated engine's child: raw pixels pickled through the pipe (before) vs a shared-memory
+    block whose name goes through the pipe (now), one page at a time, round trip (prepare, send, rebuild, ack)."""
+    import multiprocessing
+
+    from medvlm_core.config import GenerationParams
+    from medvlm_core.engine import Request
+    from medvlm_core.engine.isolated import PageRequest, _Pending, _page_request
+
+    ctx = multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=_handoff_child, args=(there,), daemon=True)
+    child.start()
+    out = []
+    try:
+        for way in ("pipe", "shared") * repeats:
+            started = time.perf_counter()
+            for i, image in enumerate(images):
+                if way == "pipe":  # the message as it was before shared memory: the pixels themselves
+                    rgb = image.convert("RGB")
+                    message, block = PageRequest(i, i, 0, rgb.size, rgb.tobytes(), PROMPT, GenerationParams(), None), None
+                else:
+                    message, block = _page_request(i, i, Request(i, image, PROMPT, GenerationParams()))
+                here.send(message)
+                here.recv()
+                _Pending(i, message, block).release()
+            ms = (time.perf_counter() - started) * 1000 / len(images)
+            out.append({"path": f"handoff-{way}", "parallel": None, "docs": len(images), "ms_per_page": ms,
+                        "page": f"{images[0].width}x{images[0].height} RGB"})
+    finally:
+        here.send(None)
+        child.join(timeout=30)
+    return out
 
 
 def find_llama_server(choice: str) -> str | None:
@@ -290,7 +337,7 @@ def main(argv=None) -> int:
                     help="engine runs (encoder threaded) with each of these numbers of vision-encoder contexts")
     ap.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded on a GPU build, every path (-1 = all)")
     ap.add_argument("--naive-docs", type=int, help="pages for the one-at-a-time loop (default: --docs)")
-    ap.add_argument("--paths", default="naive,engine,confidences,server,flow,plan",
+    ap.add_argument("--paths", default="naive,engine,confidences,server,flow,plan,handoff",
                     help="which paths to run (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="a few pages and tokens: proves the harness works")
     ap.add_argument("--out", default="bench/results/latest.json")
@@ -354,11 +401,13 @@ def main(argv=None) -> int:
                                   args.quick))
     if "plan" in paths:
         results.append(bench_plan(args.plan_rows, workdir))
+    if "handoff" in paths:
+        results.extend(bench_handoff(images))
 
     naive = results[0]["docs_per_s"]
     server_at = {r["parallel"]: r for r in results if r["path"] == "server"}
     for r in results:
-        if "docs_per_s" in r and r["path"] not in ("plan", "scoring"):
+        if "docs_per_s" in r and r["path"] not in ("plan", "scoring") and not r["path"].startswith("handoff"):
             r["x_naive"] = r["docs_per_s"] / naive
             if r["parallel"] in server_at:
                 r["x_server"] = r["docs_per_s"] / server_at[r["parallel"]]["docs_per_s"]
@@ -384,6 +433,9 @@ def main(argv=None) -> int:
         if r["path"] == "plan":
             print(f"plan: {r['rows']} rows validated and planned in {r['validate_plan_s']:.2f} s, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB, {r['task_runs']} task runs (chunk_size {r['chunk_size']})")
+            continue
+        if r["path"].startswith("handoff"):
+            print(f"{r['path']}: {r['ms_per_page']:.2f} ms per {r['page']} page (prepare, send, rebuild in the child, ack)")
             continue
         if r["path"] == "scoring":
             print(f"scoring: {r['ms_per_token']:.3f} ms per token at a {r['vocab']}-token vocabulary (numpy log-softmax)")

@@ -41,6 +41,7 @@ import dataclasses
 import itertools
 import multiprocessing
 import multiprocessing.connection as mp_connection
+from multiprocessing import shared_memory
 import queue
 import signal
 import sys
@@ -54,7 +55,6 @@ from medvlm_core.config import EngineConfig, GenerationParams
 from medvlm_core.engine.types import Engine, Generation, Request, Result
 from medvlm_core.errors import DocumentError, RunError, error_detail, short_message
 from medvlm_core.images import to_rgb
-from medvlm_core.memory import encode_workers_for
 
 # A fault injector (tests only): called in the child with (intake, attempt) before each page is taken.
 FaultInjector = Callable[[int, int], None]
@@ -83,17 +83,20 @@ def _main_not_rerun() -> Iterator[None]:
 # -- the messages between parent and child (pickled over the pipes) --------------------------------
 @dataclass(frozen=True)
 class PageRequest:
-    """Parent -> child: one page. Pixels as raw RGB bytes; the page's key stays in the parent."""
+    """Parent -> child: one page. Pixels as raw RGB bytes in a shared-memory block named ``shared`` (the parent
+    owns it until the page is answered), or in ``pixels`` when no block could be made; the page's key stays in
+    the parent."""
 
     id: int
     intake: int
     attempt: int  # 0 in a stream, 1 in the solo retry after a crash
     size: tuple[int, int]
-    pixels: bytes
+    pixels: bytes | None
     prompt: str
     params: GenerationParams
     schema: dict | None
     system: str | None = None
+    shared: str | None = None
 
 
 @dataclass(frozen=True)
@@ -170,10 +173,21 @@ class _Pending:
 
     key: Any
     message: PageRequest
+    block: Any = None  # the SharedMemory holding its pixels, freed by release()
 
     @property
     def id(self) -> int:
         return self.message.id
+
+    def release(self) -> None:
+        """Free the page's shared-memory block (once the page is answered or given up). Idempotent."""
+        block, self.block = self.block, None
+        if block is not None:
+            block.close()
+            try:
+                block.unlink()
+            except FileNotFoundError:
+                pass
 
     def attempt(self, attempt: int) -> PageRequest:
         return dataclasses.replace(self.message, attempt=attempt)
@@ -287,9 +301,11 @@ class IsolatedEngine(Engine):
         self.max_restarts = max_restarts
         self.start_timeout_s = start_timeout_s
         # Unanswered requests at most: the child's batch (n_parallel), its encoded-ahead queue (as many
-        # again, BatchedEngine's default) and one being encoded per encoder, plus one waiting in the pipe.
+        # again, BatchedEngine's default) and one being encoded per encoder, plus one waiting in the pipe. The
+        # parent never loads llama.cpp, so it cannot ask for the default number of encoders (1 on CPU, 2 on a
+        # GPU: medvlm_core.memory.encode_workers_for): it counts the larger.
         n = config.n_parallel
-        self.window = n + (n + encode_workers_for(config) if config.overlap_encode else 0) + 1
+        self.window = n + (n + (config.encode_workers or 2) if config.overlap_encode else 0) + 1
         self.load_seconds = 0.0
         self.restarts = 0  # children started after the first one
         self.crashes = 0  # children that died while working
@@ -413,7 +429,7 @@ class IsolatedEngine(Engine):
                 while not exhausted and len(pending) < self.window:
                     try:
                         request = next(source)
-                        item = _Pending(request.key, _page_request(next(self._ids), intake, request))
+                        item = _Pending(request.key, *_page_request(next(self._ids), intake, request))
                     except StopIteration:
                         exhausted = True
                         break
@@ -448,6 +464,8 @@ class IsolatedEngine(Engine):
                 if answered is not None:
                     yield answered
         finally:
+            for item in pending.values():  # unanswered (an error, or the consumer stopped): their blocks go
+                item.release()
             if self._child is not None and self._child is child and (pending or not ended):
                 if pending:
                     # The consumer stopped early (or an error): pages are still in flight in the child. Ending
@@ -469,6 +487,7 @@ class IsolatedEngine(Engine):
         item = pending.pop(message.id, None)
         if item is None:  # an answer from a stream abandoned earlier
             return None
+        item.release()
         if isinstance(message, Answer):
             return item.key, message.generation
         return item.key, DocumentError(message.error_type, message.message)
@@ -494,6 +513,13 @@ class IsolatedEngine(Engine):
         were only in the same batch get their answers."""
         suspects = list(pending.values())
         pending.clear()
+        try:
+            yield from self._retry_each(suspects)
+        finally:
+            for item in suspects:
+                item.release()
+
+    def _retry_each(self, suspects: list[_Pending]) -> Iterator[tuple[Any, Result]]:
         for item in suspects:
             child = self._ready_child()
             child.send(item.attempt(1))
@@ -527,12 +553,40 @@ def _how(failure: Exception) -> str:
     return failure.args[0]
 
 
-def _page_request(rid: int, intake: int, request: Request) -> PageRequest:
-    """What the child needs of a request, without its key. Pixels go as raw RGB bytes: BatchedEngine
-    converts to RGB anyway, and ``tobytes`` of a palette image alone would lose its palette."""
+def _page_request(rid: int, intake: int, request: Request) -> tuple[PageRequest, Any]:
+    """What the child needs of a request, without its key, and the shared-memory block holding its pixels.
+
+    Pixels are raw RGB (BatchedEngine converts to RGB anyway, and ``tobytes`` of a palette image alone would lose
+    its palette), written once into a shared-memory block that the child reads in place: no pickling of ~4 MB per
+    page through the pipe (BENCHMARKS.md, the hand-off). Where no block can be made (``/dev/shm`` full or absent)
+    they go through the pipe.
+    """
     image = to_rgb(request.image)
-    return PageRequest(rid, intake, 0, image.size, image.tobytes(), request.prompt, request.params, request.schema,
-                       request.system)
+    data = image.tobytes()
+    block = None
+    try:
+        block = shared_memory.SharedMemory(create=True, size=max(1, len(data)))
+        block.buf[: len(data)] = data
+    except OSError:
+        if block is not None:
+            block.close()
+            block.unlink()
+        block = None
+    message = PageRequest(rid, intake, 0, image.size, None if block else data, request.prompt, request.params,
+                          request.schema, request.system, block.name if block else None)
+    return message, block
+
+
+def _shared_pixels(message: PageRequest) -> bytes | memoryview:
+    """The page's pixels: from the pipe, or copied out of the parent's shared-memory block (closed here; the
+    parent unlinks it). Spawned children share the parent's resource tracker, so attaching registers nothing new."""
+    if message.shared is None:
+        return message.pixels or b""
+    block = shared_memory.SharedMemory(name=message.shared)
+    try:
+        return bytes(block.buf[: message.size[0] * message.size[1] * 3])
+    finally:
+        block.close()
 
 
 # -- the child --------------------------------------------------------------------------------------
@@ -558,7 +612,7 @@ class _Stream:
                 return
             if self.fault is not None:
                 self.fault(message.intake, message.attempt)  # tests: the pages before this one are in flight
-            yield Request(message.id, Image.frombytes("RGB", message.size, message.pixels), message.prompt,
+            yield Request(message.id, Image.frombytes("RGB", message.size, _shared_pixels(message)), message.prompt,
                           message.params, message.schema, message.system)
             try:
                 message = self.connection.recv()

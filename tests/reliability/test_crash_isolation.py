@@ -74,9 +74,16 @@ def requests(pages, n=N_PAGES):
     return (Request(("page", i), pages[i], PROMPT, PARAMS) for i in range(n))
 
 
+def shared_blocks() -> set[str]:
+    """The shared-memory blocks that exist now (POSIX shared memory lives in /dev/shm)."""
+    return {p.name for p in Path("/dev/shm").iterdir()} if Path("/dev/shm").is_dir() else set()
+
+
 def test_the_culprit_page_gets_an_engine_crash_error_and_the_others_their_answers(config, pages, expected):
+    before = shared_blocks()
     with IsolatedEngine(config, "llava-1-5", fault=NativeAbort(on=frozenset({4}))) as engine:
         results = dict(engine.generate_many(requests(pages)))
+        assert shared_blocks() == before  # every page's pixel block is freed, the crashed ones' too
         assert sorted(results) == [("page", i) for i in range(N_PAGES)]
         crashed = results.pop(("page", 4))
         assert isinstance(crashed, DocumentError)
@@ -191,3 +198,23 @@ def test_a_page_that_hangs_becomes_a_timeout_error_and_the_others_their_answers(
         assert engine.crashes == 2 and engine.loaded  # the hung child in the batch, then alone; a new one after each
     record("hung page (stalled child), isolated engine", inputs=N_PAGES, faults={"stall": 2},
            rows_lost=N_PAGES - 1 - len(results))
+
+
+def test_pixels_go_through_shared_memory_or_the_pipe_when_it_cannot_be_made(config, pages, expected, monkeypatch):
+    from medvlm_core.engine import isolated
+
+    message, block = isolated._page_request(7, 0, Request("k", pages[0], PROMPT, PARAMS))
+    try:
+        assert message.pixels is None and message.shared == block.name  # the pipe carries only the block's name
+        assert isolated._shared_pixels(message) == pages[0].tobytes()
+    finally:
+        isolated._Pending("k", message, block).release()
+    assert block.name not in shared_blocks()
+
+    def no_shared_memory(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(isolated.shared_memory, "SharedMemory", no_shared_memory)
+    with IsolatedEngine(config, "llava-1-5") as engine:
+        results = dict(engine.generate_many(requests(pages, 4)))
+    assert {key[1]: r.text for key, r in results.items()} == {i: expected[i] for i in range(4)}
