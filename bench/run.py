@@ -14,6 +14,7 @@ Paths measured side by side:
   flow     the whole medvlm-batch Prefect flow (manifest -> Parquet) at the largest --parallel, against the
            engine alone at the same parallelism: the orchestration and I/O overhead
   plan     validating and planning a 100,000-row manifest (time, memory, Prefect task runs it would create)
+  stall    the pause a page entering the batch makes the others take: whole image prefill vs n_batch slices
   handoff  a page to the isolated engine's child: pixels pickled through the pipe vs a shared-memory block
 Prints a table and writes JSON. Peak RSS is the process's high-water mark when each path ends (monotonic).
 """
@@ -84,6 +85,30 @@ def bench_engine(engine, images, prompt, params, n_seq: int, overlap: bool, conf
             "encode_workers": encode_workers, "docs": len(images), "wall_s": wall,
             "docs_per_s": len(images) / wall, "gen_tok_per_s": tokens / wall,
             "encode_ms_per_page": encode_ms / len(images), "peak_rss_mb": rss_mb()}
+
+
+def bench_stall(engine, images, prompt, params, n_seq: int) -> list[dict]:
+    """What a page entering the batch costs the pages in flight: the longest pause it makes them take (the whole
+    image prefill at once vs n_batch slices between their decode steps), per admitted page."""
+    import statistics
+
+    from medvlm_core.engine import BatchedEngine, Request
+
+    out = []
+    for interleave in (False, True):
+        batched = BatchedEngine(engine, n_seq=n_seq, ctx_per_seq=engine.config.n_ctx, interleave_prefill=interleave)
+        try:
+            started = time.perf_counter()
+            list(batched.generate_many(Request(i, im, prompt, params) for i, im in enumerate(images)))
+            wall = time.perf_counter() - started
+            pauses = list(batched.admission_pauses_ms)
+        finally:
+            batched.close()
+        out.append({"path": "stall", "parallel": n_seq, "interleave_prefill": interleave, "docs": len(images),
+                    "docs_per_s": len(images) / wall, "n_batch": engine.config.n_batch, "admitted": len(pauses),
+                    "pause_ms_mean": statistics.mean(pauses) if pauses else 0.0,
+                    "pause_ms_max": max(pauses) if pauses else 0.0})
+    return out
 
 
 def bench_scoring(vocab: int = 151_936, tokens: int = 2000) -> dict:
@@ -337,7 +362,8 @@ def main(argv=None) -> int:
                     help="engine runs (encoder threaded) with each of these numbers of vision-encoder contexts")
     ap.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded on a GPU build, every path (-1 = all)")
     ap.add_argument("--naive-docs", type=int, help="pages for the one-at-a-time loop (default: --docs)")
-    ap.add_argument("--paths", default="naive,engine,confidences,server,flow,plan,handoff",
+    ap.add_argument("--n-batch", type=int, default=512, help="tokens per prefill decode (and per image slice), every path")
+    ap.add_argument("--paths", default="naive,engine,stall,confidences,server,flow,plan,handoff",
                     help="which paths to run (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="a few pages and tokens: proves the harness works")
     ap.add_argument("--out", default="bench/results/latest.json")
@@ -368,7 +394,8 @@ def main(argv=None) -> int:
     paths = set(args.paths.split(","))
     engine = VisionEngine(
         EngineConfig(str(model), str(mmproj), n_ctx=args.n_ctx, image_max_tokens=args.image_max_tokens,
-                     n_threads=args.n_threads, flash_attn=args.flash_attn == "on", n_gpu_layers=args.n_gpu_layers),
+                     n_threads=args.n_threads, flash_attn=args.flash_attn == "on", n_gpu_layers=args.n_gpu_layers,
+                     n_batch=args.n_batch),
         chat_format,
     ).start()
     engine.generate(images[0], prompt, params)  # warm-up (first graph allocation)
@@ -382,6 +409,8 @@ def main(argv=None) -> int:
                 for w in workers if overlap else [1]:  # encoder contexts work on threads: only with overlap
                     results.append(bench_engine(engine, images, prompt, params, n, overlap, encode_workers=w))
     # What the confidences cost (every answer token scored): the same engine without them, side by side.
+    if "stall" in paths:
+        results.extend(bench_stall(engine, images, prompt, params, max(parallel)))
     if "confidences" in paths:
         for _ in range(args.confidence_repeats):
             for confidences in (False, True):
@@ -407,7 +436,7 @@ def main(argv=None) -> int:
     naive = results[0]["docs_per_s"]
     server_at = {r["parallel"]: r for r in results if r["path"] == "server"}
     for r in results:
-        if "docs_per_s" in r and r["path"] not in ("plan", "scoring") and not r["path"].startswith("handoff"):
+        if "docs_per_s" in r and r["path"] not in ("plan", "scoring", "stall") and not r["path"].startswith("handoff"):
             r["x_naive"] = r["docs_per_s"] / naive
             if r["parallel"] in server_at:
                 r["x_server"] = r["docs_per_s"] / server_at[r["parallel"]]["docs_per_s"]
@@ -433,6 +462,11 @@ def main(argv=None) -> int:
         if r["path"] == "plan":
             print(f"plan: {r['rows']} rows validated and planned in {r['validate_plan_s']:.2f} s, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB, {r['task_runs']} task runs (chunk_size {r['chunk_size']})")
+            continue
+        if r["path"] == "stall":
+            print(f"stall ({'sliced' if r['interleave_prefill'] else 'whole image'}, n_batch {r['n_batch']}) at "
+                  f"{r['parallel']}: {r['docs_per_s']:.2f} docs/s; pause per admitted page mean {r['pause_ms_mean']:.1f} "
+                  f"ms, max {r['pause_ms_max']:.1f} ms ({r['admitted']} pages)")
             continue
         if r["path"].startswith("handoff"):
             print(f"{r['path']}: {r['ms_per_page']:.2f} ms per {r['page']} page (prepare, send, rebuild in the child, ack)")

@@ -126,3 +126,29 @@ def test_flow_with_parallel_sequences_matches_one_at_a_time(tmp_path, tiny_llava
         rows = ds.dataset(out / "completions", partitioning="hive").to_table().to_pylist()
         answers.append(sorted((r["document_id"], r["status"], r["completion"], r["result_key"]) for r in rows))
     assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("family, chat_format", [("llava", "llava-1-5"), ("qwen", "qwen2.5-vl")])
+def test_sliced_prefill_interleaved_with_decoding_keeps_the_answers(request, pages, family, chat_format):
+    """A page admitted while others decode goes into its slot n_batch image tokens at a time (here 32, so every
+    image takes several slices), a decode step of the others between slices: the answers stay the single path's,
+    and each admission's longest pause is one slice instead of the whole image."""
+    model = request.getfixturevalue(f"tiny_{family}")
+    config = EngineConfig(str(model.model_path), str(model.mmproj_path), n_ctx=4096, n_batch=32)
+    engine = VisionEngine(config, chat_format).start()
+    try:
+        params = GenerationParams(max_tokens=12)
+        single = [engine.generate(p, "Read the page.", params).text for p in pages]
+        pauses = {}
+        for interleave in (True, False):
+            batched = BatchedEngine(engine, n_seq=3, ctx_per_seq=2048, interleave_prefill=interleave)
+            try:
+                got = dict(batched.generate_many(Request(i, p, "Read the page.", params) for i, p in enumerate(pages)))
+                pauses[interleave] = list(batched.admission_pauses_ms)
+            finally:
+                batched.close()
+            assert [got[i].text for i in range(len(pages))] == single, interleave
+        assert len(pauses[True]) >= len(pages) - 3  # every page admitted while others were in flight was timed
+        assert all(p > 0 for p in pauses[True] + pauses[False])
+    finally:
+        engine.close()

@@ -22,12 +22,13 @@ some backends; where that flips a near-tie, the answers can differ (see BENCHMAR
 from __future__ import annotations
 
 import ctypes
+import inspect
 import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Generator, Iterable, Iterator
 
 import numpy as np
 
@@ -62,6 +63,16 @@ class _Failed:
 
     request: Request | None
     error: BaseException
+
+
+@dataclass
+class _Filling:
+    """The page being prefilled a slice at a time (``interleave_prefill``) while the others decode."""
+
+    seq: int
+    encoded: _Encoded
+    steps: Generator[None, None, "_Slot"]
+    longest_ms: float = 0.0  # the longest slice so far: the longest pause it made the others take
 
 
 _END = object()  # the encoder thread has consumed every request
@@ -102,7 +113,7 @@ class BatchedEngine(Engine):
 
     def __init__(self, engine: VisionEngine, n_seq: int = 8, ctx_per_seq: int | None = None,
                  overlap: bool = True, encode_ahead: int | None = None, confidences: bool = True,
-                 encode_workers: int | None = None):
+                 encode_workers: int | None = None, interleave_prefill: bool = True):
         """
         Args:
             engine: the loaded single-page engine whose model and vision projector are used.
@@ -114,6 +125,9 @@ class BatchedEngine(Engine):
             confidences: score every answer token (log-probabilities); off only to measure what that costs.
             encode_workers: vision-encoder threads (with ``overlap``), each with its own libmtmd context on the
                 same device (default: ``medvlm_core.memory.encode_workers_for``).
+            interleave_prefill: a new page's image embeddings go into its slot ``n_batch`` tokens at a time, with
+                a decode step of the pages in flight between slices (off: the whole image at once, as libmtmd's
+                helper does, while the others wait).
         """
         if not engine.loaded:
             raise RunError("load the VisionEngine before batching over it")
@@ -159,6 +173,11 @@ class BatchedEngine(Engine):
             raise RunError(f"llama.cpp could not create a context for {n_seq} sequences of {self.ctx_per_seq} tokens")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(n_seq, 0, 1)
+        self.interleave_prefill = interleave_prefill
+        self._embd_batch = None  # llama_batch_ext for image slices, made on first use
+        # Per page admitted while others were decoding: the longest pause it caused them (ms). A measurement for the
+        # benchmark (the whole prefill without interleaving, one slice with it); kept to the last 10,000 pages.
+        self.admission_pauses_ms: deque = deque(maxlen=10_000)
         self._piece = ctypes.create_string_buffer(256)
         self._rendered: dict[str, str] = {}  # prompt -> rendered text: compiling the template costs ~ms per page
         workers = encode_workers if encode_workers is not None else encode_workers_for(engine.config)
@@ -212,6 +231,9 @@ class BatchedEngine(Engine):
         for ctx in self._encoders[1:]:
             self._mtmd.mtmd_free(ctx)
         self._encoders = self._encoders[:1]
+        if self._embd_batch is not None:
+            self._llama_cpp.llama_batch_ext_free(self._embd_batch)
+            self._embd_batch = None
         if self._ctx:
             self._llama_cpp.llama_batch_free(self._batch)
             self._llama_cpp.llama_free(self._ctx)
@@ -374,7 +396,19 @@ class BatchedEngine(Engine):
         encoded.embeddings = []
 
     def _prefill(self, encoded: _Encoded, seq: int) -> _Slot:
-        """Decode an encoded request's prompt and image embeddings into sequence ``seq``; sample the first token."""
+        """Decode an encoded request's prompt and image embeddings into sequence ``seq`` at once; sample the first
+        token."""
+        steps = self._prefill_steps(encoded, seq)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def _prefill_steps(self, encoded: _Encoded, seq: int) -> Generator[None, None, _Slot]:
+        """``_prefill`` one slice at a time: yields after each image slice that is not the last thing decoded (the
+        caller may run a decode step of the other sequences there), returns the slot. The first token is sampled
+        right after the last chunk's decode, before anything else touches the logits."""
         mtmd, lc = self._mtmd, self._llama_cpp
         sampler = None
         try:
@@ -384,16 +418,28 @@ class BatchedEngine(Engine):
                 chunk = mtmd.mtmd_input_chunks_get(encoded.chunks, i)
                 new_n_past = lc.llama_pos(n_past)  # the text path adds to it, the image path sets it
                 embd = encoded.embeddings[i]
+                last = i == n_chunks - 1
                 if embd is None:
                     rc = mtmd.mtmd_helper_eval_chunk_single(
                         self._handler.mtmd_ctx, self._ctx, chunk, n_past, seq, self.engine.config.n_batch,
-                        i == n_chunks - 1, ctypes.byref(new_n_past),
+                        last, ctypes.byref(new_n_past),
                     )
-                else:
+                elif not self.interleave_prefill or mtmd.mtmd_decode_use_non_causal(self._handler.mtmd_ctx, chunk):
+                    # Non-causal image attention (Gemma 3) needs the whole image in one batch: not sliced.
                     rc = mtmd.mtmd_helper_decode_image_chunk(
                         self._handler.mtmd_ctx, self._ctx, chunk, embd, n_past, seq, self.engine.config.n_batch,
                         ctypes.byref(new_n_past), _NO_CALLBACK, None,
                     )
+                else:
+                    n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                    positions = self._image_positions(chunk, n_past, n_tokens)
+                    step = self.engine.config.n_batch
+                    for offset in range(0, n_tokens, step):
+                        self._decode_embeddings(embd, positions, offset, min(step, n_tokens - offset), seq)
+                        if not (last and offset + step >= n_tokens):
+                            yield
+                    new_n_past.value = n_past + mtmd.mtmd_input_chunk_get_n_pos(chunk)
+                    rc = 0
                 if rc != 0:
                     raise DocumentError(errors.INFERENCE_ERROR, "llama.cpp failed to evaluate the prompt")
                 n_past = new_n_past.value
@@ -407,13 +453,47 @@ class BatchedEngine(Engine):
             slot.may_open = separate and not slot.thinking and request.schema is None
             slot.pending = self._sample(slot, -1)
             return slot
-        except BaseException:
+        except BaseException:  # a failure, or the generator closed mid-prefill (the consumer stopped)
             if sampler is not None:
                 lc.llama_sampler_free(sampler)
             lc.llama_memory_seq_rm(self._memory, seq, -1, -1)
             raise
         finally:
             self._release(encoded)
+
+    def _image_positions(self, chunk: Any, n_past: int, n_tokens: int) -> list[tuple[int, ...]]:
+        """Each image token's position, as libmtmd's helper lays them out: M-RoPE models (Qwen-VL) get
+        (t, y, x, z) from libmtmd's decoder positions, the others ``n_past + i``."""
+        mtmd = self._mtmd
+        if not mtmd.mtmd_decode_use_mrope(self._handler.mtmd_ctx):
+            return [(n_past + k,) for k in range(n_tokens)]
+        tokens = mtmd.mtmd_input_chunk_get_tokens_image(chunk)
+        out = []
+        for k in range(n_tokens):
+            p = mtmd.mtmd_image_tokens_get_decoder_pos(tokens, n_past, k)
+            out.append((p.t, p.y, p.x, p.z))
+        return out
+
+    def _decode_embeddings(self, embd: Any, positions: list[tuple[int, ...]], offset: int, n: int, seq: int) -> None:
+        """Decode image embedding rows ``offset`` to ``offset + n`` into sequence ``seq`` (one llama.cpp call)."""
+        lc = self._llama_cpp
+        if self._embd_batch is None:
+            self._embd_batch = lc.llama_batch_ext_init(self._ctx)
+        batch = self._embd_batch
+        lc.llama_batch_ext_clear(batch)
+        row = self._n_embd_inp * ctypes.sizeof(ctypes.c_float)
+        base = ctypes.addressof(embd)
+        pos = (lc.llama_pos * 4)()
+        for k in range(offset, offset + n):
+            data = ctypes.cast(base + k * row, ctypes.POINTER(ctypes.c_float))
+            idx = lc.llama_batch_ext_add_embd(batch, seq, lc.llama_embd(data, 1, self._n_embd_inp))
+            if idx < 0:
+                raise DocumentError(errors.INFERENCE_ERROR, f"llama.cpp refused an image embedding ({idx})")
+            for j, value in enumerate(positions[k]):
+                pos[j] = value
+            lc.llama_batch_ext_set_pos(batch, idx, pos)
+        if lc.llama_process(self._ctx, lc.LLAMA_PROCESS_TYPE_DECODE, batch) != 0:
+            raise DocumentError(errors.INFERENCE_ERROR, "llama.cpp failed to evaluate the page image")
 
     def _encoder_threads(self, source: Iterator[Request], out: "queue.Queue[Any]", stop: threading.Event) -> list[threading.Thread]:
         """Start one thread per encoder context, each taking requests from ``source`` (in turn, under a lock) and
@@ -617,25 +697,27 @@ class BatchedEngine(Engine):
         """The decode loop over encoded requests: a plain iterator (``blocking``) or the encoder's queue.
 
         From the queue, free slots take whatever is already encoded and decoding goes on meanwhile; only
-        with no live sequence does the loop wait for the encoder.
+        with no live sequence does the loop wait for the encoder. With ``interleave_prefill``, a page admitted
+        while others decode is prefilled one slice per decode step (``filling``), one page at a time.
         """
         lc = self._llama_cpp
         live: dict[int, _Slot] = {}
         free = list(range(self.n_seq - 1, -1, -1))
         exhausted = False
         pending_error: BaseException | None = None
+        filling: _Filling | None = None
 
         def next_item() -> Any:
             if blocking:
                 return next(source, _END)  # _encode_inline never raises
             try:
-                return source.get(block=not live)
+                return source.get(block=not live and filling is None)
             except queue.Empty:
                 return None
 
         try:
             while True:
-                while free and not exhausted:
+                while free and not exhausted and filling is None:
                     item = next_item()
                     if item is None:  # nothing encoded yet: keep decoding
                         break
@@ -649,20 +731,48 @@ class BatchedEngine(Engine):
                         yield item.request.key, item.error
                         continue
                     seq = free.pop()
+                    if live and self.interleave_prefill:
+                        filling = _Filling(seq, item, self._prefill_steps(item, seq))
+                        break
+                    started = time.perf_counter()
                     try:
                         slot = self._prefill(item, seq)
                     except DocumentError as exc:
                         free.append(seq)
                         yield item.request.key, exc
                         continue
+                    if live:
+                        self.admission_pauses_ms.append((time.perf_counter() - started) * 1000.0)
                     reason = self._take(slot, -1)
                     if reason is not None:
                         free.append(seq)
                         yield item.request.key, self._finish(slot, reason)
                         continue
                     live[seq] = slot
+                if filling is not None:  # one slice of the page being prefilled, then a decode step of the others
+                    current, slot = filling, None
+                    started = time.perf_counter()
+                    try:
+                        next(current.steps)
+                    except StopIteration as done:
+                        slot = done.value
+                    except DocumentError as exc:
+                        filling = None
+                        free.append(current.seq)
+                        yield current.encoded.request.key, exc
+                    current.longest_ms = max(current.longest_ms, (time.perf_counter() - started) * 1000.0)
+                    if slot is not None:
+                        filling = None
+                        if live:
+                            self.admission_pauses_ms.append(current.longest_ms)
+                        reason = self._take(slot, -1)  # the logits of the prefill's last decode, just made
+                        if reason is not None:
+                            free.append(current.seq)
+                            yield current.encoded.request.key, self._finish(slot, reason)
+                        else:
+                            live[current.seq] = slot
                 if not live:
-                    if exhausted:
+                    if exhausted and filling is None:
                         if pending_error is not None:
                             raise pending_error
                         return
@@ -696,6 +806,10 @@ class BatchedEngine(Engine):
                         free.append(seq)
                         yield slot.request.key, self._finish(slot, reason)
         finally:  # the consumer stopped early (or an error): free the slots still in flight
+            if filling is not None:
+                if inspect.getgeneratorstate(filling.steps) == inspect.GEN_CREATED:
+                    self._release(filling.encoded)  # never started: its cleanup would not run
+                filling.steps.close()  # frees its sequence, sampler and chunks
             for slot in live.values():
                 lc.llama_sampler_free(slot.sampler)
                 lc.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)

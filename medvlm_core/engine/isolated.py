@@ -637,7 +637,8 @@ def _child_main(config: EngineConfig, chat_format: str, log_phi: bool, fault: Fa
             small = config.replace(n_ctx=max(256, config.n_batch))
             engine = VisionEngine(small, chat_format, log_phi=log_phi).start()
             batched = BatchedEngine(engine, n_seq=config.n_parallel, ctx_per_seq=config.n_ctx,
-                                    overlap=config.overlap_encode, encode_workers=config.encode_workers)
+                                    overlap=config.overlap_encode, encode_workers=config.encode_workers,
+                                    interleave_prefill=config.interleave_prefill)
         except RunError as exc:
             results.send(LoadFailed(str(exc)))
             return

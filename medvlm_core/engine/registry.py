@@ -49,7 +49,8 @@ def _create(config: EngineConfig, chat_format: str, log_phi: bool) -> list[Engin
     single = VisionEngine(config, chat_format, log_phi=log_phi).start()
     try:
         batched = BatchedEngine(single, n_seq=config.n_parallel, ctx_per_seq=config.n_ctx, overlap=config.overlap_encode,
-                                encode_workers=config.encode_workers)
+                                encode_workers=config.encode_workers,
+                                interleave_prefill=config.interleave_prefill)
     except BaseException:
         single.close()
         raise
