@@ -126,19 +126,17 @@ def bench_scoring(vocab: int = 151_936, tokens: int = 2000) -> dict:
 
 
 def _handoff_child(connection) -> None:
-    """The receiving end of bench_handoff: rebuild each page as the isolated engine's child does, then ack."""
-    from PIL import Image
-
+    """The receiving end of bench_handoff: take each page's pixels as the isolated engine's child does, then ack."""
     from medvlm_core.engine.isolated import _shared_pixels
 
     while (message := connection.recv()) is not None:
-        Image.frombytes("RGB", message.size, _shared_pixels(message))
+        _shared_pixels(message)
         connection.send(message.id)
 
 
 def bench_handoff(images, repeats: int = 3) -> list[dict]:
     """Handing pages to the isolated engine's child: raw pixels pickled through the pipe (before) vs a shared-memory
-    block whose name goes through the pipe (now), one page at a time, round trip (prepare, send, rebuild, ack)."""
+    block whose name goes through the pipe (now), one page at a time, round trip (prepare, send, take, ack)."""
     import multiprocessing
 
     from medvlm_core.config import GenerationParams
@@ -469,7 +467,7 @@ def main(argv=None) -> int:
                   f"ms, max {r['pause_ms_max']:.1f} ms ({r['admitted']} pages)")
             continue
         if r["path"].startswith("handoff"):
-            print(f"{r['path']}: {r['ms_per_page']:.2f} ms per {r['page']} page (prepare, send, rebuild in the child, ack)")
+            print(f"{r['path']}: {r['ms_per_page']:.2f} ms per {r['page']} page (prepare, send, take in the child, ack)")
             continue
         if r["path"] == "scoring":
             print(f"scoring: {r['ms_per_token']:.3f} ms per token at a {r['vocab']}-token vocabulary (numpy log-softmax)")

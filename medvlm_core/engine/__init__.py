@@ -12,9 +12,9 @@ from medvlm_core.engine.batched import BatchedEngine
 from medvlm_core.engine.isolated import IsolatedEngine
 from medvlm_core.engine.llama import VisionEngine
 from medvlm_core.engine.registry import close_shared_engines, shared_engine
-from medvlm_core.engine.types import Engine, Generation, Request, Result
+from medvlm_core.engine.types import Engine, Generation, RawPixels, Request, Result
 
 __all__ = [
-    "BatchedEngine", "Engine", "Generation", "IsolatedEngine", "Request", "Result", "VisionEngine",
+    "BatchedEngine", "Engine", "Generation", "IsolatedEngine", "RawPixels", "Request", "Result", "VisionEngine",
     "close_shared_engines", "shared_engine",
 ]

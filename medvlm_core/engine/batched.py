@@ -35,7 +35,7 @@ import numpy as np
 from medvlm_core import errors
 from medvlm_core.config import GenerationParams
 from medvlm_core.engine.llama import VisionEngine
-from medvlm_core.engine.types import Engine, Generation, Request, Result
+from medvlm_core.engine.types import Engine, Generation, RawPixels, Request, Result
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.images import to_rgb
 from medvlm_core.memory import encode_workers_for
@@ -348,9 +348,12 @@ class BatchedEngine(Engine):
         started = time.perf_counter()
         # Raw RGB pixels straight into libmtmd: the same pixels the single path's PNG round trip yields
         # (PNG is lossless), without ~30 ms of PNG encoding and decoding per 1.3 MP page.
-        image = to_rgb(request.image)
-        data = bytearray(image.tobytes())
-        bitmap = mtmd.mtmd_bitmap_init(image.width, image.height, (ctypes.c_uint8 * len(data)).from_buffer(data))
+        if isinstance(request.image, RawPixels):  # from the isolated engine's parent: already raw RGB
+            width, height, data = request.image.width, request.image.height, request.image.data
+        else:
+            image = to_rgb(request.image)
+            width, height, data = image.width, image.height, bytearray(image.tobytes())
+        bitmap = mtmd.mtmd_bitmap_init(width, height, (ctypes.c_uint8 * len(data)).from_buffer(data))
         if not bitmap:
             raise DocumentError(errors.INFERENCE_ERROR, "libmtmd could not read the page image")
         chunks = mtmd.mtmd_input_chunks_init()

@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from medvlm_core import errors
 from medvlm_core.config import EngineConfig, GenerationParams
-from medvlm_core.engine.types import Engine, Generation, Request, Result
+from medvlm_core.engine.types import Engine, Generation, RawPixels, Request, Result
 from medvlm_core.errors import DocumentError, RunError, error_detail, short_message
 from medvlm_core.images import to_rgb
 
@@ -577,14 +577,14 @@ def _page_request(rid: int, intake: int, request: Request) -> tuple[PageRequest,
     return message, block
 
 
-def _shared_pixels(message: PageRequest) -> bytes | memoryview:
+def _shared_pixels(message: PageRequest) -> bytearray:
     """The page's pixels: from the pipe, or copied out of the parent's shared-memory block (closed here; the
     parent unlinks it). Spawned children share the parent's resource tracker, so attaching registers nothing new."""
     if message.shared is None:
-        return message.pixels or b""
+        return bytearray(message.pixels or b"")
     block = shared_memory.SharedMemory(name=message.shared)
     try:
-        return bytes(block.buf[: message.size[0] * message.size[1] * 3])
+        return bytearray(block.buf[: message.size[0] * message.size[1] * 3])
     finally:
         block.close()
 
@@ -601,8 +601,6 @@ class _Stream:
         self.stopped = False  # the parent asked the child to stop (or went away)
 
     def __iter__(self) -> Iterator[Request]:
-        from PIL import Image
-
         message = self.first
         while True:
             if isinstance(message, EndOfStream):
@@ -612,8 +610,8 @@ class _Stream:
                 return
             if self.fault is not None:
                 self.fault(message.intake, message.attempt)  # tests: the pages before this one are in flight
-            yield Request(message.id, Image.frombytes("RGB", message.size, _shared_pixels(message)), message.prompt,
-                          message.params, message.schema, message.system)
+            pixels = RawPixels(message.size[0], message.size[1], _shared_pixels(message))  # straight to libmtmd
+            yield Request(message.id, pixels, message.prompt, message.params, message.schema, message.system)
             try:
                 message = self.connection.recv()
             except (EOFError, OSError):  # the parent is gone

@@ -18,12 +18,23 @@ from medvlm_core.config import GenerationParams
 from medvlm_core.errors import DocumentError
 
 
+@dataclass(frozen=True)
+class RawPixels:
+    """A page as raw RGB bytes (``width * height * 3``), as the isolated engine's child receives it: the batched
+    engine hands them to libmtmd without another conversion."""
+
+    width: int
+    height: int
+    data: bytearray
+
+
 @dataclass
 class Request:
-    """One page for an engine. ``key`` comes back with its result."""
+    """One page for an engine (a PIL image, or ``RawPixels`` for the batched engine). ``key`` comes back with
+    its result."""
 
     key: Any
-    image: Image.Image
+    image: Image.Image | RawPixels
     prompt: str
     params: GenerationParams
     schema: dict | None = None
