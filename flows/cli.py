@@ -1,4 +1,4 @@
-"""The ``medvlm`` command line: ``run``, ``demo`` and ``make-tiny-model``.
+"""The ``medvlm`` command line: ``run``, ``demo``, ``validate``, ``query``, ``eval`` and ``make-tiny-model``.
 
 ``medvlm run`` executes the ``medvlm-batch`` Prefect flow in this process (an ephemeral Prefect server
 when PREFECT_API_URL is not set). Exit status: 0 when every manifest row is accounted for, 1 when the
@@ -66,6 +66,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="structured: schema-constrained JSON into diagnoses/medications/instructions tables")
 
 
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    """One flag per evaluation option, derived from ``EvalOptions`` (``key_fields`` has its own ``--key``)."""
+    from medvlm_core.evals.options import EvalOptions
+
+    for name, info in EvalOptions.__pydantic_fields__.items():
+        if name == "key_fields":
+            continue
+        kind = _flag_kinds(info.annotation)[0]
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=argparse.SUPPRESS,
+                       help=info.description + ("" if info.default is None else f" (default: {info.default})"))
+
+
 def _without_none(annotation: Any) -> Any:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     return args[0] if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1 else annotation
@@ -114,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="text model GGUF (default: generate the tiny random model)")
     demo.add_argument("--mmproj", help="vision projector GGUF (with --model)")
     demo.add_argument("--family", default="llava", help="tiny model family when generating (see README: Model families)")
-    demo.add_argument("--max-tokens", type=int, default=48)
+    demo.add_argument("--max-tokens", type=int, default=None,
+                      help="tokens per page (default: 48; 256 with --mode structured, room for the JSON to close)")
     demo.add_argument("--mode", choices=["text", "structured"], default="text",
                       help="structured: schema-constrained JSON into diagnoses/medications/instructions tables")
     demo.add_argument("--s3", action="store_true",
@@ -132,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=["table", "csv", "parquet"], default="table")
     q.add_argument("--out", help="file to write (csv, parquet); default: standard output for table/csv")
     q.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL_S3)")
+
+    ev = add("eval", help="score runs against labelled pages (a gold file): precision, recall, F1, review list")
+    ev.add_argument("--output", required=True, help="the output folder or s3:// prefix of medvlm runs")
+    ev.add_argument("--gold", required=True, help="gold file (.csv, .jsonl or .parquet): labelled items per page")
+    ev.add_argument("--run", dest="run_ids", action="append", metavar="RUN_ID",
+                    help="a run to score (repeatable; the first is the baseline of the comparison); "
+                         "default: the output's current answers")
+    _add_eval_options(ev)
+    ev.add_argument("--key", dest="key_fields", action="append", metavar="TABLE=FIELD",
+                    help="field a user extraction table's items are matched on (repeatable)")
+    ev.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL_S3)")
 
     tiny = add("make-tiny-model", help="write a tiny random-weight VLM (text GGUF + mmproj) for tests")
     tiny.add_argument("--out", required=True)
@@ -265,6 +289,90 @@ def _print_table(table, limit: int = 50) -> None:
     print(f"({table.num_rows} rows{', first ' + str(limit) + ' shown' if table.num_rows > limit else ''})")
 
 
+def run_eval(output: str, gold: str, run_ids: list[str] | None, eval_options: dict[str, Any],
+             s3_endpoint: str | None = None) -> tuple[int, dict | None, str | None]:
+    """Run the eval flow in-process.
+
+    Args:
+        output: the output URI.
+        gold: the gold file's URI.
+        run_ids: the runs to score (None: the current answers).
+        eval_options: evaluation options by name.
+        s3_endpoint: endpoint of an S3-compatible store.
+
+    Returns:
+        ``(exit status, the flow's result or None, error message or None)``.
+    """
+    _prefect_defaults()
+    from medvlm.flows.eval import medvlm_eval
+
+    options = {"s3_endpoint": s3_endpoint} if s3_endpoint else None
+    state = medvlm_eval(output=output, gold=gold, run_ids=run_ids, options=options, eval_options=eval_options,
+                        return_state=True)
+    if not state.is_completed():
+        return EXIT_CANNOT_RUN, None, state.message or "the evaluation failed"
+    return EXIT_OK, state.result(), None
+
+
+def print_eval(result: dict, out=None) -> None:
+    """The headline scores of an evaluation and where its tables and report are (no document data).
+
+    Args:
+        result: what the ``medvlm-eval`` flow returned.
+        out: where to print (default: standard output).
+    """
+    out = out or sys.stdout
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    width = max([len("run")] + [len(r["system"]) for r in result["headline"]])
+    print(f"eval {result['eval_id']}", file=out)
+    print(f"{'run':<{width}} {'table':<13} {'precision':>9} {'recall':>7} {'F1':>6} {'95% CI':>13} {'gold':>5} "
+          f"{'no answer':>9}", file=out)
+    for r in result["headline"]:
+        ci = "-" if r["ci_low"] is None else f"{r['ci_low']:.2f} to {r['ci_high']:.2f}"
+        print(f"{r['system']:<{width}} {r['table'][:13]:<13} {fmt(r['precision']):>9} {fmt(r['recall']):>7} "
+              f"{fmt(r['f1']):>6} {ci:>13} {r['gold_items']:>5} {r['pages_without_answer']:>9}", file=out)
+    for c in result["comparisons"]:
+        if c["table"] == "all":
+            diff = "-" if c["difference"] is None else f"{c['difference']:+.3f}"
+            ci = "" if c["ci_low"] is None else f" (95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f})"
+            print(f"{c['system']} vs {c['baseline']}: {c['metric']} {diff}{ci}", file=out)
+    for label, n in result["review_rows"].items():
+        print(f"{label}: {n} rows to review", file=out)
+    for note in result["notes"]:
+        print(f"note: {note}", file=out)
+    for name, url in result["written"].items():
+        print(f"  {name}: {url}", file=out)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``medvlm eval``: score runs against a gold file, in this process.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit status: 0 when the evaluation was written, 2 when it could not run (the message says why).
+    """
+    from medvlm_core.evals.options import EvalOptions
+
+    options = {f: getattr(args, f) for f in EvalOptions.__pydantic_fields__ if f != "key_fields" and hasattr(args, f)}
+    if args.key_fields:
+        pairs = [k.split("=", 1) for k in args.key_fields]
+        if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
+            print("medvlm: error: --key takes TABLE=FIELD", file=sys.stderr)
+            return EXIT_CANNOT_RUN
+        options["key_fields"] = dict(pairs)
+    code, result, error = run_eval(args.output, args.gold, args.run_ids, options, args.s3_endpoint)
+    if error is not None:
+        print(f"medvlm: error: {error}", file=sys.stderr)
+        return code
+    print_eval(result)
+    return code
+
+
 def _have_demo_extra() -> bool:
     """Whether the development tools' dependencies are installed (else say how to get them)."""
     import importlib.util
@@ -314,7 +422,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         model, mmproj = args.model, args.mmproj
     print(f"demo: {len(records)} synthetic documents and a manifest in {workdir}")
-    options: dict[str, Any] = dict(max_tokens=args.max_tokens, n_ctx=4096, force=True)  # a re-run shows fresh rows
+    max_tokens = args.max_tokens or (256 if args.mode == "structured" else 48)
+    options: dict[str, Any] = dict(max_tokens=max_tokens, n_ctx=4096, force=True)  # a re-run shows fresh rows
     if args.mode == "structured":
         options["prompt_id"] = "clinical_extraction"
     params = dict(manifest=str(manifest), output=str(workdir / "output"), model=model, mmproj=mmproj, options=options)
@@ -334,11 +443,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("Note: the model is a tiny random-weight model generated for this demo; its text is meaningless.")
         print("Point the demo at a real VLM to get real answers, for example:")
         print("  medvlm demo --model Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf --mmproj mmproj-Qwen2.5-VL-7B-Instruct-f16.gguf")
+    if args.mode == "structured" and not args.s3 and summary:
+        code = max(code, _demo_eval(workdir, summary["run_id"], tiny))
     if not args.s3:
         print(f"Query the tables: medvlm query errors_by_type --output {workdir / 'output'}")
         print(f"  or any SQL:    medvlm query \"select status, count(*) from completions group by status\" "
               f"--output {workdir / 'output'}")
     return code
+
+
+def _demo_eval(workdir: Path, run_id: str, tiny: bool) -> int:
+    """Score the demo run against the demo documents' gold labels and say where the report is."""
+    from medvlm_core.testing.demo_docs import write_demo_gold
+
+    gold = write_demo_gold(workdir / "gold.csv")
+    print()
+    print(f"demo: scoring the run against the demo documents' gold labels ({gold})")
+    code, result, error = run_eval(str(workdir / "output"), str(gold), [run_id], {})
+    if error is not None:
+        print(f"medvlm: error: {error}", file=sys.stderr)
+        return code
+    print_eval(result)
+    if tiny:
+        print("The scores are near zero, as they should be: the tiny random model extracts nothing meaningful. "
+              "A real VLM scores here what it gets right.")
+    print(f"Open the report in a browser: {result['written']['report']}")
+    print(f"Score again or compare runs: medvlm eval --output {workdir / 'output'} --gold {gold} --run RUN_ID --run RUN_ID")
+    return EXIT_OK
 
 
 def _demo_on_s3(workdir: Path, params: dict) -> tuple[int, dict | None, str | None]:
@@ -388,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
         "run": cmd_run, "demo": cmd_demo, "validate": cmd_validate, "query": cmd_query,
-        "make-tiny-model": cmd_make_tiny_model,
+        "make-tiny-model": cmd_make_tiny_model, "eval": cmd_eval,
     }
     return handlers[args.command](args)
 

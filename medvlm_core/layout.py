@@ -5,6 +5,9 @@
       quarantine/run_date=YYYY-MM-DD/part-<run_id>.parquet    manifest rows refused before processing
       runs/run_date=YYYY-MM-DD/run-<run_id>.parquet           one row per run: counts and parameters
       <structured table>/run_date=.../part-<run_id>.parquet   diagnoses, medications, ... (structured mode)
+      evals/run_date=.../part-<eval_id>.parquet               every score of an evaluation (``medvlm_core.evals``)
+      review/run_date=.../part-<eval_id>.parquet              the items an evaluation routes to a person
+      reports/eval/eval-<eval_id>.html                        an evaluation's self-contained HTML report
       _staging/<run_id>/<table>/[shard-NNNNN-]chunk-NNNNNN.parquet   a run's rows while it is in flight
       _staging/<run_id>/shards/shard-NNNNN.json                      a finished shard's record (fan-out)
       _staging/<run_id>/plans/part-NNNNN.parquet                     validated rows of 64 shards, a row group each
@@ -98,6 +101,17 @@ class OutputLayout:
         """
         prefix = "run" if table == "runs" else "part"
         return st.join(self.root, table, f"run_date={run_date}", f"{prefix}-{run_id}.parquet")
+
+    def eval_report(self, eval_id: str) -> str:
+        """The HTML report of one evaluation (``medvlm eval``).
+
+        Args:
+            eval_id: the evaluation's id.
+
+        Returns:
+            Its URL.
+        """
+        return st.join(self.root, "reports", "eval", f"eval-{eval_id}.html")
 
     def commits(self) -> str:
         """The folder of commit records.

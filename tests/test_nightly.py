@@ -51,10 +51,13 @@ def test_nightly_without_manifests_processes_new_documents(tmp_path, tiny_llava)
 def test_nightly_deployment_schedule_in_prefect_yaml():
     config = yaml.safe_load((Path(__file__).parents[1] / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in config["deployments"]}
-    assert set(deployments) == {"medvlm-batch", "medvlm-shard", "medvlm-fanout", "medvlm-nightly", "medvlm-report"}
+    assert set(deployments) == {"medvlm-batch", "medvlm-shard", "medvlm-fanout", "medvlm-nightly", "medvlm-report",
+                                "medvlm-eval"}
     [trigger] = deployments["medvlm-report"]["triggers"]
     assert trigger["expect"] == ["medvlm.run.published"] and trigger["parameters"]["output"] == "{{ event.payload.output }}"
     [schedule] = deployments["medvlm-nightly"]["schedules"]
     assert schedule["cron"] == "0 2 * * *" and schedule["timezone"]
     assert deployments["medvlm-shard"]["work_pool"]["name"] == "medvlm-gpu"
     assert deployments["medvlm-fanout"]["work_pool"]["name"] == "medvlm-cpu"
+    assert deployments["medvlm-eval"]["work_pool"]["name"] == "medvlm-cpu"
+    assert deployments["medvlm-eval"]["entrypoint"] == "flows/eval.py:medvlm_eval"

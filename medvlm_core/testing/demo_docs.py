@@ -76,6 +76,78 @@ DOCUMENTS: dict[str, dict] = {
 }
 
 
+# The demo's gold labels (medvlm_core.evals.gold's format): what a careful reader extracts from each document.
+# "a|b" lists accepted alternatives; an empty field is not labelled (not scored).
+GOLD: dict[str, dict] = {
+    "discharge-0001": {
+        "document_type": "discharge_summary",
+        "items": [
+            {"table": "diagnoses", "name": "Type 2 diabetes mellitus with diabetic foot ulcer|Type 2 diabetes mellitus"},
+            {"table": "diagnoses", "name": "Essential hypertension|Hypertension"},
+            {"table": "medications", "name": "Metformin", "dose": "500", "unit": "mg", "route": "PO",
+             "frequency": "twice daily", "conditional": "false"},
+            {"table": "medications", "name": "Lisinopril", "dose": "10", "unit": "mg", "route": "PO",
+             "frequency": "once daily", "conditional": "false"},
+            {"table": "medications", "name": "Cephalexin", "dose": "500", "unit": "mg", "route": "PO",
+             "frequency": "four times daily", "conditional": "false"},
+            {"table": "medications", "name": "Silver sulfadiazine", "route": "topical", "frequency": "daily",
+             "conditional": "true"},
+            {"table": "instructions", "text": "Wound clinic follow-up in 2 weeks", "conditional": "false"},
+            {"table": "instructions", "text": "Return if fever > 38.5 C or spreading redness", "conditional": "true"},
+            {"table": "instructions", "text": "Check blood glucose before breakfast and dinner", "conditional": "false"},
+        ],
+    },
+    "rx-0002": {
+        "document_type": "prescription",
+        "items": [
+            {"table": "medications", "name": "Amoxicillin", "dose": "875", "unit": "mg", "route": "by mouth",
+             "frequency": "every 12 hours", "conditional": "false"},
+            {"table": "medications", "name": "Ibuprofen", "dose": "400", "unit": "mg", "route": "by mouth",
+             "frequency": "every 8 hours as needed", "conditional": "true"},
+        ],
+    },
+    "lab-0003": {
+        "document_type": "lab_report",
+        "items": [
+            {"table": "instructions", "text": "Repeat HbA1c in 3 months", "conditional": "false"},
+        ],
+    },
+}
+GOLD_COLUMNS = ["document_id", "page", "document_type", "table", "name", "dose", "unit", "route", "frequency",
+                "conditional", "text"]
+
+
+def gold_records() -> list[dict]:
+    """The demo documents' gold labels as gold-file rows.
+
+    Returns:
+        One row per labelled item (page 1), every column of ``GOLD_COLUMNS`` (empty: not labelled).
+    """
+    return [dict({c: "" for c in GOLD_COLUMNS}, document_id=document_id, page="1",
+                 document_type=doc["document_type"], **item)
+            for document_id, doc in GOLD.items() for item in doc["items"]]
+
+
+def write_demo_gold(path: str | Path) -> Path:
+    """Write the demo's gold labels as a CSV gold file.
+
+    Args:
+        path: the file to write.
+
+    Returns:
+        Its path.
+    """
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=GOLD_COLUMNS)
+        writer.writeheader()
+        writer.writerows(gold_records())
+    return path
+
+
 def render_document(title: str, lines: list[str], size: tuple[int, int] = PAGE_SIZE) -> Image.Image:
     """A white page with a title and lines of text, like a scanned form."""
     page = Image.new("RGB", size, "white")
