@@ -94,13 +94,46 @@ class ManifestPlan:
         return len(self.row_numbers)
 
 
-def manifest_format(url: str) -> str:
-    """``csv``, ``jsonl`` or ``parquet`` from the file extension; RunError otherwise."""
+def manifest_format(url: str, what: str = "manifest") -> str:
+    """``csv``, ``jsonl`` or ``parquet`` from the file extension; RunError otherwise.
+
+    Args:
+        url: the table file.
+        what: how the error names the file (``manifest``, ``gold file``).
+
+    Returns:
+        The format.
+    """
     lower = url.lower()
     for ext, fmt in FORMATS.items():
         if lower.endswith(ext):
             return fmt
-    raise RunError(f"manifest {url}: unknown format; use one of {', '.join(sorted(FORMATS))}")
+    raise RunError(f"{what} {url}: unknown format; use one of {', '.join(sorted(FORMATS))}")
+
+
+def parse_table(data: bytes, fmt: str, url: str, what: str = "manifest") -> pl.DataFrame:
+    """A table file's bytes as a DataFrame (CSV columns all strings: ids like 00123 must not become integers).
+
+    Args:
+        data: the file's bytes.
+        fmt: ``manifest_format``'s answer.
+        url: the file (named in the error).
+        what: how the error names the file.
+
+    Returns:
+        The frame.
+
+    Raises:
+        RunError: the bytes are not a readable file of that format.
+    """
+    try:
+        if fmt == "csv":
+            return pl.read_csv(io.BytesIO(data), infer_schema=False)
+        if fmt == "jsonl":
+            return pl.read_ndjson(io.BytesIO(data), infer_schema_length=None)
+        return pl.read_parquet(io.BytesIO(data))
+    except Exception as exc:  # polars raises many types for malformed input
+        raise RunError(f"{what} {url}: not a readable {fmt} file ({type(exc).__name__})") from None
 
 
 def read_manifest_frame(url: str, storage: Storage) -> pl.DataFrame:
@@ -111,16 +144,7 @@ def read_manifest_frame(url: str, storage: Storage) -> pl.DataFrame:
     except DocumentError as exc:
         # exc.message names the URL and the reason (not found, access denied, ...).
         raise RunError(f"manifest cannot be read: {exc.message}") from None
-    try:
-        if fmt == "csv":
-            # All strings: ids like 00123 must not become integers.
-            df = pl.read_csv(io.BytesIO(data), infer_schema=False)
-        elif fmt == "jsonl":
-            df = pl.read_ndjson(io.BytesIO(data), infer_schema_length=None)
-        else:
-            df = pl.read_parquet(io.BytesIO(data))
-    except Exception as exc:  # polars raises many types for malformed input
-        raise RunError(f"manifest {url}: not a readable {fmt} file ({type(exc).__name__})") from None
+    df = parse_table(data, fmt, url)
     del data
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:

@@ -27,7 +27,6 @@ reason, never the value. A problem with the table itself (unreadable, missing co
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -39,7 +38,7 @@ from pandera.errors import SchemaError, SchemaErrors
 from medvlm_core import storage as st
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.evals.matching import FIELD_KINDS, is_empty, to_bool
-from medvlm_core.manifest import FORMATS
+from medvlm_core.manifest import manifest_format, parse_table
 from medvlm_core.storage import Storage
 from medvlm_core.structured import CLINICAL_SCHEMA
 
@@ -149,24 +148,13 @@ def read_gold_frame(url: str, storage: Storage) -> tuple[pl.DataFrame, str]:
     Raises:
         RunError: unknown format, unreadable, a required column missing, or no rows.
     """
-    lower = url.lower()
-    fmt = next((f for ext, f in FORMATS.items() if lower.endswith(ext)), None)
-    if fmt is None:
-        raise RunError(f"gold file {url}: unknown format; use one of {', '.join(sorted(FORMATS))}")
+    fmt = manifest_format(url, "gold file")
     try:
         data = storage.read_bytes(url)
     except DocumentError as exc:
         raise RunError(f"gold file cannot be read: {exc.message}") from None
     digest = hashlib.sha256(data).hexdigest()
-    try:
-        if fmt == "csv":
-            frame = pl.read_csv(io.BytesIO(data), infer_schema=False)
-        elif fmt == "jsonl":
-            frame = pl.read_ndjson(io.BytesIO(data), infer_schema_length=None)
-        else:
-            frame = pl.read_parquet(io.BytesIO(data))
-    except Exception as exc:  # polars raises many types for malformed input
-        raise RunError(f"gold file {url}: not a readable {fmt} file ({type(exc).__name__})") from None
+    frame = parse_table(data, fmt, url, "gold file")
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise RunError(f"gold file {url}: missing required column(s) {', '.join(missing)}; "
