@@ -22,8 +22,10 @@ setup: $(BIN)/medvlm
 demo: setup
 	$(BIN)/medvlm demo
 
+# Two pytest-xdist workers, a test file each at a time: most tests wait on subprocesses, servers and workers, so
+# two files at once keep both cores busy (a module's fixtures, such as a Prefect stack, stay in one worker).
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) medvlm-demo .pytest_cache

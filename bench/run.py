@@ -22,6 +22,7 @@ Prints a table and writes JSON. Peak RSS is the process's high-water mark when e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -255,9 +256,22 @@ def bench_server(binary: str, model: Path, mmproj: Path, images, prompt, params,
             "gen_tok_per_s": tokens / wall, "peak_rss_mb": hwm}
 
 
+@contextlib.contextmanager
+def _stream_per_chunk():
+    """The shared engine without its ``SharedStream``: each chunk drains the batch (as before issue 17's item 3)."""
+    from medvlm_core.engine import registry
+
+    shared = registry._create_shared
+    registry._create_shared = registry._create
+    try:
+        yield
+    finally:
+        registry._create_shared = shared
+
+
 def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: int, workdir: Path,
                image_max_tokens: int | None = None, n_threads: int | None = None, flash_attn: bool = True,
-               quick: bool = False) -> list[dict]:
+               quick: bool = False, chunk_size: int | None = None) -> list[dict]:
     import csv
 
     from medvlm.flows.batch import medvlm_batch
@@ -274,7 +288,7 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
     options = dict(
         chat_format=chat_format, max_tokens=params.max_tokens, n_ctx=n_ctx, n_parallel=n_seq, prompt=PROMPT,
         image_max_tokens=image_max_tokens, n_threads=n_threads, flash_attn=flash_attn,
-        chunk_size=max(len(images), 1), force=True,
+        chunk_size=chunk_size or max(len(images), 1), force=True,
     )
     from PIL import Image
 
@@ -282,17 +296,22 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
     from medvlm_core.engine import BatchedEngine, Request, VisionEngine, close_shared_engines
 
     out = []
-    # the default (llama.cpp in a supervised child process), then in-process; --quick: the default, cold
+    # the default (llama.cpp in a supervised child process), then in-process; --quick: the default, cold.
+    # With several chunks: the chunks feeding one running batch (the default), then each chunk on its own.
+    streams = ("shared", "per chunk") if chunk_size and chunk_size < len(images) else ("shared",)
     for isolate in (True,) if quick else (True, False):
-        if not quick:
-            medvlm_batch(**locations, options=dict(options, isolate=isolate))  # untimed: Prefect start, model load
-        started = time.perf_counter()
-        summary = medvlm_batch(**locations, options=dict(options, isolate=isolate))
-        wall = time.perf_counter() - started
-        close_shared_engines()
-        out.append({"path": "flow", "parallel": n_seq, "isolate": isolate, "docs": len(images), "wall_s": wall,
-                    "docs_per_s": summary["pages_ok"] / wall, "flow_reported_pages_per_s": summary["pages_per_second"],
-                    "peak_rss_mb": rss_mb()})
+        for stream in streams:
+            with _stream_per_chunk() if stream == "per chunk" else contextlib.nullcontext():
+                if not quick:
+                    medvlm_batch(**locations, options=dict(options, isolate=isolate))  # untimed: Prefect, model load
+                started = time.perf_counter()
+                summary = medvlm_batch(**locations, options=dict(options, isolate=isolate))
+                wall = time.perf_counter() - started
+                close_shared_engines()
+            out.append({"path": "flow", "parallel": n_seq, "isolate": isolate, "docs": len(images), "wall_s": wall,
+                        "chunk_size": options["chunk_size"], "stream": stream,
+                        "docs_per_s": summary["pages_ok"] / wall,
+                        "flow_reported_pages_per_s": summary["pages_per_second"], "peak_rss_mb": rss_mb()})
     # The engine alone on the same pages (decoded from the same files beforehand), same settings, in this
     # process: the difference to the flow is orchestration, I/O and (isolated) the pipe to the child.
     config = EngineConfig(str(model), str(mmproj), chat_format=chat_format, n_ctx=n_ctx, n_threads=n_threads,
@@ -353,6 +372,8 @@ def main(argv=None) -> int:
     ap.add_argument("--image-max-tokens", type=int, help="vision encoder token budget per page (default: the model's)")
     ap.add_argument("--flow-docs", type=int, default=64,
                     help="pages for the flow-vs-engine comparison (a run's fixed cost shows less on more pages)")
+    ap.add_argument("--flow-chunk-size", type=int, help="manifest rows per inference task in the flow path "
+                    "(default: all pages in one); smaller also runs each chunk on its own stream, to compare")
     ap.add_argument("--plan-rows", type=int, default=100_000)
     ap.add_argument("--confidence-repeats", type=int, default=2,
                     help="alternating runs of the engine at the largest parallelism without and with confidences")
@@ -425,7 +446,7 @@ def main(argv=None) -> int:
     if "flow" in paths:
         results.extend(bench_flow(model, mmproj, chat_format, pages(args.flow_docs), params, max(parallel), args.n_ctx,
                                   workdir / "flow", args.image_max_tokens, args.n_threads, args.flash_attn == "on",
-                                  args.quick))
+                                  args.quick, args.flow_chunk_size))
     if "plan" in paths:
         results.append(bench_plan(args.plan_rows, workdir))
     if "handoff" in paths:
@@ -475,6 +496,7 @@ def main(argv=None) -> int:
         name = r["path"] + (" ov=" + ("on" if r["overlap"] else "off") if "overlap" in r else "")
         name += f" enc={r['encode_workers']}" if r.get("encode_workers", 1) > 1 else ""
         name += (" isolated" if r["isolate"] else " in-proc") if "isolate" in r else ""
+        name += " per-chunk" if r.get("stream") == "per chunk" else ""
         enc = f"{r['encode_ms_per_page']:.0f}" if "encode_ms_per_page" in r else "-"
         xs = f"{r['x_server']:.2f}" if "x_server" in r else "-"
         print(f"{name:<21} {r['parallel']:>4} {r['docs_per_s']:>8.2f} {r.get('gen_tok_per_s', 0):>8.1f} {enc:>7} "
@@ -487,7 +509,8 @@ def main(argv=None) -> int:
               f"(mean of {len(plain)} alternating runs at {max(parallel)}): "
               f"{100 * (1 - sum(scored) / sum(plain)):+.1f}% cost")
     for flow in flows:
-        print(f"flow ({'isolated' if flow['isolate'] else 'in-process'}) on {flow['docs']} pages at {flow['parallel']}: "
+        chunks = "" if flow["chunk_size"] >= flow["docs"] else f", chunks of {flow['chunk_size']}, {flow['stream']} stream"
+        print(f"flow ({'isolated' if flow['isolate'] else 'in-process'}{chunks}) on {flow['docs']} pages at {flow['parallel']}: "
               f"{flow['docs_per_s']:.2f} docs/s; the engine alone on the same pages "
               f"{flow['engine_alone_docs_per_s']:.2f} docs/s: flow = {flow['x_engine_same_pages']:.2f}x engine")
     print(f"JSON: {args.out}")

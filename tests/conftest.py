@@ -25,6 +25,12 @@ os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"
 os.environ["MEDVLM_CACHE_DIR"] = os.path.join(_PREFECT_HOME, "medvlm-cache")
+# The reliability checks' records (tests/reliability/report.py): one file for the run, made by the process that
+# starts it and inherited by the pytest-xdist workers, which start after this runs.
+_REPORT_OWNER = "MEDVLM_RELIABILITY_REPORT" not in os.environ
+if _REPORT_OWNER:
+    os.environ["MEDVLM_RELIABILITY_REPORT"] = os.path.join(tempfile.mkdtemp(prefix="medvlm-test-reliability-"),
+                                                           "report.jsonl")
 
 from medvlm_core.testing.demo_docs import DOCUMENTS, write_demo_documents  # noqa: E402
 from medvlm_core.testing.tiny_model import make_tiny_model  # noqa: E402
@@ -90,6 +96,21 @@ def documents():
     return DOCUMENTS
 
 
+@pytest.fixture
+def vitals_extraction(tmp_path):
+    """A user extraction (``vitals``) whose schema forces one or two short items, so even the random tiny model
+    extracts rows (to query, to score)."""
+    spec = {"prompt_id": "vitals", "prompt": "List every vital sign on the page.",
+            "schema": {"type": "object", "required": ["vitals"], "properties": {"vitals": {
+                "type": "array", "minItems": 1, "maxItems": 2,
+                "items": {"type": "object", "required": ["name", "value"],
+                          "properties": {"name": {"type": "string", "maxLength": 5},
+                                         "value": {"type": "string", "maxLength": 4}}}}}}}
+    path = tmp_path / "vitals.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server():
     """One Prefect test server for the in-process flows of the session, stopped cleanly at the end."""
@@ -124,9 +145,14 @@ def s3(s3_server, monkeypatch):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """After the test summary: what the reliability suite tried and survived (tests/reliability/report.py)."""
-    report = sys.modules.get("report")  # imported by the reliability tests when they ran
-    text = report.lines() if report is not None and hasattr(report, "lines") else []
+    sys.path.insert(0, str(Path(__file__).parent / "reliability"))
+    from report import lines
+
+    path = Path(os.environ["MEDVLM_RELIABILITY_REPORT"])
+    text = lines(path)
     if text:
         terminalreporter.section("reliability: faults injected, inputs tried, rows lost")
         for line in text:
             terminalreporter.write_line(line)
+    if _REPORT_OWNER:
+        shutil.rmtree(path.parent, ignore_errors=True)

@@ -365,27 +365,13 @@ def test_same_views_on_s3(scenario, s3, s3_server):
         analytics.document_status(str(local), STORAGE, doc).to_pylist()
 
 
-@pytest.fixture
-def extraction(tmp_path):
-    """A user extraction whose schema asks for one or two short items, so rows always appear."""
-    spec = {"prompt_id": "vitals", "prompt": "List the vital signs on the page.",
-            "schema": {"type": "object", "required": ["vitals"], "properties": {"vitals": {
-                "type": "array", "minItems": 1, "maxItems": 2,
-                "items": {"type": "object", "required": ["name", "value"],
-                          "properties": {"name": {"type": "string", "maxLength": 5},
-                                         "value": {"type": "string", "maxLength": 4}}}}}}}
-    path = tmp_path / "vitals.json"
-    path.write_text(json.dumps(spec))
-    return path
-
-
-def test_structured_tables_follow_their_completion_rows(tmp_path, tiny_llava, demo_docs, extraction):
+def test_structured_tables_follow_their_completion_rows(tmp_path, tiny_llava, demo_docs, vitals_extraction):
     records = [dict(demo_docs[0], prompt_id="vitals")]
     manifest = write_manifest(tmp_path / "m.csv", records)
     output = tmp_path / "out"
     base = ["run", "--manifest", str(manifest), "--output", str(output), "--model", str(tiny_llava.model_path),
             "--mmproj", str(tiny_llava.mmproj_path), "--n-ctx", "4096", "--mode", "structured",
-            "--extraction", str(extraction)]
+            "--extraction", str(vitals_extraction)]
     assert medvlm(*base, "--max-tokens", "400")[0] == 0
     assert medvlm(*base, "--max-tokens", "400", "--force")[0] == 0
     first, forced = [r["run_id"] for r in rows_of(output, "select run_id from runs order by started_at")]

@@ -263,8 +263,12 @@ def test_a_worker_elsewhere_runs_the_code_from_a_git_clone(stack, tmp_path, tiny
     stack.cli("work-pool", "create", "medvlm-remote", "--type", "process")
     stack.cli("--no-prompt", "deploy", "--prefect-file", "prefect.remote.yaml", "--all", cwd=tree,
               MEDVLM_GIT_REPOSITORY=remote.as_uri(), MEDVLM_GIT_BRANCH="main")
-    inspected = stack.cli("deployment", "inspect", "medvlm-batch/medvlm-batch-remote").stdout
-    assert "git_clone" in inspected and remote.as_uri() in inspected and "set_working_directory" not in inspected
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: stack.env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        steps = client.read_deployment_by_name("medvlm-batch/medvlm-batch-remote").pull_steps
+    assert steps == [{"prefect.deployments.steps.git_clone": {"repository": remote.as_uri(), "branch": "main"}}], steps
     elsewhere = tmp_path / "worker-home"
     elsewhere.mkdir()
     stack.spawn("remote-0", "worker", "start", "--pool", "medvlm-remote", "--limit", "1", "--name", "remote-0",

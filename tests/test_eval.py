@@ -496,20 +496,6 @@ def test_eval_reads_and_writes_s3(scored, s3, s3_server):
 # -- end to end: real runs of the tiny model over the demo documents ----------------------------------------
 
 
-@pytest.fixture
-def vitals_extraction(tmp_path):
-    """A user extraction whose schema forces one or two items, so the random model extracts something to score."""
-    spec = {"prompt_id": "vitals", "prompt": "List every vital sign on the page.",
-            "schema": {"type": "object", "required": ["vitals"], "properties": {"vitals": {
-                "type": "array", "minItems": 1, "maxItems": 2,
-                "items": {"type": "object", "required": ["name", "value"],
-                          "properties": {"name": {"type": "string", "maxLength": 5},
-                                         "value": {"type": "string", "maxLength": 4}}}}}}}
-    path = tmp_path / "vitals.json"
-    path.write_text(json.dumps(spec))
-    return path
-
-
 def test_demo_runs_scored_end_to_end(tmp_path, tiny_llava, demo_docs, vitals_extraction, caplog):
     from prefect.client.orchestration import get_client
 

@@ -27,7 +27,7 @@ batched engine can take ahead), which keeps intake lazy and memory bounded.
 
 Fault injection (tests only): ``IsolatedEngine(..., fault=...)`` takes a picklable callable that the child
 calls with ``(intake, attempt)`` just before it takes each page (intake: 0-based, counted per
-``generate_many`` call; attempt: 0 in the batch, 1 in the solo retry). ``medvlm_core.testing.faults`` has
+``generate_many`` call, so per stream where a ``SharedStream`` feeds several chunks through one call; attempt: 0 in the batch, 1 in the solo retry). ``medvlm_core.testing.faults`` has
 the one the crash tests use, which calls llama.cpp's real ``ggml_abort``. Production code passes none.
 
 As with any "spawn" child, the child imports the parent's ``__main__`` module (as ``__mp_main__``): a
@@ -41,8 +41,10 @@ import dataclasses
 import itertools
 import multiprocessing
 import multiprocessing.connection as mp_connection
+import os
 from multiprocessing import shared_memory
 import queue
+import secrets
 import signal
 import sys
 import threading
@@ -280,7 +282,7 @@ class IsolatedEngine(Engine):
 
     ``start()`` (or ``with IsolatedEngine(...) as engine``) spawns the child and waits for the model to
     load; ``generate_many`` then behaves like ``BatchedEngine.generate_many``; ``close()`` stops the child.
-    Not for concurrent use from several threads: calls to ``generate_many`` are serialised.
+    Calls to ``generate_many`` from several threads are serialised (``SharedStream`` merges them into one).
     """
 
     def __init__(self, config: EngineConfig, chat_format: str, max_restarts: int = 10, start_timeout_s: float = 300,
@@ -565,7 +567,7 @@ def _page_request(rid: int, intake: int, request: Request) -> tuple[PageRequest,
     data = image.tobytes()
     block = None
     try:
-        block = shared_memory.SharedMemory(create=True, size=max(1, len(data)))
+        block = shared_memory.SharedMemory(create=True, size=max(1, len(data)), name=shared_block_prefix() + secrets.token_hex(8))
         block.buf[: len(data)] = data
     except OSError:
         if block is not None:
@@ -575,6 +577,16 @@ def _page_request(rid: int, intake: int, request: Request) -> tuple[PageRequest,
     message = PageRequest(rid, intake, 0, image.size, None if block else data, request.prompt, request.params,
                           request.schema, request.system, block.name if block else None)
     return message, block
+
+
+def shared_block_prefix() -> str:
+    """How this process's shared-memory blocks are named (then random hex), so that an operator, or a test,
+    sees whose a block in ``/dev/shm`` is.
+
+    Returns:
+        ``medvlm_<pid>_``.
+    """
+    return f"medvlm_{os.getpid()}_"
 
 
 def _shared_pixels(message: PageRequest) -> bytearray:

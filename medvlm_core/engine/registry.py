@@ -4,8 +4,9 @@ A worker process running many chunks loads the model once. Asking for another co
 engine first, so two models never sit in memory (or VRAM) at once. Which engine answers pages follows the
 config: ``isolate`` -> ``IsolatedEngine`` (the model lives in a supervised child; this process never loads
 it); else a ``BatchedEngine`` of ``n_parallel`` sequences over a ``VisionEngine`` (one sequence when
-``n_parallel`` is 1). Every page is thus answered by the same code, whichever way it runs: the batched
-engine's sampler chain, reasoning handling and confidences.
+``n_parallel`` is 1). In front of either, a ``SharedStream``: the chunks running at once in the process feed
+one running batch, so a chunk's end does not drain it. Every page is thus answered by the same code,
+whichever way it runs: the batched engine's sampler chain, reasoning handling and confidences.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from medvlm_core.config import EngineConfig
 from medvlm_core.engine.batched import BatchedEngine
 from medvlm_core.engine.isolated import FaultInjector, IsolatedEngine
 from medvlm_core.engine.llama import VisionEngine
+from medvlm_core.engine.stream import SharedStream
 from medvlm_core.engine.types import Engine
 from medvlm_core.errors import RunError
 
@@ -57,6 +59,13 @@ def _create(config: EngineConfig, chat_format: str, log_phi: bool) -> list[Engin
     return [batched, single]
 
 
+def _create_shared(config: EngineConfig, chat_format: str, log_phi: bool) -> list[Engine]:
+    # The chunk tasks running at once in the process feed one running stream: a chunk's end does not drain
+    # the batch.
+    layers = _create(config, chat_format, log_phi)
+    return [SharedStream(layers[0])] + layers
+
+
 def shared_engine(config: EngineConfig, chat_format: str, log_phi: bool = False) -> Engine:
     """The process-wide engine for this config, started on first use and reused after.
 
@@ -87,7 +96,7 @@ def shared_engine(config: EngineConfig, chat_format: str, log_phi: bool = False)
                 _GAVE_UP[key] = gave_up
                 raise RunError(gave_up)
         _close_all_locked()
-        engines = _CURRENT[key] = _create(config, chat_format, log_phi)
+        engines = _CURRENT[key] = _create_shared(config, chat_format, log_phi)
         return engines[0]
 
 
@@ -153,6 +162,18 @@ def create_engine(config: EngineConfig, chat_format: str, log_phi: bool = False)
         RunError: the model cannot be loaded.
     """
     return OwnedEngine(_create(config, chat_format, log_phi))
+
+
+def current_shared_engine() -> Engine | None:
+    """The process-wide engine loaded now (diagnostics and tests), or None.
+
+    Returns:
+        The outermost layer of the engine ``shared_engine`` last returned, None when none is loaded.
+    """
+    with _LOCK:
+        for engines in _CURRENT.values():
+            return engines[0]
+        return None
 
 
 def close_shared_engines() -> None:

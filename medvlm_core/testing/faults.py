@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 class NativeAbort:
     """Abort the child the way llama.cpp does (``ggml_abort``) when it is about to take certain pages.
 
-    ``on``: intake numbers (0-based, per ``generate_many`` call) that abort on every run, the solo retry
+    ``on``: intake numbers (0-based, per ``generate_many`` call of the engine: per stream behind a
+    ``SharedStream``) that abort on every run, the solo retry
     included, so the page ends as an ``engine_crash`` error. ``once``: intake numbers that abort only on the
     page's first run, so its solo retry succeeds. Set ``GGML_NO_BACKTRACE=1`` in tests, or ggml attaches gdb.
     """

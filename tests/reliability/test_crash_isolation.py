@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from medvlm_core import errors
 from medvlm_core.config import EngineConfig, GenerationParams
 from medvlm_core.engine import BatchedEngine, IsolatedEngine, Request, VisionEngine
+from medvlm_core.engine.isolated import shared_block_prefix
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.testing.faults import NativeAbort, Stall
 from report import record
@@ -75,8 +76,10 @@ def requests(pages, n=N_PAGES):
 
 
 def shared_blocks() -> set[str]:
-    """The shared-memory blocks that exist now (POSIX shared memory lives in /dev/shm)."""
-    return {p.name for p in Path("/dev/shm").iterdir()} if Path("/dev/shm").is_dir() else set()
+    """This process's shared-memory blocks that exist now (POSIX shared memory lives in /dev/shm)."""
+    if not Path("/dev/shm").is_dir():
+        return set()
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(shared_block_prefix())}
 
 
 def test_the_culprit_page_gets_an_engine_crash_error_and_the_others_their_answers(config, pages, expected):
@@ -206,6 +209,7 @@ def test_pixels_go_through_shared_memory_or_the_pipe_when_it_cannot_be_made(conf
     message, block = isolated._page_request(7, 0, Request("k", pages[0], PROMPT, PARAMS))
     try:
         assert message.pixels is None and message.shared == block.name  # the pipe carries only the block's name
+        assert block.name in shared_blocks()  # named for this process
         assert isolated._shared_pixels(message) == pages[0].tobytes()
     finally:
         isolated._Pending("k", message, block).release()
