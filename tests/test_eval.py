@@ -345,10 +345,12 @@ def test_comparison_of_two_runs_with_paired_bootstrap(tmp_path):
     gold = write_gold(tmp_path / "g.parquet", [med(d, "Metformin") for d in docs] + [med(d, "Lisinopril") for d in docs])
     # run a finds metformin everywhere; run b (another model, a smaller image budget) also lisinopril on half
     write_output(out, "run-a", [{"document_id": d} for d in docs],
-                 {"medications": [pmed(d, "Metformin") for d in docs]}, params={"image_max_tokens": 1024})
+                 {"medications": [pmed(d, "Metformin") for d in docs]},
+                 params={"image_max_tokens": 1024, "generation": {"max_tokens": 300, "top_k": 40}})
     write_output(out, "run-b", [{"document_id": d} for d in docs],
                  {"medications": [pmed(d, "Metformin") for d in docs] + [pmed(d, "Lisinopril") for d in docs[:4]]},
-                 started=T0 + timedelta(hours=1), model="model-b", params={"image_max_tokens": 256})
+                 started=T0 + timedelta(hours=1), model="model-b",
+                 params={"image_max_tokens": 256, "generation": {"max_tokens": 6, "top_k": 40}})
     options = {"bootstrap_samples": 500, "seed": 3}
     ev = evaluate(str(out), str(gold), Storage(), run_ids=["run-a", "run-b"], options=options)
     assert [s.system.label for s in ev.systems] == ["run-a", "run-b"]
@@ -365,6 +367,7 @@ def test_comparison_of_two_runs_with_paired_bootstrap(tmp_path):
     # the report names what differs between the runs
     html = render_report(ev)
     assert "image_max_tokens=1024" in html and "image_max_tokens=256" in html and "model-b" in html
+    assert "generation.max_tokens=300" in html and "generation.max_tokens=6" in html and "top_k" not in html
     # no run given: the current answers (run-b's, the later)
     current = evaluate(str(out), str(gold), Storage(), options={"bootstrap_samples": 0})
     assert [s.system.label for s in current.systems] == ["current"]

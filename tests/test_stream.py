@@ -37,7 +37,7 @@ def wait_for(condition, what: str, timeout: float = 120.0) -> None:
         time.sleep(0.01)
 
 
-def chunk(stream: SharedStream, first: int, pages, hold_until=None):
+def chunk(first: int, pages, hold_until=None):
     """A chunk's requests (keys ``first``, ``first + 1``, ...); ``hold_until`` keeps it giving until it holds."""
     for i, page in enumerate(pages):
         yield Request(first + i, page, "Read the page.", PARAMS)
@@ -46,17 +46,16 @@ def chunk(stream: SharedStream, first: int, pages, hold_until=None):
 
 
 def run_overlapping(stream: SharedStream, chunks: list[list]) -> list[dict]:
-    """Run the chunks as overlapping callers (each joins before the one before it has given its last page)."""
+    """Run the chunks as overlapping callers, in order: each holds its last page back until the next has joined."""
     results: list[dict] = [{} for _ in chunks]
     errors: list[BaseException] = []
+    joined_before = stream.calls
 
     def consume(index: int) -> None:
-        first = 100 * index
         more = index + 1 < len(chunks)
-        # chunk i holds its last page back until chunk i+1 has joined, so they overlap for certain
-        joined = (lambda: stream.callers >= 2) if more else None
+        next_joined = (lambda: stream.calls >= joined_before + index + 2) if more else None
         try:
-            for key, result in stream.generate_many(chunk(stream, first, chunks[index], joined)):
+            for key, result in stream.generate_many(chunk(100 * index, chunks[index], next_joined)):
                 assert key not in results[index]
                 results[index][key] = result
         except BaseException as exc:  # surfaced below
@@ -64,13 +63,10 @@ def run_overlapping(stream: SharedStream, chunks: list[list]) -> list[dict]:
 
     threads = []
     for index in range(len(chunks)):
-        if index:
-            wait_for(lambda: stream.callers >= 1, "the previous chunk to start")
         thread = threading.Thread(target=consume, args=(index,))
         thread.start()
         threads.append(thread)
-        if index + 1 < len(chunks):
-            wait_for(lambda: stream.callers >= 1, "the chunk to join")
+        wait_for(lambda: stream.calls >= joined_before + index + 1, f"chunk {index} to join")
     for thread in threads:
         thread.join(timeout=300)
     assert not errors, errors
@@ -93,12 +89,13 @@ def test_overlapping_chunks_share_one_batch_and_keep_the_answers(request, pages,
                 assert sorted(results[index]) == [100 * index + i for i in range(len(part))]
             got = [r.text for part in results for _, r in sorted(part.items())]
             assert got == single
-            assert stream.streams_started == 1  # one engine stream for the three chunks: no drain between them
+            # one engine stream for the three chunks: no drain between them
+            assert (stream.calls, stream.streams_started) == (3, 1)
             assert stream.callers == 0
             # a later call, once the stream ended, starts a new one and is answered the same
-            again = dict(stream.generate_many(chunk(stream, 0, pages[:2])))
+            again = dict(stream.generate_many(chunk(0, pages[:2])))
             assert [again[0].text, again[1].text] == single[:2]
-            assert stream.streams_started == 2
+            assert (stream.calls, stream.streams_started) == (4, 2)
         finally:
             stream.close()
             batched.close()
@@ -130,12 +127,12 @@ def test_a_callers_failure_or_early_stop_stays_its_own(tiny_llava, pages):
                 outcome["failing"] = (got, str(exc))
 
         def run_stopping():
-            it = stream.generate_many(chunk(stream, 10, pages[2:6]))
+            it = stream.generate_many(chunk(10, pages[2:6]))
             outcome["stopping"] = next(it)
             it.close()  # the consumer stops early: its other pages' results are dropped
 
         def run_whole():
-            outcome["whole"] = dict(stream.generate_many(chunk(stream, 20, pages[2:6])))
+            outcome["whole"] = dict(stream.generate_many(chunk(20, pages[2:6])))
 
         threads = [threading.Thread(target=run_failing)]
         threads[0].start()

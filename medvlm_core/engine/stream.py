@@ -69,7 +69,10 @@ class SharedStream(Engine):
         self._feeds: dict[int, _Feed] = {}  # by ticket, oldest first
         self._driver = 0  # the stream that takes new callers' pages; 0: none (the next caller starts one)
         self._closed = False
-        self.streams_started = 0  # how many times the engine's generate_many was called: a measurement for tests
+        # Measurements: calls joined, and streams of the engine they went through (calls / streams: chunks a batch
+        # carried on through without draining).
+        self.calls = 0
+        self.streams_started = 0
 
     @property
     def loaded(self) -> bool:
@@ -146,8 +149,9 @@ class SharedStream(Engine):
                 self._driver = next(self._drivers)
             feed = _Feed(next(self._tickets), requests, self._driver)
             self._feeds[feed.ticket] = feed
+            self.calls += 1
+            self.streams_started += start
         if start:
-            self.streams_started += 1
             threading.Thread(target=self._drive, args=(feed.driver,), name=f"medvlm-stream-{feed.driver}",
                              daemon=True).start()
         return feed

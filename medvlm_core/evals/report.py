@@ -168,6 +168,17 @@ def comparison_plot(evaluation: Evaluation) -> str | None:
     return _png(fig)
 
 
+def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested run parameters as ``generation.max_tokens``-style keys, so that only the leaves that differ show."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _values(values: dict[str, Any]) -> str:
     return "; ".join(f"{_e(k)}: <b>{_e(v)}</b>" for k, v in values.items() if v not in (None, ""))
 
@@ -257,11 +268,11 @@ def render_report(evaluation: Evaluation, review_counts: dict[str, int] | None =
         out.append(f"<div class='note'>{_e(note)}</div>")
 
     # what was scored
-    params = [s.system.params for s in evaluation.systems]
+    params = [_flat(s.system.params) for s in evaluation.systems]
     differing = sorted({k for p in params for k in p if len({json.dumps(q.get(k), sort_keys=True) for q in params}) > 1})
     rows = []
-    for s in evaluation.systems:
-        shown = ", ".join(f"{k}={json.dumps(s.system.params.get(k))}" for k in differing)
+    for s, flat in zip(evaluation.systems, params):
+        shown = ", ".join(f"{k}={json.dumps(flat.get(k))}" for k in differing)
         rows.append([_e(s.system.label), _e(s.system.run_id or "current answers"), _e(s.system.prompt_id),
                      _e(s.system.kind.replace("_", " ")), _e(s.system.model_name), _e(shown)])
     out += ["<h2>Runs scored</h2>",
