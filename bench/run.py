@@ -271,7 +271,7 @@ def _stream_per_chunk():
 
 def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: int, workdir: Path,
                image_max_tokens: int | None = None, n_threads: int | None = None, flash_attn: bool = True,
-               quick: bool = False, chunk_size: int | None = None) -> list[dict]:
+               quick: bool = False, chunk_size: int | None = None, repeats: int = 1) -> list[dict]:
     import csv
 
     from medvlm.flows.batch import medvlm_batch
@@ -304,30 +304,53 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
             with _stream_per_chunk() if stream == "per chunk" else contextlib.nullcontext():
                 if not quick:
                     medvlm_batch(**locations, options=dict(options, isolate=isolate))  # untimed: Prefect, model load
-                started = time.perf_counter()
-                summary = medvlm_batch(**locations, options=dict(options, isolate=isolate))
-                wall = time.perf_counter() - started
+                walls = []
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    summary = medvlm_batch(**locations, options=dict(options, isolate=isolate))
+                    walls.append(time.perf_counter() - started)
+                wall = sorted(walls)[len(walls) // 2]  # the median run
                 close_shared_engines()
             out.append({"path": "flow", "parallel": n_seq, "isolate": isolate, "docs": len(images), "wall_s": wall,
-                        "chunk_size": options["chunk_size"], "stream": stream,
+                        "chunk_size": options["chunk_size"], "stream": stream, "walls_s": walls,
                         "docs_per_s": summary["pages_ok"] / wall,
                         "flow_reported_pages_per_s": summary["pages_per_second"], "peak_rss_mb": rss_mb()})
     # The engine alone on the same pages (decoded from the same files beforehand), same settings, in this
     # process: the difference to the flow is orchestration, I/O and (isolated) the pipe to the child.
     config = EngineConfig(str(model), str(mmproj), chat_format=chat_format, n_ctx=n_ctx, n_threads=n_threads,
                           image_max_tokens=image_max_tokens, flash_attn=flash_attn, n_parallel=n_seq)
+    decoded = [Image.open(docs / f"doc-{i:04d}.png").convert("RGB") for i in range(len(images))]
+
+    def median_seconds(engine) -> float:
+        # As warm as the flow's timed runs (which follow a whole untimed run), and the median of at least 3: one
+        # run of a few seconds swings by 10-20% on a small machine.
+        warm_up = decoded[:1] if quick else decoded
+        list(engine.generate_many(Request(-1 - i, im, PROMPT, params) for i, im in enumerate(warm_up)))
+        times = []
+        for _ in range(1 if quick else max(3, repeats)):
+            started = time.perf_counter()
+            list(engine.generate_many(Request(i, im, PROMPT, params) for i, im in enumerate(decoded)))
+            times.append(time.perf_counter() - started)
+        return sorted(times)[len(times) // 2]
+
     engine = VisionEngine(config, chat_format).start()
     batched = BatchedEngine(engine, n_seq=n_seq, ctx_per_seq=n_ctx)
-    decoded = [Image.open(docs / f"doc-{i:04d}.png").convert("RGB") for i in range(len(images))]
-    list(batched.generate_many([Request(-1, decoded[0], PROMPT, params)]))  # warm-up
-    started = time.perf_counter()
-    list(batched.generate_many(Request(i, im, PROMPT, params) for i, im in enumerate(decoded)))
-    alone = time.perf_counter() - started
-    batched.close()
-    engine.close()
+    try:
+        alone = median_seconds(batched)
+    finally:
+        batched.close()
+        engine.close()
+    isolated_alone = None
+    if not quick:  # the isolated engine alone on the same decoded pages: what the child and its pipe cost
+        from medvlm_core.engine import IsolatedEngine
+
+        with IsolatedEngine(config, chat_format) as isolated:
+            isolated_alone = median_seconds(isolated)
     for flow in out:
         flow["engine_alone_docs_per_s"] = len(images) / alone
         flow["x_engine_same_pages"] = flow["docs_per_s"] / flow["engine_alone_docs_per_s"]
+        if isolated_alone is not None:
+            flow["isolated_engine_alone_docs_per_s"] = len(images) / isolated_alone
     return out
 
 
@@ -374,6 +397,8 @@ def main(argv=None) -> int:
                     help="pages for the flow-vs-engine comparison (a run's fixed cost shows less on more pages)")
     ap.add_argument("--flow-chunk-size", type=int, help="manifest rows per inference task in the flow path "
                     "(default: all pages in one); smaller also runs each chunk on its own stream, to compare")
+    ap.add_argument("--flow-repeats", type=int, default=1, help="timed runs of each flow variant (the median is "
+                    "reported) and at least as many of the engine alone")
     ap.add_argument("--plan-rows", type=int, default=100_000)
     ap.add_argument("--confidence-repeats", type=int, default=2,
                     help="alternating runs of the engine at the largest parallelism without and with confidences")
@@ -446,7 +471,7 @@ def main(argv=None) -> int:
     if "flow" in paths:
         results.extend(bench_flow(model, mmproj, chat_format, pages(args.flow_docs), params, max(parallel), args.n_ctx,
                                   workdir / "flow", args.image_max_tokens, args.n_threads, args.flash_attn == "on",
-                                  args.quick, args.flow_chunk_size))
+                                  args.quick, args.flow_chunk_size, args.flow_repeats))
     if "plan" in paths:
         results.append(bench_plan(args.plan_rows, workdir))
     if "handoff" in paths:
@@ -513,6 +538,8 @@ def main(argv=None) -> int:
         print(f"flow ({'isolated' if flow['isolate'] else 'in-process'}{chunks}) on {flow['docs']} pages at {flow['parallel']}: "
               f"{flow['docs_per_s']:.2f} docs/s; the engine alone on the same pages "
               f"{flow['engine_alone_docs_per_s']:.2f} docs/s: flow = {flow['x_engine_same_pages']:.2f}x engine")
+    if flows and "isolated_engine_alone_docs_per_s" in flows[0]:
+        print(f"the isolated engine alone on the same pages: {flows[0]['isolated_engine_alone_docs_per_s']:.2f} docs/s")
     print(f"JSON: {args.out}")
     return 0
 
