@@ -16,7 +16,6 @@ from medvlm_core.config import EngineConfig, GenerationParams
 from medvlm_core.engine import BatchedEngine, IsolatedEngine, Request, VisionEngine
 from medvlm_core.engine.registry import close_shared_engines, current_shared_engine
 from medvlm_core.engine.stream import SharedStream
-from medvlm_core.errors import DocumentError
 from medvlm_core.testing.demo_docs import DOCUMENTS, render_document
 from medvlm_core.testing.faults import NativeAbort
 

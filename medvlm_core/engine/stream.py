@@ -63,7 +63,7 @@ class SharedStream(Engine):
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._tickets = itertools.count()
         self._drivers = itertools.count(1)
         self._feeds: dict[int, _Feed] = {}  # by ticket, oldest first
@@ -92,7 +92,7 @@ class SharedStream(Engine):
     @property
     def callers(self) -> int:
         """How many ``generate_many`` calls are under way (joined, not yet answered in full)."""
-        with self._cond:
+        with self._lock:
             return len(self._feeds)
 
     def start(self) -> "SharedStream":
@@ -106,9 +106,8 @@ class SharedStream(Engine):
 
     def close(self) -> None:
         """Take no more pages (a stream running ends once its engine is closed or drained); idempotent."""
-        with self._cond:
+        with self._lock:
             self._closed = True
-            self._cond.notify_all()
 
     def generate_many(self, requests: Iterable[Request]) -> Iterator[tuple[Any, Result]]:
         """Answer every request, yielding ``(key, Generation or DocumentError)`` as each finishes.
@@ -137,13 +136,12 @@ class SharedStream(Engine):
                     raise item.error
                 yield item
         finally:
-            with self._cond:
+            with self._lock:
                 feed.giving = False
                 self._feeds.pop(feed.ticket, None)  # results still to come for it are dropped
-                self._cond.notify_all()
 
     def _join(self, requests: Iterator[Request]) -> _Feed:
-        with self._cond:
+        with self._lock:
             start = self._driver == 0
             if start:
                 self._driver = next(self._drivers)
@@ -160,7 +158,7 @@ class SharedStream(Engine):
         """Run the engine over ``_source`` and hand each result to its caller."""
         try:
             for (ticket, key), result in self.engine.generate_many(self._source(driver)):
-                with self._cond:
+                with self._lock:
                     feed = self._feeds.get(ticket)
                     if feed is None:  # its caller stopped early
                         continue
@@ -175,7 +173,7 @@ class SharedStream(Engine):
 
     def _fail(self, driver: int, error: BaseException) -> None:
         """Raise ``error`` to the callers the stream ``driver`` still serves (none after a normal end)."""
-        with self._cond:
+        with self._lock:
             if self._driver == driver:
                 self._driver = 0
             for feed in list(self._feeds.values()):
@@ -191,7 +189,7 @@ class SharedStream(Engine):
         a time (the engines take requests under a lock), so each caller's iterable is too.
         """
         while True:
-            with self._cond:
+            with self._lock:
                 feed = None if self._closed else next((f for f in self._feeds.values() if f.giving), None)
                 if feed is None:
                     if self._driver == driver:
@@ -205,14 +203,14 @@ class SharedStream(Engine):
             except BaseException as exc:  # ends this caller's part: raised to it after its pages in flight
                 self._stop_giving(feed, exc)
                 continue
-            with self._cond:
+            with self._lock:
                 if feed.ticket not in self._feeds:  # its caller stopped meanwhile
                     continue
                 feed.taken += 1
             yield dataclasses.replace(request, key=(feed.ticket, request.key))
 
     def _stop_giving(self, feed: _Feed, error: BaseException | None) -> None:
-        with self._cond:
+        with self._lock:
             feed.giving = False
             feed.error = error
             self._finish_if_done(feed)
