@@ -22,6 +22,7 @@ Prints a table and writes JSON. Peak RSS is the process's high-water mark when e
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -29,6 +30,7 @@ import platform
 import base64
 import io
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -424,6 +426,7 @@ def main(argv=None) -> int:
     from medvlm_core.testing.tiny_model import make_tiny_model
 
     workdir = Path(tempfile.mkdtemp(prefix="medvlm-bench-"))
+    atexit.register(shutil.rmtree, workdir, True)  # models, pages and flow outputs: only the JSON is kept
     if args.model:
         model, mmproj = Path(args.model), Path(args.mmproj)
     else:
