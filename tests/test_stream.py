@@ -91,10 +91,10 @@ def test_overlapping_chunks_share_one_batch_and_keep_the_answers(request, pages,
             # one engine stream for the three chunks: no drain between them
             assert (stream.calls, stream.streams_started) == (3, 1)
             assert stream.callers == 0
-            # a later call, once the stream ended, starts a new one and is answered the same
+            # a later call (the stream it joins may or may not have ended by then) is answered the same
             again = dict(stream.generate_many(chunk(0, pages[:2])))
             assert [again[0].text, again[1].text] == single[:2]
-            assert (stream.calls, stream.streams_started) == (4, 2)
+            assert stream.calls == 4 and stream.callers == 0
         finally:
             stream.close()
             batched.close()
@@ -194,3 +194,49 @@ def test_a_run_of_small_chunks_answers_as_one_chunk(tmp_path, tiny_llava, demo_d
     finally:
         close_shared_engines()
     assert answers[0] == answers[1]  # nine one-row chunks, two at a time in one stream, or one chunk of nine
+
+
+@pytest.mark.parametrize("kind", ["overlapped encoder", "inline encoder", "isolated"])
+def test_a_chunk_joining_while_the_last_pages_decode_keeps_the_batch(tiny_llava, pages, kind):
+    """Chunk A has given its last page; chunk B joins while A's long pages still decode: no new engine stream."""
+    config = EngineConfig(str(tiny_llava.model_path), str(tiny_llava.mmproj_path), n_ctx=2048, n_parallel=4)
+    short, long = GenerationParams(max_tokens=2), GenerationParams(max_tokens=80)
+    plan_a = [(0, pages[0], short), (1, pages[1], long), (2, pages[2], long)]
+    plan_b = [(100 + i, pages[3 + i], short) for i in range(3)]
+    single_engine = VisionEngine(config, "llava-1-5").start()
+    try:
+        expected = {key: single_engine.generate(page, "Read the page.", params).text
+                    for key, page, params in plan_a + plan_b}
+        if kind == "isolated":
+            engine, layers = IsolatedEngine(config, "llava-1-5").start(), []
+        else:
+            engine = BatchedEngine(single_engine, n_seq=4, ctx_per_seq=2048, overlap=kind == "overlapped encoder")
+            layers = [engine]
+        stream = SharedStream(engine)
+        got: dict = {}
+        errors: list[BaseException] = []
+
+        def run(plan, started=None):
+            try:
+                for key, result in stream.generate_many(Request(k, p, "Read the page.", g) for k, p, g in plan):
+                    got[key] = result
+                    if started is not None and stream.calls == 1:
+                        started.start()  # A's first (short) page is answered; its long ones are still decoding
+                        wait_for(lambda: stream.calls == 2, "chunk B to join")
+            except BaseException as exc:
+                errors.append(exc)
+
+        second = threading.Thread(target=run, args=(plan_b,))
+        first = threading.Thread(target=run, args=(plan_a, second))
+        try:
+            first.start()
+            first.join(timeout=300)
+            second.join(timeout=300)
+            assert not errors, errors
+            assert {k: r.text for k, r in got.items()} == expected
+            assert (stream.calls, stream.streams_started, stream.callers) == (2, 1, 0)
+        finally:
+            stream.close()
+            engine.close()
+    finally:
+        single_engine.close()

@@ -35,7 +35,7 @@ import numpy as np
 from medvlm_core import errors
 from medvlm_core.config import GenerationParams
 from medvlm_core.engine.llama import VisionEngine
-from medvlm_core.engine.types import Engine, Generation, RawPixels, Request, Result
+from medvlm_core.engine.types import NOT_YET, NOT_YET_WAIT_S, Engine, Generation, RawPixels, Request, Result
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.images import to_rgb
 from medvlm_core.memory import encode_workers_for
@@ -514,12 +514,15 @@ class BatchedEngine(Engine):
                 while not stop.is_set():
                     try:
                         with taking:
-                            request = next(source, None)
+                            request = next(source, _END)
                     except BaseException as exc:  # the request source itself failed: the decoding thread raises it
                         failure.append(exc)
                         return
-                    if request is None:
+                    if request is _END:
                         return
+                    if request is NOT_YET:  # more may come: the decoding thread goes on meanwhile
+                        stop.wait(NOT_YET_WAIT_S)
+                        continue
                     try:
                         item: Any = self._encode(request, encoder)
                     except DocumentError as exc:
@@ -685,12 +688,15 @@ class BatchedEngine(Engine):
     def _encode_inline(self, source: Iterator[Request]) -> Iterator[Any]:
         while True:
             try:
-                request = next(source, None)
+                request = next(source, _END)
             except Exception as exc:  # the request source failed: as with the encoder thread
                 yield _Failed(None, exc)
                 return
-            if request is None:
+            if request is _END:
                 return
+            if request is NOT_YET:
+                yield None  # nothing to admit now: the decode loop goes on
+                continue
             try:
                 yield self._encode(request)
             except DocumentError as exc:
@@ -723,6 +729,8 @@ class BatchedEngine(Engine):
                 while free and not exhausted and filling is None:
                     item = next_item()
                     if item is None:  # nothing encoded yet: keep decoding
+                        if blocking and not live and filling is None:
+                            time.sleep(NOT_YET_WAIT_S)  # nothing in flight here either: ask the source again soon
                         break
                     if item is _END:
                         exhausted = True

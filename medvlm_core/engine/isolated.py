@@ -54,7 +54,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from medvlm_core import errors
 from medvlm_core.config import EngineConfig, GenerationParams
-from medvlm_core.engine.types import Engine, Generation, RawPixels, Request, Result
+from medvlm_core.engine.types import NOT_YET, NOT_YET_WAIT_S, Engine, Generation, RawPixels, Request, Result
 from medvlm_core.errors import DocumentError, RunError, error_detail, short_message
 from medvlm_core.images import to_rgb
 
@@ -431,6 +431,11 @@ class IsolatedEngine(Engine):
                 while not exhausted and len(pending) < self.window:
                     try:
                         request = next(source)
+                        if request is NOT_YET:
+                            if pending:  # ask again once the child answers (a page finishing frees a slot)
+                                break
+                            time.sleep(NOT_YET_WAIT_S)
+                            continue
                         item = _Pending(request.key, *_page_request(next(self._ids), intake, request))
                     except StopIteration:
                         exhausted = True

@@ -14,8 +14,10 @@ that stream and receives its own results back:
 * an exception raised by a caller's request iterable reaches that caller only, after its pages in flight are
   answered; an engine failure (``RunError``: the model is unusable) reaches every caller of that stream;
 * a caller that stops early is forgotten: its pages in flight finish and their results are dropped;
-* the stream ends (and the engine's call returns) as soon as no caller has pages left to give; the next call
-  starts a new one.
+* while no caller has pages left to give but pages are in flight, the stream tells the engine ``NOT_YET``
+  (the engine goes on decoding and asks again), so a chunk that joins before the last pages are answered
+  still finds the batch running; once nothing is in flight the stream ends (the engine's call returns) and the
+  next call starts a new one.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from medvlm_core.engine.types import Engine, Request, Result
+from medvlm_core.engine.types import NOT_YET, Engine, Request, Result
 from medvlm_core.errors import RunError
 
 _DONE = object()
@@ -69,6 +71,7 @@ class SharedStream(Engine):
         self._feeds: dict[int, _Feed] = {}  # by ticket, oldest first
         self._driver = 0  # the stream that takes new callers' pages; 0: none (the next caller starts one)
         self._closed = False
+        self._threads: list[threading.Thread] = []  # the stream threads started (finished ones pruned)
         # Measurements: calls joined, and streams of the engine they went through (calls / streams: chunks a batch
         # carried on through without draining).
         self.calls = 0
@@ -104,10 +107,19 @@ class SharedStream(Engine):
         self.engine.start()
         return self
 
-    def close(self) -> None:
-        """Take no more pages (a stream running ends once its engine is closed or drained); idempotent."""
+    def close(self, timeout_s: float = 120.0) -> None:
+        """Take no more pages and wait for the running stream to finish its pages in flight (idempotent), so that
+        the engine beneath can be closed: closing an in-process engine while its stream decodes would crash.
+
+        Args:
+            timeout_s: the longest wait for the stream's thread.
+        """
         with self._lock:
             self._closed = True
+            threads = list(self._threads)
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout_s)
 
     def generate_many(self, requests: Iterable[Request]) -> Iterator[tuple[Any, Result]]:
         """Answer every request, yielding ``(key, Generation or DocumentError)`` as each finishes.
@@ -150,8 +162,11 @@ class SharedStream(Engine):
             self.calls += 1
             self.streams_started += start
         if start:
-            threading.Thread(target=self._drive, args=(feed.driver,), name=f"medvlm-stream-{feed.driver}",
-                             daemon=True).start()
+            thread = threading.Thread(target=self._drive, args=(feed.driver,), name=f"medvlm-stream-{feed.driver}",
+                                      daemon=True)
+            with self._lock:  # started under the lock: close() never sees a thread it cannot join yet
+                self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+                thread.start()
         return feed
 
     def _drive(self, driver: int) -> None:
@@ -182,8 +197,9 @@ class SharedStream(Engine):
                     feed.results.put(_Broken(error))
                     del self._feeds[feed.ticket]
 
-    def _source(self, driver: int) -> Iterator[Request]:
-        """The requests of the stream: the oldest caller's first; ends when no caller has pages to give.
+    def _source(self, driver: int) -> Iterator[Request | None]:
+        """The requests of the stream: the oldest caller's first; ``NOT_YET`` while no caller has pages to give
+        but pages are in flight (the next chunk may join meanwhile); ends when neither holds.
 
         Never raises: a caller's iterable failing ends that caller's part only. Called by one engine thread at
         a time (the engines take requests under a lock), so each caller's iterable is too.
@@ -192,9 +208,15 @@ class SharedStream(Engine):
             with self._lock:
                 feed = None if self._closed else next((f for f in self._feeds.values() if f.giving), None)
                 if feed is None:
-                    if self._driver == driver:
-                        self._driver = 0  # callers from now on start a new stream
-                    return
+                    in_flight = not self._closed and any(f.driver == driver and f.taken > f.answered
+                                                         for f in self._feeds.values())
+                    if not in_flight:
+                        if self._driver == driver:
+                            self._driver = 0  # callers from now on start a new stream
+                        return
+            if feed is None:  # pages still in flight: the next chunk may join before they are answered
+                yield NOT_YET
+                continue
             try:
                 request = next(feed.requests)
             except StopIteration:

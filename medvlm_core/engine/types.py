@@ -77,6 +77,12 @@ class Generation:
 Result = Generation | DocumentError
 
 
+# What a request iterable gives when no page is ready yet but more may come (see ``Engine.generate_many``).
+NOT_YET = None
+# How long an engine thread with nothing else to do waits before asking such an iterable again.
+NOT_YET_WAIT_S = 0.005
+
+
 @runtime_checkable
 class Engine(Protocol):
     """A loaded model that answers pages: ``start()`` once, ``generate_many`` for every chunk, ``close()``.
@@ -105,7 +111,9 @@ class Engine(Protocol):
         """Answer every request, taken lazily from ``requests``.
 
         Args:
-            requests: the pages to answer.
+            requests: the pages to answer. It may give ``None`` (``NOT_YET``): no page is ready yet but more may
+                come, so the engine goes on with the pages it has and asks again (``SharedStream`` does, while
+                the pages of a finished chunk are in flight and the next chunk may still join).
 
         Returns:
             An iterator of ``(request.key, Generation or DocumentError)`` as pages finish.
