@@ -3,8 +3,8 @@
 Without it, each inference task (chunk) calls ``generate_many`` on its own and the engine serialises the calls:
 as a chunk tails off, the batch empties to its last page and the next chunk starts from an empty batch. A
 ``SharedStream`` in front of the engine runs a single ``generate_many`` of the engine beneath (on a driver
-thread) for as long as some caller has pages to give, and each caller's ``generate_many`` hands its pages to
-that stream and receives its own results back:
+thread) for as long as some caller has pages to give or pages are in flight, and each caller's
+``generate_many`` hands its pages to that stream and receives its own results back:
 
 * the oldest caller's pages go in first; the next caller's pages fill the slots as soon as the oldest has none
   left to give, so while one chunk's last pages decode the next chunk's first ones are already in the batch
