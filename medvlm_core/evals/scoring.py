@@ -28,7 +28,6 @@ is named):
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from medvlm_core.evals import matching
 from medvlm_core.evals.gold import BUILTIN_FIELDS, GoldItem, GoldSet, load_gold
 from medvlm_core.evals.matching import Thresholds, is_empty, kind_of
 from medvlm_core.evals.options import EvalOptions
-from medvlm_core.manifest import FORMATS
+from medvlm_core.manifest import manifest_format, parse_table
 from medvlm_core.storage import Storage
 from medvlm_core.structured import KEY_FIELDS
 
@@ -150,6 +149,14 @@ class TableMatch:
     pairs: list[tuple[int, int, float]]
     wrong_fields: dict[int, list[str]]  # gold index -> labelled fields the paired item got wrong
     counts: Counts
+
+    def right_items(self) -> set[int]:
+        """The extracted items that are right: paired, with every labelled field matching.
+
+        Returns:
+            Their indices in ``predicted``.
+        """
+        return {pj for gi, pj, _ in self.pairs if not self.wrong_fields[gi]}
 
 
 @dataclass
@@ -416,13 +423,10 @@ def document_types_from_manifests(con: duckdb.DuckDBPyConnection, storage: Stora
         return {}
     types: dict[str, str] = {}
     for uri in uris:
-        fmt = next((f for ext, f in FORMATS.items() if uri.lower().endswith(ext)), None)
         try:
-            data = storage.read_bytes(uri)
-            reader = {"csv": lambda b: pl.read_csv(b, infer_schema=False), "jsonl": pl.read_ndjson,
-                      "parquet": pl.read_parquet}[fmt]
-            frame = reader(io.BytesIO(data))
-        except Exception:  # an unreadable or moved manifest: no types from it
+            fmt = manifest_format(uri)
+            frame = parse_table(storage.read_bytes(uri), fmt, uri)
+        except Exception:  # an unknown format, an unreadable or moved manifest: no types from it
             continue
         if "document_type" not in frame.columns or "document_id" not in frame.columns:
             continue
@@ -707,7 +711,7 @@ def calibrate(scores: SystemScores, gold: GoldSet, kinds: dict[str, dict[str, st
     items = []  # (confidence, right, valid)
     for result in scores.page_results:
         for table, match in result.tables.items():
-            right = {pj for gi, pj, _ in match.pairs if not match.wrong_fields[gi]}
+            right = match.right_items()
             for pj, item in enumerate(match.predicted):
                 valid = not item_validity(item, gold.keys[table], kinds[table])
                 items.append((item.get("confidence"), pj in right, valid))
@@ -771,7 +775,7 @@ def review_rows(con: duckdb.DuckDBPyConnection, scores: SystemScores, gold: Gold
     verdict: dict[tuple[str, str, str, int], str] = {}
     for result in scores.page_results:
         for table, match in result.tables.items():
-            right = {pj for gi, pj, _ in match.pairs if not match.wrong_fields[gi]}
+            right = match.right_items()
             for pj, item in enumerate(match.predicted):
                 verdict[(item["result_key"], item["run_id"], table, item["item_index"])] = (
                     "right" if pj in right else "wrong")
