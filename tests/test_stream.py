@@ -196,30 +196,34 @@ def test_a_run_of_small_chunks_answers_as_one_chunk(tmp_path, tiny_llava, demo_d
     assert answers[0] == answers[1]  # nine one-row chunks, two at a time in one stream, or one chunk of nine
 
 
-@pytest.mark.parametrize("kind", ["overlapped encoder", "inline encoder", "isolated"])
+@pytest.mark.parametrize("kind", ["overlapped encoder", "inline encoder", "isolated", "isolated inline encoder"])
 def test_a_chunk_joining_while_the_last_pages_decode_keeps_the_batch(tiny_llava, pages, kind):
-    """Chunk A has given its last page; chunk B joins while A's long pages still decode: no new engine stream."""
+    """Chunk A has given its last page; chunk B joins while A's long pages still decode: no new engine stream, and
+    B's pages enter the batch's free slots at once (answered before A's long pages), not after A's next answer."""
     config = EngineConfig(str(tiny_llava.model_path), str(tiny_llava.mmproj_path), n_ctx=2048, n_parallel=4)
-    short, long = GenerationParams(max_tokens=2), GenerationParams(max_tokens=80)
+    short, long = GenerationParams(max_tokens=2), GenerationParams(max_tokens=400)
     plan_a = [(0, pages[0], short), (1, pages[1], long), (2, pages[2], long)]
     plan_b = [(100 + i, pages[3 + i], short) for i in range(3)]
     single_engine = VisionEngine(config, "llava-1-5").start()
     try:
-        expected = {key: single_engine.generate(page, "Read the page.", params).text
-                    for key, page, params in plan_a + plan_b}
-        if kind == "isolated":
-            engine, layers = IsolatedEngine(config, "llava-1-5").start(), []
+        singles = {key: single_engine.generate(page, "Read the page.", params) for key, page, params in plan_a + plan_b}
+        expected = {key: g.text for key, g in singles.items()}
+        assert singles[1].completion_tokens == singles[2].completion_tokens == 400  # A's long pages are long
+        if kind.startswith("isolated"):
+            # inline: the child's decode loop itself takes pages from the pipe (it must not block there while the
+            # parent waits for an answer); a page timeout bounds the wait should it
+            child_config = config.replace(overlap_encode=kind == "isolated", page_timeout=60)
+            engine = IsolatedEngine(child_config, "llava-1-5").start()
         else:
             engine = BatchedEngine(single_engine, n_seq=4, ctx_per_seq=2048, overlap=kind == "overlapped encoder")
-            layers = [engine]
         stream = SharedStream(engine)
-        got: dict = {}
+        got: dict = {}  # in the order the answers arrived
         errors: list[BaseException] = []
 
         def run(plan, started=None):
             try:
                 for key, result in stream.generate_many(Request(k, p, "Read the page.", g) for k, p, g in plan):
-                    got[key] = result
+                    got[key] = result  # (dict assignment is atomic: the two consumers' order is kept)
                     if started is not None and stream.calls == 1:
                         started.start()  # A's first (short) page is answered; its long ones are still decoding
                         wait_for(lambda: stream.calls == 2, "chunk B to join")
@@ -235,6 +239,8 @@ def test_a_chunk_joining_while_the_last_pages_decode_keeps_the_batch(tiny_llava,
             assert not errors, errors
             assert {k: r.text for k, r in got.items()} == expected
             assert (stream.calls, stream.streams_started, stream.callers) == (2, 1, 0)
+            order = list(got)
+            assert order[0] == 0 and set(order[1:4]) == {100, 101, 102}, order  # B's short pages before A's long
         finally:
             stream.close()
             engine.close()

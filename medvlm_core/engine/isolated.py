@@ -23,7 +23,10 @@ Transport: two one-way pipes (requests parent -> child, results child -> parent)
 the parent that does all the writing, so a multi-MB page image blocking on a full pipe can never stop the
 parent from reading results (and the child from making progress). Page keys stay in the parent; the
 child only sees integer ids. At most ``window`` requests are unanswered at a time (as many as the child's
-batched engine can take ahead), which keeps intake lazy and memory bounded.
+batched engine can take ahead), which keeps intake lazy and memory bounded. Neither side blocks on a source
+that has nothing yet (``NOT_YET``, as ``SharedStream`` gives between chunks): the parent waits a few ms for the
+child and asks again, so a page that becomes ready reaches a child with free slots at once, and the child's
+stream gives its batched engine ``NOT_YET`` while its pipe is empty, so the batch goes on decoding.
 
 Fault injection (tests only): ``IsolatedEngine(..., fault=...)`` takes a picklable callable that the child
 calls with ``(intake, attempt)`` just before it takes each page (intake: 0-based, counted per
@@ -426,16 +429,21 @@ class IsolatedEngine(Engine):
         exhausted = False
         ended = False  # the current child's stream is closed (it was sent "end")
         source_error: BaseException | None = None
+        heard = time.monotonic()  # the silence clock: the child's last message, or the first page put in flight
         try:
             while True:
+                not_yet = False  # the source has no page now but may have more soon: ask again shortly
                 while not exhausted and len(pending) < self.window:
                     try:
                         request = next(source)
                         if request is NOT_YET:
-                            if pending:  # ask again once the child answers (a page finishing frees a slot)
+                            if pending:  # wait briefly for the child below, then ask again
+                                not_yet = True
                                 break
                             time.sleep(NOT_YET_WAIT_S)
                             continue
+                        if not pending:
+                            heard = time.monotonic()
                         item = _Pending(request.key, *_page_request(next(self._ids), intake, request))
                     except StopIteration:
                         exhausted = True
@@ -454,7 +462,10 @@ class IsolatedEngine(Engine):
                         raise source_error
                     return
                 try:
-                    message = child.receive(max(self.page_timeout(p.message.params) for p in pending.values()))
+                    message = self._receive(child, pending, heard, not_yet)
+                    if message is None:  # no message within the short wait: ask the source again
+                        continue
+                    heard = time.monotonic()
                 except (_Died, _Hung) as failure:
                     if not self._open:  # close() from another thread, not a crash
                         raise RunError("the IsolatedEngine was closed while generating") from None
@@ -481,6 +492,24 @@ class IsolatedEngine(Engine):
                     self._child = None
                 else:
                     child.send(EndOfStream())
+
+    def _receive(self, child: _Child, pending: dict[int, _Pending], heard: float, short: bool) -> Any:
+        """The child's next message; with ``short``, None when none comes within ``NOT_YET_WAIT_S`` (the caller
+        asks its source again, so that a page that becomes ready is sent to a child with free slots at once
+        rather than after its next answer).
+
+        Raises:
+            _Died: the child exited.
+            _Hung: it sent nothing for the page timeout of the pages in flight, counted from ``heard``.
+        """
+        deadline = max(self.page_timeout(p.message.params) for p in pending.values())
+        left = deadline - (time.monotonic() - heard)
+        try:
+            return child.receive(max(0.0, min(left, NOT_YET_WAIT_S) if short else left))
+        except _Hung:
+            if short and time.monotonic() - heard < deadline:
+                return None
+            raise _Hung(deadline) from None
 
     def _answer(self, message: Any, pending: dict[int, _Pending]) -> tuple[Any, Result] | None:
         """The (key, result) a child message answers, None for bookkeeping messages and stale answers."""
@@ -617,20 +646,26 @@ class _Stream:
         self.fault = fault
         self.stopped = False  # the parent asked the child to stop (or went away)
 
-    def __iter__(self) -> Iterator[Request]:
+    def __iter__(self) -> Iterator[Request | None]:
         message = self.first
         while True:
-            if isinstance(message, EndOfStream):
+            if message is None:
+                # Nothing in the pipe yet: NOT_YET, so that the batched engine goes on decoding the pages it has
+                # (blocking here would stall an inline-encoder engine's decode loop while the parent waits for
+                # an answer) and asks again.
+                yield NOT_YET
+            elif isinstance(message, EndOfStream):
                 return
-            if not isinstance(message, PageRequest):  # Stop
+            elif not isinstance(message, PageRequest):  # Stop
                 self.stopped = True
                 return
-            if self.fault is not None:
-                self.fault(message.intake, message.attempt)  # tests: the pages before this one are in flight
-            pixels = RawPixels(message.size[0], message.size[1], _shared_pixels(message))  # straight to libmtmd
-            yield Request(message.id, pixels, message.prompt, message.params, message.schema, message.system)
+            else:
+                if self.fault is not None:
+                    self.fault(message.intake, message.attempt)  # tests: the pages before this one are in flight
+                pixels = RawPixels(message.size[0], message.size[1], _shared_pixels(message))  # straight to libmtmd
+                yield Request(message.id, pixels, message.prompt, message.params, message.schema, message.system)
             try:
-                message = self.connection.recv()
+                message = self.connection.recv() if self.connection.poll() else None
             except (EOFError, OSError):  # the parent is gone
                 self.stopped = True
                 return
