@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from medvlm_core import errors
 from medvlm_core.config import EngineConfig, GenerationParams
-from medvlm_core.engine import BatchedEngine, IsolatedEngine, Request, VisionEngine
+from medvlm_core.engine import BatchedEngine, IsolatedEngine, Request, SharedStream, VisionEngine
 from medvlm_core.engine.isolated import shared_block_prefix
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.testing.faults import NativeAbort, Stall
@@ -191,15 +191,23 @@ def test_more_crashes_than_max_restarts_fail_the_run(config, pages):
         engine.close()
 
 
-def test_a_page_that_hangs_becomes_a_timeout_error_and_the_others_their_answers(config, pages, expected):
+@pytest.mark.parametrize("through", ["engine", "shared stream"])
+def test_a_page_that_hangs_becomes_a_timeout_error_and_the_others_their_answers(config, pages, expected, through):
+    """Through a SharedStream the parent polls the child every few ms once the caller has given its last page
+    (``NOT_YET``): the hang deadline still counts the child's silence, not the polls."""
     quick = config.replace(page_timeout=4.0)
     with IsolatedEngine(quick, "llava-1-5", fault=Stall(on=frozenset({4}))) as engine:
-        results = dict(engine.generate_many(requests(pages)))
+        front = SharedStream(engine) if through == "shared stream" else engine
+        try:
+            results = dict(front.generate_many(requests(pages)))
+        finally:
+            if through == "shared stream":
+                front.close()
         hung = results.pop(("page", 4))
         assert isinstance(hung, DocumentError) and hung.error_type == errors.TIMEOUT and "4 s" in hung.message
         assert {key[1]: r.text for key, r in results.items()} == {i: t for i, t in expected.items() if i != 4}
         assert engine.crashes == 2 and engine.loaded  # the hung child in the batch, then alone; a new one after each
-    record("hung page (stalled child), isolated engine", inputs=N_PAGES, faults={"stall": 2},
+    record(f"hung page (stalled child), isolated {'engine' if through == 'engine' else '+ stream'}", inputs=N_PAGES, faults={"stall": 2},
            rows_lost=N_PAGES - 1 - len(results))
 
 
