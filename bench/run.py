@@ -11,8 +11,9 @@ Paths measured side by side:
            (overlap off) and on threads ahead of the decode (overlap on), with each --encode-workers count
   server   llama.cpp's own llama-server (built from the same llama-cpp-python version's vendored sources by
            bench/build_llama_server.sh) with --parallel N and --mmproj, driven with N concurrent requests
-  flow     the whole medvlm-batch Prefect flow (manifest -> Parquet) at the largest --parallel, against the
-           engine alone at the same parallelism: the orchestration and I/O overhead
+  flow     the whole medvlm-batch Prefect flow (manifest -> Parquet) at the largest --parallel, each timed run
+           followed by the same engine (the flow's shared engine, its child process when isolated) alone on the
+           same pages: the orchestration and I/O overhead
   plan     validating and planning a 100,000-row manifest (time, memory, Prefect task runs it would create)
   stall    the pause a page entering the batch makes the others take: whole image prefill vs n_batch slices
   handoff  a page to the isolated engine's child: pixels pickled through the pipe vs a shared-memory block
@@ -294,8 +295,22 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
     )
     from PIL import Image
 
-    from medvlm_core.config import EngineConfig
-    from medvlm_core.engine import BatchedEngine, Request, VisionEngine, close_shared_engines
+    from medvlm_core.engine import Request, close_shared_engines
+    from medvlm_core.engine.registry import current_shared_engine
+
+    # The engine alone: the very engine the flow runs on (its shared engine: the same child process when
+    # isolated), on the same pages decoded beforehand, timed right after each flow run. Paired like this the
+    # comparison is orchestration and I/O alone, free of the up-to-20% speed differences between processes
+    # (and children) on a small machine that separate engines would add.
+    decoded = [Image.open(docs / f"doc-{i:04d}.png").convert("RGB") for i in range(len(images))]
+
+    def engine_alone_s() -> float:
+        started = time.perf_counter()
+        list(current_shared_engine().generate_many(Request(i, im, PROMPT, params) for i, im in enumerate(decoded)))
+        return time.perf_counter() - started
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
 
     out = []
     # the default (llama.cpp in a supervised child process), then in-process; --quick: the default, cold.
@@ -306,53 +321,27 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
             with _stream_per_chunk() if stream == "per chunk" else contextlib.nullcontext():
                 if not quick:
                     medvlm_batch(**locations, options=dict(options, isolate=isolate))  # untimed: Prefect, model load
-                walls = []
+                    engine_alone_s()  # untimed: as warm as the flow
+                walls, run_walls, alone = [], [], []
                 for _ in range(repeats):
                     started = time.perf_counter()
                     summary = medvlm_batch(**locations, options=dict(options, isolate=isolate))
                     walls.append(time.perf_counter() - started)
-                wall = sorted(walls)[len(walls) // 2]  # the median run
+                    run_walls.append(summary["wall_seconds"])
+                    alone.append(engine_alone_s())
                 close_shared_engines()
-            out.append({"path": "flow", "parallel": n_seq, "isolate": isolate, "docs": len(images), "wall_s": wall,
-                        "chunk_size": options["chunk_size"], "stream": stream, "walls_s": walls,
-                        "docs_per_s": summary["pages_ok"] / wall,
-                        "flow_reported_pages_per_s": summary["pages_per_second"], "peak_rss_mb": rss_mb()})
-    # The engine alone on the same pages (decoded from the same files beforehand), same settings, in this
-    # process: the difference to the flow is orchestration, I/O and (isolated) the pipe to the child.
-    config = EngineConfig(str(model), str(mmproj), chat_format=chat_format, n_ctx=n_ctx, n_threads=n_threads,
-                          image_max_tokens=image_max_tokens, flash_attn=flash_attn, n_parallel=n_seq)
-    decoded = [Image.open(docs / f"doc-{i:04d}.png").convert("RGB") for i in range(len(images))]
-
-    def median_seconds(engine) -> float:
-        # As warm as the flow's timed runs (which follow a whole untimed run), and the median of at least 3: one
-        # run of a few seconds swings by 10-20% on a small machine.
-        warm_up = decoded[:1] if quick else decoded
-        list(engine.generate_many(Request(-1 - i, im, PROMPT, params) for i, im in enumerate(warm_up)))
-        times = []
-        for _ in range(1 if quick else max(3, repeats)):
-            started = time.perf_counter()
-            list(engine.generate_many(Request(i, im, PROMPT, params) for i, im in enumerate(decoded)))
-            times.append(time.perf_counter() - started)
-        return sorted(times)[len(times) // 2]
-
-    engine = VisionEngine(config, chat_format).start()
-    batched = BatchedEngine(engine, n_seq=n_seq, ctx_per_seq=n_ctx)
-    try:
-        alone = median_seconds(batched)
-    finally:
-        batched.close()
-        engine.close()
-    isolated_alone = None
-    if not quick:  # the isolated engine alone on the same decoded pages: what the child and its pipe cost
-        from medvlm_core.engine import IsolatedEngine
-
-        with IsolatedEngine(config, chat_format) as isolated:
-            isolated_alone = median_seconds(isolated)
-    for flow in out:
-        flow["engine_alone_docs_per_s"] = len(images) / alone
-        flow["x_engine_same_pages"] = flow["docs_per_s"] / flow["engine_alone_docs_per_s"]
-        if isolated_alone is not None:
-            flow["isolated_engine_alone_docs_per_s"] = len(images) / isolated_alone
+            wall = median(walls)
+            out.append({
+                "path": "flow", "parallel": n_seq, "isolate": isolate, "docs": len(images), "wall_s": wall,
+                "chunk_size": options["chunk_size"], "stream": stream, "walls_s": walls, "engine_alone_walls_s": alone,
+                "docs_per_s": summary["pages_ok"] / wall, "engine_alone_docs_per_s": len(images) / median(alone),
+                # median of the paired ratios: the whole call, and the run as it reports itself (its start to its
+                # results staged: without Prefect's flow-run start and end and the publishing)
+                "x_engine_same_pages": median([a / w for a, w in zip(alone, walls)]),
+                "x_engine_run_reported": median([a / w for a, w in zip(alone, run_walls)]),
+                "outside_run_s": median([w - r for w, r in zip(walls, run_walls)]),
+                "flow_reported_pages_per_s": summary["pages_per_second"], "peak_rss_mb": rss_mb(),
+            })
     return out
 
 
@@ -399,8 +388,8 @@ def main(argv=None) -> int:
                     help="pages for the flow-vs-engine comparison (a run's fixed cost shows less on more pages)")
     ap.add_argument("--flow-chunk-size", type=int, help="manifest rows per inference task in the flow path "
                     "(default: all pages in one); smaller also runs each chunk on its own stream, to compare")
-    ap.add_argument("--flow-repeats", type=int, default=1, help="timed runs of each flow variant (the median is "
-                    "reported) and at least as many of the engine alone")
+    ap.add_argument("--flow-repeats", type=int, default=3, help="timed runs of each flow variant, each followed by "
+                    "one of its engine alone (the medians are reported)")
     ap.add_argument("--plan-rows", type=int, default=100_000)
     ap.add_argument("--confidence-repeats", type=int, default=2,
                     help="alternating runs of the engine at the largest parallelism without and with confidences")
@@ -416,6 +405,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.docs, args.max_tokens, args.parallel, args.plan_rows, args.flow_docs = 3, 4, "1,2", 2000, 3
+        args.flow_repeats = 1
         args.llama_server = "none" if args.llama_server == "auto" else args.llama_server
 
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -539,10 +529,10 @@ def main(argv=None) -> int:
     for flow in flows:
         chunks = "" if flow["chunk_size"] >= flow["docs"] else f", chunks of {flow['chunk_size']}, {flow['stream']} stream"
         print(f"flow ({'isolated' if flow['isolate'] else 'in-process'}{chunks}) on {flow['docs']} pages at {flow['parallel']}: "
-              f"{flow['docs_per_s']:.2f} docs/s; the engine alone on the same pages "
-              f"{flow['engine_alone_docs_per_s']:.2f} docs/s: flow = {flow['x_engine_same_pages']:.2f}x engine")
-    if flows and "isolated_engine_alone_docs_per_s" in flows[0]:
-        print(f"the isolated engine alone on the same pages: {flows[0]['isolated_engine_alone_docs_per_s']:.2f} docs/s")
+              f"{flow['docs_per_s']:.2f} docs/s; its engine alone on the same pages "
+              f"{flow['engine_alone_docs_per_s']:.2f} docs/s: flow = {flow['x_engine_same_pages']:.2f}x engine "
+              f"(as the run reports itself {flow['x_engine_run_reported']:.2f}x; {flow['outside_run_s']:.2f} s of each "
+              f"call outside the run; median of {len(flow['walls_s'])} pairs)")
     print(f"JSON: {args.out}")
     return 0
 

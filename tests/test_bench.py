@@ -32,8 +32,10 @@ def test_quick_benchmark_measures_every_path(tmp_path):
             assert r["encode_ms_per_page"] > 0
     flow = rows[("flow", 2, True)]  # --quick: the default (isolated) flow only
     assert flow["docs"] == 3 and flow["engine_alone_docs_per_s"] > 0 and flow["x_engine_same_pages"] > 0
+    assert len(flow["walls_s"]) == len(flow["engine_alone_walls_s"]) == 1  # each flow run paired with its engine alone
+    assert 0 < flow["x_engine_same_pages"] < flow["x_engine_run_reported"]  # the call holds the run and more
     assert rows[("plan", None, None)]["rows"] == 2000 and rows[("plan", None, None)]["task_runs"] == 16  # 2000 rows, 128 a task (MEDVLM_CHUNK_SIZE)
-    assert "the engine alone on the same pages" in done.stdout
+    assert "its engine alone on the same pages" in done.stdout
 
 
 def test_quick_scale_harness_measures_every_step(tmp_path):
