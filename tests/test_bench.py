@@ -33,7 +33,11 @@ def test_quick_benchmark_measures_every_path(tmp_path):
     flow = rows[("flow", 2, True)]  # --quick: the default (isolated) flow only
     assert flow["docs"] == 3 and flow["engine_alone_docs_per_s"] > 0 and flow["x_engine_same_pages"] > 0
     assert len(flow["walls_s"]) == len(flow["engine_alone_walls_s"]) == 1  # each flow run paired with its engine alone
-    assert 0 < flow["x_engine_same_pages"] < flow["x_engine_run_reported"]  # the call holds the run and more
+    assert 0 < flow["x_engine_same_pages"] < flow["x_engine_to_completed"]  # the call holds the flow's body and more
+    assert 0 < flow["prefect_exit_s"] < flow["wall_s"]
+    sleeps = [r for r in report["results"] if r["path"] == "prefect"]
+    assert [r["body_s"] for r in sleeps] == [0.2, 0.7, 1.2, 1.7]
+    assert all(r["call_s"] > r["body_s"] + r["exit_s"] for r in sleeps)
     assert rows[("plan", None, None)]["rows"] == 2000 and rows[("plan", None, None)]["task_runs"] == 16  # 2000 rows, 128 a task (MEDVLM_CHUNK_SIZE)
     assert "its engine alone on the same pages" in done.stdout
 
