@@ -301,8 +301,8 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
 
     # The engine alone: the very engine the flow runs on (its shared engine: the same child process when
     # isolated), on the same pages decoded beforehand, timed right after each flow run. Paired like this the
-    # comparison is orchestration and I/O alone, free of the up-to-20% speed differences between processes
-    # (and children) on a small machine that separate engines would add.
+    # comparison is orchestration and I/O alone, free of the speed differences between engine instances (up to
+    # 25% on a small machine, between processes and within one: BENCHMARKS.md) that a second engine would add.
     decoded = [Image.open(docs / f"doc-{i:04d}.png").convert("RGB") for i in range(len(images))]
 
     def engine_alone_s() -> float:
