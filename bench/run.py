@@ -294,6 +294,8 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
         image_max_tokens=image_max_tokens, n_threads=n_threads, flash_attn=flash_attn,
         chunk_size=chunk_size or max(len(images), 1), force=True,
     )
+    from statistics import median_high as median  # the middle value; of an even number, the higher of the two
+
     from PIL import Image
 
     from medvlm_core.engine import Request, close_shared_engines
@@ -309,9 +311,6 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
         started = time.perf_counter()
         list(current_shared_engine().generate_many(Request(i, im, PROMPT, params) for i, im in enumerate(decoded)))
         return time.perf_counter() - started
-
-    def median(values: list[float]) -> float:
-        return sorted(values)[len(values) // 2]
 
     out = []
     # the default (llama.cpp in a supervised child process), then in-process; --quick: the default, cold.
