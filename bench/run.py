@@ -13,7 +13,8 @@ Paths measured side by side:
            bench/build_llama_server.sh) with --parallel N and --mmproj, driven with N concurrent requests
   flow     the whole medvlm-batch Prefect flow (manifest -> Parquet) at the largest --parallel, each timed run
            followed by the same engine (the flow's shared engine, its child process when isolated) alone on the
-           same pages: the orchestration and I/O overhead
+           same pages decoded beforehand, then on the page files decoded as it goes: the orchestration and I/O
+           overhead; with Prefect's flow-run heartbeat (its default) and without
   prefect  Prefect's own cost per flow run: a flow that only sleeps, from the call to its Completed state and return
   plan     validating and planning a 100,000-row manifest (time, memory, Prefect task runs it would create)
   stall    the pause a page entering the batch makes the others take: whole image prefill vs n_batch slices
@@ -46,6 +47,38 @@ PROMPT = "Identify the primary diagnoses and list all prescribed medications."  
 
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU time (user + system) so far of this process and of each kind of its child processes, from /proc
+    (Linux; empty elsewhere): ``harness`` (this process: the flow's own work, Prefect's client and, in process,
+    llama.cpp), ``engine child`` (the isolated engine), ``prefect server`` (the ephemeral API server), ``other``."""
+    me, tick, out = os.getpid(), os.sysconf("SC_CLK_TCK"), {}
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(pid) != me and int(stat[1]) != me:
+            continue
+        kind = ("harness" if int(pid) == me else "prefect server" if "uvicorn" in command
+                else "engine child" if "multiprocessing.spawn" in command else "other")
+        out[kind] = out.get(kind, 0.0) + (int(stat[11]) + int(stat[12])) / tick
+    return out
+
+
+@contextlib.contextmanager
+def cpu_used(into: list):
+    """Appends to ``into`` the CPU seconds each kind of process (``cpu_seconds``) spent inside the block."""
+    before = cpu_seconds()
+    yield
+    after = cpu_seconds()
+    into.append({kind: round(after[kind] - before.get(kind, 0.0), 2) for kind in after})
 
 
 def pages(n: int):
@@ -273,6 +306,21 @@ def _stream_per_chunk():
         registry._create_shared = shared
 
 
+@contextlib.contextmanager
+def _heartbeat(on: bool):
+    """Prefect's flow-run heartbeat as it is (on: Prefect's default, every 180 s) or off for the flow runs inside.
+    Off is the setting's ``None``, which only code can set (an environment variable must be an integer >= 30),
+    and Prefect's default before 3.6.22: the runs then end when their body does instead of on the heartbeat
+    thread's next whole-second step (``bench_prefect``)."""
+    if on:
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: int, workdir: Path,
                image_max_tokens: int | None = None, n_threads: int | None = None, flash_attn: bool = True,
                quick: bool = False, chunk_size: int | None = None, repeats: int = 1) -> list[dict]:
@@ -298,8 +346,10 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
 
     from PIL import Image
 
+    from medvlm_core.config import ImageOptions
     from medvlm_core.engine import Request, close_shared_engines
     from medvlm_core.engine.registry import current_shared_engine
+    from medvlm_core.images import load_pages
 
     # The engine alone: the very engine the flow runs on (its shared engine: the same child process when
     # isolated), on the same pages decoded beforehand, timed right after each flow run. Paired like this the
@@ -312,39 +362,67 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
         list(current_shared_engine().generate_many(Request(i, im, PROMPT, params) for i, im in enumerate(decoded)))
         return time.perf_counter() - started
 
+    # The same engine on the same page files, read and decoded as it goes by medvlm's own page loader (what any
+    # program calling the engine must also do): the flow's cost apart from decoding the pages.
+    image_options = ImageOptions()
+
+    def from_files():
+        for i in range(len(images)):
+            name = f"doc-{i:04d}.png"
+            for page in load_pages((docs / name).read_bytes(), name, image_options):
+                yield Request(i, page.image, PROMPT, params)
+
+    def engine_from_files_s() -> float:
+        started = time.perf_counter()
+        list(current_shared_engine().generate_many(from_files()))
+        return time.perf_counter() - started
+
     out = []
     # the default (llama.cpp in a supervised child process), then in-process; --quick: the default, cold.
     # With several chunks: the chunks feeding one running batch (the default), then each chunk on its own.
+    # One chunk: with Prefect's flow-run heartbeat (its default) and without it (its whole-second exit apart).
     streams = ("shared", "per chunk") if chunk_size and chunk_size < len(images) else ("shared",)
+    heartbeats = (True,) if len(streams) > 1 else (True, False)
     for isolate in (True,) if quick else (True, False):
         for stream in streams:
-            with _stream_per_chunk() if stream == "per chunk" else contextlib.nullcontext():
-                if not quick:
-                    medvlm_batch(**locations, options=dict(options, isolate=isolate))  # untimed: Prefect, model load
-                    engine_alone_s()  # untimed: as warm as the flow
-                walls, teardowns, alone = [], [], []
-                for _ in range(repeats):
-                    started = time.perf_counter()
-                    state = medvlm_batch(**locations, options=dict(options, isolate=isolate), return_state=True)
-                    walls.append(time.perf_counter() - started)
-                    # The Completed state is made when the flow's body has returned (tables published); what
-                    # follows is Prefect's own flow-run exit (see bench_prefect).
-                    teardowns.append(time.time() - state.timestamp.timestamp())
-                    summary = state.result()
-                    alone.append(engine_alone_s())
-                close_shared_engines()
-            wall = median(walls)
-            out.append({
-                "path": "flow", "parallel": n_seq, "isolate": isolate, "docs": len(images), "wall_s": wall,
-                "chunk_size": options["chunk_size"], "stream": stream, "walls_s": walls, "engine_alone_walls_s": alone,
-                "docs_per_s": summary["pages_ok"] / wall, "engine_alone_docs_per_s": len(images) / median(alone),
-                # medians of the paired ratios: the whole call, and the call up to the flow's Completed state
-                # (all of medvlm's work, publishing included, without Prefect's flow-run exit)
-                "x_engine_same_pages": median([a / w for a, w in zip(alone, walls)]),
-                "x_engine_to_completed": median([a / (w - t) for a, w, t in zip(alone, walls, teardowns)]),
-                "prefect_exit_s": median(teardowns),
-                "flow_reported_pages_per_s": summary["pages_per_second"], "peak_rss_mb": rss_mb(),
-            })
+            for heartbeat in heartbeats:
+                with _stream_per_chunk() if stream == "per chunk" else contextlib.nullcontext(), _heartbeat(heartbeat):
+                    if not quick:
+                        medvlm_batch(**locations, options=dict(options, isolate=isolate))  # untimed: Prefect, model load
+                        engine_alone_s()  # untimed: as warm as the flow
+                    walls, teardowns, alone, files, cpu_flow, cpu_files = [], [], [], [], [], []
+                    for _ in range(repeats):
+                        started = time.perf_counter()
+                        with cpu_used(cpu_flow):
+                            state = medvlm_batch(**locations, options=dict(options, isolate=isolate), return_state=True)
+                        walls.append(time.perf_counter() - started)
+                        # The Completed state is made when the flow's body has returned (tables published); what
+                        # follows is Prefect's own flow-run exit (see bench_prefect).
+                        teardowns.append(time.time() - state.timestamp.timestamp())
+                        summary = state.result()
+                        alone.append(engine_alone_s())
+                        with cpu_used(cpu_files):
+                            files.append(engine_from_files_s())
+                    close_shared_engines()
+                wall = median(walls)
+                out.append({
+                    "path": "flow", "parallel": n_seq, "isolate": isolate, "docs": len(images), "wall_s": wall,
+                    "chunk_size": options["chunk_size"], "stream": stream, "prefect_heartbeat": heartbeat,
+                    "walls_s": walls, "engine_alone_walls_s": alone, "engine_from_files_walls_s": files,
+                    "docs_per_s": summary["pages_ok"] / wall, "engine_alone_docs_per_s": len(images) / median(alone),
+                    # medians of the paired ratios: the whole call, and the call up to the flow's Completed state
+                    # (all of medvlm's work, publishing included, without Prefect's flow-run exit)
+                    "x_engine_same_pages": median([a / w for a, w in zip(alone, walls)]),
+                    "x_engine_to_completed": median([a / (w - t) for a, w, t in zip(alone, walls, teardowns)]),
+                    # against the engine that also reads and decodes the page files
+                    "x_engine_from_files": median([f / w for f, w in zip(files, walls)]),
+                    "x_engine_from_files_to_completed": median([f / (w - t) for f, w, t in zip(files, walls, teardowns)]),
+                    "prefect_exit_s": median(teardowns),
+                    # CPU seconds by process in each flow run and each engine run on the page files: on a machine
+                    # whose cores the engine fills, what the flow adds is what the engine loses
+                    "cpu_s_flow": cpu_flow, "cpu_s_engine_from_files": cpu_files,
+                    "flow_reported_pages_per_s": summary["pages_per_second"], "peak_rss_mb": rss_mb(),
+                })
     return out
 
 
@@ -361,12 +439,14 @@ def bench_prefect(bodies: tuple[float, ...] = (0.2, 0.7, 1.2, 1.7)) -> list[dict
 
     sleep_flow(0.0)  # untimed: the first flow run of the process
     out = []
-    for body in bodies:
-        started = time.perf_counter()
-        state = sleep_flow(body, return_state=True)
-        wall = time.perf_counter() - started
-        out.append({"path": "prefect", "parallel": None, "body_s": body, "call_s": wall,
-                    "exit_s": time.time() - state.timestamp.timestamp()})
+    for heartbeat in (True, False):
+        with _heartbeat(heartbeat):
+            for body in bodies:
+                started = time.perf_counter()
+                state = sleep_flow(body, return_state=True)
+                wall = time.perf_counter() - started
+                out.append({"path": "prefect", "parallel": None, "body_s": body, "call_s": wall,
+                            "prefect_heartbeat": heartbeat, "exit_s": time.time() - state.timestamp.timestamp()})
     return out
 
 
@@ -536,7 +616,8 @@ def main(argv=None) -> int:
             print(f"{r['path']}: {r['ms_per_page']:.2f} ms per {r['page']} page (prepare, send, take in the child, ack)")
             continue
         if r["path"] == "prefect":
-            print(f"prefect: a flow whose body sleeps {r['body_s']:.1f} s: the call takes {r['call_s']:.2f} s, "
+            print(f"prefect{'' if r['prefect_heartbeat'] else ' (heartbeat off)'}: a flow whose body sleeps "
+                  f"{r['body_s']:.1f} s: the call takes {r['call_s']:.2f} s, "
                   f"{r['exit_s']:.2f} s of it after the Completed state")
             continue
         if r["path"] == "scoring":
@@ -546,6 +627,7 @@ def main(argv=None) -> int:
         name += f" enc={r['encode_workers']}" if r.get("encode_workers", 1) > 1 else ""
         name += (" isolated" if r["isolate"] else " in-proc") if "isolate" in r else ""
         name += " per-chunk" if r.get("stream") == "per chunk" else ""
+        name += " no-hb" if r.get("prefect_heartbeat") is False else ""
         enc = f"{r['encode_ms_per_page']:.0f}" if "encode_ms_per_page" in r else "-"
         xs = f"{r['x_server']:.2f}" if "x_server" in r else "-"
         print(f"{name:<21} {r['parallel']:>4} {r['docs_per_s']:>8.2f} {r.get('gen_tok_per_s', 0):>8.1f} {enc:>7} "
@@ -559,11 +641,20 @@ def main(argv=None) -> int:
               f"{100 * (1 - sum(scored) / sum(plain)):+.1f}% cost")
     for flow in flows:
         chunks = "" if flow["chunk_size"] >= flow["docs"] else f", chunks of {flow['chunk_size']}, {flow['stream']} stream"
-        print(f"flow ({'isolated' if flow['isolate'] else 'in-process'}{chunks}) on {flow['docs']} pages at {flow['parallel']}: "
-              f"{flow['docs_per_s']:.2f} docs/s; its engine alone on the same pages "
+        beat = "" if flow["prefect_heartbeat"] else ", Prefect heartbeat off"
+        print(f"flow ({'isolated' if flow['isolate'] else 'in-process'}{chunks}{beat}) on {flow['docs']} pages at "
+              f"{flow['parallel']}: {flow['docs_per_s']:.2f} docs/s; its engine alone on the same pages decoded "
               f"{flow['engine_alone_docs_per_s']:.2f} docs/s: flow = {flow['x_engine_same_pages']:.2f}x engine "
               f"(up to its Completed state {flow['x_engine_to_completed']:.2f}x, then {flow['prefect_exit_s']:.2f} s of "
-              f"Prefect's flow-run exit; median of {len(flow['walls_s'])} pairs)")
+              f"Prefect's flow-run exit); against the engine decoding the files as it goes "
+              f"{flow['x_engine_from_files']:.2f}x ({flow['x_engine_from_files_to_completed']:.2f}x); "
+              f"median of {len(flow['walls_s'])} triples")
+        if flow["cpu_s_flow"]:
+            def cpu(runs: list[dict]) -> str:
+                last = runs[-1]
+                return ", ".join(f"{kind} {last[kind]:.2f}" for kind in sorted(last) if last[kind] >= 0.01)
+            print(f"  CPU s, last triple: flow run: {cpu(flow['cpu_s_flow'])}; engine on the files: "
+                  f"{cpu(flow['cpu_s_engine_from_files'])}")
     print(f"JSON: {args.out}")
     return 0
 

@@ -30,13 +30,22 @@ def test_quick_benchmark_measures_every_path(tmp_path):
             assert r["docs"] == 3 and r["docs_per_s"] > 0 and r["gen_tok_per_s"] > 0, key
         if key[0] == "engine":
             assert r["encode_ms_per_page"] > 0
-    flow = rows[("flow", 2, True)]  # --quick: the default (isolated) flow only
-    assert flow["docs"] == 3 and flow["engine_alone_docs_per_s"] > 0 and flow["x_engine_same_pages"] > 0
-    assert len(flow["walls_s"]) == len(flow["engine_alone_walls_s"]) == 1  # each flow run paired with its engine alone
-    assert 0 < flow["x_engine_same_pages"] < flow["x_engine_to_completed"]  # the call holds the flow's body and more
-    assert 0 < flow["prefect_exit_s"] < flow["wall_s"]
+    # --quick: the default (isolated) flow only, with Prefect's heartbeat and without
+    flows = [r for r in report["results"] if r["path"] == "flow"]
+    assert [(r["isolate"], r["prefect_heartbeat"]) for r in flows] == [(True, True), (True, False)]
+    for flow in flows:
+        assert flow["docs"] == 3 and flow["engine_alone_docs_per_s"] > 0 and flow["x_engine_same_pages"] > 0
+        # each flow run followed by its engine alone, on decoded pages and on the page files
+        assert len(flow["walls_s"]) == len(flow["engine_alone_walls_s"]) == len(flow["engine_from_files_walls_s"]) == 1
+        assert 0 < flow["x_engine_same_pages"] < flow["x_engine_to_completed"]  # the call holds the flow's body and more
+        assert 0 < flow["x_engine_from_files"] < flow["x_engine_from_files_to_completed"]
+        assert 0 < flow["prefect_exit_s"] < flow["wall_s"]
+        # the CPU each process spent: the harness's own process always, the isolated engine's child when it works
+        assert len(flow["cpu_s_flow"]) == len(flow["cpu_s_engine_from_files"]) == 1
+        assert flow["cpu_s_flow"][0]["harness"] > 0 and flow["cpu_s_engine_from_files"][0]["engine child"] > 0
     sleeps = [r for r in report["results"] if r["path"] == "prefect"]
-    assert [r["body_s"] for r in sleeps] == [0.2, 0.7, 1.2, 1.7]
+    assert [(r["body_s"], r["prefect_heartbeat"]) for r in sleeps] == [
+        (body, heartbeat) for heartbeat in (True, False) for body in (0.2, 0.7, 1.2, 1.7)]
     assert all(r["call_s"] > r["body_s"] + r["exit_s"] for r in sleeps)
     assert rows[("plan", None, None)]["rows"] == 2000 and rows[("plan", None, None)]["task_runs"] == 16  # 2000 rows, 128 a task (MEDVLM_CHUNK_SIZE)
     assert "its engine alone on the same pages" in done.stdout
