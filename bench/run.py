@@ -61,10 +61,10 @@ def cpu_seconds() -> dict[str, float]:
     for pid in pids:
         try:
             stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(pid) != me and int(stat[1]) != me:
+                continue
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
-            continue
-        if int(pid) != me and int(stat[1]) != me:
             continue
         kind = ("harness" if int(pid) == me else "prefect server" if "uvicorn" in command
                 else "engine child" if "multiprocessing.spawn" in command else "other")
@@ -330,12 +330,13 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
 
     docs = workdir / "docs"
     docs.mkdir(parents=True, exist_ok=True)
+    page_files = [docs / f"doc-{i:04d}.png" for i in range(len(images))]
     with open(workdir / "manifest.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["document_id", "image_uri"])
-        for i, image in enumerate(images):
-            image.save(docs / f"doc-{i:04d}.png")
-            writer.writerow([f"doc-{i:04d}", f"docs/doc-{i:04d}.png"])
+        for image, path in zip(images, page_files):
+            image.save(path)
+            writer.writerow([path.stem, f"docs/{path.name}"])
     locations = dict(manifest=str(workdir / "manifest.csv"), output=str(workdir / "out"), model=str(model), mmproj=str(mmproj))
     options = dict(
         chat_format=chat_format, max_tokens=params.max_tokens, n_ctx=n_ctx, n_parallel=n_seq, prompt=PROMPT,
@@ -355,27 +356,27 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
     # isolated), on the same pages decoded beforehand, timed right after each flow run. Paired like this the
     # comparison is orchestration and I/O alone, free of the speed differences between engine instances (up to
     # 25% on a small machine, between processes and within one: BENCHMARKS.md) that a second engine would add.
-    decoded = [Image.open(docs / f"doc-{i:04d}.png").convert("RGB") for i in range(len(images))]
+    decoded = [Image.open(path).convert("RGB") for path in page_files]
+
+    def engine_s(requests) -> float:
+        started = time.perf_counter()
+        list(current_shared_engine().generate_many(requests))
+        return time.perf_counter() - started
 
     def engine_alone_s() -> float:
-        started = time.perf_counter()
-        list(current_shared_engine().generate_many(Request(i, im, PROMPT, params) for i, im in enumerate(decoded)))
-        return time.perf_counter() - started
+        return engine_s(Request(i, im, PROMPT, params) for i, im in enumerate(decoded))
 
     # The same engine on the same page files, read and decoded as it goes by medvlm's own page loader (what any
     # program calling the engine must also do): the flow's cost apart from decoding the pages.
     image_options = ImageOptions()
 
     def from_files():
-        for i in range(len(images)):
-            name = f"doc-{i:04d}.png"
-            for page in load_pages((docs / name).read_bytes(), name, image_options):
+        for i, path in enumerate(page_files):
+            for page in load_pages(path.read_bytes(), path.name, image_options):
                 yield Request(i, page.image, PROMPT, params)
 
     def engine_from_files_s() -> float:
-        started = time.perf_counter()
-        list(current_shared_engine().generate_many(from_files()))
-        return time.perf_counter() - started
+        return engine_s(from_files())
 
     out = []
     # the default (llama.cpp in a supervised child process), then in-process; --quick: the default, cold.
@@ -392,10 +393,10 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
                         engine_alone_s()  # untimed: as warm as the flow
                     walls, teardowns, alone, files, cpu_flow, cpu_files = [], [], [], [], [], []
                     for _ in range(repeats):
-                        started = time.perf_counter()
-                        with cpu_used(cpu_flow):
+                        with cpu_used(cpu_flow):  # its /proc reads outside the timed call
+                            started = time.perf_counter()
                             state = medvlm_batch(**locations, options=dict(options, isolate=isolate), return_state=True)
-                        walls.append(time.perf_counter() - started)
+                            walls.append(time.perf_counter() - started)
                         # The Completed state is made when the flow's body has returned (tables published); what
                         # follows is Prefect's own flow-run exit (see bench_prefect).
                         teardowns.append(time.time() - state.timestamp.timestamp())
@@ -639,6 +640,10 @@ def main(argv=None) -> int:
         print(f"confidences: {sum(scored) / len(scored):.1f} vs {sum(plain) / len(plain):.1f} gen tok/s without "
               f"(mean of {len(plain)} alternating runs at {max(parallel)}): "
               f"{100 * (1 - sum(scored) / sum(plain)):+.1f}% cost")
+    def cpu_line(runs: list[dict]) -> str:  # a flow row's last run, CPU seconds by process
+        last = runs[-1]
+        return ", ".join(f"{kind} {last[kind]:.2f}" for kind in sorted(last) if last[kind] >= 0.01)
+
     for flow in flows:
         chunks = "" if flow["chunk_size"] >= flow["docs"] else f", chunks of {flow['chunk_size']}, {flow['stream']} stream"
         beat = "" if flow["prefect_heartbeat"] else ", Prefect heartbeat off"
@@ -650,11 +655,8 @@ def main(argv=None) -> int:
               f"{flow['x_engine_from_files']:.2f}x ({flow['x_engine_from_files_to_completed']:.2f}x); "
               f"median of {len(flow['walls_s'])} triples")
         if flow["cpu_s_flow"]:
-            def cpu(runs: list[dict]) -> str:
-                last = runs[-1]
-                return ", ".join(f"{kind} {last[kind]:.2f}" for kind in sorted(last) if last[kind] >= 0.01)
-            print(f"  CPU s, last triple: flow run: {cpu(flow['cpu_s_flow'])}; engine on the files: "
-                  f"{cpu(flow['cpu_s_engine_from_files'])}")
+            print(f"  CPU s, last triple: flow run: {cpu_line(flow['cpu_s_flow'])}; engine on the files: "
+                  f"{cpu_line(flow['cpu_s_engine_from_files'])}")
     print(f"JSON: {args.out}")
     return 0
 
