@@ -19,6 +19,8 @@ Paths measured side by side:
   plan     validating and planning a 100,000-row manifest (time, memory, Prefect task runs it would create)
   stall    the pause a page entering the batch makes the others take: whole image prefill vs n_batch slices
   handoff  a page to the isolated engine's child: pixels pickled through the pipe vs a shared-memory block
+  openmp   the isolated engine on the flow's pages with llama.cpp's OpenMP threads spinning when idle (libgomp's
+           default) and sleeping (the passive policy medvlm sets), side by side, alternating
 Prints a table and writes JSON. Peak RSS is the process's high-water mark when each path ends (monotonic).
 """
 
@@ -205,6 +207,48 @@ def bench_handoff(images, repeats: int = 3) -> list[dict]:
         here.send(None)
         child.join(timeout=30)
     return out
+
+
+# libgomp's own spin count when no wait policy is set (OMP_DISPLAY_ENV=VERBOSE shows it): what llama.cpp's
+# threads do unless medvlm sets the passive policy (medvlm_core/engine/openmp.py).
+LIBGOMP_DEFAULT_SPIN = "300000"
+
+
+def bench_openmp(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: int, repeats: int = 3,
+                 n_threads: int | None = None, flash_attn: bool = True) -> list[dict]:
+    """The isolated engine (the default) with llama.cpp's OpenMP threads spinning when idle (libgomp's default)
+    and sleeping (the passive policy medvlm sets), two children side by side, alternating runs on the same pages."""
+    from statistics import median_high as median
+
+    from medvlm_core.config import EngineConfig
+    from medvlm_core.engine import IsolatedEngine, Request
+
+    config = EngineConfig(str(model), str(mmproj), n_ctx=n_ctx, n_parallel=n_seq, n_threads=n_threads,
+                          flash_attn=flash_attn)
+    variants = {"spin": {"GOMP_SPINCOUNT": LIBGOMP_DEFAULT_SPIN}, "passive": {}}
+    engines = {}
+    try:
+        for name, env in variants.items():
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)  # the child is spawned with this process's environment
+            try:
+                engines[name] = IsolatedEngine(config, chat_format).start()
+            finally:
+                for k, v in saved.items():
+                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        walls: dict[str, list[float]] = {name: [] for name in variants}
+        for run in range(repeats + 1):  # the first round warms both up, untimed
+            for name, engine in engines.items():
+                started = time.perf_counter()
+                list(engine.generate_many(Request(i, im, PROMPT, params) for i, im in enumerate(images)))
+                if run:
+                    walls[name].append(time.perf_counter() - started)
+    finally:
+        for engine in engines.values():
+            engine.close()
+    return [{"path": "openmp", "openmp_wait": name, "parallel": n_seq, "isolate": True, "docs": len(images),
+             "walls_s": walls[name], "wall_s": median(walls[name]), "docs_per_s": len(images) / median(walls[name]),
+             "peak_rss_mb": rss_mb()} for name in variants]
 
 
 def find_llama_server(choice: str) -> str | None:
@@ -504,7 +548,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded on a GPU build, every path (-1 = all)")
     ap.add_argument("--naive-docs", type=int, help="pages for the one-at-a-time loop (default: --docs)")
     ap.add_argument("--n-batch", type=int, default=512, help="tokens per prefill decode (and per image slice), every path")
-    ap.add_argument("--paths", default="naive,engine,stall,confidences,server,flow,prefect,plan,handoff",
+    ap.add_argument("--paths", default="naive,engine,stall,confidences,server,flow,openmp,prefect,plan,handoff",
                     help="which paths to run (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="a few pages and tokens: proves the harness works")
     ap.add_argument("--out", default="bench/results/latest.json")
@@ -571,6 +615,9 @@ def main(argv=None) -> int:
         results.extend(bench_flow(model, mmproj, chat_format, pages(args.flow_docs), params, max(parallel), args.n_ctx,
                                   workdir / "flow", args.image_max_tokens, args.n_threads, args.flash_attn == "on",
                                   args.quick, args.flow_chunk_size, args.flow_repeats))
+    if "openmp" in paths:
+        results.extend(bench_openmp(model, mmproj, chat_format, pages(args.flow_docs), params, max(parallel),
+                                    args.n_ctx, args.flow_repeats, args.n_threads, args.flash_attn == "on"))
     if "prefect" in paths:
         results.extend(bench_prefect())
     if "plan" in paths:
@@ -586,8 +633,8 @@ def main(argv=None) -> int:
             if r["parallel"] in server_at:
                 r["x_server"] = r["docs_per_s"] / server_at[r["parallel"]]["docs_per_s"]
     flows = [r for r in results if r["path"] == "flow"]
-    for flow in flows:
-        flow.pop("x_server", None)  # other pages than the server's: not comparable
+    for other_pages in flows + [r for r in results if r["path"] == "openmp"]:
+        other_pages.pop("x_server", None)  # other pages than the server's: not comparable
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
@@ -623,6 +670,10 @@ def main(argv=None) -> int:
             continue
         if r["path"] == "scoring":
             print(f"scoring: {r['ms_per_token']:.3f} ms per token at a {r['vocab']}-token vocabulary (numpy log-softmax)")
+            continue
+        if r["path"] == "openmp":
+            print(f"openmp ({r['openmp_wait']}), isolated engine on {r['docs']} pages at {r['parallel']}: "
+                  f"{r['docs_per_s']:.2f} docs/s ({', '.join(f'{w:.2f}' for w in r['walls_s'])} s)")
             continue
         name = r["path"] + (" ov=" + ("on" if r["overlap"] else "off") if "overlap" in r else "")
         name += f" enc={r['encode_workers']}" if r.get("encode_workers", 1) > 1 else ""

@@ -68,8 +68,10 @@ def run_chunks(logger: Any, ctx: RunContext, spec: RunSpec, rows: list[ManifestR
         list(range(len(chunks))), chunks, unmapped(spec), unmapped(ctx.storage), unmapped(done),
         unmapped(shard_index), unmapped(log_phi),
     )
+    # A run of one chunk goes from 0 to 100 % at its end, which its state already says: no artifact (two API
+    # calls saved on every small run).
     progress = ChunkProgress(f"medvlm run {spec.run_id}" + (f" shard {shard_index}" if shard_index is not None else "")
-                             + f": manifest rows done of {len(rows)}")
+                             + f": manifest rows done of {len(rows)}") if len(chunks) > 1 else None
     summaries: list[ChunkSummary] = []
     finished_rows = 0
     for index, future in enumerate(futures):
@@ -83,13 +85,14 @@ def run_chunks(logger: Any, ctx: RunContext, spec: RunSpec, rows: list[ManifestR
         summaries.append(summary)
         finished_rows += len(chunks[index])
         logger.info("progress: %d/%d manifest rows done", finished_rows, len(rows))
-        progress.update(100.0 * finished_rows / max(1, len(rows)))
+        if progress is not None:
+            progress.update(100.0 * finished_rows / max(1, len(rows)))
     return summaries
 
 
 class ChunkProgress:
-    """A Prefect progress artifact for the flow run, updated as its chunks finish (a convenience: an artifact
-    the server refuses never fails the run).
+    """A Prefect progress artifact for a flow run of several chunks, updated as its chunks finish (a convenience:
+    an artifact the server refuses never fails the run).
 
     Args:
         description: what the percentage counts (no document data).

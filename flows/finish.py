@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -61,14 +63,29 @@ def finish_run(
     published = publish_run(ctx.storage, ctx.output, ctx.run_id, run_date_of(ctx.started), quarantine_rows, row, audit)
     release_output(ctx)  # published: the next run on this output may start deciding what is done
     summary = run_summary(row, total, published)
-    publish_artifact(summary)
-    publish_counts_artifact(summary, (audit or {}).get("shard_counts"))
+    write_artifacts(summary, (audit or {}).get("shard_counts"))
     emit_published(summary)
     logger.info(
         "run %s done: %d ok, %d error, %d skipped pages; %d quarantined rows; reconciled=%s",
         ctx.run_id, total.pages_ok, total.pages_error, total.pages_skipped, len(plan.quarantined), row["reconciled"],
     )
     return summary
+
+
+def write_artifacts(summary: dict, shard_counts: list[dict] | None = None) -> None:
+    """The run's summary, counts (and shards) and link artifacts, created at once: each is an API round trip
+    that the run's end would otherwise wait on in turn.
+
+    Args:
+        summary: a run's summary.
+        shard_counts: a fan-out's counts per shard.
+    """
+    writers = [lambda: publish_artifact(summary), lambda: publish_counts_artifact(summary, shard_counts),
+               lambda: publish_link_artifact(summary)]
+    # Each thread runs in a copy of this one's context: Prefect finds the flow run the artifacts belong to there.
+    with ThreadPoolExecutor(len(writers), thread_name_prefix="medvlm-artifacts") as pool:
+        for future in [pool.submit(contextvars.copy_context().run, writer) for writer in writers]:
+            future.result()
 
 
 def publish_artifact(summary: dict) -> None:
@@ -134,8 +151,8 @@ def counts_table(summary: dict) -> list[dict[str, Any]]:
 
 
 def publish_counts_artifact(summary: dict, shard_counts: list[dict] | None = None) -> None:
-    """Table artifacts of the counts by status and error type (and by shard for a fan-out), and a link
-    artifact to the output's tables, next to the markdown summary.
+    """Table artifacts of the counts by status and error type (and by shard for a fan-out), next to the
+    markdown summary.
 
     Args:
         summary: a run's summary.
@@ -147,6 +164,17 @@ def publish_counts_artifact(summary: dict, shard_counts: list[dict] | None = Non
         if shard_counts:
             create_table_artifact(table=shard_counts, key="medvlm-run-shards",
                                   description=f"medvlm run {summary['run_id']}: pages by shard", _sync=True)
+    except Exception:  # artifacts are a convenience: never fail a finished run over them
+        pass
+
+
+def publish_link_artifact(summary: dict) -> None:
+    """A link artifact to the output's tables.
+
+    Args:
+        summary: a run's summary.
+    """
+    try:
         create_link_artifact(link=summary["output"], link_text=f"medvlm output ({len(summary['published'])} tables)",
                              key="medvlm-run-output", description=f"medvlm run {summary['run_id']}: the output tables",
                              _sync=True)

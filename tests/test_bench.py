@@ -43,6 +43,10 @@ def test_quick_benchmark_measures_every_path(tmp_path):
         # the CPU each process spent: the harness's own process always, the isolated engine's child when it works
         assert len(flow["cpu_s_flow"]) == len(flow["cpu_s_engine_from_files"]) == 1
         assert flow["cpu_s_flow"][0]["harness"] > 0 and flow["cpu_s_engine_from_files"][0]["engine child"] > 0
+    # the isolated engine with libgomp's spinning threads and with the passive policy, each on the flow's pages
+    openmp = [r for r in report["results"] if r["path"] == "openmp"]
+    assert [r["openmp_wait"] for r in openmp] == ["spin", "passive"]
+    assert all(r["docs"] == 3 and len(r["walls_s"]) == 1 and r["docs_per_s"] > 0 for r in openmp)
     sleeps = [r for r in report["results"] if r["path"] == "prefect"]
     assert [(r["body_s"], r["prefect_heartbeat"]) for r in sleeps] == [
         (body, heartbeat) for heartbeat in (True, False) for body in (0.2, 0.7, 1.2, 1.7)]

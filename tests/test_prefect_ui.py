@@ -54,9 +54,13 @@ def test_report_flow_writes_the_query_and_keeps_document_data_out_of_prefect(tmp
     from medvlm.flows.report import medvlm_report
 
     output = tmp_path / "out"
-    summary = batch(manifest=str(write_manifest(tmp_path / "m.csv", demo_docs)), output=str(output),
-                    model=str(tiny_llava.model_path), mmproj=str(tiny_llava.mmproj_path), max_tokens=4, n_ctx=4096)
-    run_id = summary["run_id"]
+    batch_state = batch(manifest=str(write_manifest(tmp_path / "m.csv", demo_docs)), output=str(output),
+                        model=str(tiny_llava.model_path), mmproj=str(tiny_llava.mmproj_path), max_tokens=4, n_ctx=4096,
+                        return_state=True)
+    run_id = batch_state.result()["run_id"]
+    with get_client(sync_client=True) as client:  # one chunk: its three artifacts (written at once), no progress
+        batch_artifacts = [a for a in client.read_artifacts() if a.flow_run_id == batch_state.state_details.flow_run_id]
+    assert sorted(a.key or a.type for a in batch_artifacts) == ["medvlm-run-counts", "medvlm-run-output", "medvlm-run-summary"]
     throughput = medvlm_report(output=str(output), run_id=run_id)
     assert [r["run_id"] for r in pq.read_table(throughput["report"]).to_pylist()] == [run_id]
 

@@ -7,14 +7,19 @@
   one page, not the run).
 * ``stream``: ``SharedStream``, overlapping ``generate_many`` calls (a worker's chunks) fed to one running batch.
 * ``registry``: ``shared_engine``, the process-wide engine picked from the config (behind a ``SharedStream``).
+* ``openmp``: the OpenMP wait policy llama.cpp's CPU threads get (set here, before llama.cpp can be loaded).
 """
 
-from medvlm_core.engine.batched import BatchedEngine
-from medvlm_core.engine.isolated import IsolatedEngine
-from medvlm_core.engine.llama import VisionEngine
-from medvlm_core.engine.registry import close_shared_engines, shared_engine
-from medvlm_core.engine.stream import SharedStream
-from medvlm_core.engine.types import Engine, Generation, RawPixels, Request, Result
+from medvlm_core.engine.openmp import prefer_passive_wait
+
+prefer_passive_wait()  # before any module of this package imports llama_cpp (libgomp reads it when loaded)
+
+from medvlm_core.engine.batched import BatchedEngine  # noqa: E402
+from medvlm_core.engine.isolated import IsolatedEngine  # noqa: E402
+from medvlm_core.engine.llama import VisionEngine  # noqa: E402
+from medvlm_core.engine.registry import close_shared_engines, shared_engine  # noqa: E402
+from medvlm_core.engine.stream import SharedStream  # noqa: E402
+from medvlm_core.engine.types import Engine, Generation, RawPixels, Request, Result  # noqa: E402
 
 __all__ = [
     "BatchedEngine", "Engine", "Generation", "IsolatedEngine", "RawPixels", "Request", "Result", "SharedStream",
