@@ -9,8 +9,10 @@ Stages, each with a clear input and output:
 3. ``process_rows``: pages -> engine -> result rows (``ok``, ``error``, ``truncated``; ``skipped`` for pages
    already done), in manifest order, or in the order pages finish with the batched engine.
 
-Stages 1 and 2 run on background threads (``prefetch``) while the engine works on the current page, and
-only a few pages are held in memory at any time, however long the chunk.
+Stage 1 runs on its own threads; stage 2 on the threads where the engine reads its requests when it reads
+ahead (the batched engine's encoder threads, the isolated engine while its child computes), else on a
+background thread (``prefetch``), so decoding overlaps the model either way. Only a few pages are held in
+memory at any time, however long the chunk.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 from medvlm_core import errors
 from medvlm_core import status as row_status
 from medvlm_core.config import EngineConfig, GenerationParams, ImageOptions
-from medvlm_core.engine.types import Engine, Generation, Request
+from medvlm_core.engine.types import Engine, Generation, Request, takes_requests_ahead
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.images import PageImage, load_pages
 from medvlm_core.layout import OutputLayout
@@ -347,7 +349,11 @@ def process_rows(
 
     check = is_done if (done and not spec.force) else None
     fetched = fetch_documents(rows, storage, spec.images, spec.fetch_workers)
-    pages = prefetch(iter_page_work(fetched, spec.images, check))
+    pages = iter_page_work(fetched, spec.images, check)
+    if not takes_requests_ahead(engine):
+        # Decode the next pages while the engine works on this one. An engine that reads ahead already does so
+        # on its own threads: a second thread would only add a hand-over (and its CPU) per page.
+        pages = prefetch(pages)
     for out in _run(engine, pages, spec):
         if on_row is not None:
             on_row(out)

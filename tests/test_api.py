@@ -63,3 +63,24 @@ def test_api_structured_mode_returns_the_structured_tables(tmp_path, tiny_qwen, 
 def test_api_refuses_bad_options_with_one_message(tiny_qwen):
     with pytest.raises(RunError, match="max_tokens"):
         MedicalVisionLLM.load(str(tiny_qwen.model_path), str(tiny_qwen.mmproj_path), max_tokens=0)
+
+
+def test_pages_are_decoded_where_the_engine_reads_its_requests(tmp_path, tiny_llava, demo_docs, monkeypatch):
+    """An engine that reads its requests ahead (the isolated one, the batched one with its encoder thread) decodes
+    the pages there; an engine that reads them between its own steps gets them from a prefetch thread. The
+    answers are the same whichever does."""
+    from medvlm_core import pipeline
+
+    prefetched = []
+    real = pipeline.prefetch
+    monkeypatch.setattr(pipeline, "prefetch", lambda source, depth=2: prefetched.append(depth) or real(source, depth))
+    paths = [str(tmp_path / d["image_uri"]) for d in demo_docs]
+    answers = []
+    for options in ({}, {"isolate": False}, {"isolate": False, "overlap_encode": False}):
+        with MedicalVisionLLM.load(str(tiny_llava.model_path), str(tiny_llava.mmproj_path), max_tokens=6, n_ctx=4096,
+                                   **options) as vlm:
+            rows = vlm.annotate(paths).completions.to_pylist()
+        assert [r["status"] for r in rows] == ["ok"] * len(paths)
+        answers.append(sorted((r["document_id"], r["completion"]) for r in rows))
+    assert prefetched == [2]  # the inline engine only
+    assert answers[0] == answers[1] == answers[2]

@@ -144,6 +144,7 @@ class BatchedEngine(Engine):
         self.engine = engine
         self.n_seq = n_seq
         self.overlap = overlap
+        self.reads_ahead = overlap  # the encoder threads take the requests, while the batch decodes
         self.confidences = confidences
         self.encode_ahead = max(1, encode_ahead if encode_ahead is not None else n_seq)
         # llama.cpp sizes contexts in multiples of 256 cells: keep every slot the same, whole size.

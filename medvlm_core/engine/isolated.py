@@ -311,6 +311,7 @@ class IsolatedEngine(Engine):
         # GPU: medvlm_core.memory.encode_workers_for): it counts the larger.
         n = config.n_parallel
         self.window = n + (n + (config.encode_workers or 2) if config.overlap_encode else 0) + 1
+        self.reads_ahead = True  # the parent takes requests while the child computes the window's pages
         self.load_seconds = 0.0
         self.restarts = 0  # children started after the first one
         self.crashes = 0  # children that died while working

@@ -19,7 +19,7 @@ from medvlm_core.engine.batched import BatchedEngine
 from medvlm_core.engine.isolated import FaultInjector, IsolatedEngine
 from medvlm_core.engine.llama import VisionEngine
 from medvlm_core.engine.stream import SharedStream
-from medvlm_core.engine.types import Engine
+from medvlm_core.engine.types import Engine, takes_requests_ahead
 from medvlm_core.errors import RunError
 
 _LOCK = threading.Lock()
@@ -110,6 +110,7 @@ class OwnedEngine:
     def __init__(self, layers: list[Engine]):
         self._layers = layers
         self.load_seconds = sum(getattr(e, "load_seconds", 0.0) for e in layers)
+        self.reads_ahead = takes_requests_ahead(layers[0])  # as the layer that answers
 
     @property
     def loaded(self) -> bool:

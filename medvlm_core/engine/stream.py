@@ -29,7 +29,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from medvlm_core.engine.types import NOT_YET, Engine, Request, Result
+from medvlm_core.engine.types import NOT_YET, Engine, Request, Result, takes_requests_ahead
 from medvlm_core.errors import RunError
 
 _DONE = object()
@@ -65,6 +65,8 @@ class SharedStream(Engine):
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        # The callers' requests are read where the engine beneath reads its own: on its threads if it reads ahead.
+        self.reads_ahead = takes_requests_ahead(engine)
         self._lock = threading.Lock()
         self._tickets = itertools.count()
         self._drivers = itertools.count(1)

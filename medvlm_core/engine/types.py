@@ -77,6 +77,18 @@ class Generation:
 Result = Generation | DocumentError
 
 
+def takes_requests_ahead(engine: Any) -> bool:
+    """Whether ``engine`` reads its request iterable concurrently with its model work (``Engine.reads_ahead``).
+
+    Args:
+        engine: any engine.
+
+    Returns:
+        Its ``reads_ahead``; False for an engine that does not say (it reads requests between its own steps).
+    """
+    return bool(getattr(engine, "reads_ahead", False))
+
+
 # What a request iterable gives when no page is ready yet but more may come (see ``Engine.generate_many``).
 NOT_YET = None
 # How long an engine thread with nothing else to do waits before asking such an iterable again.
@@ -90,6 +102,11 @@ class Engine(Protocol):
     Usable as a context manager (``with engine:`` starts and closes it). ``generate_many`` never raises for
     one page's failure (that page's result is a ``DocumentError``); ``RunError`` means the engine itself is
     unusable, and an exception raised by the request iterable propagates after the pages in flight finish.
+
+    An engine may also say ``reads_ahead = True``: it takes requests from the iterable concurrently with its
+    model work (on threads of its own, or while a child process computes), so whatever producing a request
+    costs (reading and decoding a page) already overlaps the model; callers need no prefetch thread of their
+    own (``takes_requests_ahead``).
     """
 
     load_seconds: float
