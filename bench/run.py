@@ -18,7 +18,8 @@ Paths measured side by side:
   prefect  Prefect's own cost per flow run: a flow that only sleeps, from the call to its Completed state and return
   plan     validating and planning a 100,000-row manifest (time, memory, Prefect task runs it would create)
   stall    the pause a page entering the batch makes the others take: whole image prefill vs n_batch slices
-  handoff  a page to the isolated engine's child: pixels pickled through the pipe vs a shared-memory block
+  handoff  a page to the isolated engine's child: pixels pickled through the pipe vs a new shared-memory block
+           per page vs blocks reused from a pool (the engine's way)
   openmp   the isolated engine on the flow's pages with llama.cpp's OpenMP threads spinning when idle (libgomp's
            default) and sleeping (the passive policy medvlm sets), side by side, alternating
 Prints a table and writes JSON. Peak RSS is the process's high-water mark when each path ends (monotonic).
@@ -175,37 +176,41 @@ def _handoff_child(connection) -> None:
 
 
 def bench_handoff(images, repeats: int = 3) -> list[dict]:
-    """Handing pages to the isolated engine's child: raw pixels pickled through the pipe (before) vs a shared-memory
-    block whose name goes through the pipe (now), one page at a time, round trip (prepare, send, take, ack)."""
+    """Handing pages to the isolated engine's child: raw pixels pickled through the pipe (before) vs a new
+    shared-memory block per page whose name goes through the pipe vs blocks reused from a pool (the engine's
+    way now), one page at a time, round trip (prepare, send, take, ack)."""
     import multiprocessing
 
     from medvlm_core.config import GenerationParams
     from medvlm_core.engine import Request
-    from medvlm_core.engine.isolated import PageRequest, _Pending, _page_request
+    from medvlm_core.engine.isolated import BlockPool, PageRequest, _Pending, _page_request
 
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe()
     child = ctx.Process(target=_handoff_child, args=(there,), daemon=True)
     child.start()
     out = []
+    pool = BlockPool(keep=2)
     try:
-        for way in ("pipe", "shared") * repeats:
+        for way in ("pipe", "shared", "pooled") * repeats:
             started = time.perf_counter()
             for i, image in enumerate(images):
                 if way == "pipe":  # the message as it was before shared memory: the pixels themselves
                     rgb = image.convert("RGB")
                     message, block = PageRequest(i, i, 0, rgb.size, rgb.tobytes(), PROMPT, GenerationParams(), None), None
                 else:
-                    message, block = _page_request(i, i, Request(i, image, PROMPT, GenerationParams()))
+                    message, block = _page_request(i, i, Request(i, image, PROMPT, GenerationParams()),
+                                                   pool if way == "pooled" else None)
                 here.send(message)
                 here.recv()
-                _Pending(i, message, block).release()
+                _Pending(i, message, block, pool if way == "pooled" else None).release()
             ms = (time.perf_counter() - started) * 1000 / len(images)
             out.append({"path": f"handoff-{way}", "parallel": None, "docs": len(images), "ms_per_page": ms,
                         "page": f"{images[0].width}x{images[0].height} RGB"})
     finally:
         here.send(None)
         child.join(timeout=30)
+        pool.close()
     return out
 
 

@@ -178,21 +178,23 @@ class _Pending:
 
     key: Any
     message: PageRequest
-    block: Any = None  # the SharedMemory holding its pixels, freed by release()
+    block: Any = None  # the SharedMemory holding its pixels, freed (or given back to ``pool``) by release()
+    pool: "BlockPool | None" = None
 
     @property
     def id(self) -> int:
         return self.message.id
 
     def release(self) -> None:
-        """Free the page's shared-memory block (once the page is answered or given up). Idempotent."""
+        """Give the page's shared-memory block back to its pool, or free it (once the page is answered or given
+        up). Idempotent."""
         block, self.block = self.block, None
-        if block is not None:
-            block.close()
-            try:
-                block.unlink()
-            except FileNotFoundError:
-                pass
+        if block is None:
+            return
+        if self.pool is not None:
+            self.pool.give(block)
+        else:
+            _free_block(block)
 
     def attempt(self, attempt: int) -> PageRequest:
         return dataclasses.replace(self.message, attempt=attempt)
@@ -320,6 +322,7 @@ class IsolatedEngine(Engine):
         self._failed: str | None = None  # set once crashes exceeded max_restarts
         self._lock = threading.RLock()
         self._ids = itertools.count()
+        self._blocks = BlockPool(keep=self.window)  # page pixels' shared memory, reused from page to page
 
     @property
     def gave_up(self) -> str | None:
@@ -345,6 +348,8 @@ class IsolatedEngine(Engine):
             if self._child is None:
                 self._failed = None
                 self._child = self._spawn()
+            if self._blocks.closed:  # started again after close()
+                self._blocks = BlockPool(keep=self.window)
             self._open = True
             return self
 
@@ -354,6 +359,7 @@ class IsolatedEngine(Engine):
         child, self._child = self._child, None
         if child is not None:
             child.stop(graceful=True)
+        self._blocks.close()  # after the child: it may still be reading a page's block until it stops
 
     def _spawn(self) -> _Child:
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked llama.cpp or thread state
@@ -445,7 +451,8 @@ class IsolatedEngine(Engine):
                             continue
                         if not pending:
                             heard = time.monotonic()
-                        item = _Pending(request.key, *_page_request(next(self._ids), intake, request))
+                        item = _Pending(request.key, *_page_request(next(self._ids), intake, request, self._blocks),
+                                        pool=self._blocks)
                     except StopIteration:
                         exhausted = True
                         break
@@ -483,8 +490,6 @@ class IsolatedEngine(Engine):
                 if answered is not None:
                     yield answered
         finally:
-            for item in pending.values():  # unanswered (an error, or the consumer stopped): their blocks go
-                item.release()
             if self._child is not None and self._child is child and (pending or not ended):
                 if pending:
                     # The consumer stopped early (or an error): pages are still in flight in the child. Ending
@@ -493,6 +498,8 @@ class IsolatedEngine(Engine):
                     self._child = None
                 else:
                     child.send(EndOfStream())
+            for item in pending.values():  # unanswered (an error, or the consumer stopped): their blocks go
+                item.release()  # (after the child that could still read them has stopped)
 
     def _receive(self, child: _Child, pending: dict[int, _Pending], heard: float, short: bool) -> Any:
         """The child's next message; with ``short``, None when none comes within ``NOT_YET_WAIT_S`` (the caller
@@ -583,6 +590,92 @@ class IsolatedEngine(Engine):
                     yield answered
 
 
+def _free_block(block: Any) -> None:
+    block.close()
+    try:
+        block.unlink()
+    except FileNotFoundError:
+        pass
+
+
+class BlockPool:
+    """The parent's shared-memory blocks for page pixels, reused from page to page.
+
+    A new block costs its memory's page faults and zeroing on first write (about 5 ms for a 1000x1300 page on
+    this project's VM, BENCHMARKS.md's hand-off) where a reused one costs a copy (under 1 ms). A block is the
+    child's to read only while its page is unanswered: it comes back here when the page is answered or given
+    up, and the next page's pixels go in it. At most ``keep`` free blocks are kept (the engine's window: as
+    many as can be in flight at once); the rest, and all of them at ``close()``, are unlinked.
+
+    Args:
+        keep: free blocks kept for reuse.
+    """
+
+    # Sizes are rounded up to this, so pages of nearly the same size share blocks.
+    GRAIN = 1 << 20
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self._free: list[Any] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.created = 0  # blocks made (measurements, tests)
+
+    def take(self, size: int) -> Any:
+        """A block of at least ``size`` bytes: the smallest free one that fits, else a new one.
+
+        Args:
+            size: bytes needed.
+
+        Returns:
+            A ``SharedMemory`` named ``shared_block_prefix() + hex``.
+
+        Raises:
+            OSError: no block can be made (``/dev/shm`` full or absent).
+        """
+        with self._lock:
+            fits = [b for b in self._free if b.size >= size]
+            if fits:
+                block = min(fits, key=lambda b: b.size)
+                self._free.remove(block)
+                return block
+        block = shared_memory.SharedMemory(create=True, size=-(-max(1, size) // self.GRAIN) * self.GRAIN,
+                                           name=shared_block_prefix() + secrets.token_hex(8))
+        self.created += 1
+        return block
+
+    def give(self, block: Any) -> None:
+        """Take a block back: kept for the next page, or unlinked when the pool is full or closed.
+
+        Args:
+            block: a block ``take`` gave.
+        """
+        with self._lock:
+            if not self._closed and len(self._free) < self.keep:
+                self._free.append(block)
+                return
+        _free_block(block)
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called."""
+        return self._closed
+
+    @property
+    def free(self) -> int:
+        """Free blocks held now."""
+        with self._lock:
+            return len(self._free)
+
+    def close(self) -> None:
+        """Unlink every free block; blocks given back later are unlinked too. Idempotent."""
+        with self._lock:
+            self._closed = True
+            free, self._free = self._free, []
+        for block in free:
+            _free_block(block)
+
+
 def _how(failure: Exception) -> str:
     """A child's failure in words: its exit (``SIGABRT``) or its silence."""
     if isinstance(failure, _Hung):
@@ -590,24 +683,27 @@ def _how(failure: Exception) -> str:
     return failure.args[0]
 
 
-def _page_request(rid: int, intake: int, request: Request) -> tuple[PageRequest, Any]:
+def _page_request(rid: int, intake: int, request: Request, pool: BlockPool | None = None) -> tuple[PageRequest, Any]:
     """What the child needs of a request, without its key, and the shared-memory block holding its pixels.
 
     Pixels are raw RGB (BatchedEngine converts to RGB anyway, and ``tobytes`` of a palette image alone would lose
-    its palette), written once into a shared-memory block that the child reads in place: no pickling of ~4 MB per
-    page through the pipe (BENCHMARKS.md, the hand-off). Where no block can be made (``/dev/shm`` full or absent)
-    they go through the pipe.
+    its palette), written once into a shared-memory block (from ``pool``, else a new one) that the child reads in
+    place: no pickling of ~4 MB per page through the pipe (BENCHMARKS.md, the hand-off). Where no block can be
+    made (``/dev/shm`` full or absent) they go through the pipe.
     """
     image = to_rgb(request.image)
     data = image.tobytes()
     block = None
     try:
-        block = shared_memory.SharedMemory(create=True, size=max(1, len(data)), name=shared_block_prefix() + secrets.token_hex(8))
+        if pool is not None:
+            block = pool.take(len(data))
+        else:
+            block = shared_memory.SharedMemory(create=True, size=max(1, len(data)),
+                                               name=shared_block_prefix() + secrets.token_hex(8))
         block.buf[: len(data)] = data
     except OSError:
         if block is not None:
-            block.close()
-            block.unlink()
+            _free_block(block)
         block = None
     message = PageRequest(rid, intake, 0, image.size, None if block else data, request.prompt, request.params,
                           request.schema, request.system, block.name if block else None)

@@ -86,7 +86,9 @@ def test_the_culprit_page_gets_an_engine_crash_error_and_the_others_their_answer
     before = shared_blocks()
     with IsolatedEngine(config, "llava-1-5", fault=NativeAbort(on=frozenset({4}))) as engine:
         results = dict(engine.generate_many(requests(pages)))
-        assert shared_blocks() == before  # every page's pixel block is freed, the crashed ones' too
+        # every page's pixel block, the crashed ones' too, is back in the engine's pool (none leaked), ...
+        pooled = shared_blocks() - before
+        assert len(pooled) == engine._blocks.free == engine._blocks.created <= engine.window
         assert sorted(results) == [("page", i) for i in range(N_PAGES)]
         crashed = results.pop(("page", 4))
         assert isinstance(crashed, DocumentError)
@@ -95,6 +97,7 @@ def test_the_culprit_page_gets_an_engine_crash_error_and_the_others_their_answer
         # one crash in the batch, one in the culprit's solo run: a new child after each
         assert (engine.crashes, engine.restarts) == (2, 2)
         assert engine.loaded
+    assert shared_blocks() == before  # ... and closing the engine frees them
     record("native abort: culprit page, isolated engine", inputs=N_PAGES, faults={"SIGABRT": 2},
            rows_lost=N_PAGES - 1 - len(results))
 
@@ -230,3 +233,32 @@ def test_pixels_go_through_shared_memory_or_the_pipe_when_it_cannot_be_made(conf
     with IsolatedEngine(config, "llava-1-5") as engine:
         results = dict(engine.generate_many(requests(pages, 4)))
     assert {key[1]: r.text for key, r in results.items()} == {i: expected[i] for i in range(4)}
+
+
+def test_pixel_blocks_are_reused_from_page_to_page_and_freed_at_close(config, pages, expected):
+    from medvlm_core.engine.isolated import BlockPool
+
+    before = shared_blocks()
+    pool = BlockPool(keep=2)
+    first = pool.take(5)
+    assert first.size >= 5 and first.name in shared_blocks()
+    pool.give(first)
+    assert pool.take(3).name == first.name  # the smallest free block that fits is reused
+    big = pool.take(BlockPool.GRAIN + 1)  # a larger page: a new block
+    assert big.size >= BlockPool.GRAIN + 1 and pool.created == 2
+    extra = pool.take(1)
+    for block in (first, big, extra):
+        pool.give(block)  # the third is past `keep`: unlinked at once
+    assert pool.free == 2 and len(shared_blocks() - before) == 2
+    pool.close()
+    pool.give(pool.take(1))  # given back after close: unlinked too
+    assert shared_blocks() == before
+
+    with IsolatedEngine(config, "llava-1-5") as engine:
+        one = dict(engine.generate_many(requests(pages, 4)))
+        made = engine._blocks.created
+        two = dict(engine.generate_many(requests(pages, 4)))
+        assert engine._blocks.created == made <= engine.window  # the second call reused the first call's blocks
+    assert {key[1]: r.text for key, r in one.items()} == {key[1]: r.text for key, r in two.items()} == {
+        i: expected[i] for i in range(4)}
+    assert shared_blocks() == before
