@@ -215,7 +215,7 @@ def bench_handoff(images, repeats: int = 3) -> list[dict]:
 
 
 # libgomp's own spin count when no wait policy is set (OMP_DISPLAY_ENV=VERBOSE shows it): what llama.cpp's
-# threads do unless medvlm sets the passive policy (medvlm_core/engine/openmp.py).
+# threads do unless medvlm sets the passive policy (medvlm_core/settings.py, prefer_passive_openmp).
 LIBGOMP_DEFAULT_SPIN = "300000"
 
 

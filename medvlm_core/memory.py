@@ -171,9 +171,9 @@ def encode_workers_for(config: EngineConfig) -> int:
 
 def _gpu_build() -> bool:
     try:
-        from medvlm_core.engine.openmp import prefer_passive_wait
+        from medvlm_core.settings import prefer_passive_openmp
 
-        prefer_passive_wait()  # this may be the process's first import of llama.cpp
+        prefer_passive_openmp()  # this may be the process's first import of llama.cpp
         import llama_cpp
 
         return bool(llama_cpp.llama_supports_gpu_offload())

@@ -9,6 +9,7 @@ another that the README's settings table lists exactly these fields.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import AliasChoices, Field
@@ -92,3 +93,27 @@ def environment_names() -> dict[str, str]:
         alias = field.validation_alias
         names[name] = alias.choices[0] if isinstance(alias, AliasChoices) else f"MEDVLM_{name.upper()}"
     return names
+
+
+# -- OpenMP's wait policy for llama.cpp's CPU threads (set, not read: before llama.cpp loads) ---------------
+
+OPENMP_WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+OPENMP_WAIT_POLICY = "passive"
+
+
+def prefer_passive_openmp() -> str:
+    """Set ``OMP_WAIT_POLICY=passive`` unless the environment already sets it (an operator's choice wins), for
+    llama.cpp loaded after this in the process and for its child processes.
+
+    llama-cpp-python's CPU backend runs each graph on an OpenMP thread team (libgomp), whose idle threads by
+    default spin before they sleep; medvlm runs graphs from more than one thread at once (the vision encoder
+    ahead of the decode loop, several encoder contexts), and spinning teams take the cores from each other and
+    from the page decoding. One graph is one parallel region (ggml synchronises inside it with its own
+    barriers), so sleeping threads cost one wake-up per graph (BENCHMARKS.md, the ``openmp`` path). libgomp reads
+    the variable when it is loaded, so this runs before the first ``import llama_cpp`` of the process:
+    importing ``medvlm_core.engine`` calls it. It is the one variable medvlm writes, never one it reads.
+
+    Returns:
+        The policy now in the environment.
+    """
+    return os.environ.setdefault(OPENMP_WAIT_POLICY_ENV, OPENMP_WAIT_POLICY)

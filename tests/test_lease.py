@@ -134,12 +134,14 @@ def test_racing_runs_get_exactly_one_winner(output):
 
 
 def test_stale_lease_is_taken_over_and_the_old_holder_notices(output, caplog):
-    old = lease(output, "run-stalled", ttl_s=0.5)  # no renewal: as if its process froze
-    old.acquire("fail")
+    # no renewal: as if its process froze. The ttl leaves room for the S3 calls of a loaded machine between the
+    # two acquires (at 0.5 s the lease once expired before the second acquire looked at it).
+    old = lease(output, "run-stalled", ttl_s=3.0)
+    held = old.acquire("fail")
     new = lease(output, "run-new")
     with pytest.raises(RunError):
         new.acquire("fail")
-    time.sleep(0.7)
+    time.sleep(max(0.0, held.expires - time.time()) + 0.2)  # until the record it wrote has expired
     with caplog.at_level(logging.WARNING, logger="medvlm_core.lease"):
         taken = new.acquire("fail")
     assert "took over the lease of run run-stalled" in caplog.text and "which expired at" in caplog.text

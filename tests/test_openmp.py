@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 
-from medvlm_core.engine.openmp import WAIT_POLICY_ENV
+from medvlm_core.settings import OPENMP_WAIT_POLICY_ENV as WAIT_POLICY_ENV
 
 # libgomp's spin count per policy: 0 when passive, 300000 when unset, 30000000000 when active.
 SPIN = re.compile(r"GOMP_SPINCOUNT = '(\d+)'")

@@ -7,12 +7,11 @@
   one page, not the run).
 * ``stream``: ``SharedStream``, overlapping ``generate_many`` calls (a worker's chunks) fed to one running batch.
 * ``registry``: ``shared_engine``, the process-wide engine picked from the config (behind a ``SharedStream``).
-* ``openmp``: the OpenMP wait policy llama.cpp's CPU threads get (set here, before llama.cpp can be loaded).
 """
 
-from medvlm_core.engine.openmp import prefer_passive_wait
+from medvlm_core.settings import prefer_passive_openmp
 
-prefer_passive_wait()  # before any module of this package imports llama_cpp (libgomp reads it when loaded)
+prefer_passive_openmp()  # before any module of this package imports llama_cpp (libgomp reads it when loaded)
 
 from medvlm_core.engine.batched import BatchedEngine  # noqa: E402
 from medvlm_core.engine.isolated import IsolatedEngine  # noqa: E402
