@@ -224,6 +224,7 @@ def bench_openmp(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: 
     """The isolated engine (the default) with llama.cpp's OpenMP threads spinning when idle (libgomp's default)
     and sleeping (the passive policy medvlm sets), two children side by side, alternating runs on the same pages."""
     from statistics import median_high as median
+    from unittest import mock
 
     from medvlm_core.config import EngineConfig
     from medvlm_core.engine import IsolatedEngine, Request
@@ -234,13 +235,8 @@ def bench_openmp(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: 
     engines = {}
     try:
         for name, env in variants.items():
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)  # the child is spawned with this process's environment
-            try:
+            with mock.patch.dict(os.environ, env):  # the child is spawned with this process's environment
                 engines[name] = IsolatedEngine(config, chat_format).start()
-            finally:
-                for k, v in saved.items():
-                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         walls: dict[str, list[float]] = {name: [] for name in variants}
         for run in range(repeats + 1):  # the first round warms both up, untimed
             for name, engine in engines.items():

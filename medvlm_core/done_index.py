@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from medvlm_core import status
 from medvlm_core import storage as st
 from medvlm_core.layout import OutputLayout
-from medvlm_core.results import DoneKeys, no_space_is_a_run_error
+from medvlm_core.results import DoneKeys, write_parquet
 from medvlm_core.storage import Storage
 
 # Buckets of a new index: with 4096, a 256-document shard reads about 250 files, each holding 1/4096 of the
@@ -123,16 +123,6 @@ def _read_bucket(storage: Storage, layout: OutputLayout, bucket: int, existing: 
     return pq.ParquetFile(io.BytesIO(storage.read_bytes(url))).read().cast(_SCHEMA)
 
 
-def _write_bucket(storage: Storage, layout: OutputLayout, bucket: int, table: pa.Table) -> None:
-    # Encoded in memory and written in one piece (a bucket is small): cheaper than Parquet's many small writes
-    # to the synced file.
-    encoded = io.BytesIO()
-    pq.write_table(table, encoded, compression="zstd")
-    url = _bucket_url(layout, bucket)
-    with no_space_is_a_run_error(url):
-        storage.write_bytes_atomic(url, encoded.getvalue())
-
-
 def load_done_keys(storage: Storage, layout: OutputLayout, document_ids: Iterable[str] | None = None) -> DoneKeys:
     """The result keys already answered in an output, for some documents or all.
 
@@ -201,7 +191,7 @@ def add_runs(storage: Storage, layout: OutputLayout, runs: dict[str, str]) -> in
         bucket, start, count = item
         merged = pa.concat_tables([_read_bucket(storage, layout, bucket, existing), added.slice(start, count)])
         unique = merged.group_by(["document_id", "result_key"]).aggregate([]).cast(_SCHEMA)
-        _write_bucket(storage, layout, bucket, unique)
+        write_parquet(storage, _bucket_url(layout, bucket), unique)
 
     with ThreadPoolExecutor(IO_THREADS) as pool:
         list(pool.map(rewrite, zip(touched.tolist(), starts.tolist(), counts.tolist())))

@@ -695,11 +695,7 @@ def _page_request(rid: int, intake: int, request: Request, pool: BlockPool | Non
     data = image.tobytes()
     block = None
     try:
-        if pool is not None:
-            block = pool.take(len(data))
-        else:
-            block = shared_memory.SharedMemory(create=True, size=max(1, len(data)),
-                                               name=shared_block_prefix() + secrets.token_hex(8))
+        block = (pool or BlockPool(keep=0)).take(len(data))  # keep=0: a new block, the caller frees it
         block.buf[: len(data)] = data
     except OSError:
         if block is not None:
