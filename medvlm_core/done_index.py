@@ -162,8 +162,10 @@ def load_done_keys(storage: Storage, layout: OutputLayout, document_ids: Iterabl
 def add_runs(storage: Storage, layout: OutputLayout, runs: dict[str, str]) -> int:
     """Add published runs' answered keys to the index (by the run that holds the output's lease).
 
-    Each touched bucket is rewritten once, atomically, with its old and new keys (no duplicates); the state
-    lists the runs last, so a cut here leaves runs that readers still read directly.
+    Each touched bucket that gains a key is rewritten once, atomically, with its old and new keys (no
+    duplicates); one whose keys are all there already (a forced re-run of the same pages, a publish rolled
+    forward twice) is left as it is. The state lists the runs last, so a cut here leaves runs that readers still
+    read directly.
 
     Args:
         storage: where the output is.
@@ -171,7 +173,7 @@ def add_runs(storage: Storage, layout: OutputLayout, runs: dict[str, str]) -> in
         runs: run id -> its published completions file.
 
     Returns:
-        The buckets rewritten.
+        The buckets rewritten (those that gained a key).
     """
     state = read_state(storage, layout) or {"version": 1, "buckets": BUCKETS, "runs": []}
     new = [run for run in runs if run not in set(state["runs"])]
@@ -187,17 +189,30 @@ def add_runs(storage: Storage, layout: OutputLayout, runs: dict[str, str]) -> in
     touched, starts, counts = np.unique(of, return_index=True, return_counts=True)
     existing = _existing_buckets(storage, layout)
 
-    def rewrite(item: tuple[int, int, int]) -> None:
+    def rewrite(item: tuple[int, int, int]) -> bool:
         bucket, start, count = item
-        merged = pa.concat_tables([_read_bucket(storage, layout, bucket, existing), added.slice(start, count)])
-        unique = merged.group_by(["document_id", "result_key"]).aggregate([]).cast(_SCHEMA)
-        write_parquet(storage, _bucket_url(layout, bucket), unique)
+        old = _read_bucket(storage, layout, bucket, existing)
+        # A bucket holds a few hundred pairs at most (module docstring): Python sets beat Arrow's group-by
+        # (~0.5 ms a call) at this size, and tell whether the bucket changes at all.
+        have = set(_pairs(old))
+        gained = sorted(set(_pairs(added.slice(start, count))) - have)
+        if not gained:
+            return False
+        fresh = pa.table([pa.array([d for d, _ in gained], pa.string()), pa.array([k for _, k in gained], pa.string())],
+                         schema=_SCHEMA)
+        write_parquet(storage, _bucket_url(layout, bucket), pa.concat_tables([old, fresh]))
+        return True
 
     with ThreadPoolExecutor(IO_THREADS) as pool:
-        list(pool.map(rewrite, zip(touched.tolist(), starts.tolist(), counts.tolist())))
+        rewritten = sum(pool.map(rewrite, zip(touched.tolist(), starts.tolist(), counts.tolist())))
     state["runs"] = sorted(set(state["runs"]) | set(new))
     storage.write_bytes_atomic(_state_url(layout), json.dumps(state).encode())
-    return len(touched)
+    return rewritten
+
+
+def _pairs(table: pa.Table) -> Iterator[tuple[str, str]]:
+    """A bucket table's (document_id, result_key) pairs."""
+    return zip(table.column("document_id").to_pylist(), table.column("result_key").to_pylist())
 
 
 def _buckets_of(documents: pa.ChunkedArray, buckets: int) -> np.ndarray:

@@ -86,6 +86,43 @@ def test_the_index_answers_what_the_whole_history_does(output):
     assert sum(before.values()) == len(expected(answered))
 
 
+def test_a_run_that_answers_known_pages_again_rewrites_no_bucket(output):
+    # A forced re-run of the same pages with the same model and parameters gives the same result keys: its
+    # publish must not rewrite buckets (a file write each); a run with new keys rewrites only their buckets.
+    storage, layout = output
+    answered = write_history(storage, layout, runs=3, rows=50, seed=4)
+    done_index.catch_up(storage, layout)
+    buckets = storage.list_files(layout.done_index(), ".parquet")
+    before = {u: storage.read_bytes(u) for u in buckets}
+
+    pairs = sorted((d, k) for d, keys in answered.items() for k in keys)[:30]
+    fresh = [(f"doc-new-{i}", _key("new", i)) for i in range(3)]
+    again = "20260201T020000Z-rerun000"
+    rows = pairs + [(pairs[0][0], pairs[0][1])]  # a key twice in one run, too
+    table = pa.table({"document_id": [d for d, _ in rows], "result_key": [k for _, k in rows], "status": [status.OK] * len(rows)})
+    with storage.open_atomic(layout.table_part("completions", "2026-02-01", again)) as f:
+        pq.write_table(table, f)
+    assert done_index.add_runs(storage, layout, {again: layout.table_part("completions", "2026-02-01", again)}) == 0
+    assert {u: storage.read_bytes(u) for u in buckets} == before
+    assert again in done_index.read_state(storage, layout)["runs"]
+
+    mixed = "20260202T020000Z-mixed000"
+    rows = pairs[:5] + fresh
+    table = pa.table({"document_id": [d for d, _ in rows], "result_key": [k for _, k in rows], "status": [status.OK] * len(rows)})
+    with storage.open_atomic(layout.table_part("completions", "2026-02-02", mixed)) as f:
+        pq.write_table(table, f)
+    gained = {done_index.bucket_of(d, done_index.BUCKETS) for d, _ in fresh}
+    assert done_index.add_runs(storage, layout, {mixed: layout.table_part("completions", "2026-02-02", mixed)}) == len(gained)
+    after = {u: storage.read_bytes(u) for u in storage.list_files(layout.done_index(), ".parquet")}
+    changed = {u for u in after if before.get(u) != after[u]}
+    assert changed == {done_index._bucket_url(layout, b) for b in gained}
+    for url in changed:  # old keys kept, each pair once
+        table = pq.read_table(pa.BufferReader(after[url]))
+        pairs_there = list(zip(table["document_id"].to_pylist(), table["result_key"].to_pylist()))
+        assert len(pairs_there) == len(set(pairs_there))
+    assert done_index.load_done_keys(storage, layout).keys == expected(answered) | {k for _, k in fresh}
+
+
 def test_a_published_run_the_index_lacks_is_still_seen_then_folded_in(tmp_path):
     storage, layout = Storage(), OutputLayout.of(str(tmp_path / "out"))
     old = write_history(storage, layout, runs=3, rows=40, seed=1)
