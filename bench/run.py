@@ -12,9 +12,9 @@ Paths measured side by side:
   server   llama.cpp's own llama-server (built from the same llama-cpp-python version's vendored sources by
            bench/build_llama_server.sh) with --parallel N and --mmproj, driven with N concurrent requests
   flow     the whole medvlm-batch Prefect flow (manifest -> Parquet) at the largest --parallel, each timed run
-           followed by the same engine (the flow's shared engine, its child process when isolated) alone on the
-           same pages decoded beforehand, then on the page files decoded as it goes: the orchestration and I/O
-           overhead; with Prefect's flow-run heartbeat (its default) and without
+           paired with the same engine (the flow's shared engine, its child process when isolated) alone on the
+           same pages decoded beforehand, then on the page files decoded as it goes (every other pair engine
+           first): the orchestration and I/O overhead; with Prefect's flow-run heartbeat (its default) and without
   prefect  Prefect's own cost per flow run: a flow that only sleeps, from the call to its Completed state and return
   plan     validating and planning a 100,000-row manifest (time, memory, Prefect task runs it would create)
   stall    the pause a page entering the batch makes the others take: whole image prefill vs n_batch slices
@@ -437,7 +437,18 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
                         medvlm_batch(**locations, options=dict(options, isolate=isolate))  # untimed: Prefect, model load
                         engine_alone_s()  # untimed: as warm as the flow
                     walls, teardowns, alone, files, cpu_flow, cpu_files = [], [], [], [], [], []
-                    for _ in range(repeats):
+
+                    def engines() -> None:
+                        alone.append(engine_alone_s())
+                        with cpu_used(cpu_files):
+                            files.append(engine_from_files_s())
+
+                    for repeat in range(repeats):
+                        # Every other pair runs the engine first: whatever one run leaves behind (Prefect's logs
+                        # and events still being sent, a warmer cache) then favours each side in turn.
+                        engine_first = repeat % 2 == 1
+                        if engine_first:
+                            engines()
                         with cpu_used(cpu_flow):  # its /proc reads outside the timed call
                             started = time.perf_counter()
                             state = medvlm_batch(**locations, options=dict(options, isolate=isolate), return_state=True)
@@ -446,9 +457,8 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
                         # follows is Prefect's own flow-run exit (see bench_prefect).
                         teardowns.append(time.time() - state.timestamp.timestamp())
                         summary = state.result()
-                        alone.append(engine_alone_s())
-                        with cpu_used(cpu_files):
-                            files.append(engine_from_files_s())
+                        if not engine_first:
+                            engines()
                     close_shared_engines()
                 wall = median(walls)
                 out.append({
@@ -539,8 +549,8 @@ def main(argv=None) -> int:
                     help="pages for the flow-vs-engine comparison (a run's fixed cost shows less on more pages)")
     ap.add_argument("--flow-chunk-size", type=int, help="manifest rows per inference task in the flow path "
                     "(default: all pages in one); smaller also runs each chunk on its own stream, to compare")
-    ap.add_argument("--flow-repeats", type=int, default=3, help="timed runs of each flow variant, each followed by "
-                    "one of its engine alone (the medians are reported)")
+    ap.add_argument("--flow-repeats", type=int, default=5, help="timed runs of each flow variant, each paired with "
+                    "its engine alone, every other pair engine first (the medians are reported)")
     ap.add_argument("--plan-rows", type=int, default=100_000)
     ap.add_argument("--confidence-repeats", type=int, default=2,
                     help="alternating runs of the engine at the largest parallelism without and with confidences")
