@@ -473,7 +473,7 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
                     # against the engine that also reads and decodes the page files
                     "x_engine_from_files": median([f / w for f, w in zip(files, walls)]),
                     "x_engine_from_files_to_completed": median([f / (w - t) for f, w, t in zip(files, walls, teardowns)]),
-                    "prefect_exit_s": median(teardowns),
+                    "prefect_exit_s": median(teardowns), "prefect_exits_s": teardowns,
                     # CPU seconds by process in each flow run and each engine run on the page files: on a machine
                     # whose cores the engine fills, what the flow adds is what the engine loses
                     "cpu_s_flow": cpu_flow, "cpu_s_engine_from_files": cpu_files,
