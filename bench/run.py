@@ -366,6 +366,21 @@ def _heartbeat(on: bool):
         yield
 
 
+class _FlowPairs:
+    """One flow variant's timed pairs: each flow run and its engine alone (on decoded pages, then on the files)."""
+
+    def __init__(self):
+        self.walls, self.teardowns, self.alone, self.files = [], [], [], []
+        self.cpu_flow, self.cpu_files = [], []
+        self.summary: dict = {}
+
+    def engines(self, alone_s, from_files_s) -> None:
+        """Time the engine alone on the decoded pages, then on the page files (with its CPU by process)."""
+        self.alone.append(alone_s())
+        with cpu_used(self.cpu_files):
+            self.files.append(from_files_s())
+
+
 def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: int, workdir: Path,
                image_max_tokens: int | None = None, n_threads: int | None = None, flash_attn: bool = True,
                quick: bool = False, chunk_size: int | None = None, repeats: int = 1) -> list[dict]:
@@ -431,41 +446,40 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
     heartbeats = (True,) if len(streams) > 1 else (True, False)
     for isolate in (True,) if quick else (True, False):
         for stream in streams:
-            for heartbeat in heartbeats:
-                with _stream_per_chunk() if stream == "per chunk" else contextlib.nullcontext(), _heartbeat(heartbeat):
-                    if not quick:
-                        medvlm_batch(**locations, options=dict(options, isolate=isolate))  # untimed: Prefect, model load
-                        engine_alone_s()  # untimed: as warm as the flow
-                    walls, teardowns, alone, files, cpu_flow, cpu_files = [], [], [], [], [], []
-
-                    def engines() -> None:
-                        alone.append(engine_alone_s())
-                        with cpu_used(cpu_files):
-                            files.append(engine_from_files_s())
-
-                    for repeat in range(repeats):
-                        # Every other pair runs the engine first: whatever one run leaves behind (Prefect's logs
-                        # and events still being sent, a warmer cache) then favours each side in turn.
+            with _stream_per_chunk() if stream == "per chunk" else contextlib.nullcontext():
+                if not quick:
+                    medvlm_batch(**locations, options=dict(options, isolate=isolate))  # untimed: Prefect, model load
+                    engine_alone_s()  # untimed: as warm as the flow
+                runs = {heartbeat: _FlowPairs() for heartbeat in heartbeats}
+                for repeat in range(repeats):
+                    # The variants take turns, pair by pair, on one engine: the machine's slow spells (this VM's
+                    # steal time comes and goes over minutes) fall on each alike instead of on whichever ran then.
+                    for heartbeat in heartbeats:
+                        pairs = runs[heartbeat]
+                        # Every other pair runs the engine first: whatever one run leaves behind (Prefect's logs and
+                        # events still being sent, a warmer cache) then favours each side in turn.
                         engine_first = repeat % 2 == 1
                         if engine_first:
-                            engines()
-                        with cpu_used(cpu_flow):  # its /proc reads outside the timed call
+                            pairs.engines(engine_alone_s, engine_from_files_s)
+                        with _heartbeat(heartbeat), cpu_used(pairs.cpu_flow):  # /proc reads outside the timed call
                             started = time.perf_counter()
                             state = medvlm_batch(**locations, options=dict(options, isolate=isolate), return_state=True)
-                            walls.append(time.perf_counter() - started)
+                            pairs.walls.append(time.perf_counter() - started)
                         # The Completed state is made when the flow's body has returned (tables published); what
                         # follows is Prefect's own flow-run exit (see bench_prefect).
-                        teardowns.append(time.time() - state.timestamp.timestamp())
-                        summary = state.result()
+                        pairs.teardowns.append(time.time() - state.timestamp.timestamp())
+                        pairs.summary = state.result()
                         if not engine_first:
-                            engines()
-                    close_shared_engines()
+                            pairs.engines(engine_alone_s, engine_from_files_s)
+                close_shared_engines()
+            for heartbeat, pairs in runs.items():
+                walls, teardowns, alone, files = pairs.walls, pairs.teardowns, pairs.alone, pairs.files
                 wall = median(walls)
                 out.append({
                     "path": "flow", "parallel": n_seq, "isolate": isolate, "docs": len(images), "wall_s": wall,
                     "chunk_size": options["chunk_size"], "stream": stream, "prefect_heartbeat": heartbeat,
                     "walls_s": walls, "engine_alone_walls_s": alone, "engine_from_files_walls_s": files,
-                    "docs_per_s": summary["pages_ok"] / wall, "engine_alone_docs_per_s": len(images) / median(alone),
+                    "docs_per_s": pairs.summary["pages_ok"] / wall, "engine_alone_docs_per_s": len(images) / median(alone),
                     # medians of the paired ratios: the whole call, and the call up to the flow's Completed state
                     # (all of medvlm's work, publishing included, without Prefect's flow-run exit)
                     "x_engine_same_pages": median([a / w for a, w in zip(alone, walls)]),
@@ -473,11 +487,14 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
                     # against the engine that also reads and decodes the page files
                     "x_engine_from_files": median([f / w for f, w in zip(files, walls)]),
                     "x_engine_from_files_to_completed": median([f / (w - t) for f, w, t in zip(files, walls, teardowns)]),
+                    # the sums' ratio: steadier than a median of few pairs when single runs swing by 10-20%
+                    "x_engine_same_pages_total": sum(alone) / sum(walls),
+                    "x_engine_to_completed_total": sum(alone) / (sum(walls) - sum(teardowns)),
                     "prefect_exit_s": median(teardowns), "prefect_exits_s": teardowns,
                     # CPU seconds by process in each flow run and each engine run on the page files: on a machine
                     # whose cores the engine fills, what the flow adds is what the engine loses
-                    "cpu_s_flow": cpu_flow, "cpu_s_engine_from_files": cpu_files,
-                    "flow_reported_pages_per_s": summary["pages_per_second"], "peak_rss_mb": rss_mb(),
+                    "cpu_s_flow": pairs.cpu_flow, "cpu_s_engine_from_files": pairs.cpu_files,
+                    "flow_reported_pages_per_s": pairs.summary["pages_per_second"], "peak_rss_mb": rss_mb(),
                 })
     return out
 
@@ -715,7 +732,8 @@ def main(argv=None) -> int:
               f"(up to its Completed state {flow['x_engine_to_completed']:.2f}x, then {flow['prefect_exit_s']:.2f} s of "
               f"Prefect's flow-run exit); against the engine decoding the files as it goes "
               f"{flow['x_engine_from_files']:.2f}x ({flow['x_engine_from_files_to_completed']:.2f}x); "
-              f"median of {len(flow['walls_s'])} triples")
+              f"median of {len(flow['walls_s'])} triples; sums: {flow['x_engine_same_pages_total']:.2f}x "
+              f"({flow['x_engine_to_completed_total']:.2f}x up to Completed)")
         if flow["cpu_s_flow"]:
             print(f"  CPU s, last triple: flow run: {cpu_line(flow['cpu_s_flow'])}; engine on the files: "
                   f"{cpu_line(flow['cpu_s_engine_from_files'])}")

@@ -38,6 +38,8 @@ def test_quick_benchmark_measures_every_path(tmp_path):
         # each flow run followed by its engine alone, on decoded pages and on the page files
         assert len(flow["walls_s"]) == len(flow["engine_alone_walls_s"]) == len(flow["engine_from_files_walls_s"]) == 1
         assert 0 < flow["x_engine_same_pages"] < flow["x_engine_to_completed"]  # the call holds the flow's body and more
+        assert 0 < flow["x_engine_same_pages_total"] < flow["x_engine_to_completed_total"]
+        assert len(flow["prefect_exits_s"]) == 1 and flow["prefect_exit_s"] == flow["prefect_exits_s"][0]
         assert 0 < flow["x_engine_from_files"] < flow["x_engine_from_files_to_completed"]
         assert 0 < flow["prefect_exit_s"] < flow["wall_s"]
         # the CPU each process spent: the harness's own process always, the isolated engine's child when it works
