@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from typing import Callable
 
 from medvlm_core import done_index, results
 from medvlm_core.errors import DocumentError
@@ -44,6 +45,7 @@ def publish_run(
     quarantine_rows: list[dict],
     run_row: dict,
     audit: dict | None = None,
+    on_tables: Callable[[dict[str, str]], None] | None = None,
 ) -> dict[str, str]:
     """Make a run visible: the result tables first, the runs row last, then the commit record.
 
@@ -58,6 +60,8 @@ def publish_run(
         quarantine_rows: the manifest rows refused before processing.
         run_row: the run's row of the runs table.
         audit: how the run ran (e.g. which worker ran which shard), for the commit record.
+        on_tables: called with the published file URL by table once every table is visible, before the
+            bookkeeping that follows (done index, commit record): what only reports on the tables can start then.
 
     Returns:
         The published file URL by table.
@@ -67,16 +71,18 @@ def publish_run(
     results.write_rows(storage, layout.staged(run_id, "runs", "run.parquet"), "runs", [run_row])
     marker = {"run_id": run_id, "run_date": run_date, "audit": audit or {}}
     storage.write_bytes_atomic(layout.publish_marker(run_id), json.dumps(marker, sort_keys=True, default=str).encode())
-    return publish_staged(storage, layout, run_id)
+    return publish_staged(storage, layout, run_id, on_tables)
 
 
-def publish_staged(storage: Storage, layout: OutputLayout, run_id: str) -> dict[str, str]:
+def publish_staged(storage: Storage, layout: OutputLayout, run_id: str,
+                   on_tables: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
     """Publish what a run staged for publishing (its marker says so), then commit and clear its staging.
 
     Args:
         storage: where the output is.
         layout: the output's layout.
         run_id: a run whose publish marker is staged.
+        on_tables: called with the published file URL by table once every table is visible (``publish_run``).
 
     Returns:
         The published file URL by table.
@@ -90,6 +96,8 @@ def publish_staged(storage: Storage, layout: OutputLayout, run_id: str) -> dict[
         url = layout.table_part(table, marker["run_date"], run_id)
         results.merge_parquet(storage, sorted(staged[table]), url, results.TABLES.get(table))
         published[table] = url
+    if on_tables is not None:
+        on_tables(dict(published))
     done_index.add_runs(storage, layout, {run_id: published["completions"]})  # before the commit: see done_index
     storage.put_if_absent(layout.commit(run_id), results.commit_record(run_id, published, marker["audit"]))
     storage.remove_tree(layout.run_staging(run_id))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -19,6 +21,7 @@ def publish_run(
     quarantine_rows: list[dict],
     run_row: dict,
     audit: dict | None = None,
+    on_tables: Callable[[dict[str, str]], None] | None = None,
 ) -> dict[str, str]:
     """Publish a run: its tables, then its runs row, then its commit record (see ``medvlm_core.publish``).
 
@@ -30,8 +33,10 @@ def publish_run(
         quarantine_rows: the manifest rows refused before processing.
         run_row: the run's row of the runs table.
         audit: how the run ran, for the commit record.
+        on_tables: called with the published file URL by table once every table is visible, before the done
+            index and the commit record are written.
 
     Returns:
         The published file URL by table.
     """
-    return publish.publish_run(storage, layout, run_id, run_date, quarantine_rows, run_row, audit)
+    return publish.publish_run(storage, layout, run_id, run_date, quarantine_rows, run_row, audit, on_tables)

@@ -160,3 +160,34 @@ def test_bucket_of_is_stable():
     # Stored indexes depend on it: these values must never change.
     assert done_index.bucket_of("discharge-0001", 4096) == int(hashlib.sha256(b"discharge-0001").hexdigest()[:16], 16) % 4096
     assert {done_index.bucket_of(f"d{i}", 16) for i in range(200)} == set(range(16))
+
+
+def test_publish_calls_back_once_every_table_is_visible_and_before_its_bookkeeping(tmp_path):
+    # What only reports on the tables (the flow's artifacts) starts from the callback, while the publish writes the
+    # done index and the commit record: by then every table must be readable, and neither of those written yet.
+    from medvlm_core import publish, results
+
+    storage, layout = Storage(), OutputLayout.of(str(tmp_path / "out"))
+    hex64 = "ab" * 32
+    row = {"run_id": "r1", "result_key": hex64, "document_id": "d", "manifest_row": 1, "prompt_sha256": hex64,
+           "model_sha256": hex64, "mmproj_sha256": hex64, "status": "ok", "completion": "x", "created_at": results.utc_now()}
+    run_row = {"run_id": "r1", "manifest_rows": 1, "quarantined_rows": 0, "skipped_rows": 0, "processed_rows": 1,
+               "pages_ok": 1, "pages_error": 0}
+    results.write_rows(storage, layout.staged_chunk("r1", "completions", 0), "completions", [row])
+    seen = []
+
+    def on_tables(tables: dict[str, str]) -> None:
+        seen.append({
+            "tables": tables,
+            "rows": {t: pq.read_table(pa.BufferReader(storage.read_bytes(u))).num_rows for t, u in tables.items()},
+            "indexed": done_index.load_done_keys(storage, layout).keys,
+            "committed": storage.exists(layout.commit("r1")),
+        })
+
+    published = publish.publish_run(storage, layout, "r1", "2026-12-04", [], run_row, on_tables=on_tables)
+    assert [s["tables"] for s in seen] == [published] and set(published) == {"completions", "runs"}
+    assert seen[0]["rows"] == {"completions": 1, "runs": 1}
+    # The index already answers for the run from its published file (done_index reads runs it lacks directly),
+    # but neither its state nor the commit record lists the run yet.
+    assert seen[0]["committed"] is False and seen[0]["indexed"] == {hex64}
+    assert storage.exists(layout.commit("r1")) and "r1" in done_index.read_state(storage, layout)["runs"]

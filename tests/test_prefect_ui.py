@@ -22,6 +22,9 @@ def test_a_run_names_itself_writes_its_artifacts_and_emits_published(tmp_path, t
         assert flow_run.name == f"batch discharge-batch.csv {run_id.rsplit('-', 1)[1]}"
         artifacts = {a.key: a for a in client.read_artifacts() if a.flow_run_id == flow_run.id}
         assert {"medvlm-run-summary", "medvlm-run-counts", "medvlm-run-output"} <= set(artifacts)
+        # written while the publish task finishes its bookkeeping, but the flow run's, not the task's
+        assert all(artifacts[k].task_run_id is None for k in ("medvlm-run-summary", "medvlm-run-counts", "medvlm-run-output"))
+        assert f"| pages ok | 3 |" in artifacts["medvlm-run-summary"].data and "completions" in artifacts["medvlm-run-summary"].data
         [progress] = [a for a in client.read_artifacts() if a.flow_run_id == flow_run.id and a.type == "progress"]
         assert progress.data == 100.0 and "manifest rows done of 3" in progress.description  # the valid rows
         counts = {(r["status"], r["error_type"]): r["pages"] for r in _table(artifacts["medvlm-run-counts"].data)}
