@@ -67,10 +67,9 @@ def finish_run(
         published = publish_run(ctx.storage, ctx.output, ctx.run_id, run_date_of(ctx.started), quarantine_rows, row,
                                 audit, on_tables=lambda tables: artifacts.start(run_summary(row, total, tables)))
         release_output(ctx)  # published: the next run on this output may start deciding what is done
-        summary = run_summary(row, total, published)
-        artifacts.start(summary)  # already under way (the publish called back with these tables): nothing more
     finally:
         artifacts.wait()
+    summary = run_summary(row, total, published)
     emit_published(summary)
     logger.info(
         "run %s done: %d ok, %d error, %d skipped pages; %d quarantined rows; reconciled=%s",
@@ -97,20 +96,19 @@ class RunArtifacts:
         self._futures: list = []
 
     def start(self, summary: dict) -> None:
-        """Start writing the artifacts of ``summary`` (once: a second call does nothing).
+        """Start writing the artifacts of ``summary``.
 
         Args:
             summary: the run's summary.
         """
-        if self._pool is not None:
-            return
         writers = [lambda: publish_artifact(summary), lambda: publish_counts_artifact(summary, self._shard_counts),
                    lambda: publish_link_artifact(summary)]
         self._pool = ThreadPoolExecutor(len(writers), thread_name_prefix="medvlm-artifacts")
         self._futures = [self._pool.submit(self._context.copy().run, writer) for writer in writers]
 
     def wait(self) -> None:
-        """Wait until the artifacts started are written (each writer swallows its own errors: never raises)."""
+        """Wait until the artifacts are written, if they were started (each writer swallows its own errors: never
+        raises)."""
         if self._pool is None:
             return
         for future in self._futures:

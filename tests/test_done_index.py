@@ -95,24 +95,23 @@ def test_a_run_that_answers_known_pages_again_rewrites_no_bucket(output):
     buckets = storage.list_files(layout.done_index(), ".parquet")
     before = {u: storage.read_bytes(u) for u in buckets}
 
+    def publish(run_id: str, day: str, rows: list[tuple[str, str]]) -> dict[str, str]:
+        """A published completions file of ``ok`` rows: run id -> its URL, as add_runs takes it."""
+        url = layout.table_part("completions", day, run_id)
+        table = pa.table({"document_id": [d for d, _ in rows], "result_key": [k for _, k in rows], "status": [status.OK] * len(rows)})
+        with storage.open_atomic(url) as f:
+            pq.write_table(table, f)
+        return {run_id: url}
+
     pairs = sorted((d, k) for d, keys in answered.items() for k in keys)[:30]
     fresh = [(f"doc-new-{i}", _key("new", i)) for i in range(3)]
     again = "20260201T020000Z-rerun000"
-    rows = pairs + [(pairs[0][0], pairs[0][1])]  # a key twice in one run, too
-    table = pa.table({"document_id": [d for d, _ in rows], "result_key": [k for _, k in rows], "status": [status.OK] * len(rows)})
-    with storage.open_atomic(layout.table_part("completions", "2026-02-01", again)) as f:
-        pq.write_table(table, f)
-    assert done_index.add_runs(storage, layout, {again: layout.table_part("completions", "2026-02-01", again)}) == 0
+    assert done_index.add_runs(storage, layout, publish(again, "2026-02-01", pairs + [pairs[0]])) == 0  # a key twice, too
     assert {u: storage.read_bytes(u) for u in buckets} == before
     assert again in done_index.read_state(storage, layout)["runs"]
 
-    mixed = "20260202T020000Z-mixed000"
-    rows = pairs[:5] + fresh
-    table = pa.table({"document_id": [d for d, _ in rows], "result_key": [k for _, k in rows], "status": [status.OK] * len(rows)})
-    with storage.open_atomic(layout.table_part("completions", "2026-02-02", mixed)) as f:
-        pq.write_table(table, f)
     gained = {done_index.bucket_of(d, done_index.BUCKETS) for d, _ in fresh}
-    assert done_index.add_runs(storage, layout, {mixed: layout.table_part("completions", "2026-02-02", mixed)}) == len(gained)
+    assert done_index.add_runs(storage, layout, publish("20260202T020000Z-mixed000", "2026-02-02", pairs[:5] + fresh)) == len(gained)
     after = {u: storage.read_bytes(u) for u in storage.list_files(layout.done_index(), ".parquet")}
     changed = {u for u in after if before.get(u) != after[u]}
     assert changed == {done_index._bucket_url(layout, b) for b in gained}
