@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -41,8 +40,6 @@ from medvlm_core.storage import Storage
 # Buckets of a new index: with 4096, a 256-document shard reads about 250 files, each holding 1/4096 of the
 # history (a few hundred keys at a million pages), so its start-up barely moves as the history grows.
 BUCKETS = 4096
-# Bucket files read or written at once (an object store's latency, a local disk's fsync: what they wait on).
-IO_THREADS = 16
 _SCHEMA = pa.schema([("document_id", pa.string()), ("result_key", pa.string())])
 
 
@@ -145,8 +142,7 @@ def load_done_keys(storage: Storage, layout: OutputLayout, document_ids: Iterabl
         buckets = state["buckets"]
         wanted = range(buckets) if documents is None else sorted({bucket_of(d, buckets) for d in documents})
         existing = _existing_buckets(storage, layout)
-        with ThreadPoolExecutor(IO_THREADS) as pool:
-            tables += list(pool.map(lambda b: _read_bucket(storage, layout, b, existing), wanted))
+        tables += st.map_io(layout.done_index(), lambda b: _read_bucket(storage, layout, b, existing), wanted)
         if documents is not None:  # a bucket also holds other documents' keys
             value_set = pa.array(sorted(documents), pa.string())
             tables = [t.filter(pc.is_in(t["document_id"], value_set=value_set)) for t in tables]
@@ -180,8 +176,7 @@ def add_runs(storage: Storage, layout: OutputLayout, runs: dict[str, str]) -> in
     if not new:
         return 0
     buckets = state["buckets"]
-    with ThreadPoolExecutor(IO_THREADS) as pool:
-        added = pa.concat_tables(list(pool.map(lambda run: _answered(storage, runs[run]), new)))
+    added = pa.concat_tables(st.map_io(layout.done_index(), lambda run: _answered(storage, runs[run]), new))
     # Sorted by bucket, each bucket's new keys are one zero-copy slice.
     of = _buckets_of(added.column("document_id"), buckets)
     order = np.argsort(of, kind="stable")
@@ -203,8 +198,7 @@ def add_runs(storage: Storage, layout: OutputLayout, runs: dict[str, str]) -> in
         write_parquet(storage, _bucket_url(layout, bucket), pa.concat_tables([old, fresh]))
         return True
 
-    with ThreadPoolExecutor(IO_THREADS) as pool:
-        rewritten = sum(pool.map(rewrite, zip(touched.tolist(), starts.tolist(), counts.tolist())))
+    rewritten = sum(st.map_io(layout.done_index(), rewrite, zip(touched.tolist(), starts.tolist(), counts.tolist())))
     state["runs"] = sorted(set(state["runs"]) | set(new))
     storage.write_bytes_atomic(_state_url(layout), json.dumps(state).encode())
     return rewritten

@@ -25,9 +25,10 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 from urllib.parse import urlparse
 
 import fsspec
@@ -37,7 +38,10 @@ from medvlm_core import errors
 from medvlm_core.errors import DocumentError
 
 LOCAL = "file"
+# Object-store calls made at once by ``map_io`` (their network latency is what they wait on).
+IO_THREADS = 16
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,29 @@ def resolve(uri: str, base_dir: str) -> str:
         return os.path.normpath(os.path.join(base_dir, uri))
     scheme, rest = base_dir.split("://", 1)
     return f"{scheme}://{posixpath.normpath(posixpath.join(rest, uri))}"
+
+
+def map_io(url: str, function: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``function`` over ``items`` (small reads and writes under ``url``): on ``IO_THREADS`` threads for an
+    object store, one after another for local files.
+
+    Why: an object-store call waits milliseconds on the network, which threads overlap; a local small file is
+    read or written (fsync included) in well under a millisecond and the rest (Parquet decoding, merging) holds
+    the GIL, so threads only add their start-up and hand-overs. The done index's 64 buckets of a 64-page run:
+    0.05 s on threads against 0.027 s in turn (DEVELOPMENT.md).
+
+    Args:
+        url: where the files are (its protocol decides).
+        function: the call per item.
+        items: the items.
+
+    Returns:
+        The results, in the items' order.
+    """
+    if protocol_of(normalize(url)) == LOCAL:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        return list(pool.map(function, items))
 
 
 def s3_options(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -60,3 +61,16 @@ def test_list_and_remove(tmp_path):
     assert [os.path.basename(p) for p in storage.list_files(str(tmp_path / "a"), ".parquet")] == ["1.parquet", "2.parquet"]
     storage.remove_tree(str(tmp_path / "a"))
     assert not (tmp_path / "a").exists()
+
+
+def test_map_io_runs_local_work_in_turn_and_object_store_work_on_threads(tmp_path):
+    def where(item):
+        return item, threading.get_ident()
+
+    caller = threading.get_ident()
+    local = st.map_io(str(tmp_path), where, range(40))
+    assert [item for item, _ in local] == list(range(40))
+    assert {thread for _, thread in local} == {caller}
+    remote = st.map_io("s3://bucket/out/_index", where, range(40))
+    assert [item for item, _ in remote] == list(range(40))
+    assert caller not in {thread for _, thread in remote}
