@@ -383,7 +383,8 @@ class _FlowPairs:
 
 def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: int, workdir: Path,
                image_max_tokens: int | None = None, n_threads: int | None = None, flash_attn: bool = True,
-               quick: bool = False, chunk_size: int | None = None, repeats: int = 1) -> list[dict]:
+               quick: bool = False, chunk_size: int | None = None, repeats: int = 1,
+               isolation: tuple[bool, ...] = (True, False)) -> list[dict]:
     import csv
 
     from medvlm.flows.batch import medvlm_batch
@@ -444,7 +445,7 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
     # One chunk: with Prefect's flow-run heartbeat (its default) and without it (its whole-second exit apart).
     streams = ("shared", "per chunk") if chunk_size and chunk_size < len(images) else ("shared",)
     heartbeats = (True,) if len(streams) > 1 else (True, False)
-    for isolate in (True,) if quick else (True, False):
+    for isolate in (True,) if quick else isolation:
         for stream in streams:
             with _stream_per_chunk() if stream == "per chunk" else contextlib.nullcontext():
                 if not quick:
@@ -568,6 +569,8 @@ def main(argv=None) -> int:
                     "(default: all pages in one); smaller also runs each chunk on its own stream, to compare")
     ap.add_argument("--flow-repeats", type=int, default=5, help="timed runs of each flow variant, each paired with "
                     "its engine alone, every other pair engine first (the medians are reported)")
+    ap.add_argument("--flow-isolate", default="on,off", help="the flow with llama.cpp in its supervised child "
+                    "process (on, the default) and/or in-process (off)")
     ap.add_argument("--plan-rows", type=int, default=100_000)
     ap.add_argument("--confidence-repeats", type=int, default=2,
                     help="alternating runs of the engine at the largest parallelism without and with confidences")
@@ -581,6 +584,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few pages and tokens: proves the harness works")
     ap.add_argument("--out", default="bench/results/latest.json")
     args = ap.parse_args(argv)
+    if not set(args.flow_isolate.split(",")) <= {"on", "off"}:
+        ap.error(f"--flow-isolate takes on, off or on,off, not {args.flow_isolate!r}")
     if args.quick:
         args.docs, args.max_tokens, args.parallel, args.plan_rows, args.flow_docs = 3, 4, "1,2", 2000, 3
         args.flow_repeats = 1
@@ -642,7 +647,8 @@ def main(argv=None) -> int:
     if "flow" in paths:
         results.extend(bench_flow(model, mmproj, chat_format, pages(args.flow_docs), params, max(parallel), args.n_ctx,
                                   workdir / "flow", args.image_max_tokens, args.n_threads, args.flash_attn == "on",
-                                  args.quick, args.flow_chunk_size, args.flow_repeats))
+                                  args.quick, args.flow_chunk_size, args.flow_repeats,
+                                  tuple(mode == "on" for mode in args.flow_isolate.split(","))))
     if "openmp" in paths:
         results.extend(bench_openmp(model, mmproj, chat_format, pages(args.flow_docs), params, max(parallel),
                                     args.n_ctx, args.flow_repeats, args.n_threads, args.flash_attn == "on"))
