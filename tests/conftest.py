@@ -69,6 +69,30 @@ def batch(manifest: str, output: str, model: str, mmproj: str | None = None, ret
                         return_state=return_state)
 
 
+# A valid SHA-256 hex digest, for rows made by hand.
+HEX64 = "ab" * 32
+
+
+def completion_row(**change) -> dict:
+    """One valid ``ok`` completions row (run ``r1``, document ``d``, manifest row 1), with ``change`` applied:
+    for tests that write or publish tables by hand."""
+    from medvlm_core import results
+
+    row = {
+        "run_id": "r1", "result_key": HEX64, "document_id": "d", "page": 1, "manifest_row": 1,
+        "image_sha256": HEX64, "prompt_sha256": HEX64, "model_sha256": HEX64, "mmproj_sha256": HEX64,
+        "status": "ok", "completion": "text", "completion_tokens": 3, "created_at": results.utc_now(),
+    }
+    return row | change
+
+
+def run_row(pages: int = 1, **change) -> dict:
+    """The valid runs row of run ``r1`` that answered ``pages`` pages, with ``change`` applied."""
+    row = {"run_id": "r1", "manifest_rows": pages, "quarantined_rows": 0, "skipped_rows": 0, "processed_rows": pages,
+           "pages_ok": pages, "pages_error": 0}
+    return row | change
+
+
 def write_manifest(path: Path, records: list[dict]) -> Path:
     """Write records as a manifest in the format given by ``path``'s extension."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import HEX64, completion_row, run_row
 from medvlm_core import done_index, status
 from medvlm_core.layout import OutputLayout
 from medvlm_core.storage import Storage, s3_options
@@ -167,12 +168,7 @@ def test_publish_calls_back_once_every_table_is_visible_and_before_its_bookkeepi
     from medvlm_core import publish, results
 
     storage, layout = Storage(), OutputLayout.of(str(tmp_path / "out"))
-    hex64 = "ab" * 32
-    row = {"run_id": "r1", "result_key": hex64, "document_id": "d", "manifest_row": 1, "prompt_sha256": hex64,
-           "model_sha256": hex64, "mmproj_sha256": hex64, "status": "ok", "completion": "x", "created_at": results.utc_now()}
-    run_row = {"run_id": "r1", "manifest_rows": 1, "quarantined_rows": 0, "skipped_rows": 0, "processed_rows": 1,
-               "pages_ok": 1, "pages_error": 0}
-    results.write_rows(storage, layout.staged_chunk("r1", "completions", 0), "completions", [row])
+    results.write_rows(storage, layout.staged_chunk("r1", "completions", 0), "completions", [completion_row()])
     seen = []
 
     def on_tables(tables: dict[str, str]) -> None:
@@ -183,10 +179,10 @@ def test_publish_calls_back_once_every_table_is_visible_and_before_its_bookkeepi
             "committed": storage.exists(layout.commit("r1")),
         })
 
-    published = publish.publish_run(storage, layout, "r1", "2026-12-04", [], run_row, on_tables=on_tables)
+    published = publish.publish_run(storage, layout, "r1", "2026-12-04", [], run_row(), on_tables=on_tables)
     assert [s["tables"] for s in seen] == [published] and set(published) == {"completions", "runs"}
     assert seen[0]["rows"] == {"completions": 1, "runs": 1}
     # The index already answers for the run from its published file (done_index reads runs it lacks directly),
     # but neither its state nor the commit record lists the run yet.
-    assert seen[0]["committed"] is False and seen[0]["indexed"] == {hex64}
+    assert seen[0]["committed"] is False and seen[0]["indexed"] == {HEX64}
     assert storage.exists(layout.commit("r1")) and "r1" in done_index.read_state(storage, layout)["runs"]

@@ -11,7 +11,7 @@ import pyarrow.dataset as ds
 import pytest
 import s3fs
 
-from conftest import batch, write_manifest
+from conftest import batch, completion_row, run_row, write_manifest
 from medvlm_core import results
 from medvlm_core.layout import OutputLayout
 from medvlm_core.publish import publish_run
@@ -166,15 +166,11 @@ def test_credentials_from_a_secret_block(s3_server, tmp_path, demo_docs, prefix,
 def test_republishing_a_run_does_not_duplicate_rows(s3, s3_server, prefix):
     storage = Storage({"s3": s3_options(endpoint_url=s3_server.endpoint_url)})
     layout = OutputLayout.of(prefix)
-    hex64 = "ab" * 32
-    row = {"run_id": "r1", "result_key": hex64, "document_id": "d", "manifest_row": 1, "prompt_sha256": hex64,
-           "model_sha256": hex64, "mmproj_sha256": hex64, "status": "ok", "completion": "x", "created_at": results.utc_now()}
-    run_row = {"run_id": "r1", "manifest_rows": 2, "quarantined_rows": 0, "skipped_rows": 0, "processed_rows": 2,
-               "pages_ok": 2, "pages_error": 0}
+    row = completion_row()
     staged = layout.staged_chunk("r1", "completions", 0)
     for _ in range(2):
         results.write_rows(storage, staged, "completions", [row, row | {"document_id": "e", "manifest_row": 2}])
-        publish_run(storage, layout, "r1", "2026-11-28", [], run_row)
+        publish_run(storage, layout, "r1", "2026-11-28", [], run_row(pages=2))
     assert read_s3(s3, f"{prefix}/completions").num_rows == 2
     assert read_s3(s3, f"{prefix}/runs").num_rows == 1
     assert storage.put_if_absent(layout.commit("r1"), b"again") is False

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import completion_row, run_row
 from medvlm_core import results
 from medvlm_core.validation import validate_output
 
-HEX = "ab" * 32
-
 
 def completion(**change):
-    row = {
-        "run_id": "r", "result_key": HEX, "document_id": "d", "page": 1, "manifest_row": 1, "image_sha256": HEX,
-        "prompt_sha256": HEX, "model_sha256": HEX, "mmproj_sha256": HEX, "status": "ok", "completion": "text",
-        "completion_tokens": 3, "created_at": results.utc_now(),
-    }
-    row.update(change)
-    return results.to_table([row], results.COMPLETIONS_SCHEMA)
+    return results.to_table([completion_row(**change)], results.COMPLETIONS_SCHEMA)
 
 
 def test_valid_rows_pass():
@@ -43,8 +36,7 @@ def test_invalid_rows_are_refused(change, problem):
 
 
 def test_runs_and_quarantine_models():
-    run = {"run_id": "r", "manifest_rows": 1, "quarantined_rows": 0, "skipped_rows": 0, "processed_rows": 1,
-           "pages_ok": 1, "pages_error": 0}
+    run = run_row()
     validate_output("runs", results.to_table([run], results.RUNS_SCHEMA))
     with pytest.raises(RuntimeError, match="pages_ok"):
         validate_output("runs", results.to_table([dict(run, pages_ok=-1)], results.RUNS_SCHEMA))
