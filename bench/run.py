@@ -48,6 +48,30 @@ from pathlib import Path
 PROMPT = "Identify the primary diagnoses and list all prescribed medications."  # the flow's default is its own
 
 
+def ratio_of_sums_ci95(numerators: list[float], denominators: list[float], resamples: int = 2000) -> list[float]:
+    """The 95% bootstrap interval of ``sum(numerators) / sum(denominators)``, the pairs resampled (a fixed seed:
+    the same pairs give the same interval). What a run's ratio of sums can claim, given how its pairs spread (a
+    single flow/engine pair swings by ~8% on a small shared machine).
+
+    Args:
+        numerators: one value per pair (the engine's time).
+        denominators: the pairs' other values (the flow's time).
+        resamples: bootstrap samples.
+
+    Returns:
+        [low, high].
+    """
+    import random
+
+    rng, n = random.Random(0), len(numerators)
+    ratios = []
+    for _ in range(resamples):
+        picks = [rng.randrange(n) for _ in range(n)]
+        ratios.append(sum(numerators[i] for i in picks) / sum(denominators[i] for i in picks))
+    ratios.sort()
+    return [ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]]
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -475,6 +499,7 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
                 close_shared_engines()
             for heartbeat, pairs in runs.items():
                 walls, teardowns, alone, files = pairs.walls, pairs.teardowns, pairs.alone, pairs.files
+                completed = [w - t for w, t in zip(walls, teardowns)]
                 wall = median(walls)
                 out.append({
                     "path": "flow", "parallel": n_seq, "isolate": isolate, "docs": len(images), "wall_s": wall,
@@ -491,6 +516,10 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
                     # the sums' ratio: steadier than a median of few pairs when single runs swing by 10-20%
                     "x_engine_same_pages_total": sum(alone) / sum(walls),
                     "x_engine_to_completed_total": sum(alone) / (sum(walls) - sum(teardowns)),
+                    "x_engine_from_files_to_completed_total": sum(files) / (sum(walls) - sum(teardowns)),
+                    # what those two can claim, given how the pairs spread
+                    "x_engine_to_completed_total_ci95": ratio_of_sums_ci95(alone, completed),
+                    "x_engine_from_files_to_completed_total_ci95": ratio_of_sums_ci95(files, completed),
                     "prefect_exit_s": median(teardowns), "prefect_exits_s": teardowns,
                     # CPU seconds by process in each flow run and each engine run on the page files: on a machine
                     # whose cores the engine fills, what the flow adds is what the engine loses
@@ -739,7 +768,11 @@ def main(argv=None) -> int:
               f"Prefect's flow-run exit); against the engine decoding the files as it goes "
               f"{flow['x_engine_from_files']:.2f}x ({flow['x_engine_from_files_to_completed']:.2f}x); "
               f"median of {len(flow['walls_s'])} triples; sums: {flow['x_engine_same_pages_total']:.2f}x "
-              f"({flow['x_engine_to_completed_total']:.2f}x up to Completed)")
+              f"({flow['x_engine_to_completed_total']:.3f}x up to Completed, 95% interval "
+              f"{flow['x_engine_to_completed_total_ci95'][0]:.3f}-{flow['x_engine_to_completed_total_ci95'][1]:.3f}; "
+              f"against the files {flow['x_engine_from_files_to_completed_total']:.3f}x, "
+              f"{flow['x_engine_from_files_to_completed_total_ci95'][0]:.3f}-"
+              f"{flow['x_engine_from_files_to_completed_total_ci95'][1]:.3f})")
         if flow["cpu_s_flow"]:
             print(f"  CPU s, last triple: flow run: {cpu_line(flow['cpu_s_flow'])}; engine on the files: "
                   f"{cpu_line(flow['cpu_s_engine_from_files'])}")

@@ -39,6 +39,9 @@ def test_quick_benchmark_measures_every_path(tmp_path):
         assert len(flow["walls_s"]) == len(flow["engine_alone_walls_s"]) == len(flow["engine_from_files_walls_s"]) == 1
         assert 0 < flow["x_engine_same_pages"] < flow["x_engine_to_completed"]  # the call holds the flow's body and more
         assert 0 < flow["x_engine_same_pages_total"] < flow["x_engine_to_completed_total"]
+        # one pair: its interval is its own ratio
+        for total in ("x_engine_to_completed_total", "x_engine_from_files_to_completed_total"):
+            assert flow[total + "_ci95"] == pytest.approx([flow[total]] * 2)
         assert len(flow["prefect_exits_s"]) == 1 and flow["prefect_exit_s"] == flow["prefect_exits_s"][0]
         assert 0 < flow["x_engine_from_files"] < flow["x_engine_from_files_to_completed"]
         assert 0 < flow["prefect_exit_s"] < flow["wall_s"]
@@ -88,3 +91,17 @@ def test_gpu_script_cpu_quick_mode_prints_one_table_and_writes_json(tmp_path):
         assert all(r["docs_per_s"] > 0 and r["x_naive"] > 0 for r in row["by_tokens"].values())
     assert rows[("naive", 1)]["by_tokens"]["4"]["docs"] == 2 and rows[("engine enc=2", 2)]["by_tokens"]["8"]["docs"] == 3
     assert "engine enc=2" in done.stdout and "x server" in done.stdout and "proves the script" in done.stdout
+
+
+def test_the_interval_of_a_ratio_of_sums_holds_it_and_narrows_with_more_pairs():
+    sys.path.insert(0, str(ROOT))
+    from bench.run import ratio_of_sums_ci95
+
+    engine = [6.0, 6.4, 5.9, 7.1, 6.6, 6.2, 7.4, 6.0]
+    flow = [6.5, 6.6, 6.9, 7.2, 7.4, 6.3, 7.9, 6.8]
+    low, high = ratio_of_sums_ci95(engine, flow)
+    assert low < sum(engine) / sum(flow) < high < 1.0
+    wider = ratio_of_sums_ci95(engine[:3], flow[:3])
+    assert wider[1] - wider[0] > high - low
+    assert ratio_of_sums_ci95([0.9, 1.8], [1.0, 2.0]) == pytest.approx([0.9, 0.9])  # every pair the same ratio
+    assert ratio_of_sums_ci95(engine, flow) == [low, high]  # fixed seed: the same pairs, the same interval
