@@ -9,12 +9,16 @@
 # CUDA build.
 #
 #   bash bench/gpu.sh                # the GPU run
+#   PAYLOAD=.gpu bash bench/gpu.sh   # the same on a machine that reaches no package index (the lent H200): the
+#                                    # sources and wheels bench/gpu_payload.sh packed, on the path of the machine's
+#                                    # python3 (its own numpy and Pillow), medvlm run from this checkout
 #   bash bench/gpu.sh --cpu-quick    # its CPU parts on this machine: the installed llama-cpp-python, a generated
-#                                    # tiny model, a few pages and tokens (tests/test_bench.py runs it)
+#                                    # tiny model, a few pages and tokens (tests/test_bench.py runs it); with
+#                                    # PAYLOAD, on the payload's wheels (packed with TARGET_PYTHON=3.11)
 #
 # env: OUT (results folder, default bench/results/gpu-<time>), WORK (/tmp/medvlm-gpu: sources, build, venv,
 #      models), PYTHON (python3), JOBS (nproc), CUDA_ARCH (native), DOCS (16), NAIVE_DOCS (4), TOKENS ("128 512"),
-#      PARALLEL (8,16), ENCODERS (1,3), LLAMA_CPP_PYTHON_VERSION (the one pyproject.toml names).
+#      PARALLEL (8,16), ENCODERS (1,3), LLAMA_CPP_PYTHON_VERSION (the one pyproject.toml names), PAYLOAD (none).
 set -euo pipefail
 { # parsed whole before it runs
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -25,32 +29,54 @@ WORK=${WORK:-/tmp/medvlm-gpu}
 mkdir -p "$OUT" "$WORK"
 T0=$(date +%s)
 say() { echo "[gpu.sh $(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/gpu.log" >&2; }
+PAYLOAD=${PAYLOAD:-}
+PY=${PYTHON:-python3}
+
+# The payload's wheels (no package index) in a folder of their own, first on the path of the machine's python3,
+# whose numpy and Pillow they use (how ../shared/gpu ran llama_cpp on the lent H200). medvlm is not installed:
+# bench.run and bench.gpu_summary run from this checkout (python -m puts it first on the path).
+payload_site() {
+  "$PY" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$WORK/site" "$PAYLOAD"/whl/*.whl
+  export PYTHONPATH=$WORK/site
+  PYBIN=$PY
+}
 
 if [ "$MODE" = gpu ]; then
   VERSION=${LLAMA_CPP_PYTHON_VERSION:-$(sed -n 's/.*"llama-cpp-python>=\([0-9.]*\).*/\1/p' pyproject.toml)}
-  PY=${PYTHON:-python3}
-  say "llama-cpp-python $VERSION: sources"
-  if [ ! -d "$WORK/src" ]; then
-    "$PY" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$WORK/sdist"
-    mkdir -p "$WORK/src.tmp"
-    tar -xzf "$WORK/sdist/llama_cpp_python-$VERSION.tar.gz" -C "$WORK/src.tmp" --strip-components=1
-    mv "$WORK/src.tmp" "$WORK/src"
+  if [ -n "$PAYLOAD" ]; then
+    say "llama.cpp sources from $PAYLOAD"
+    [ -d "$WORK/llama-src" ] || tar -xzf "$PAYLOAD/llama-src.tar.gz" -C "$WORK"
+    LLAMA=$WORK/llama-src
+  else
+    say "llama-cpp-python $VERSION: sources"
+    if [ ! -d "$WORK/src" ]; then
+      "$PY" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$WORK/sdist"
+      mkdir -p "$WORK/src.tmp"
+      tar -xzf "$WORK/sdist/llama_cpp_python-$VERSION.tar.gz" -C "$WORK/src.tmp" --strip-components=1
+      mv "$WORK/src.tmp" "$WORK/src"
+    fi
+    LLAMA=$WORK/src/vendor/llama.cpp
   fi
-  LLAMA=$WORK/src/vendor/llama.cpp
   say "CUDA build of libllama, libmtmd and llama-server"
   cmake -S "$LLAMA" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
     -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-native}" -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF \
     -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF >> "$OUT/build.log" 2>&1
   cmake --build "$WORK/build" --target llama mtmd llama-server -j "${JOBS:-$(nproc)}" >> "$OUT/build.log" 2>&1
-  say "venv: llama-cpp-python without its own build (LLAMA_BUILD=OFF), the CUDA libraries copied in, medvlm"
-  [ -x "$WORK/venv/bin/python" ] || "$PY" -m venv "$WORK/venv"
-  PYBIN=$WORK/venv/bin/python
-  CMAKE_ARGS="-DLLAMA_BUILD=OFF" "$PYBIN" -m pip install --quiet --no-deps "$WORK/src"
+  if [ -n "$PAYLOAD" ]; then
+    say "python: $PAYLOAD's wheels in $WORK/site, llama-cpp-python's libraries replaced by the CUDA build's"
+    payload_site
+    rm -f "$WORK/site/llama_cpp/lib/"*.so*
+  else
+    say "venv: llama-cpp-python without its own build (LLAMA_BUILD=OFF), the CUDA libraries copied in, medvlm"
+    PYBIN=$WORK/venv/bin/python
+    [ -x "$PYBIN" ] || "$PY" -m venv "$WORK/venv"
+    CMAKE_ARGS="-DLLAMA_BUILD=OFF" "$PYBIN" -m pip install --quiet --no-deps "$WORK/src"
+    "$PYBIN" -m pip install --quiet -e '.[demo]'
+  fi
   LIBDIR=$("$PYBIN" -c 'import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec("llama_cpp").origin), "lib"))')
   mkdir -p "$LIBDIR"
   cp -a "$WORK/build/bin/"*.so* "$LIBDIR/"
-  "$PYBIN" -m pip install --quiet -e '.[demo]'
   "$PYBIN" -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else "llama_cpp has no GPU offload")'
   say "model: random weights, Qwen2.5-VL-7B shapes"
   "$PYBIN" bench/gen_gpu_model.py --out-dir "$WORK/models" --vocab "$LLAMA/models/ggml-vocab-qwen2.gguf" \
@@ -62,7 +88,14 @@ if [ "$MODE" = gpu ]; then
   DOCS=${DOCS:-16}; NAIVE_DOCS=${NAIVE_DOCS:-4}; TOKENS=${TOKENS:-128 512}; PARALLEL=${PARALLEL:-8,16}
   ENCODERS=${ENCODERS:-1,3}
 else
-  PYBIN=${PYTHON:-.venv/bin/python}
+  if [ -n "$PAYLOAD" ]; then
+    say "python: $PAYLOAD's wheels in $WORK/site (llama-cpp-python's own CPU libraries), gguf-py from its sources"
+    payload_site
+    [ -d "$WORK/llama-src" ] || tar -xzf "$PAYLOAD/llama-src.tar.gz" -C "$WORK"
+    export PYTHONPATH=$PYTHONPATH:$WORK/llama-src/gguf-py  # the tiny model's generator imports gguf
+  else
+    PYBIN=${PYTHON:-.venv/bin/python}
+  fi
   MODEL_ARGS=(--family qwen2vl)  # bench.run generates the tiny model
   SERVER=none
   NGL=0

@@ -622,16 +622,27 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # llama.cpp's libraries before numpy's, in this process that loads the model: on the lent H200, scripts that
+    # had loaded numpy first crashed inside llama_model_load_from_file with the CUDA build, five runs out of five,
+    # and ran every time with llama_cpp loaded first (../shared/gpu/README.md). OpenMP's policy comes first still.
+    from medvlm_core.settings import prefer_passive_openmp
+
+    prefer_passive_openmp()
+    import llama_cpp  # noqa: F401
+
     from medvlm_core.config import EngineConfig, GenerationParams
     from medvlm_core.engine import VisionEngine
     from medvlm_core.models import choose_chat_format, inspect_model
-    from medvlm_core.testing.tiny_model import make_tiny_model
 
     workdir = Path(tempfile.mkdtemp(prefix="medvlm-bench-"))
     atexit.register(shutil.rmtree, workdir, True)  # models, pages and flow outputs: only the JSON is kept
     if args.model:
         model, mmproj = Path(args.model), Path(args.mmproj)
     else:
+        # imported here: the generator needs the gguf package, which a run on a given model (bench/gpu.sh on a
+        # machine without PyPI) does without
+        from medvlm_core.testing.tiny_model import make_tiny_model
+
         made = make_tiny_model(workdir / "model", family=args.family)
         model, mmproj = made.model_path, made.mmproj_path
     chat_format = choose_chat_format(inspect_model(str(model), str(mmproj)), args.chat_format)
