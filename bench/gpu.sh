@@ -41,6 +41,48 @@ payload_site() {
   PYBIN=$PY
 }
 
+# CUDA as the lent H200 has it (../shared/gpu/bench.sh built there with these): nvcc perhaps off the PATH, cuBLAS's
+# headers perhaps only in a pip wheel (nvidia/cu13), libcuda perhaps only as libcuda.so.1. Sets CUDA_ARGS (CMake).
+cuda_setup() {
+  CUDA_ARGS=(-DGGML_CUDA_NCCL=OFF)
+  local d nv tk inc="" c sub lib drv
+  if ! command -v nvcc >/dev/null; then
+    for d in /usr/local/cuda/bin /usr/local/cuda-13.0/bin /usr/local/cuda-13/bin /usr/local/cuda-*/bin /opt/cuda/bin; do
+      if [ -x "$d/nvcc" ]; then export PATH="$d:$PATH"; break; fi
+    done
+  fi
+  nv=$(command -v nvcc) || { say "nvcc not found: the CUDA configure will fail"; return 0; }
+  tk=$(dirname "$(dirname "$(readlink -f "$nv")")")
+  say "CUDA toolkit: $tk"
+  if ! ls "$tk"/include/cublas_v2.h "$tk"/targets/*/include/cublas_v2.h >/dev/null 2>&1; then
+    for c in $("$PY" -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null || true) \
+             /opt/torch/.venv/lib/python3*/site-packages; do
+      for sub in nvidia/cu13 nvidia/cublas nvidia/cu12; do
+        if [ -f "$c/$sub/include/cublas_v2.h" ]; then inc=$c/$sub/include; break 2; fi
+      done
+    done
+    if [ -n "$inc" ]; then
+      mkdir -p "$WORK/cublas-lib"
+      for lib in libcublas libcublasLt; do
+        c=$(ls "$(dirname "$inc")"/lib/$lib.so* "$(dirname "$inc")"/lib64/$lib.so* 2>/dev/null | head -1 || true)
+        if [ -n "$c" ]; then ln -sf "$c" "$WORK/cublas-lib/$(basename "$c")"; ln -sf "$c" "$WORK/cublas-lib/$lib.so"; fi
+      done
+      CUDA_ARGS+=("-DCMAKE_CUDA_FLAGS=-I$inc" "-DCUDA_cublas_LIBRARY=$WORK/cublas-lib/libcublas.so"
+                  "-DCUDA_cublasLt_LIBRARY=$WORK/cublas-lib/libcublasLt.so")
+      export LD_LIBRARY_PATH=$WORK/cublas-lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+      say "cuBLAS headers from $inc"
+    else
+      say "cublas_v2.h found nowhere: the CUDA configure will fail"
+    fi
+  fi
+  if ! ls "$tk"/lib64/libcuda.so "$tk"/lib64/stubs/libcuda.so "$tk"/targets/*/lib/stubs/libcuda.so \
+        /usr/lib/x86_64-linux-gnu/libcuda.so /usr/lib64/libcuda.so /usr/local/nvidia/lib64/libcuda.so >/dev/null 2>&1; then
+    drv=$(ls /usr/local/nvidia/lib64/libcuda.so.1 /usr/lib/x86_64-linux-gnu/libcuda.so.1 /usr/lib64/libcuda.so.1 \
+          2>/dev/null | head -1 || true)
+    if [ -n "$drv" ]; then CUDA_ARGS+=("-DCUDA_cuda_driver_LIBRARY=$drv"); else CUDA_ARGS+=(-DGGML_CUDA_NO_VMM=ON); fi
+  fi
+}
+
 if [ "$MODE" = gpu ]; then
   VERSION=${LLAMA_CPP_PYTHON_VERSION:-$(sed -n 's/.*"llama-cpp-python>=\([0-9.]*\).*/\1/p' pyproject.toml)}
   if [ -n "$PAYLOAD" ]; then
@@ -57,8 +99,9 @@ if [ "$MODE" = gpu ]; then
     fi
     LLAMA=$WORK/src/vendor/llama.cpp
   fi
+  cuda_setup
   say "CUDA build of libllama, libmtmd and llama-server"
-  cmake -S "$LLAMA" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
+  cmake -S "$LLAMA" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON "${CUDA_ARGS[@]}" \
     -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-native}" -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF \
     -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF >> "$OUT/build.log" 2>&1
