@@ -49,3 +49,21 @@ def test_the_isolated_child_waits_passively(tiny_llava):
     )
     counts = libgomp_spin_counts(code)
     assert counts == [0]
+
+
+def test_the_isolated_child_loads_llama_cpp_before_numpy(tiny_llava, monkeypatch):
+    # On a CUDA build, processes that loaded numpy first crashed inside llama_model_load_from_file (../shared/gpu):
+    # the probe aborts the child (an engine_crash error) when numpy came first there.
+    from PIL import Image
+
+    from medvlm_core.config import EngineConfig, GenerationParams
+    from medvlm_core.engine import IsolatedEngine, Request
+    from medvlm_core.testing.faults import RequireLlamaBeforeNumpy
+
+    monkeypatch.setenv("GGML_NO_BACKTRACE", "1")
+    config = EngineConfig(str(tiny_llava.model_path), str(tiny_llava.mmproj_path), n_ctx=2048, n_parallel=2)
+    with IsolatedEngine(config, "llava-1-5", fault=RequireLlamaBeforeNumpy()) as engine:
+        [(_, result)] = engine.generate_many([Request(0, Image.new("RGB", (64, 64), "white"), "Describe.",
+                                                      GenerationParams(max_tokens=2))])
+    assert not isinstance(result, Exception), result
+    assert result.completion_tokens >= 1

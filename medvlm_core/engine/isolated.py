@@ -60,6 +60,7 @@ from medvlm_core.config import EngineConfig, GenerationParams
 from medvlm_core.engine.types import NOT_YET, NOT_YET_WAIT_S, Engine, Generation, RawPixels, Request, Result
 from medvlm_core.errors import DocumentError, RunError, error_detail, short_message
 from medvlm_core.images import to_rgb
+from medvlm_core.isolated_child import start_child
 
 # A fault injector (tests only): called in the child with (intake, attempt) before each page is taken.
 FaultInjector = Callable[[int, int], None]
@@ -365,7 +366,10 @@ class IsolatedEngine(Engine):
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked llama.cpp or thread state
         request_recv, request_send = ctx.Pipe(duplex=False)
         result_recv, result_send = ctx.Pipe(duplex=False)
-        process = ctx.Process(target=_child_main, args=(self.config, self.chat_format, self.log_phi, self.fault, request_recv, result_send),
+        # The child starts outside this package, so that it loads llama.cpp before numpy (isolated_child).
+        process = ctx.Process(target=start_child,
+                              args=(f"{__name__}:_child_main", self.config, self.chat_format, self.log_phi, self.fault,
+                                    request_recv, result_send),
                               name="medvlm-inference", daemon=True)
         started = time.perf_counter()
         with _main_not_rerun():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -73,3 +74,20 @@ def native_abort() -> None:
         function.restype = None
         function(b"medvlm_core/testing/faults.py", 1, b"medvlm test abort")
     os.abort()
+
+
+@dataclass(frozen=True)
+class RequireLlamaBeforeNumpy:
+    """Abort the child (as llama.cpp does) before its first page if numpy was loaded there before llama.cpp's
+    libraries: the order a CUDA build crashed on (``medvlm_core.isolated_child``)."""
+
+    def __call__(self, intake: int, attempt: int) -> None:
+        """Abort if numpy came first.
+
+        Args:
+            intake: the page's intake number.
+            attempt: 0 in the batch, 1 in the solo retry.
+        """
+        loaded = list(sys.modules)
+        if "numpy" in loaded and loaded.index("numpy") < loaded.index("llama_cpp.llama_cpp"):
+            native_abort()
