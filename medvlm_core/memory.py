@@ -171,12 +171,9 @@ def encode_workers_for(config: EngineConfig) -> int:
 
 def _gpu_build() -> bool:
     try:
-        from medvlm_core.settings import prefer_passive_openmp
+        from medvlm_core.settings import load_llama_cpp
 
-        prefer_passive_openmp()  # this may be the process's first import of llama.cpp
-        import llama_cpp
-
-        return bool(llama_cpp.llama_supports_gpu_offload())
+        return bool(load_llama_cpp().llama_supports_gpu_offload())  # maybe the process's first import of it
     except (ImportError, AttributeError):
         return False
 

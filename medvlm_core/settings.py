@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -117,3 +118,19 @@ def prefer_passive_openmp() -> str:
         The policy now in the environment.
     """
     return os.environ.setdefault(OPENMP_WAIT_POLICY_ENV, OPENMP_WAIT_POLICY)
+
+
+def load_llama_cpp() -> Any:
+    """``llama_cpp``, loaded after ``prefer_passive_openmp`` when this is the process's first import of it.
+
+    Where a process is about to open a model, call this before anything imports numpy: on a CUDA build, processes
+    that had loaded numpy first crashed inside ``llama_model_load_from_file``, five runs out of five, and ran
+    every time with llama_cpp loaded first (../shared/gpu/README.md, on an H200).
+
+    Returns:
+        The ``llama_cpp`` module.
+    """
+    prefer_passive_openmp()
+    import llama_cpp
+
+    return llama_cpp
