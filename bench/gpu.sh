@@ -17,8 +17,9 @@
 #                                    # PAYLOAD, on the payload's wheels (packed with TARGET_PYTHON=3.11)
 #
 # env: OUT (results folder, default bench/results/gpu-<time>), WORK (/tmp/medvlm-gpu: sources, build, venv,
-#      models), PYTHON (python3), JOBS (nproc), CUDA_ARCH (native), DOCS (16), NAIVE_DOCS (4), TOKENS ("128 512"),
-#      PARALLEL (8,16), ENCODERS (1,3), LLAMA_CPP_PYTHON_VERSION (the one pyproject.toml names), PAYLOAD (none).
+#      models), PYTHON (python3), JOBS (nproc), CUDA_ARCH (the GPU's, from nvidia-smi, else native), DOCS (16),
+#      NAIVE_DOCS (4), TOKENS ("128 512"), PARALLEL (8,16), ENCODERS (1,3), LLAMA_CPP_PYTHON_VERSION (the one
+#      pyproject.toml names), PAYLOAD (none).
 set -euo pipefail
 { # parsed whole before it runs
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -81,6 +82,13 @@ cuda_setup() {
           2>/dev/null | head -1 || true)
     if [ -n "$drv" ]; then CUDA_ARGS+=("-DCUDA_cuda_driver_LIBRARY=$drv"); else CUDA_ARGS+=(-DGGML_CUDA_NO_VMM=ON); fi
   fi
+  # The GPU's own architecture (9.0 -> 90 on an H200, as ../shared/gpu built): CMake's "native" needs CMake 3.24+
+  # and a probe program; "native" only where nvidia-smi cannot tell.
+  if [ -z "${CUDA_ARCH:-}" ]; then
+    CUDA_ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .' || true)
+    CUDA_ARCH=${CUDA_ARCH:-native}
+  fi
+  say "CUDA architecture: $CUDA_ARCH"
 }
 
 if [ "$MODE" = gpu ]; then
