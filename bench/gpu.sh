@@ -54,14 +54,23 @@ cuda_setup() {
   fi
   nv=$(command -v nvcc) || { say "nvcc not found: the CUDA configure will fail"; return 0; }
   tk=$(dirname "$(dirname "$(readlink -f "$nv")")")
+  # a wrapper script (exec /usr/local/cuda-13.0/bin/nvcc "$@", as this project's machines have) hides the toolkit
+  if ! ls "$tk"/include/cuda_runtime.h "$tk"/targets/*/include/cuda_runtime.h >/dev/null 2>&1 \
+     && grep -q "exec " "$nv" 2>/dev/null; then
+    tk=$(dirname "$(dirname "$(grep -oE '/[^ "]+/bin/nvcc' "$nv" | head -1)")")
+  fi
   say "CUDA toolkit: $tk"
   if ! ls "$tk"/include/cublas_v2.h "$tk"/targets/*/include/cublas_v2.h >/dev/null 2>&1; then
     for c in $("$PY" -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null || true) \
-             /opt/torch/.venv/lib/python3*/site-packages; do
+             /opt/torch/.venv/lib/python3*/site-packages /usr/local/lib/python3*/dist-packages /usr/lib/python3/dist-packages; do
       for sub in nvidia/cu13 nvidia/cublas nvidia/cu12; do
         if [ -f "$c/$sub/include/cublas_v2.h" ]; then inc=$c/$sub/include; break 2; fi
       done
     done
+    if [ -z "$inc" ]; then
+      c=$(find /usr /opt -name cublas_v2.h 2>/dev/null | head -1 || true)
+      if [ -n "$c" ]; then inc=$(dirname "$c"); fi
+    fi
     if [ -n "$inc" ]; then
       mkdir -p "$WORK/cublas-lib"
       for lib in libcublas libcublasLt; do
@@ -78,8 +87,9 @@ cuda_setup() {
   fi
   if ! ls "$tk"/lib64/libcuda.so "$tk"/lib64/stubs/libcuda.so "$tk"/targets/*/lib/stubs/libcuda.so \
         /usr/lib/x86_64-linux-gnu/libcuda.so /usr/lib64/libcuda.so /usr/local/nvidia/lib64/libcuda.so >/dev/null 2>&1; then
-    drv=$(ls /usr/local/nvidia/lib64/libcuda.so.1 /usr/lib/x86_64-linux-gnu/libcuda.so.1 /usr/lib64/libcuda.so.1 \
-          2>/dev/null | head -1 || true)
+    drv=$(ldconfig -p 2>/dev/null | grep -oE '/[^ ]+/libcuda\.so\.1$' | head -1 || true)
+    [ -n "$drv" ] || drv=$(ls /usr/local/nvidia/lib64/libcuda.so.1 /usr/lib/x86_64-linux-gnu/libcuda.so.1 \
+                            /usr/lib64/libcuda.so.1 2>/dev/null | head -1 || true)
     if [ -n "$drv" ]; then CUDA_ARGS+=("-DCUDA_cuda_driver_LIBRARY=$drv"); else CUDA_ARGS+=(-DGGML_CUDA_NO_VMM=ON); fi
   fi
   # The GPU's own architecture (9.0 -> 90 on an H200, as ../shared/gpu built): CMake's "native" needs CMake 3.24+
