@@ -43,9 +43,10 @@ payload_site() {
 }
 
 # CUDA as the lent H200 has it (../shared/gpu/bench.sh built there with these): nvcc perhaps off the PATH, cuBLAS's
-# headers perhaps only in a pip wheel (nvidia/cu13), libcuda perhaps only as libcuda.so.1. Sets CUDA_ARGS (CMake).
+# headers perhaps only in a pip wheel (nvidia/cu13), libcuda perhaps only as libcuda.so.1. Sets CUDA_ARGS and, for
+# a pip wheel's cuBLAS, CUBLAS_ARGS, CUBLAS_INC and CUDA_TK (CMake).
 cuda_setup() {
-  CUDA_ARGS=(-DGGML_CUDA_NCCL=OFF)
+  CUDA_ARGS=(-DGGML_CUDA_NCCL=OFF); CUBLAS_ARGS=(); CUBLAS_INC=""; CUDA_TK=""
   local d nv tk inc="" c sub lib drv
   if ! command -v nvcc >/dev/null; then
     for d in /usr/local/cuda/bin /usr/local/cuda-13.0/bin /usr/local/cuda-13/bin /usr/local/cuda-*/bin /opt/cuda/bin; do
@@ -77,8 +78,9 @@ cuda_setup() {
         c=$(ls "$(dirname "$inc")"/lib/$lib.so* "$(dirname "$inc")"/lib64/$lib.so* 2>/dev/null | head -1 || true)
         if [ -n "$c" ]; then ln -sf "$c" "$WORK/cublas-lib/$(basename "$c")"; ln -sf "$c" "$WORK/cublas-lib/$lib.so"; fi
       done
-      CUDA_ARGS+=("-DCMAKE_CUDA_FLAGS=-I$inc" "-DCUDA_cublas_LIBRARY=$WORK/cublas-lib/libcublas.so"
-                  "-DCUDA_cublasLt_LIBRARY=$WORK/cublas-lib/libcublasLt.so")
+      CUBLAS_ARGS=("-DCMAKE_CUDA_FLAGS=-I$inc" "-DCUDA_cublas_LIBRARY=$WORK/cublas-lib/libcublas.so"
+                   "-DCUDA_cublasLt_LIBRARY=$WORK/cublas-lib/libcublasLt.so")
+      CUBLAS_INC=$inc; CUDA_TK=$tk
       export LD_LIBRARY_PATH=$WORK/cublas-lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
       say "cuBLAS headers from $inc"
     else
@@ -119,11 +121,30 @@ if [ "$MODE" = gpu ]; then
   fi
   cuda_setup
   say "CUDA build of libllama, libmtmd and llama-server"
-  cmake -S "$LLAMA" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON "${CUDA_ARGS[@]}" \
-    -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-native}" -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF \
-    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF >> "$OUT/build.log" 2>&1
-  cmake --build "$WORK/build" --target llama mtmd llama-server -j "${JOBS:-$(nproc)}" >> "$OUT/build.log" 2>&1
+  GEN=(); if command -v ninja >/dev/null; then GEN=(-G Ninja); fi
+  FLAGS=(-DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON "${CUDA_ARGS[@]}" -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-native}"
+         -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON
+         -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
+         -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF)
+  rc=0
+  cmake -S "$LLAMA" -B "$WORK/build" "${GEN[@]}" "${FLAGS[@]}" "${CUBLAS_ARGS[@]}" >> "$OUT/build.log" 2>&1 || rc=$?
+  if [ "$rc" != 0 ] && [ -n "$CUBLAS_INC" ]; then
+    # ../shared/gpu/bench.sh's fallback: the wheel's cuBLAS linked into the toolkit itself (the machine is
+    # thrown away after the window), then a plain configure
+    say "configure failed with the wheel's cuBLAS passed in; retrying with it linked into $CUDA_TK"
+    for f in "$CUBLAS_INC"/*.h; do ln -sf "$f" "$CUDA_TK/include/$(basename "$f")"; done
+    libdir=$CUDA_TK/lib64; [ -d "$libdir" ] || libdir=$(ls -d "$CUDA_TK"/targets/*/lib | head -1)
+    for f in "$WORK"/cublas-lib/*; do ln -sf "$(readlink -f "$f")" "$libdir/$(basename "$f")"; done
+    rm -rf "$WORK/build"; rc=0
+    cmake -S "$LLAMA" -B "$WORK/build" "${GEN[@]}" "${FLAGS[@]}" >> "$OUT/build.log" 2>&1 || rc=$?
+  fi
+  if [ "$rc" != 0 ]; then
+    say "configure failed (rc $rc): $OUT/build.log"
+    grep -E "CMake Error" -A6 "$OUT/build.log" | head -30 >&2
+    exit 1
+  fi
+  cmake --build "$WORK/build" --target llama mtmd llama-server -j "${JOBS:-$(nproc)}" >> "$OUT/build.log" 2>&1 \
+    || { say "build failed: $OUT/build.log"; grep -E "error" "$OUT/build.log" | head -20 >&2; exit 1; }
   if [ -n "$PAYLOAD" ]; then
     say "python: $PAYLOAD's wheels in $WORK/site, llama-cpp-python's libraries replaced by the CUDA build's"
     payload_site
