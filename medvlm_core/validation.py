@@ -8,7 +8,7 @@ downstream queries can trust their schema and invariants.
 Each validation first asks ``passes``: every check of the model in one polars query (pandera's own check
 functions). pandera itself runs only when that query finds a failure, to name it: pandera runs one query per
 check (~50 for the completions table, ~0.3 ms each whatever the rows), 17 ms for a chunk of 64 completions
-against 2.4 ms in one query (BENCHMARKS.md, the seventh session).
+against 2.4 ms in one query (BENCHMARKS.md, the eighth session).
 """
 
 from __future__ import annotations
