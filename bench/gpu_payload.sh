@@ -37,9 +37,11 @@ for entry in CMakeLists.txt LICENSE app cmake common ggml gguf-py include licens
   [ -e "$SRC/$entry" ] && cp -a "$SRC/$entry" "$STAGE/"
 done
 [ -e "$SRC/scripts/ui-assets.cmake" ] && cp -a "$SRC/scripts/ui-assets.cmake" "$STAGE/scripts/"
-# the server's web UI is built from assets the build can go without (LLAMA_BUILD_UI=OFF); its tests and docs too
+# the server's web UI is built from assets the build can go without (LLAMA_BUILD_UI=OFF: ui.cpp and ui.h are still
+# generated, from the *.in templates, with no UI in them); its tests and docs too
 if [ -d "$STAGE/tools/ui" ]; then
-  find "$STAGE/tools/ui" -mindepth 1 -maxdepth 1 ! -name CMakeLists.txt ! -name sources.cmake -exec rm -rf {} +
+  find "$STAGE/tools/ui" -mindepth 1 -maxdepth 1 ! -name CMakeLists.txt ! -name sources.cmake ! -name '*.in' \
+    -exec rm -rf {} +
 fi
 rm -rf "$STAGE/tools/server/tests" "$STAGE/tools/server/bench"
 cp "$SRC/models/ggml-vocab-qwen2.gguf" "$STAGE/models/"
