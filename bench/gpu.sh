@@ -15,6 +15,9 @@
 #   bash bench/gpu.sh --cpu-quick    # its CPU parts on this machine: the installed llama-cpp-python, a generated
 #                                    # tiny model, a few pages and tokens (tests/test_bench.py runs it); with
 #                                    # PAYLOAD, on the payload's wheels (packed with TARGET_PYTHON=3.11)
+#   bash bench/gpu.sh --cpu-build    # every step of the GPU run without a GPU: the build from the same sources
+#                                    # without CUDA (~4 minutes on 2 cores), the libraries swapped in, the model
+#                                    # generator at its tiny scale, llama-server; with PAYLOAD, as the H200 would
 #
 # env: OUT (results folder, default bench/results/gpu-<time>), WORK (/tmp/medvlm-gpu: sources, build, venv,
 #      models), PYTHON (python3), JOBS (nproc), CUDA_ARCH (the GPU's, from nvidia-smi, else native), DOCS (16),
@@ -23,8 +26,9 @@
 set -euo pipefail
 { # parsed whole before it runs
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-MODE=gpu
+MODE=gpu; BUILD=cuda
 [ "${1:-}" = "--cpu-quick" ] && MODE=cpu
+[ "${1:-}" = "--cpu-build" ] && BUILD=cpu
 OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}
 WORK=${WORK:-/tmp/medvlm-gpu}
 mkdir -p "$OUT" "$WORK"
@@ -119,10 +123,15 @@ if [ "$MODE" = gpu ]; then
     fi
     LLAMA=$WORK/src/vendor/llama.cpp
   fi
-  cuda_setup
-  say "CUDA build of libllama, libmtmd and llama-server"
+  if [ "$BUILD" = cuda ]; then
+    cuda_setup
+    BACKEND=(-DGGML_CUDA=ON "${CUDA_ARGS[@]}" -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-native}")
+  else
+    CUBLAS_ARGS=(); CUBLAS_INC=""; BACKEND=()
+  fi
+  say "$BUILD build of libllama, libmtmd and llama-server"
   GEN=(); if command -v ninja >/dev/null; then GEN=(-G Ninja); fi
-  FLAGS=(-DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON "${CUDA_ARGS[@]}" -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-native}"
+  FLAGS=(-DCMAKE_BUILD_TYPE=Release "${BACKEND[@]}"
          -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON
          -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
          -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF)
@@ -146,11 +155,11 @@ if [ "$MODE" = gpu ]; then
   cmake --build "$WORK/build" --target llama mtmd llama-server -j "${JOBS:-$(nproc)}" >> "$OUT/build.log" 2>&1 \
     || { say "build failed: $OUT/build.log"; grep -E "error" "$OUT/build.log" | head -20 >&2; exit 1; }
   if [ -n "$PAYLOAD" ]; then
-    say "python: $PAYLOAD's wheels in $WORK/site, llama-cpp-python's libraries replaced by the CUDA build's"
+    say "python: $PAYLOAD's wheels in $WORK/site, llama-cpp-python's libraries replaced by the $BUILD build's"
     payload_site
     rm -f "$WORK/site/llama_cpp/lib/"*.so*
   else
-    say "venv: llama-cpp-python without its own build (LLAMA_BUILD=OFF), the CUDA libraries copied in, medvlm"
+    say "venv: llama-cpp-python without its own build (LLAMA_BUILD=OFF), the $BUILD libraries copied in, medvlm"
     PYBIN=$WORK/venv/bin/python
     [ -x "$PYBIN" ] || "$PY" -m venv "$WORK/venv"
     CMAKE_ARGS="-DLLAMA_BUILD=OFF" "$PYBIN" -m pip install --quiet --no-deps "$WORK/src"
@@ -159,16 +168,21 @@ if [ "$MODE" = gpu ]; then
   LIBDIR=$("$PYBIN" -c 'import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec("llama_cpp").origin), "lib"))')
   mkdir -p "$LIBDIR"
   cp -a "$WORK/build/bin/"*.so* "$LIBDIR/"
-  "$PYBIN" -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else "llama_cpp has no GPU offload")'
-  say "model: random weights, Qwen2.5-VL-7B shapes"
-  "$PYBIN" bench/gen_gpu_model.py --out-dir "$WORK/models" --vocab "$LLAMA/models/ggml-vocab-qwen2.gguf" \
-    --gguf-py "$LLAMA/gguf-py" >> "$OUT/model.log" 2>&1
-  MODEL_ARGS=(--model "$WORK/models/qwen25vl7b-full-q4_k_m.gguf"
-              --mmproj "$WORK/models/qwen25vl7b-full-mmproj-qwen25vl-f16.gguf" --chat-format qwen2.5-vl)
+  if [ "$BUILD" = cuda ]; then
+    "$PYBIN" -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else "llama_cpp has no GPU offload")'
+    SCALE=full; NGL=-1
+    DOCS=${DOCS:-16}; NAIVE_DOCS=${NAIVE_DOCS:-4}; TOKENS=${TOKENS:-128 512}; PARALLEL=${PARALLEL:-8,16}
+    ENCODERS=${ENCODERS:-1,3}
+  else  # the whole script on this machine: the same steps, a CPU build, the generator's tiny scale, a few tokens
+    SCALE=tiny; NGL=0; MODE=cpu
+    DOCS=${DOCS:-3}; NAIVE_DOCS=${NAIVE_DOCS:-1}; TOKENS=${TOKENS:-4}; PARALLEL=${PARALLEL:-2}; ENCODERS=${ENCODERS:-1,2}
+  fi
+  say "model: random weights, Qwen2.5-VL-7B shapes ($SCALE)"
+  "$PYBIN" bench/gen_gpu_model.py --scale "$SCALE" --out-dir "$WORK/models" \
+    --vocab "$LLAMA/models/ggml-vocab-qwen2.gguf" --gguf-py "$LLAMA/gguf-py" >> "$OUT/model.log" 2>&1
+  MODEL_ARGS=(--model "$WORK/models/qwen25vl7b-$SCALE-q4_k_m.gguf"
+              --mmproj "$WORK/models/qwen25vl7b-$SCALE-mmproj-qwen25vl-f16.gguf" --chat-format qwen2.5-vl)
   SERVER=$WORK/build/bin/llama-server
-  NGL=-1
-  DOCS=${DOCS:-16}; NAIVE_DOCS=${NAIVE_DOCS:-4}; TOKENS=${TOKENS:-128 512}; PARALLEL=${PARALLEL:-8,16}
-  ENCODERS=${ENCODERS:-1,3}
 else
   if [ -n "$PAYLOAD" ]; then
     say "python: $PAYLOAD's wheels in $WORK/site (llama-cpp-python's own CPU libraries), gguf-py from its sources"
