@@ -13,7 +13,7 @@
       _staging/<run_id>/plans/part-NNNNN.parquet                     validated rows of 64 shards, a row group each
       _staging/<run_id>/_publish.json                                the run is being published (roll forward)
       _commits/<run_id>.json                                  written once, create-if-absent, when published
-      _index/done/bucket-XXXX.parquet                         answered pages by document (``medvlm_core.done_index``)
+      _index/done/bucket-XXXX.arrow                           answered pages by document (``medvlm_core.done_index``)
       _lease/lease-NNNNNNNNNNNN.json                          who holds the output's lease (``medvlm_core.lease``)
       _state/nightly/...                                      what the nightly flow has processed
 

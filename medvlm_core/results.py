@@ -212,10 +212,19 @@ def merge_parquet(storage: Storage, sources: list[str], url: str, schema: pa.Sch
 
     Sources (chunk files: one chunk's rows each) are read whole, one at a time (so a retried read never
     repeats rows), and copied a row group at a time: memory stays at one chunk however long the run was.
-    ``schema`` defaults to the first source's.
+    ``schema`` defaults to the first source's. A single source already in ``schema`` (a one-chunk run, the
+    runs row) is copied byte for byte: the same file the merge would write, without decoding and re-encoding it.
     """
     def open_source(src: str) -> pq.ParquetFile:
         return pq.ParquetFile(pa.BufferReader(storage.read_bytes(src)))
+
+    if len(sources) == 1:
+        data = storage.read_bytes(sources[0])
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+        if schema is None or parquet.schema_arrow.equals(schema):
+            with no_space_is_a_run_error(url):
+                storage.write_bytes_atomic(url, data)
+            return parquet.metadata.num_rows
 
     if schema is None:
         schema = open_source(sources[0]).schema_arrow

@@ -1,5 +1,6 @@
 """The done index (medvlm_core.done_index): it always answers what reading the whole history would, a run's
-lookup reads only the buckets of its own documents, and runs it lacks are still seen, then folded in.
+lookup reads only the buckets of its own documents, runs it lacks are still seen, then folded in, and an index
+of an older version is read as it is, then migrated.
 
 The history is written in the real output layout with pyarrow (only the columns the index reads), on a local
 folder and on a real S3 server (SeaweedFS).
@@ -8,6 +9,7 @@ folder and on a real S3 server (SeaweedFS).
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import uuid
 
@@ -50,6 +52,11 @@ def write_history(storage: Storage, layout: OutputLayout, runs: int, rows: int, 
     return answered
 
 
+def read_bucket(data: bytes) -> pa.Table:
+    """A bucket file's table (the current version's format: Arrow IPC)."""
+    return pa.ipc.open_file(pa.py_buffer(data)).read_all()
+
+
 def expected(answered: dict[str, set[str]], documents=None) -> set[str]:
     return set().union(*[answered.get(d, set()) for d in (documents if documents is not None else answered)])
 
@@ -80,10 +87,10 @@ def test_the_index_answers_what_the_whole_history_does(output):
     assert done_index.catch_up(storage, layout) == []  # nothing left to fold in
 
     # Adding the same runs again changes no bucket (no duplicate keys).
-    buckets = storage.list_files(layout.done_index(), ".parquet")
-    before = {u: pq.read_table(pa.BufferReader(storage.read_bytes(u))).num_rows for u in buckets}
+    buckets = storage.list_files(layout.done_index(), ".arrow")
+    before = {u: read_bucket(storage.read_bytes(u)).num_rows for u in buckets}
     done_index.add_runs(storage, layout, done_index.published_completions(storage, layout))
-    assert {u: pq.read_table(pa.BufferReader(storage.read_bytes(u))).num_rows for u in buckets} == before
+    assert {u: read_bucket(storage.read_bytes(u)).num_rows for u in buckets} == before
     assert sum(before.values()) == len(expected(answered))
 
 
@@ -93,7 +100,7 @@ def test_a_run_that_answers_known_pages_again_rewrites_no_bucket(output):
     storage, layout = output
     answered = write_history(storage, layout, runs=3, rows=50, seed=4)
     done_index.catch_up(storage, layout)
-    buckets = storage.list_files(layout.done_index(), ".parquet")
+    buckets = storage.list_files(layout.done_index(), ".arrow")
     before = {u: storage.read_bytes(u) for u in buckets}
 
     def publish(run_id: str, day: str, rows: list[tuple[str, str]]) -> dict[str, str]:
@@ -113,11 +120,11 @@ def test_a_run_that_answers_known_pages_again_rewrites_no_bucket(output):
 
     gained = {done_index.bucket_of(d, done_index.BUCKETS) for d, _ in fresh}
     assert done_index.add_runs(storage, layout, publish("20260202T020000Z-mixed000", "2026-02-02", pairs[:5] + fresh)) == len(gained)
-    after = {u: storage.read_bytes(u) for u in storage.list_files(layout.done_index(), ".parquet")}
+    after = {u: storage.read_bytes(u) for u in storage.list_files(layout.done_index(), ".arrow")}
     changed = {u for u in after if before.get(u) != after[u]}
     assert changed == {done_index._bucket_url(layout, b) for b in gained}
     for url in changed:  # old keys kept, each pair once
-        table = pq.read_table(pa.BufferReader(after[url]))
+        table = read_bucket(after[url])
         pairs_there = list(zip(table["document_id"].to_pylist(), table["result_key"].to_pylist()))
         assert len(pairs_there) == len(set(pairs_there))
     assert done_index.load_done_keys(storage, layout).keys == expected(answered) | {k for _, k in fresh}
@@ -152,8 +159,87 @@ def test_a_lookup_reads_only_its_documents_buckets(tmp_path, monkeypatch):
     keys = done_index.load_done_keys(storage, layout, documents).keys
     assert keys == expected(answered, documents)
     buckets = {done_index.bucket_of(d, done_index.BUCKETS) for d in documents}
-    bucket_files = [u for u in read if u.endswith(".parquet")]
+    bucket_files = [u for u in read if u.endswith(".arrow")]
     assert len(bucket_files) <= len(buckets) and not any("/completions/" in u for u in read)
+
+
+def as_version_1(storage: Storage, layout: OutputLayout) -> dict[str, pa.Table]:
+    """Turn the output's index into a version 1 index (Parquet buckets), as an older medvlm wrote it.
+
+    Returns:
+        Bucket file name (without suffix) -> its table.
+    """
+    tables = {}
+    for url in storage.list_files(layout.done_index(), ".arrow"):
+        table = read_bucket(storage.read_bytes(url))
+        base = url[:-len(".arrow")]
+        with storage.open_atomic(base + ".parquet") as f:
+            pq.write_table(table, f)
+        storage.remove_tree(url)
+        tables[base.rsplit("/", 1)[-1]] = table
+    state = done_index.read_state(storage, layout)
+    storage.write_bytes_atomic(layout.done_index() + "/state.json", json.dumps({**state, "version": 1}).encode())
+    return tables
+
+
+def test_an_index_of_version_1_is_read_as_it_is_then_migrated(output):
+    storage, layout = output
+    answered = write_history(storage, layout, runs=6, rows=40, seed=5)
+    done_index.catch_up(storage, layout)
+    tables = as_version_1(storage, layout)
+    assert storage.list_files(layout.done_index(), ".arrow") == []
+    some = sorted(answered)[:9]
+    # Read as it is (a shard started by an older parent, a reader before the lease holder's catch_up).
+    assert done_index.load_done_keys(storage, layout).keys == expected(answered)
+    assert done_index.load_done_keys(storage, layout, some).keys == expected(answered, some)
+
+    # A migration cut before its state leaves the old index whole: still read, migrated again later.
+    original = storage.write_bytes_atomic
+
+    def cut_at_the_state(url, data):
+        if url.endswith("state.json"):
+            raise OSError("killed")
+        original(url, data)
+
+    storage.write_bytes_atomic = cut_at_the_state
+    with pytest.raises(OSError):
+        done_index.catch_up(storage, layout)
+    storage.write_bytes_atomic = original
+    assert done_index.read_state(storage, layout)["version"] == 1
+    assert done_index.load_done_keys(storage, layout).keys == expected(answered)
+
+    assert done_index.catch_up(storage, layout) == []  # no run was missing: only the format changed
+    assert done_index.read_state(storage, layout)["version"] == done_index.VERSION == 2
+    assert storage.list_files(layout.done_index(), ".parquet") == []
+    migrated = {u[:-len(".arrow")].rsplit("/", 1)[-1]: read_bucket(storage.read_bytes(u))
+                for u in storage.list_files(layout.done_index(), ".arrow")}
+    assert {k: t.to_pylist() for k, t in migrated.items()} == {k: t.to_pylist() for k, t in tables.items()}
+    assert done_index.load_done_keys(storage, layout).keys == expected(answered)
+    assert done_index.load_done_keys(storage, layout, some).keys == expected(answered, some)
+
+
+def test_a_publish_on_a_version_1_index_migrates_it_first(tmp_path):
+    # A publish rolled forward (recover_interrupted_publishes) runs before catch_up: add_runs meets the old index.
+    storage, layout = Storage(), OutputLayout.of(str(tmp_path / "out"))
+    answered = write_history(storage, layout, runs=3, rows=30, seed=6)
+    done_index.catch_up(storage, layout)
+    as_version_1(storage, layout)
+    new = write_history(storage, layout, runs=1, rows=30, seed=7, first=3)
+    run_id, url = sorted(done_index.published_completions(storage, layout).items())[-1]
+    assert done_index.add_runs(storage, layout, {run_id: url}) > 0
+    state = done_index.read_state(storage, layout)
+    assert state["version"] == 2 and run_id in state["runs"] and len(state["runs"]) == 4
+    assert storage.list_files(layout.done_index(), ".parquet") == []
+    assert done_index.load_done_keys(storage, layout).keys == expected(answered) | expected(new)
+
+
+def test_an_index_newer_than_this_medvlm_is_a_clear_run_error(tmp_path):
+    from medvlm_core.errors import RunError
+
+    storage, layout = Storage(), OutputLayout.of(str(tmp_path / "out"))
+    storage.write_bytes_atomic(layout.done_index() + "/state.json", b'{"version": 9, "buckets": 16, "runs": []}')
+    with pytest.raises(RunError, match="done index version 9 is newer than this medvlm reads"):
+        done_index.load_done_keys(storage, layout)
 
 
 def test_bucket_of_is_stable():
