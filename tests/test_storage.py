@@ -74,3 +74,48 @@ def test_map_io_runs_local_work_in_turn_and_object_store_work_on_threads(tmp_pat
     remote = st.map_io("s3://bucket/out/_index", where, range(40))
     assert [item for item, _ in remote] == list(range(40))
     assert caller not in {thread for _, thread in remote}
+
+
+def test_an_s3_read_is_one_get_request(s3_server, s3):
+    # Requests are what an object store bills and waits on: a whole-object read is one GET (s3fs's open() and
+    # cat_file would first ask the size with a HEAD); a read under max_bytes asks the size once, then reads at
+    # most one byte over the limit.
+    server_bucket = "medvlm-reads"
+    s3_server.create_bucket(server_bucket)
+    storage = Storage({"s3": st.s3_options(endpoint_url=s3_server.endpoint_url)})
+    base = f"s3://{server_bucket}/r"
+    storage.write_bytes_atomic(f"{base}/small.bin", b"a" * 1000)
+    storage.write_bytes_atomic(f"{base}/empty.bin", b"")
+    fs, _ = storage.filesystem(base)
+    calls: list[str] = []
+    original = fs._call_s3
+
+    async def counting(method, *args, **kwargs):
+        calls.append(method)
+        return await original(method, *args, **kwargs)
+
+    fs._call_s3 = counting
+    try:
+        assert storage.read_bytes(f"{base}/small.bin") == b"a" * 1000
+        assert calls == ["get_object"]
+        calls.clear()
+        assert storage.read_bytes(f"{base}/small.bin", max_bytes=1000) == b"a" * 1000
+        assert calls == ["head_object", "get_object"]
+        assert storage.read_bytes(f"{base}/empty.bin") == b"" and storage.read_bytes(f"{base}/empty.bin", max_bytes=10) == b""
+        with pytest.raises(DocumentError) as info:
+            storage.read_bytes(f"{base}/small.bin", max_bytes=999)
+        assert info.value.error_type == errors.TOO_LARGE
+        with pytest.raises(DocumentError) as info:
+            storage.read_bytes(f"{base}/missing.bin")
+        assert info.value.error_type == errors.NOT_FOUND and "missing.bin" in info.value.message
+        # An object that grows between the size check and the read: no more than max_bytes + 1 bytes come back.
+        got: list[int] = []
+        cat_file = fs.cat_file
+        fs.size = lambda path: 10
+        fs.cat_file = lambda path, **kw: got.append(len(data := cat_file(path, **kw))) or data
+        with pytest.raises(DocumentError) as info:
+            storage.read_bytes(f"{base}/small.bin", max_bytes=500)
+        assert info.value.error_type == errors.TOO_LARGE and got == [501]
+    finally:  # fsspec caches filesystem instances: leave this one as it was for the other tests
+        for name in ("_call_s3", "size", "cat_file"):
+            fs.__dict__.pop(name, None)
