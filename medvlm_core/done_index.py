@@ -89,9 +89,12 @@ def read_state(storage: Storage, layout: OutputLayout) -> dict | None:
         RunError: the index was written by a newer medvlm (a version this one cannot read).
     """
     url = _state_url(layout)
-    if not storage.exists(url):
-        return None
-    state = json.loads(storage.read_bytes(url))
+    try:  # one read, no existence check first (on S3 that is one request more, or two when missing)
+        state = json.loads(storage.read_bytes(url))
+    except DocumentError as exc:
+        if exc.error_type == errors.NOT_FOUND:
+            return None
+        raise
     if state.get("version") not in _SUFFIX:
         raise RunError(f"{url}: done index version {state.get('version')} is newer than this medvlm reads "
                        f"(up to {VERSION}): upgrade medvlm, or delete {layout.done_index()} to rebuild the index")

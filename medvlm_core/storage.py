@@ -374,27 +374,29 @@ class Storage:
         fs, path = self.filesystem(url)
         return self.call(url, lambda: fs.info(path))
 
+    def _find(self, prefix: str, detail: bool = False) -> Any:
+        """fsspec's ``find`` under ``prefix``: one listing. A missing prefix lists nothing; so does a missing
+        bucket (s3fs raises for it). No ``exists`` first: on S3 that is a HEAD and a LIST of its own."""
+        fs, path = self.filesystem(prefix)
+        try:
+            return self.call(prefix, lambda: fs.find(path, detail=detail))
+        except FileNotFoundError:
+            return {} if detail else []
+
     def list_files(self, prefix: str, suffix: str = "") -> list[str]:
         """Full URLs of the files under ``prefix`` (recursive) whose names end with ``suffix``, sorted."""
-        fs, path = self.filesystem(prefix)
-        if not self.exists(prefix):
-            return []
-        found = self.call(prefix, lambda: fs.find(path))
         proto = protocol_of(normalize(prefix))
         out = []
-        for p in found:
+        for p in self._find(prefix):
             if p.endswith(suffix):
                 out.append(p if proto == LOCAL else f"{proto}://{p}")
         return sorted(out)
 
     def list_fingerprints(self, prefix: str) -> dict[str, str]:
         """Full URL -> fingerprint (size and ETag or mtime) of every file under ``prefix``: what changed."""
-        fs, path = self.filesystem(prefix)
-        if not self.exists(prefix):
-            return {}
         proto = protocol_of(normalize(prefix))
         out = {}
-        for p, info in self.call(prefix, lambda: fs.find(path, detail=True)).items():
+        for p, info in self._find(prefix, detail=True).items():
             version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
             out[p if proto == LOCAL else f"{proto}://{p}"] = f"{info.get('size')}|{version}"
         return dict(sorted(out.items()))

@@ -119,3 +119,31 @@ def test_an_s3_read_is_one_get_request(s3_server, s3):
     finally:  # fsspec caches filesystem instances: leave this one as it was for the other tests
         for name in ("_call_s3", "size", "cat_file"):
             fs.__dict__.pop(name, None)
+
+
+def test_an_s3_listing_is_one_list_request(s3_server, s3):
+    # No existence check before a listing (on S3 a HEAD and a LIST of its own): a missing prefix, or bucket,
+    # lists nothing.
+    server_bucket = "medvlm-lists"
+    s3_server.create_bucket(server_bucket)
+    storage = Storage({"s3": st.s3_options(endpoint_url=s3_server.endpoint_url)})
+    base = f"s3://{server_bucket}/l"
+    for name in ("a/1.json", "a/b/2.json", "ab.json"):
+        storage.write_bytes_atomic(f"{base}/{name}", b"{}")
+    fs, _ = storage.filesystem(base)
+    calls: list[str] = []
+    original = fs._call_s3
+
+    async def counting(method, *args, **kwargs):
+        calls.append(method)
+        return await original(method, *args, **kwargs)
+
+    fs._call_s3 = counting
+    try:
+        assert storage.list_files(f"{base}/a", ".json") == [f"{base}/a/1.json", f"{base}/a/b/2.json"]
+        assert calls == ["list_objects_v2"]
+        assert list(storage.list_fingerprints(f"{base}/a")) == [f"{base}/a/1.json", f"{base}/a/b/2.json"]
+        assert storage.list_files(f"{base}/missing") == [] and storage.list_fingerprints(f"{base}/missing") == {}
+        assert storage.list_files("s3://medvlm-no-such-bucket/x") == []
+    finally:  # fsspec caches filesystem instances: leave this one as it was for the other tests
+        fs.__dict__.pop("_call_s3", None)
