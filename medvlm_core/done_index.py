@@ -20,9 +20,10 @@ the index: delete ``_index/`` then, and the next run rebuilds it.
 
 Versions: version 1 kept its buckets as Parquet (``bucket-XXXX.parquet``). A bucket is one small file read
 whole, where Parquet's footer and page decoding cost ~0.15 ms a file and Arrow IPC ~0.01 ms (DEVELOPMENT.md):
-hundreds of bucket reads start every shard, and every publish reads its pages' buckets again. ``catch_up`` (the
-lease holder, before any page is decided) rewrites a version 1 index as version 2: the buckets, then the state,
-then the old files go (a cut there leaves unread ``.parquet`` files behind, nothing else).
+hundreds of bucket reads start every shard, and every publish reads its pages' buckets again. The lease holder
+rewrites a version 1 index as version 2 when it first writes to it (``catch_up`` before any page is decided, or a
+publish rolled forward before that): the buckets, then the state, then the old files go (a cut there leaves
+unread ``.parquet`` files behind, nothing else). Readers read either version as it is.
 """
 
 from __future__ import annotations
