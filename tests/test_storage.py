@@ -1,9 +1,12 @@
-"""Local storage behaviour: URI resolution, atomic writes, create-if-absent, moves."""
+"""Storage behaviour: URI resolution, atomic writes, create-if-absent, moves; on S3, the requests a read or a
+listing sends."""
 
 from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import pytest
 
@@ -76,17 +79,19 @@ def test_map_io_runs_local_work_in_turn_and_object_store_work_on_threads(tmp_pat
     assert caller not in {thread for _, thread in remote}
 
 
-def test_an_s3_read_is_one_get_request(s3_server, s3):
-    # Requests are what an object store bills and waits on: a whole-object read is one GET (s3fs's open() and
-    # cat_file would first ask the size with a HEAD); a read under max_bytes asks the size once, then reads at
-    # most one byte over the limit.
-    server_bucket = "medvlm-reads"
-    s3_server.create_bucket(server_bucket)
-    storage = Storage({"s3": st.s3_options(endpoint_url=s3_server.endpoint_url)})
-    base = f"s3://{server_bucket}/r"
-    storage.write_bytes_atomic(f"{base}/small.bin", b"a" * 1000)
-    storage.write_bytes_atomic(f"{base}/empty.bin", b"")
-    fs, _ = storage.filesystem(base)
+def _s3_storage(s3_server, bucket: str) -> Storage:
+    s3_server.create_bucket(bucket)
+    return Storage({"s3": st.s3_options(endpoint_url=s3_server.endpoint_url)})
+
+
+@contextmanager
+def s3_requests(storage: Storage, url: str) -> Iterator[tuple[Any, list[str]]]:
+    """The s3fs filesystem ``storage`` uses for ``url``, and the S3 operations it sends inside the block, in order.
+
+    fsspec caches filesystem instances: whatever the block sets on this one is removed after it.
+    """
+    fs, _ = storage.filesystem(url)
+    before = set(fs.__dict__)
     calls: list[str] = []
     original = fs._call_s3
 
@@ -96,6 +101,21 @@ def test_an_s3_read_is_one_get_request(s3_server, s3):
 
     fs._call_s3 = counting
     try:
+        yield fs, calls
+    finally:
+        for name in set(fs.__dict__) - before:
+            del fs.__dict__[name]
+
+
+def test_an_s3_read_is_one_get_request(s3_server, s3):
+    # Requests are what an object store bills and waits on: a whole-object read is one GET (s3fs's open() and
+    # cat_file would first ask the size with a HEAD); a read under max_bytes asks the size once, then reads at
+    # most one byte over the limit.
+    storage = _s3_storage(s3_server, "medvlm-reads")
+    base = "s3://medvlm-reads/r"
+    storage.write_bytes_atomic(f"{base}/small.bin", b"a" * 1000)
+    storage.write_bytes_atomic(f"{base}/empty.bin", b"")
+    with s3_requests(storage, base) as (fs, calls):
         assert storage.read_bytes(f"{base}/small.bin") == b"a" * 1000
         assert calls == ["get_object"]
         calls.clear()
@@ -116,34 +136,18 @@ def test_an_s3_read_is_one_get_request(s3_server, s3):
         with pytest.raises(DocumentError) as info:
             storage.read_bytes(f"{base}/small.bin", max_bytes=500)
         assert info.value.error_type == errors.TOO_LARGE and got == [501]
-    finally:  # fsspec caches filesystem instances: leave this one as it was for the other tests
-        for name in ("_call_s3", "size", "cat_file"):
-            fs.__dict__.pop(name, None)
 
 
 def test_an_s3_listing_is_one_list_request(s3_server, s3):
     # No existence check before a listing (on S3 a HEAD and a LIST of its own): a missing prefix, or bucket,
     # lists nothing.
-    server_bucket = "medvlm-lists"
-    s3_server.create_bucket(server_bucket)
-    storage = Storage({"s3": st.s3_options(endpoint_url=s3_server.endpoint_url)})
-    base = f"s3://{server_bucket}/l"
+    storage = _s3_storage(s3_server, "medvlm-lists")
+    base = "s3://medvlm-lists/l"
     for name in ("a/1.json", "a/b/2.json", "ab.json"):
         storage.write_bytes_atomic(f"{base}/{name}", b"{}")
-    fs, _ = storage.filesystem(base)
-    calls: list[str] = []
-    original = fs._call_s3
-
-    async def counting(method, *args, **kwargs):
-        calls.append(method)
-        return await original(method, *args, **kwargs)
-
-    fs._call_s3 = counting
-    try:
+    with s3_requests(storage, base) as (_, calls):
         assert storage.list_files(f"{base}/a", ".json") == [f"{base}/a/1.json", f"{base}/a/b/2.json"]
         assert calls == ["list_objects_v2"]
         assert list(storage.list_fingerprints(f"{base}/a")) == [f"{base}/a/1.json", f"{base}/a/b/2.json"]
         assert storage.list_files(f"{base}/missing") == [] and storage.list_fingerprints(f"{base}/missing") == {}
         assert storage.list_files("s3://medvlm-no-such-bucket/x") == []
-    finally:  # fsspec caches filesystem instances: leave this one as it was for the other tests
-        fs.__dict__.pop("_call_s3", None)
