@@ -217,10 +217,7 @@ def add_runs(storage: Storage, layout: OutputLayout, runs: dict[str, str]) -> in
     Returns:
         The buckets rewritten (those that gained a key).
     """
-    state = read_state(storage, layout)
-    if state is not None and state["version"] != VERSION:
-        state = _migrate(storage, layout, state)
-    state = state or {"version": VERSION, "buckets": BUCKETS, "runs": []}
+    state = _writable_state(storage, layout) or {"version": VERSION, "buckets": BUCKETS, "runs": []}
     new = [run for run in runs if run not in set(state["runs"])]
     if not new:
         return 0
@@ -279,14 +276,20 @@ def catch_up(storage: Storage, layout: OutputLayout) -> list[str]:
     Returns:
         The run ids added.
     """
-    state = read_state(storage, layout)
-    if state is not None and state["version"] != VERSION:
-        state = _migrate(storage, layout, state)
+    state = _writable_state(storage, layout)
     covered = set(state["runs"]) if state else set()
     missing = {run: url for run, url in published_completions(storage, layout).items() if run not in covered}
     if missing:
         add_runs(storage, layout, missing)
     return sorted(missing)
+
+
+def _writable_state(storage: Storage, layout: OutputLayout) -> dict | None:
+    """The index's state for the lease holder about to write to it: an older index migrated first."""
+    state = read_state(storage, layout)
+    if state is not None and state["version"] != VERSION:
+        state = _migrate(storage, layout, state)
+    return state
 
 
 def _migrate(storage: Storage, layout: OutputLayout, state: dict) -> dict:
