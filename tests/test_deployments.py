@@ -100,6 +100,23 @@ class PrefectStack:
                 time.sleep(0.5)
         raise RuntimeError("Prefect server did not start:\n" + (self.home / "server.log").read_text()[-3000:])
 
+    def wait_for_workers(self, pool: str, names: set[str], timeout: float = 300) -> None:
+        """Wait until the workers ``names`` of ``pool`` are online (polling for runs): a worker process takes
+        seconds to start on a loaded machine, and one that starts late would pick up its shard only after the other
+        shard ran."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.objects import WorkerStatus
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        deadline = time.monotonic() + timeout
+        with temporary_settings({PREFECT_API_URL: self.env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+            while True:
+                online = {w.name for w in client.read_workers_for_work_pool(pool) if w.status == WorkerStatus.ONLINE}
+                if names <= online:
+                    return
+                assert time.monotonic() < deadline, f"workers {sorted(names - online)} of {pool} not online after {timeout} s"
+                time.sleep(0.5)
+
     def stop(self) -> None:
         for proc in self.processes.values():
             if proc.poll() is None:
@@ -163,6 +180,7 @@ def test_fan_out_over_two_gpu_workers(stack, tmp_path, tiny_llava, tiny_qwen, de
     stack.spawn("gpu-0", "worker", "start", "--pool", "medvlm-gpu", "--limit", "1", "--name", "gpu-0", CUDA_VISIBLE_DEVICES="0")
     stack.spawn("gpu-1", "worker", "start", "--pool", "medvlm-gpu", "--limit", "1", "--name", "gpu-1", CUDA_VISIBLE_DEVICES="1")
     stack.spawn("cpu-0", "worker", "start", "--pool", "medvlm-cpu", "--limit", "2", "--name", "cpu-0")
+    stack.wait_for_workers("medvlm-gpu", {"gpu-0", "gpu-1"})  # both poll before the shards exist, so both get one
 
     # 1. the fan-out: 8 rows in 2 shards, one on each GPU worker, at the same time
     run_deployment(stack, "medvlm-fanout/medvlm-fanout", **common)
