@@ -8,6 +8,7 @@ output has exactly one ok row per key; the nightly deployment carries its schedu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -100,16 +101,23 @@ class PrefectStack:
                 time.sleep(0.5)
         raise RuntimeError("Prefect server did not start:\n" + (self.home / "server.log").read_text()[-3000:])
 
+    @contextlib.contextmanager
+    def client(self):
+        """A Prefect client of this stack's server."""
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: self.env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+            yield client
+
     def wait_for_workers(self, pool: str, names: set[str], timeout: float = 300) -> None:
         """Wait until the workers ``names`` of ``pool`` are online (polling for runs): a worker process takes
         seconds to start on a loaded machine, and one that starts late would pick up its shard only after the other
         shard ran."""
-        from prefect.client.orchestration import get_client
         from prefect.client.schemas.objects import WorkerStatus
-        from prefect.settings import PREFECT_API_URL, temporary_settings
 
         deadline = time.monotonic() + timeout
-        with temporary_settings({PREFECT_API_URL: self.env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        with self.client() as client:
             while True:
                 online = {w.name for w in client.read_workers_for_work_pool(pool) if w.status == WorkerStatus.ONLINE}
                 if names <= online:
@@ -147,11 +155,9 @@ def run_deployment(stack: PrefectStack, name: str, timeout: int = 900, **params)
 def shard_runs_and_progress(stack: PrefectStack) -> dict:
     """From the stack's server: every ``medvlm-shard`` flow run as (created, ended), and the progress values of
     the fan-out's progress artifacts, oldest first."""
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: stack.env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+    with stack.client() as client:
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["medvlm-shard"])))
         artifacts = [a for a in client.read_artifacts() if a.type == "progress"]
     shards = sorted((r.created, r.end_time or datetime.max.replace(tzinfo=r.created.tzinfo)) for r in runs)
@@ -281,10 +287,7 @@ def test_a_worker_elsewhere_runs_the_code_from_a_git_clone(stack, tmp_path, tiny
     stack.cli("work-pool", "create", "medvlm-remote", "--type", "process")
     stack.cli("--no-prompt", "deploy", "--prefect-file", "prefect.remote.yaml", "--all", cwd=tree,
               MEDVLM_GIT_REPOSITORY=remote.as_uri(), MEDVLM_GIT_BRANCH="main")
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: stack.env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+    with stack.client() as client:
         steps = client.read_deployment_by_name("medvlm-batch/medvlm-batch-remote").pull_steps
     assert steps == [{"prefect.deployments.steps.git_clone": {"repository": remote.as_uri(), "branch": "main"}}], steps
     elsewhere = tmp_path / "worker-home"
