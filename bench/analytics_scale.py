@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medvlm_core import analytics
-from medvlm_core.results import COMPLETIONS_SCHEMA, QUARANTINE_SCHEMA, RUNS_SCHEMA
+from medvlm_core.output.results import COMPLETIONS_SCHEMA, QUARANTINE_SCHEMA, RUNS_SCHEMA
 from medvlm_core.storage import Storage
 
 START = datetime(2026, 1, 1, 2, 0, tzinfo=timezone.utc)
@@ -214,7 +214,7 @@ def _write_run(output: Path, run_id: str, day: datetime, rows: list[tuple], rng:
 
 
 def _part(output: Path, table: str, date: str, run_id: str) -> Path:
-    """A run's published file of one table (the layout of medvlm_core.layout, written out here)."""
+    """A run's published file of one table (the layout of medvlm_core.output.paths, written out here)."""
     path = output / table / f"run_date={date}" / f"{'run' if table == 'runs' else 'part'}-{run_id}.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path

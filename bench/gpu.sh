@@ -13,7 +13,7 @@
 #                                    # sources and wheels bench/gpu_payload.sh packed, on the path of the machine's
 #                                    # python3 (its own numpy and Pillow), medvlm run from this checkout
 #   bash bench/gpu.sh --cpu-quick    # its CPU parts on this machine: the installed llama-cpp-python, a generated
-#                                    # tiny model, a few pages and tokens (tests/test_bench.py runs it); with
+#                                    # tiny model, a few pages and tokens (tests/e2e/test_bench.py runs it); with
 #                                    # PAYLOAD, on the payload's wheels (packed with TARGET_PYTHON=3.11)
 #   bash bench/gpu.sh --cpu-build    # every step of the GPU run without a GPU: the build from the same sources
 #                                    # without CUDA (~4 minutes on 2 cores), the libraries swapped in, the model

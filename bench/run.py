@@ -205,7 +205,7 @@ def bench_handoff(images, repeats: int = 3) -> list[dict]:
     way now), one page at a time, round trip (prepare, send, take, ack)."""
     import multiprocessing
 
-    from medvlm_core.config import GenerationParams
+    from medvlm_core.run.params import GenerationParams
     from medvlm_core.engine import Request
     from medvlm_core.engine.isolated import BlockPool, PageRequest, _Pending, _page_request
 
@@ -250,7 +250,7 @@ def bench_openmp(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: 
     from statistics import median_high as median
     from unittest import mock
 
-    from medvlm_core.config import EngineConfig
+    from medvlm_core.run.params import EngineConfig
     from medvlm_core.engine import IsolatedEngine, Request
 
     config = EngineConfig(str(model), str(mmproj), n_ctx=n_ctx, n_parallel=n_seq, n_threads=n_threads,
@@ -432,10 +432,10 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
 
     from PIL import Image
 
-    from medvlm_core.config import ImageOptions
+    from medvlm_core.run.params import ImageOptions
     from medvlm_core.engine import Request, close_shared_engines
     from medvlm_core.engine.registry import current_shared_engine
-    from medvlm_core.images import load_pages
+    from medvlm_core.inputs.images import load_pages
 
     # The engine alone: the very engine the flow runs on (its shared engine: the same child process when
     # isolated), on the same pages decoded beforehand, timed right after each flow run. Paired like this the
@@ -557,8 +557,8 @@ def bench_plan(rows: int, workdir: Path) -> dict:
     """Validate and plan a large manifest in a child process, so its memory is its own."""
     code = f"""
 import csv, json, resource, time
-from medvlm_core.config import EngineOptions
-from medvlm_core.manifest import read_manifest
+from medvlm_core.run.params import EngineOptions
+from medvlm_core.inputs.manifest import read_manifest
 from medvlm_core.settings import Settings
 from medvlm_core.storage import Storage
 path = {str(workdir / 'big.csv')!r}
@@ -626,9 +626,9 @@ def main(argv=None) -> int:
 
     load_llama_cpp()  # this process opens the model: llama.cpp before anything imports numpy
 
-    from medvlm_core.config import EngineConfig, GenerationParams
+    from medvlm_core.run.params import EngineConfig, GenerationParams
     from medvlm_core.engine import VisionEngine
-    from medvlm_core.models import choose_chat_format, inspect_model
+    from medvlm_core.model.files import choose_chat_format, inspect_model
 
     workdir = Path(tempfile.mkdtemp(prefix="medvlm-bench-"))
     atexit.register(shutil.rmtree, workdir, True)  # models, pages and flow outputs: only the JSON is kept

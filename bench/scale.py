@@ -87,17 +87,17 @@ def write_history(output: Path, rows: int, runs: int, seed: int = 0) -> dict:
 
 
 CATCH_UP = """
-from medvlm_core import done_index
-from medvlm_core.layout import OutputLayout
+from medvlm_core.output import done_index
+from medvlm_core.output.paths import OutputLayout
 from medvlm_core.storage import Storage
 t = time.perf_counter(); added = done_index.catch_up(Storage(), OutputLayout.of({output!r}))
 out = {{"seconds": time.perf_counter() - t, "runs": len(added)}}
 """
 
 PLAN = """
-from medvlm_core.layout import OutputLayout
-from medvlm_core.manifest import plan_manifest
-from medvlm_core.shards import ShardPlanWriter
+from medvlm_core.output.paths import OutputLayout
+from medvlm_core.inputs.manifest import plan_manifest
+from medvlm_core.run.shards import ShardPlanWriter
 from medvlm_core.storage import Storage
 storage = Storage()
 t = time.perf_counter()
@@ -108,10 +108,10 @@ out = {{"seconds": time.perf_counter() - t, "rows": plan.total_rows, "valid": pl
 """
 
 SHARD = """
-from medvlm_core import done_index
-from medvlm_core.layout import OutputLayout
-from medvlm_core.models import identify_model
-from medvlm_core.shards import read_shard_rows
+from medvlm_core.output import done_index
+from medvlm_core.output.paths import OutputLayout
+from medvlm_core.model.files import identify_model
+from medvlm_core.run.shards import read_shard_rows
 from medvlm_core.storage import Storage
 storage, layout = Storage(), OutputLayout.of({output!r})
 t = time.perf_counter()
@@ -123,8 +123,8 @@ out = {{"seconds": time.perf_counter() - t, "rows": len(rows), "done_keys": len(
 
 SHARD_BEFORE = """
 import pyarrow.compute as pc, pyarrow.dataset as ds
-from medvlm_core.manifest import read_manifest
-from medvlm_core.models import identify_model
+from medvlm_core.inputs.manifest import read_manifest
+from medvlm_core.model.files import identify_model
 from medvlm_core.storage import Storage
 t = time.perf_counter()
 rows = read_manifest({manifest!r}, Storage()).rows[{first}:{first} + {shard_size}]  # the whole manifest, kept: its slice
@@ -146,8 +146,8 @@ out = {{"seconds": time.perf_counter() - t, "done_keys": len(done)}}
 
 PUBLISH = """
 import pyarrow as pa, pyarrow.parquet as pq, random
-from medvlm_core import done_index
-from medvlm_core.layout import OutputLayout
+from medvlm_core.output import done_index
+from medvlm_core.output.paths import OutputLayout
 from medvlm_core.storage import Storage
 layout = OutputLayout.of({output!r})
 rng = random.Random(7)
@@ -163,7 +163,10 @@ out = {{"seconds": time.perf_counter() - t, "rows": len(docs), "buckets_rewritte
 
 BASELINE = """
 import polars, pyarrow, pandera.polars
-from medvlm_core import done_index, manifest, models, shards
+from medvlm_core.output import done_index
+from medvlm_core.inputs import manifest
+from medvlm_core.model import files as models
+from medvlm_core.run.context import shards
 out = {"seconds": 0.0}
 """
 
@@ -194,7 +197,7 @@ def measure_size(size: int, history_runs: int, shard_size: int, workdir: Path, m
 
 def prefect_runs(rows: int, shard_size: int) -> dict:
     """What a fan-out of ``rows`` valid rows creates in Prefect at the defaults (from the code's rules)."""
-    from medvlm_core.config import EngineOptions
+    from medvlm_core.run.params import EngineOptions
     from medvlm_core.settings import Settings
 
     chunk = Settings().chunk_rows(EngineOptions().n_parallel)

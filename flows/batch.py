@@ -15,14 +15,14 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from medvlm.flows.execute import run_chunks
+from medvlm.flows.inference import run_chunks
 from medvlm.flows.finish import finish_run
-from medvlm.flows.setup import guard_output, run_name, start_run
+from medvlm.flows.prepare import guard_output, run_name, start_run
 from medvlm_core import storage as st
 from medvlm_core.errors import RunError
-from medvlm_core.manifest import read_manifest
-from medvlm_core.options import RunOptions
-from medvlm_core.run import RunContext, make_spec, prepare_model, release_output
+from medvlm_core.inputs.manifest import read_manifest
+from medvlm_core.run.options import RunOptions
+from medvlm_core.run.context import RunContext, make_spec, prepare_model, release_output
 
 
 # validate_parameters=False: the options are validated by RunOptions.parse, whose error names the bad
@@ -60,7 +60,7 @@ def medvlm_batch(
         output: the output folder or ``s3://`` prefix.
         model: the text GGUF (or a .zip bundle of both files).
         mmproj: the vision projector GGUF.
-        options: the run's options (``medvlm_core.options.RunOptions``; a flat dict such as
+        options: the run's options (``medvlm_core.run.options.RunOptions``; a flat dict such as
             ``{"max_tokens": 64}`` works too).
 
     Returns:
@@ -80,7 +80,7 @@ def run_batch(logger: Any, ctx: RunContext, manifest: str) -> dict:
 
     Args:
         logger: the flow run's logger.
-        ctx: the run (``flows.setup.start_run``).
+        ctx: the run (``flows.prepare.start_run``).
         manifest: the manifest URI.
 
     Returns:

@@ -35,7 +35,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
     Defaults are left to ``RunOptions`` (argparse.SUPPRESS): only the flags given reach the run.
     """
-    from medvlm_core.options import option_fields
+    from medvlm_core.run.options import option_fields
 
     for field in option_fields():
         extra = field.info.json_schema_extra or {}
@@ -96,7 +96,7 @@ def _flag_kinds(annotation: Any) -> list[Any]:
 
 def _flow_options(args: argparse.Namespace) -> dict[str, Any]:
     """The run options given on the command line (flat names), with ``--mode structured`` applied."""
-    from medvlm_core.options import option_fields
+    from medvlm_core.run.options import option_fields
 
     values = {f.name: getattr(args, f.name) for f in option_fields() if hasattr(args, f.name)}
     if args.mode == "structured" and not values.get("prompt_id") and not values.get("extraction"):
@@ -228,7 +228,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     """``medvlm validate``: check a manifest without loading a model."""
     from medvlm_core.errors import RunError
-    from medvlm_core.manifest import read_manifest
+    from medvlm_core.inputs.manifest import read_manifest
 
     try:
         plan = read_manifest(args.manifest, _storage(args.s3_endpoint))

@@ -17,7 +17,7 @@ from medvlm_core import storage as st
 from medvlm_core.errors import RunError
 from medvlm_core.evals import EvalOptions, evaluate, headline_markdown, write_evaluation
 from medvlm_core.evals.report import render_report
-from medvlm_core.options import RunOptions
+from medvlm_core.run.options import RunOptions
 from medvlm_core.settings import Settings
 from medvlm.tasks.credentials import build_storage
 

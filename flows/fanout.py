@@ -20,18 +20,18 @@ from prefect.flow_runs import wait_for_flow_run
 from prefect.states import Cancelled, Failed
 
 from medvlm.flows.finish import finish_run
-from medvlm.flows.setup import guard_output, run_name, start_run
+from medvlm.flows.prepare import guard_output, run_name, start_run
 from medvlm.flows.shard import read_shard_record
 from medvlm_core import storage as st
-from medvlm_core.accounting import ChunkSummary
-from medvlm_core.chunks import discard_staged_shard, stage_failed_rows
-from medvlm_core.config import EngineConfig
+from medvlm_core.run.accounting import ChunkSummary
+from medvlm_core.run.chunks import discard_staged_shard, stage_failed_rows
+from medvlm_core.run.params import EngineConfig
 from medvlm_core.errors import RunError
-from medvlm_core.manifest import plan_manifest
-from medvlm_core.models import ModelIdentity
-from medvlm_core.options import RunOptions
-from medvlm_core.run import RunContext, make_spec, prepare_model, release_output
-from medvlm_core.shards import ShardPlanWriter, read_shard_rows
+from medvlm_core.inputs.manifest import plan_manifest
+from medvlm_core.model.files import ModelIdentity
+from medvlm_core.run.options import RunOptions
+from medvlm_core.run.context import RunContext, make_spec, prepare_model, release_output
+from medvlm_core.run.shards import ShardPlanWriter, read_shard_rows
 
 # Shard runs in flight per slot of the shard pool (so each worker has its next shard queued), and without a
 # readable pool.
@@ -59,7 +59,7 @@ async def medvlm_fanout(
         output: the output URI.
         model: the model URI.
         mmproj: the mmproj URI.
-        options: the run options (``medvlm_core.options.RunOptions``), handed to every shard.
+        options: the run options (``medvlm_core.run.options.RunOptions``), handed to every shard.
         shard_size: manifest rows per shard (each shard loads the model once).
         max_shard_attempts: launches per shard before its rows become ``task_failed`` error rows.
         shard_deployment: the ``medvlm-shard`` deployment to launch.

@@ -10,12 +10,12 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from medvlm_core.accounting import ChunkSummary, RunFacts, merge_summaries, run_row, run_summary
-from medvlm_core.manifest import ManifestPlan
-from medvlm_core.models import ModelIdentity
-from medvlm_core.publish import run_date_of
-from medvlm_core.results import utc_now
-from medvlm_core.run import RunContext, ensure_output_held, release_output
+from medvlm_core.run.accounting import ChunkSummary, RunFacts, merge_summaries, run_row, run_summary
+from medvlm_core.inputs.manifest import ManifestPlan
+from medvlm_core.model.files import ModelIdentity
+from medvlm_core.output.publish import run_date_of
+from medvlm_core.output.results import utc_now
+from medvlm_core.run.context import RunContext, ensure_output_held, release_output
 from medvlm.tasks.publish import publish_run
 
 
@@ -44,7 +44,7 @@ def finish_run(
         memory: the engine's memory plan (default: this process's, when it planned one).
 
     Returns:
-        The run's summary (``medvlm_core.accounting.run_summary``).
+        The run's summary (``medvlm_core.run.accounting.run_summary``).
 
     Raises:
         RunError: the run lost the output's lease to another run (nothing is published); the lease is given

@@ -19,16 +19,16 @@ from prefect.deployments import run_deployment
 from prefect.states import Failed
 
 from medvlm.flows.batch import run_batch
-from medvlm.flows.setup import run_name, start_run
-from medvlm_core import results
+from medvlm.flows.prepare import run_name, start_run
+from medvlm_core.output import results
 from medvlm_core import storage as st
 from medvlm_core.errors import RunError
-from medvlm_core.images import DOCUMENT_EXTENSIONS
-from medvlm_core.layout import OutputLayout
-from medvlm_core.manifest import FORMATS
-from medvlm_core.options import RunOptions
-from medvlm_core.results import utc_now
-from medvlm_core.run import RunContext, make_run_id
+from medvlm_core.inputs.images import DOCUMENT_EXTENSIONS
+from medvlm_core.output.paths import OutputLayout
+from medvlm_core.inputs.manifest import FORMATS
+from medvlm_core.run.options import RunOptions
+from medvlm_core.output.results import utc_now
+from medvlm_core.run.context import RunContext, make_run_id
 from medvlm_core.storage import Storage
 
 
@@ -70,7 +70,7 @@ def medvlm_nightly(
         output: the output URI.
         model: the model URI.
         mmproj: the mmproj URI.
-        options: the run options (``medvlm_core.options.RunOptions``) of every run.
+        options: the run options (``medvlm_core.run.options.RunOptions``) of every run.
         fan_out: run each manifest through the ``medvlm-fanout`` deployment (GPU pool); otherwise in this
             process.
         fanout_deployment: the fan-out deployment's name.

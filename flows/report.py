@@ -14,11 +14,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
-from medvlm_core import results
+from medvlm_core.output import results
 from medvlm_core import storage as st
 from medvlm_core.analytics import EXAMPLE_QUERIES, query
 from medvlm_core.errors import RunError
-from medvlm_core.options import RunOptions
+from medvlm_core.run.options import RunOptions
 from medvlm_core.settings import Settings
 from medvlm.tasks.credentials import build_storage
 

@@ -1,6 +1,6 @@
 """The ``medvlm-shard`` flow: the unit of GPU work, one slice of a fan-out run on one GPU worker.
 
-A shard reads its own rows from the plan file its parent wrote (``medvlm_core.shards``; never the whole
+A shard reads its own rows from the plan file its parent wrote (``medvlm_core.run.shards``; never the whole
 manifest), reads the done index for just its documents, loads the model once for all of them, stages their
 result rows under the parent run's staging folder and writes a small JSON record (counts, model identity,
 which worker ran it) there too. The parent run reads those records from storage, not Prefect results, so
@@ -20,15 +20,15 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from medvlm.flows.execute import run_chunks
-from medvlm.flows.setup import run_name, start_run
-from medvlm_core.accounting import merge_summaries
+from medvlm.flows.inference import run_chunks
+from medvlm.flows.prepare import run_name, start_run
+from medvlm_core.run.accounting import merge_summaries
 from medvlm_core.errors import RunError
-from medvlm_core.layout import OutputLayout
-from medvlm_core.options import RunOptions
-from medvlm_core.results import utc_now
-from medvlm_core.shards import read_shard_rows
-from medvlm_core.run import make_spec, prepare_model
+from medvlm_core.output.paths import OutputLayout
+from medvlm_core.run.options import RunOptions
+from medvlm_core.output.results import utc_now
+from medvlm_core.run.shards import read_shard_rows
+from medvlm_core.run.context import make_spec, prepare_model
 from medvlm_core.storage import Storage
 
 
@@ -72,7 +72,7 @@ def medvlm_shard(
         run_id: the parent (fan-out) run.
         shard_index: this shard's number.
         mmproj: the mmproj URI.
-        options: the run's options (``medvlm_core.options.RunOptions``).
+        options: the run's options (``medvlm_core.run.options.RunOptions``).
 
     Returns:
         The shard's record (also written to the run's staging), or a Failed state.

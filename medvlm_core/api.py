@@ -12,7 +12,7 @@ Spark NLP's MedicalVisionLLM shape, medvlm's semantics::
 
 The rows are exactly those a flow run writes to ``completions`` (same engine, same columns, same
 ``result_key``; the structured tables in structured mode), with the run's options given as keyword arguments
-(the CLI's names, ``medvlm_core.options``). A model may be a local path, an ``s3://`` URI or a Spark NLP model zip.
+(the CLI's names, ``medvlm_core.run.options``). A model may be a local path, an ``s3://`` URI or a Spark NLP model zip.
 """
 
 from __future__ import annotations
@@ -27,16 +27,16 @@ from typing import Any, Iterable
 import polars as pl
 import pyarrow as pa
 
-from medvlm_core import results
+from medvlm_core.output import results
 from medvlm_core import storage as st
-from medvlm_core.chunks import structured_tables
+from medvlm_core.run.chunks import structured_tables
 from medvlm_core.engine.registry import create_engine
 from medvlm_core.engine.types import Engine
 from medvlm_core.errors import RunError
-from medvlm_core.manifest import COLUMNS, ManifestPlan, plan_manifest
-from medvlm_core.pipeline import RunSpec, process_rows
-from medvlm_core.results import utc_now
-from medvlm_core.run import RunContext, make_run_id, make_spec, open_run, prepare_model
+from medvlm_core.inputs.manifest import COLUMNS, ManifestPlan, plan_manifest
+from medvlm_core.run.pages import RunSpec, process_rows
+from medvlm_core.output.results import utc_now
+from medvlm_core.run.context import RunContext, make_run_id, make_spec, open_run, prepare_model
 from medvlm_core.settings import Settings
 from medvlm_core.storage import Storage, s3_options
 from medvlm_core.validation import validate_output

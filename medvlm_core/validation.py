@@ -27,9 +27,9 @@ from pandera.engines.polars_engine import Engine
 from pandera.errors import SchemaError, SchemaErrors
 
 from medvlm_core import errors
-from medvlm_core import status as row_status
+from medvlm_core.output import status as row_status
 from medvlm_core.errors import RunError
-from medvlm_core.prompts import known_prompt_ids
+from medvlm_core.inputs.prompts import known_prompt_ids
 
 MAX_ID_CHARS = 256
 MAX_URI_CHARS = 4096

@@ -18,7 +18,7 @@ import json
 from typing import Any
 
 from medvlm_core.errors import RunError
-from medvlm_core.options import StorageOptions
+from medvlm_core.run.options import StorageOptions
 from medvlm_core.settings import Settings
 from medvlm_core.storage import Storage, s3_options
 

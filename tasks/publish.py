@@ -1,4 +1,4 @@
-"""The publishing task: a run's staged files become its published tables (``medvlm_core.publish``)."""
+"""The publishing task: a run's staged files become its published tables (``medvlm_core.output.publish``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Callable
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from medvlm_core import publish
-from medvlm_core.layout import OutputLayout
+from medvlm_core.output import publish
+from medvlm_core.output.paths import OutputLayout
 from medvlm_core.storage import Storage
 
 
@@ -23,7 +23,7 @@ def publish_run(
     audit: dict | None = None,
     on_tables: Callable[[dict[str, str]], None] | None = None,
 ) -> dict[str, str]:
-    """Publish a run: its tables, then its runs row, then its commit record (see ``medvlm_core.publish``).
+    """Publish a run: its tables, then its runs row, then its commit record (see ``medvlm_core.output.publish``).
 
     Args:
         storage: where the output is.

@@ -25,7 +25,7 @@ os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"
 os.environ["MEDVLM_CACHE_DIR"] = os.path.join(_PREFECT_HOME, "medvlm-cache")
-# The reliability checks' records (tests/reliability/report.py): one file for the run, made by the process that
+# The reliability checks' records (tests/support/reliability_report.py): one file for the run, made by the process that
 # starts it and inherited by the pytest-xdist workers, which start after this runs.
 _REPORT_OWNER = "MEDVLM_RELIABILITY_REPORT" not in os.environ
 if _REPORT_OWNER:
@@ -76,7 +76,7 @@ HEX64 = "ab" * 32
 def completion_row(**change) -> dict:
     """One valid ``ok`` completions row (run ``r1``, document ``d``, manifest row 1), with ``change`` applied:
     for tests that write or publish tables by hand."""
-    from medvlm_core import results
+    from medvlm_core.output import results
 
     row = {
         "run_id": "r1", "result_key": HEX64, "document_id": "d", "page": 1, "manifest_row": 1,
@@ -168,9 +168,8 @@ def s3(s3_server, monkeypatch):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """After the test summary: what the reliability suite tried and survived (tests/reliability/report.py)."""
-    sys.path.insert(0, str(Path(__file__).parent / "reliability"))
-    from report import lines
+    """After the test summary: what the reliability suite tried and survived (tests/support/reliability_report.py)."""
+    from support.reliability_report import lines
 
     path = Path(os.environ["MEDVLM_RELIABILITY_REPORT"])
     text = lines(path)

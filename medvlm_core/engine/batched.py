@@ -33,12 +33,12 @@ from typing import Any, Generator, Iterable, Iterator
 import numpy as np
 
 from medvlm_core import errors
-from medvlm_core.config import GenerationParams
+from medvlm_core.run.params import GenerationParams
 from medvlm_core.engine.llama import VisionEngine
 from medvlm_core.engine.types import NOT_YET, NOT_YET_WAIT_S, Engine, Generation, RawPixels, Request, Result
 from medvlm_core.errors import DocumentError, RunError
-from medvlm_core.images import to_rgb
-from medvlm_core.memory import encode_workers_for
+from medvlm_core.inputs.images import to_rgb
+from medvlm_core.model.memory_plan import encode_workers_for
 from medvlm_core.threads import put_unless_stopped
 
 _SENTINEL = "\x00medvlm-image\x00"
@@ -124,7 +124,7 @@ class BatchedEngine(Engine):
                 about ``encode_ahead`` pages of embeddings (~24 MB each for a 7B model at 1656 image tokens).
             confidences: score every answer token (log-probabilities); off only to measure what that costs.
             encode_workers: vision-encoder threads (with ``overlap``), each with its own libmtmd context on the
-                same device (default: ``medvlm_core.memory.encode_workers_for``).
+                same device (default: ``medvlm_core.model.memory_plan.encode_workers_for``).
             interleave_prefill: a new page's image embeddings go into its slot ``n_batch`` tokens at a time, with
                 a decode step of the pages in flight between slices (off: the whole image at once, as libmtmd's
                 helper does, while the others wait).

@@ -56,10 +56,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from medvlm_core import errors
-from medvlm_core.config import EngineConfig, GenerationParams
+from medvlm_core.run.params import EngineConfig, GenerationParams
 from medvlm_core.engine.types import NOT_YET, NOT_YET_WAIT_S, Engine, Generation, RawPixels, Request, Result
 from medvlm_core.errors import DocumentError, RunError, error_detail, short_message
-from medvlm_core.images import to_rgb
+from medvlm_core.inputs.images import to_rgb
 from medvlm_core.isolated_child import start_child
 
 # A fault injector (tests only): called in the child with (intake, attempt) before each page is taken.
@@ -296,7 +296,7 @@ class IsolatedEngine(Engine):
         """
         Args:
             config: the model files and llama.cpp settings (the child loads them).
-            chat_format: one of ``medvlm_core.models.CHAT_FORMATS``.
+            chat_format: one of ``medvlm_core.model.files.CHAT_FORMATS``.
             max_restarts: crashes tolerated over this engine's life before ``RunError``.
             start_timeout_s: how long a child may take to start and load the model.
             log_phi: the ``MEDVLM_LOG_PHI`` debug setting, handed to the child.
@@ -311,7 +311,7 @@ class IsolatedEngine(Engine):
         # Unanswered requests at most: the child's batch (n_parallel), its encoded-ahead queue (as many
         # again, BatchedEngine's default) and one being encoded per encoder, plus one waiting in the pipe. The
         # parent never loads llama.cpp, so it cannot ask for the default number of encoders (1 on CPU, 2 on a
-        # GPU: medvlm_core.memory.encode_workers_for): it counts the larger.
+        # GPU: medvlm_core.model.memory_plan.encode_workers_for): it counts the larger.
         n = config.n_parallel
         self.window = n + (n + (config.encode_workers or 2) if config.overlap_encode else 0) + 1
         self.reads_ahead = True  # the parent takes requests while the child computes the window's pages

@@ -19,11 +19,11 @@ from typing import Any, Iterable, Iterator
 from PIL import Image
 
 from medvlm_core import errors
-from medvlm_core.config import EngineConfig, GenerationParams
+from medvlm_core.run.params import EngineConfig, GenerationParams
 from medvlm_core.engine.types import Engine, Generation, Request, Result
 from medvlm_core.errors import DocumentError, RunError, error_detail, short_message
-from medvlm_core.images import to_data_uri
-from medvlm_core.models import CHAT_HANDLERS
+from medvlm_core.inputs.images import to_data_uri
+from medvlm_core.model.files import CHAT_HANDLERS
 
 # llama.cpp's enum values (llama.h: llama_split_mode; ggml.h: ggml_type) for the options' names.
 SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
@@ -67,7 +67,7 @@ class VisionEngine(Engine):
         """
         Args:
             config: the model files and llama.cpp settings.
-            chat_format: one of ``medvlm_core.models.CHAT_FORMATS``.
+            chat_format: one of ``medvlm_core.model.files.CHAT_FORMATS``.
             verbose: let llama.cpp log to stderr.
             log_phi: the ``MEDVLM_LOG_PHI`` debug setting (llama.cpp's text in error messages).
         """

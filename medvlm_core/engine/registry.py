@@ -14,7 +14,7 @@ from __future__ import annotations
 import atexit
 import threading
 
-from medvlm_core.config import EngineConfig
+from medvlm_core.run.params import EngineConfig
 from medvlm_core.engine.batched import BatchedEngine
 from medvlm_core.engine.isolated import FaultInjector, IsolatedEngine
 from medvlm_core.engine.llama import VisionEngine

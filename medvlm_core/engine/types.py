@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
 
 from PIL import Image
 
-from medvlm_core.config import GenerationParams
+from medvlm_core.run.params import GenerationParams
 from medvlm_core.errors import DocumentError
 
 

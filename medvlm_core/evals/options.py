@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 from pydantic import Field, ValidationError
 from pydantic.dataclasses import dataclass
 
-from medvlm_core.config import STRICT
+from medvlm_core.run.params import STRICT
 from medvlm_core.errors import RunError
 
 

@@ -46,9 +46,9 @@ from medvlm_core.evals import matching
 from medvlm_core.evals.gold import BUILTIN_FIELDS, GoldItem, GoldSet, load_gold
 from medvlm_core.evals.matching import Thresholds, is_empty, kind_of
 from medvlm_core.evals.options import EvalOptions
-from medvlm_core.manifest import manifest_format, parse_table
+from medvlm_core.inputs.manifest import manifest_format, parse_table
 from medvlm_core.storage import Storage
-from medvlm_core.structured import KEY_FIELDS
+from medvlm_core.output.structured import KEY_FIELDS
 
 STRUCTURED_PROMPT = "clinical_extraction"
 ALL = "all"
@@ -848,8 +848,8 @@ def evaluate(output: str, gold_uri: str, storage: Storage, run_ids: list[str] | 
     Raises:
         RunError: a bad gold file (naming the rows), an output without completions, an unknown run.
     """
-    from medvlm_core.results import utc_now
-    from medvlm_core.run import make_run_id
+    from medvlm_core.output.results import utc_now
+    from medvlm_core.run.context import make_run_id
 
     options = EvalOptions.parse(options)
     now = now or utc_now()
@@ -992,8 +992,8 @@ def write_evaluation(evaluation: Evaluation, storage: Storage, report_html: str 
     Returns:
         What was written: ``evals``, ``review`` (and ``report``) -> URL.
     """
-    from medvlm_core.layout import OutputLayout
-    from medvlm_core.results import write_parquet
+    from medvlm_core.output.paths import OutputLayout
+    from medvlm_core.output.results import write_parquet
 
     layout = OutputLayout.of(evaluation.output)
     day = f"{evaluation.created_at:%Y-%m-%d}"

@@ -9,7 +9,7 @@ from conftest import batch, write_manifest
 from medvlm_core.engine import close_shared_engines
 from medvlm_core.engine.registry import inject_fault
 from medvlm_core.testing.faults import NativeAbort, Stall
-from report import record
+from support.reliability_report import record
 
 
 def test_abort_mid_run_costs_one_error_row(tmp_path, tiny_qwen, demo_docs, monkeypatch):

@@ -17,12 +17,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 from medvlm_core import errors
-from medvlm_core.config import EngineConfig, GenerationParams
+from medvlm_core.run.params import EngineConfig, GenerationParams
 from medvlm_core.engine import BatchedEngine, IsolatedEngine, Request, SharedStream, VisionEngine
 from medvlm_core.engine.isolated import shared_block_prefix
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.testing.faults import NativeAbort, Stall
-from report import record
+from support.reliability_report import record
 
 N_PAGES = 10
 PROMPT = "Read the page."
@@ -148,7 +148,7 @@ def test_source_failure_early_stop_and_a_parent_without_llama_cpp(config, pages,
     script = textwrap.dedent(f"""
         import sys
         from PIL import Image
-        from medvlm_core.config import EngineConfig, GenerationParams
+        from medvlm_core.run.params import EngineConfig, GenerationParams
         from medvlm_core.engine import IsolatedEngine, Request
 
         if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_manifest
-from report import record
+from support.reliability_report import record
 
 MEDVLM = str(Path(sys.executable).with_name("medvlm"))
 
@@ -114,7 +114,7 @@ def test_staging_area_full(tmp_path, tiny_llava, demo_docs, cli_env):
     files = json.loads(listing.read_text())
     assert not [f for f in files if f.endswith(".tmp")], files  # temp files removed
     assert all(ok for ok in files.values() if ok is not None), files  # every Parquet file present is whole
-    # nothing published, no commit record (the lease's record stays, marked released: medvlm_core/lease.py)
+    # nothing published, no commit record (the lease's record stays, marked released: medvlm_core/output/lease.py)
     published = [f for f in files if not f.startswith(("_staging", "_lease/"))]
     assert published == [], files
     record("disk full: staging area", inputs=len(records), faults={"ENOSPC": 1})

@@ -10,8 +10,8 @@ import pyarrow.dataset as ds
 import pytest
 
 from conftest import write_manifest
-from fault_proxy import FaultProxy
-from report import record
+from support.fault_proxy import FaultProxy
+from support.reliability_report import record
 from test_deployments import run_deployment, stack  # noqa: F401  (the Prefect server + deployments fixture)
 
 pytestmark = pytest.mark.e2e

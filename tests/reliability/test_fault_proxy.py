@@ -24,7 +24,7 @@ import pytest
 import s3fs
 from botocore.config import Config
 
-from fault_proxy import KINDS, FaultProxy
+from support.fault_proxy import KINDS, FaultProxy
 
 BUCKET = "fault-proxy-test"
 

@@ -8,12 +8,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from medvlm_core.config import ImageOptions
+from medvlm_core.run.params import ImageOptions
 from medvlm_core.errors import DocumentError, RunError
-from medvlm_core.images import load_pages
-from medvlm_core.manifest import COLUMNS, read_manifest
+from medvlm_core.inputs.images import load_pages
+from medvlm_core.inputs.manifest import COLUMNS, read_manifest
 from medvlm_core.storage import Storage
-from report import record
+from support.reliability_report import record
 
 OPTIONS = ImageOptions(max_pixels=200_000, max_source_pixels=4_000_000, max_pages=5)
 

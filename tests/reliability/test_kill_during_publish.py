@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 
 from conftest import write_manifest
-from report import record
+from support.reliability_report import record
 
 pytestmark = pytest.mark.e2e  # pytest -m 'not e2e' leaves these out
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import batch, write_manifest
 from medvlm_core.testing.demo_docs import render_document
-from report import record
+from support.reliability_report import record
 
 MARKERS = {
     "patient": "PHI-PATIENT-7731",

@@ -1,0 +1,1 @@
+"""Helpers the tests share: the S3 fault proxy and the reliability report."""
