@@ -11,6 +11,7 @@ relaunches a failed or lost shard a bounded number of times, and publishes every
 from __future__ import annotations
 
 import asyncio
+from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, get_client, get_run_logger
@@ -21,7 +22,6 @@ from prefect.states import Cancelled, Failed
 
 from medvlm.flows.finish import finish_run
 from medvlm.flows.prepare import guard_output, run_name, start_run
-from medvlm.flows.shard import read_shard_record
 from medvlm_core import storage as st
 from medvlm_core.run.accounting import ChunkSummary
 from medvlm_core.run.chunks import discard_staged_shard, stage_failed_rows
@@ -31,7 +31,7 @@ from medvlm_core.inputs.manifest import plan_manifest
 from medvlm_core.model.files import ModelIdentity
 from medvlm_core.run.options import RunOptions
 from medvlm_core.run.context import RunContext, make_spec, prepare_model, release_output
-from medvlm_core.run.shards import ShardPlanWriter, read_shard_rows
+from medvlm_core.run.shards import ShardPlanWriter, read_shard_record, read_shard_rows
 
 # Shard runs in flight per slot of the shard pool (so each worker has its next shard queued), and without a
 # readable pool.
@@ -150,9 +150,9 @@ async def _fan_out(logger: Any, ctx: RunContext, manifest: str, shard_size: int,
         pending = failed
 
     records = [r for i in range(count) if (r := read_shard_record(storage, layout, run_id, i)) is not None]
-    summaries = [ChunkSummary.from_json(r["summary"]) for r in records]
+    summaries = [ChunkSummary.from_json(r.summary) for r in records]
     if records:
-        identity, params = ModelIdentity(**records[0]["identity"]), records[0]["params_json"]
+        identity, params = ModelIdentity(**records[0].identity), records[0].params_json
     else:  # no shard finished: identify the model here so the error rows still say which model was asked for
         engine, identity = prepare_model(ctx)
         params = make_spec(ctx, engine, identity).params_json
@@ -168,13 +168,14 @@ async def _fan_out(logger: Any, ctx: RunContext, manifest: str, shard_size: int,
     summary = finish_run(
         logger, ctx, manifest, plan, summaries, identity, params,
         audit={"shards": [
-            {k: r[k] for k in ("shard_index", "worker", "started_at", "finished_at")} for r in records
+            {"shard_index": r.shard_index, "worker": asdict(r.worker), "started_at": r.started_at,
+             "finished_at": r.finished_at} for r in records
         ], "failed_shards": {str(i): reasons[i] for i in pending}, "shard_attempts": {str(i): n for i, n in attempts.items()},
             "max_concurrent_shards": limit,
-            "shard_counts": [{"shard": r["shard_index"], "worker": r["worker"]["hostname"], "pages_ok": s.pages_ok,
+            "shard_counts": [{"shard": r.shard_index, "worker": r.worker.hostname, "pages_ok": s.pages_ok,
                               "pages_error": s.pages_error, "pages_skipped": s.pages_skipped}
                              for r, s in zip(records, summaries)]},
-        memory=next((r["memory"] for r in records if r.get("memory")), None),
+        memory=next((r.memory for r in records if r.memory), None),
     )
     summary["shards"] = count
     if pending:

@@ -9,7 +9,6 @@ nothing depends on result persistence, and it publishes all shards' rows at once
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from dataclasses import asdict
@@ -24,30 +23,10 @@ from medvlm.flows.inference import run_chunks
 from medvlm.flows.prepare import run_name, start_run
 from medvlm_core.run.accounting import merge_summaries
 from medvlm_core.errors import RunError
-from medvlm_core.output.paths import OutputLayout
 from medvlm_core.run.options import RunOptions
 from medvlm_core.output.results import utc_now
-from medvlm_core.run.shards import read_shard_rows
+from medvlm_core.run.shards import ShardRecord, ShardWorker, read_shard_rows, write_shard_record
 from medvlm_core.run.context import make_spec, prepare_model
-from medvlm_core.storage import Storage
-
-
-def read_shard_record(storage: Storage, layout: OutputLayout, run_id: str, shard_index: int) -> dict | None:
-    """A finished shard's record.
-
-    Args:
-        storage: where the output is.
-        layout: the output's layout.
-        run_id: the parent run.
-        shard_index: the shard.
-
-    Returns:
-        The record, or None if the shard did not finish.
-    """
-    url = layout.shard_record(run_id, shard_index)
-    if not storage.exists(url):
-        return None
-    return json.loads(storage.read_bytes(url))
 
 
 @flow(
@@ -86,23 +65,13 @@ def medvlm_shard(
         logger.info("shard %d of run %s: %d manifest rows", shard_index, run_id, len(rows))
         total = merge_summaries(run_chunks(logger, ctx, spec, rows, shard_index))
         total.storage_retries += ctx.storage.retries  # this worker's object-store retries, for the run row
-        record = {
-            "shard_index": shard_index,
-            "summary": total.to_json(),
-            "identity": asdict(identity),
-            "params_json": spec.params_json,
-            "memory": ctx.memory.as_dict() if ctx.memory else None,
-            "worker": {
-                "hostname": socket.gethostname(),
-                "pid": os.getpid(),
-                "cuda_visible_devices": ctx.settings.cuda_visible_devices,
-                "flow_run_id": str(flow_run.id) if flow_run.id else None,
-            },
-            "started_at": ctx.started.isoformat(),
-            "finished_at": utc_now().isoformat(),
-        }
-        ctx.storage.write_bytes_atomic(ctx.output.shard_record(run_id, shard_index), json.dumps(record).encode())
-        return record
+        worker = ShardWorker(socket.gethostname(), os.getpid(), ctx.settings.cuda_visible_devices,
+                             str(flow_run.id) if flow_run.id else None)
+        record = ShardRecord(shard_index, total.to_json(), asdict(identity), spec.params_json, worker,
+                             ctx.started.isoformat(), utc_now().isoformat(),
+                             ctx.memory.as_dict() if ctx.memory else None)
+        write_shard_record(ctx.storage, ctx.output, run_id, record)
+        return asdict(record)
     except RunError as exc:
         logger.error("shard %d failed: %s", shard_index, exc)
         return Failed(message=str(exc))

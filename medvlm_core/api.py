@@ -34,12 +34,12 @@ from medvlm_core.engine.registry import create_engine
 from medvlm_core.engine.types import Engine
 from medvlm_core.errors import RunError
 from medvlm_core.inputs.manifest import COLUMNS, ManifestPlan, plan_manifest
-from medvlm_core.run.pages import RunSpec, process_rows
+from medvlm_core.run.pages import RunSpec, completion_columns, process_rows
 from medvlm_core.output.results import utc_now
 from medvlm_core.run.context import RunContext, make_run_id, make_spec, open_run, prepare_model
 from medvlm_core.settings import Settings
 from medvlm_core.storage import Storage, s3_options
-from medvlm_core.validation import validate_output
+from medvlm_core.output.tables import validate_table
 
 
 @dataclass
@@ -151,8 +151,8 @@ class MedicalVisionLLM:
         plan = self._plan(manifest)
         out = [r for r in process_rows(self._engine, plan.rows, self._spec, self._ctx.storage)]
         out.sort(key=lambda r: (r["manifest_row"], r["page"] or 0))  # pages finish in any order; give them in order
-        completions = results.to_table(out, results.COMPLETIONS_SCHEMA)
-        validate_output("completions", completions)
+        completions = results.to_table([completion_columns(r) for r in out], results.COMPLETIONS_SCHEMA)
+        validate_table("completions", completions)
         created = utc_now()
         quarantine = results.to_table(
             [dict(q, run_id=self._spec.run_id, manifest_uri=manifest if isinstance(manifest, str) else None,

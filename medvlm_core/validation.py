@@ -1,21 +1,15 @@
-"""pandera schemas: the manifest's single definition (with row-level quarantine) and the output tables'.
+"""Checking a polars frame against a pandera schema fast: ``passes``, every check in one polars query.
 
-The manifest is validated lazily with pandera's polars backend, which reports the row index of every
-failure, so that every problem is found in one pass and each bad row is quarantined with a reason a person
-can act on, while the valid rows proceed. The result tables are validated before they are written, so
-downstream queries can trust their schema and invariants.
-
-Each validation first asks ``passes``: every check of the model in one polars query (pandera's own check
-functions). pandera itself runs only when that query finds a failure, to name it: pandera runs one query per
-check (~50 for the completions table, ~0.3 ms each whatever the rows), 17 ms for a chunk of 64 completions
-against 2.4 ms in one query (BENCHMARKS.md, the eighth session).
+The manifest (``inputs/manifest_checks.py``) and the output tables (``output/tables.py``) are both checked with
+pandera's polars backend. Each check first asks ``passes``: every check of the schema in one polars query
+(pandera's own check functions). pandera itself runs only when that query finds a failure, to name it: pandera
+runs one query per check (~50 for the completions table, ~0.3 ms each whatever the rows), 17 ms for a chunk of
+64 completions against 2.4 ms in one query (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import pandera.backends.polars.builtin_checks  # noqa: F401  (registers the polars built-in checks that passes() calls)
 import pandera.polars as pa
@@ -24,105 +18,22 @@ from pandera.api.polars.types import PolarsData
 from pandera.backends.polars.checks import PolarsCheckBackend
 from pandera.constants import CHECK_OUTPUT_KEY
 from pandera.engines.polars_engine import Engine
-from pandera.errors import SchemaError, SchemaErrors
-
-from medvlm_core import errors
-from medvlm_core.output import status as row_status
-from medvlm_core.errors import RunError
-from medvlm_core.inputs.prompts import known_prompt_ids
-
-MAX_ID_CHARS = 256
-MAX_URI_CHARS = 4096
-MAX_PROMPT_CHARS = 8000
-ROW = "__row_number"
-ALLOWED_SCHEMES = ("s3://", "s3a://", "file://")
 
 
-class ManifestModel(pa.DataFrameModel):
-    """One manifest row per document (or selected page). All columns arrive as strings."""
-
-    document_id: str = pa.Field(nullable=False, str_length={"min_value": 1, "max_value": MAX_ID_CHARS})
-    image_uri: str = pa.Field(nullable=False, str_length={"min_value": 1, "max_value": MAX_URI_CHARS})
-    page: Optional[str] = pa.Field(nullable=True, str_matches=r"^\s*[1-9][0-9]{0,5}(\.0+)?\s*$")
-    prompt_id: Optional[str] = pa.Field(nullable=True, str_length={"max_value": MAX_ID_CHARS})
-    prompt: Optional[str] = pa.Field(nullable=True, str_length={"max_value": MAX_PROMPT_CHARS})
-    patient_id: Optional[str] = pa.Field(nullable=True, str_length={"max_value": MAX_ID_CHARS})
-    encounter_id: Optional[str] = pa.Field(nullable=True, str_length={"max_value": MAX_ID_CHARS})
-    sha256: Optional[str] = pa.Field(nullable=True, str_matches=r"^\s*[0-9a-fA-F]{64}\s*$")
-
-    @pa.check("document_id", name="not_blank")
-    def _document_id_not_blank(cls, data: PolarsData) -> pl.LazyFrame:
-        return data.lazyframe.select(pl.col(data.key).str.strip_chars().str.len_chars() > 0)
-
-    @pa.check("image_uri", name="uri_form")
-    def _image_uri_form(cls, data: PolarsData) -> pl.LazyFrame:
-        uri = pl.col(data.key).str.strip_chars()
-        scheme_ok = ~uri.str.contains("://", literal=True) | pl.any_horizontal(
-            [uri.str.to_lowercase().str.starts_with(s) for s in ALLOWED_SCHEMES]
-        )
-        no_control = ~uri.str.contains(r"[\x00-\x1f]")
-        return data.lazyframe.select(scheme_ok & no_control & (uri.str.len_chars() > 0))
-
-    @pa.check("prompt_id", name="known_prompt_id")
-    def _known_prompt_id(cls, data: PolarsData) -> pl.LazyFrame:
-        return data.lazyframe.select(pl.col(data.key).str.strip_chars().is_in(known_prompt_ids()))
-
-    class Config:
-        # A document page appears once per manifest: checked over the whole manifest by duplicate_problems(),
-        # while these checks run a batch at a time.
-        strict = False  # extra columns are allowed and ignored
-
-
-# Readable reasons, keyed by (column, check name prefix). No values: reasons are printed, values are data.
-_REASONS = {
-    ("document_id", "not_nullable"): "document_id is missing",
-    ("document_id", "str_length"): f"document_id must be 1 to {MAX_ID_CHARS} characters",
-    ("document_id", "not_blank"): "document_id is blank",
-    ("image_uri", "not_nullable"): "image_uri is missing",
-    ("image_uri", "str_length"): f"image_uri must be 1 to {MAX_URI_CHARS} characters",
-    ("image_uri", "uri_form"): "image_uri must be s3://..., file://..., an absolute path or a path relative to the manifest",
-    ("page", "str_matches"): "page must be an integer >= 1",
-    ("prompt_id", "known_prompt_id"): "prompt_id is not in the prompt library",
-    ("prompt_id", "str_length"): f"prompt_id is longer than {MAX_ID_CHARS} characters",
-    ("prompt", "str_length"): f"prompt is longer than {MAX_PROMPT_CHARS} characters",
-    ("patient_id", "str_length"): f"patient_id is longer than {MAX_ID_CHARS} characters",
-    ("encounter_id", "str_length"): f"encounter_id is longer than {MAX_ID_CHARS} characters",
-    ("sha256", "str_matches"): "sha256 must be 64 hexadecimal characters",
-}
-
-
-@dataclass(frozen=True)
-class RowProblem:
-    """One failed check on one manifest row."""
-
-    row_number: int
-    column: str | None
-    check: str
-    value: str | None
-    reason: str
-
-
-def _reason(column: str | None, check: str) -> str:
-    for (col, prefix), text in _REASONS.items():
-        if col == column and check.startswith(prefix):
-            return text
-    return f"{column or 'row'} fails {check}"
-
-
-def passes(model: type[pa.DataFrameModel], frame: pl.DataFrame) -> bool:
+def passes(model: type[pa.DataFrameModel] | pa.DataFrameSchema, frame: pl.DataFrame) -> bool:
     """Whether ``frame`` passes every check of ``model``, found in one polars query: the columns' presence and
     dtypes, nullability (NaN counted as null, as pandera does), uniqueness, and each column and dataframe check
     through pandera's own check function. False says only "let pandera decide": also for a model using what
     this does not evaluate (coercion, strictness, regex column names, schema-level uniqueness) or any error.
 
     Args:
-        model: the pandera model.
+        model: the pandera model or schema.
         frame: the rows.
 
     Returns:
         True if every check passes.
     """
-    schema = model.to_schema()
+    schema = model.to_schema() if isinstance(model, type) else model
     if schema.coerce or schema.strict or schema.unique:
         return False
     try:
@@ -163,192 +74,3 @@ def passes(model: type[pa.DataFrameModel], frame: pl.DataFrame) -> bool:
         return all(pl.concat(parts, how="horizontal").collect().row(0))
     except Exception:  # anything this cannot evaluate is pandera's to judge
         return False
-
-
-def validate_manifest(batch: pl.DataFrame) -> list[RowProblem]:
-    """The problems of a batch of manifest rows (strings, with their 1-based numbers in ``__row_number``; see
-    ``manifest.plan_manifest``), every failed check of every row. Uniqueness is ``duplicate_problems``'.
-
-    Args:
-        batch: manifest rows.
-
-    Returns:
-        The problems, by row.
-
-    Raises:
-        RunError: a table-level failure (a problem pandera cannot pin to a row).
-    """
-    if passes(ManifestModel, batch):
-        return []
-    try:
-        ManifestModel.validate(batch, lazy=True)
-        return []
-    except SchemaErrors as exc:
-        failures = exc.failure_cases
-    except SchemaError as exc:  # pragma: no cover - lazy mode reports through SchemaErrors
-        raise RunError(f"manifest does not match its schema: {exc.reason_code}") from None
-    numbers = batch[ROW]
-    problems: list[RowProblem] = []
-    for case in failures.iter_rows(named=True):
-        if case["index"] is None:
-            raise RunError(f"manifest does not match its schema ({case['check']} on {case['column']})")
-        check = str(case["check"]).split("(", 1)[0]  # "str_matches('^...$')" -> "str_matches"
-        problems.append(RowProblem(int(numbers[int(case["index"])]), case["column"], check, case["failure_case"],
-                                   _reason(case["column"], check)))
-    return problems
-
-
-def duplicate_problems(frame: pl.DataFrame) -> list[RowProblem]:
-    """Repeated (document_id, page) across a whole manifest: exact repeats after the first are refused;
-    conflicting rows all are. Only the repeated rows are looked at one by one.
-
-    Args:
-        frame: the manifest (strings, with ``__row_number``).
-
-    Returns:
-        One problem per refused row.
-    """
-    problems = []
-    content = [c for c in frame.columns if c != ROW]
-    key = [pl.col("document_id").str.strip_chars().alias("__doc"), pl.col("page").str.strip_chars().alias("__page")]
-    repeated = frame.filter(pl.struct(key).is_duplicated()).with_columns(key)
-    for _, group in repeated.group_by(["__doc", "__page"], maintain_order=True):
-        group = group.sort(ROW)
-        numbers = group[ROW].to_list()
-        identical = group.select(content).unique().height == 1
-        doomed = numbers[1:] if identical else numbers
-        for n in doomed:
-            reason = (
-                f"exact duplicate of row {numbers[0]} (same document_id and page)"
-                if identical
-                else f"document_id and page repeated in rows {', '.join(map(str, numbers))} with different content"
-            )
-            problems.append(RowProblem(n, "document_id", "unique_document_page", None, reason))
-    return problems
-
-
-def problems_by_row(problems: list[RowProblem], batch: pl.DataFrame) -> list[dict]:
-    """One quarantine record per refused row: all its problems joined, the first one's column and check.
-
-    Args:
-        problems: the batch's problems, sorted by row.
-        batch: the manifest rows they are about (strings, with ``__row_number``).
-
-    Returns:
-        The quarantine records (the row as given in ``row_json``).
-    """
-    grouped: dict[int, list[RowProblem]] = {}
-    for p in problems:
-        grouped.setdefault(p.row_number, []).append(p)
-    refused = batch.filter(pl.col(ROW).is_in(list(grouped)))
-    originals = {r[ROW]: r for r in refused.iter_rows(named=True)}
-    records = []
-    for number, items in sorted(grouped.items()):
-        original = {k: v for k, v in originals[number].items() if k != ROW}
-        first = items[0]
-        records.append(
-            {
-                "row_number": number,
-                "row_json": json.dumps(original, sort_keys=True, default=str),
-                "column": first.column,
-                "check": first.check,
-                "failing_value": first.value,
-                "reason": f"row {number}: " + "; ".join(dict.fromkeys(p.reason for p in items)),
-            }
-        )
-    return records
-
-
-# -- output tables ------------------------------------------------------------------------------------
-
-_HEX64 = r"^[0-9a-f]{64}$"
-
-
-class CompletionsModel(pa.DataFrameModel):
-    """Invariants of the completions table that downstream queries rely on."""
-
-    run_id: str = pa.Field(nullable=False)
-    result_key: str = pa.Field(nullable=False, str_matches=_HEX64)
-    document_id: str = pa.Field(nullable=False)
-    page: Optional[pl.Int32] = pa.Field(nullable=True, ge=1)
-    manifest_row: pl.Int64 = pa.Field(nullable=False, ge=1)
-    image_sha256: Optional[str] = pa.Field(nullable=True, str_matches=_HEX64)
-    prompt_sha256: str = pa.Field(nullable=False, str_matches=_HEX64)
-    model_sha256: str = pa.Field(nullable=False, str_matches=_HEX64)
-    mmproj_sha256: str = pa.Field(nullable=False, str_matches=_HEX64)
-    status: str = pa.Field(nullable=False, isin=list(row_status.WRITTEN))
-    error_type: Optional[str] = pa.Field(nullable=True, isin=list(errors.ERROR_TYPES))
-    completion_tokens: Optional[pl.Int32] = pa.Field(nullable=True, ge=0)
-
-    @pa.dataframe_check(name="status_matches_error_fields")
-    def _status_consistent(cls, data: PolarsData) -> pl.LazyFrame:
-        ok = pl.col("status").is_in(list(row_status.ANSWERED))
-        return data.lazyframe.select(
-            pl.when(ok)
-            .then(pl.col("error_type").is_null() & pl.col("completion").is_not_null())
-            .otherwise(pl.col("error_type").is_not_null() & pl.col("error_message").is_not_null())
-        )
-
-    class Config:
-        strict = False
-
-
-class RunsModel(pa.DataFrameModel):
-    """Invariants of the runs table."""
-
-    run_id: str = pa.Field(nullable=False, unique=True)
-    manifest_rows: int = pa.Field(nullable=False, ge=0)
-    quarantined_rows: int = pa.Field(nullable=False, ge=0)
-    skipped_rows: int = pa.Field(nullable=False, ge=0)
-    processed_rows: int = pa.Field(nullable=False, ge=0)
-    pages_ok: int = pa.Field(nullable=False, ge=0)
-    pages_error: int = pa.Field(nullable=False, ge=0)
-    storage_retries: int = pa.Field(nullable=True, ge=0)
-
-    class Config:
-        strict = False
-
-
-class QuarantineModel(pa.DataFrameModel):
-    """Invariants of the quarantine table."""
-
-    run_id: str = pa.Field(nullable=False)
-    row_number: int = pa.Field(nullable=False, ge=1)
-    row_json: str = pa.Field(nullable=False)
-    reason: str = pa.Field(nullable=False)
-
-    class Config:
-        strict = False
-
-
-class StructuredModel(pa.DataFrameModel):
-    """Invariants of every structured extraction table: each row joins back to its page."""
-
-    run_id: str = pa.Field(nullable=False)
-    result_key: str = pa.Field(nullable=False, str_matches=_HEX64)
-    document_id: str = pa.Field(nullable=False)
-    item_index: pl.Int32 = pa.Field(nullable=False, ge=0)
-
-    class Config:
-        strict = False
-
-
-OUTPUT_MODELS = {"completions": CompletionsModel, "runs": RunsModel, "quarantine": QuarantineModel}
-
-
-def validate_output(table_name: str, table) -> None:
-    """Check an Arrow table against its output model before it is written; RuntimeError (a bug) if not."""
-    if table.num_rows == 0:
-        return
-    model = OUTPUT_MODELS.get(table_name, StructuredModel)
-    frame = pl.from_arrow(table)
-    if passes(model, frame):
-        return
-    try:
-        model.validate(frame, lazy=True)
-    except (SchemaErrors, SchemaError) as exc:
-        cases = getattr(exc, "failure_cases", None)
-        detail = "" if cases is None else "; ".join(
-            sorted({f"{c['column']}:{c['check']}" for c in cases.select("column", "check").iter_rows(named=True)})
-        )
-        raise RuntimeError(f"refusing to write an invalid {table_name} table ({detail})") from None

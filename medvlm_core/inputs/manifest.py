@@ -186,7 +186,7 @@ def plan_manifest(
         RunError: table-level problems (unreadable, unknown format, missing required column, no rows, a
             manifest outside the policy).
     """
-    from medvlm_core.validation import ROW, duplicate_problems, problems_by_row, validate_manifest
+    from medvlm_core.inputs.manifest_checks import ROW, duplicate_problems, problems_by_row, validate_manifest
 
     url = st.normalize(url)
     if policy is not None:
@@ -235,7 +235,7 @@ def read_manifest(url: str, storage: Storage, policy: "LocationPolicy | None" = 
 
 def _policy_problems(outside: pl.DataFrame, batch: pl.DataFrame) -> list:
     """A quarantine problem for each row whose resolved ``image_uri`` is outside the allowed locations."""
-    from medvlm_core.validation import ROW, RowProblem
+    from medvlm_core.inputs.manifest_checks import ROW, RowProblem
 
     given = batch.filter(pl.col(ROW).is_in(outside["row_number"].to_list()))
     return [RowProblem(n, "image_uri", "location_policy", uri, "image_uri is outside the allowed locations of this deployment")
@@ -265,7 +265,7 @@ def resolved_rows(valid: pl.DataFrame, base_dir: str) -> pl.DataFrame:
     Returns:
         The typed rows.
     """
-    from medvlm_core.validation import ROW
+    from medvlm_core.inputs.manifest_checks import ROW
 
     uri = pl.col("image_uri").str.strip_chars()
     lower = uri.str.to_lowercase()

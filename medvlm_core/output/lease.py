@@ -29,7 +29,6 @@ only one that publishes those pages.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -39,10 +38,11 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.output.paths import OutputLayout
+from medvlm_core.output.records import JsonRecord
 from medvlm_core.storage import Storage
 
 OnBusy = Literal["wait", "fail"]
@@ -111,8 +111,10 @@ def process_gone(host: str, machine: str | None, pid: int, started: str | None) 
 
 
 @dataclass(frozen=True)
-class LeaseRecord:
+class LeaseRecord(JsonRecord):
     """One holder's record of an output's lease (``<output>/_lease/lease-<epoch>.json``)."""
+
+    KIND: ClassVar[str] = "lease"
 
     epoch: int
     run_id: str
@@ -124,34 +126,6 @@ class LeaseRecord:
     machine: str | None = None
     process_started: str | None = None
     released: bool = False
-
-    def to_bytes(self) -> bytes:
-        """The record as JSON.
-
-        Returns:
-            UTF-8 JSON bytes.
-        """
-        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "LeaseRecord":
-        """A record read back.
-
-        Args:
-            data: what ``to_bytes`` wrote.
-
-        Returns:
-            The record.
-
-        Raises:
-            ValueError: not a lease record.
-        """
-        try:
-            raw = json.loads(data)
-            known = {f.name for f in dataclasses.fields(cls)}
-            return cls(**{k: v for k, v in raw.items() if k in known})
-        except (TypeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"not a lease record ({type(exc).__name__})") from None
 
     @property
     def expires(self) -> float:

@@ -10,13 +10,13 @@ finishing twice changes nothing.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Callable
 
 from medvlm_core.output import done_index
 from medvlm_core.output import results
 from medvlm_core.errors import DocumentError
+from medvlm_core.output.records import CommitRecord, PublishMarker
 from medvlm_core.output.paths import NOT_TABLES, PUBLISH_MARKER, OutputLayout
 from medvlm_core.storage import Storage
 
@@ -70,8 +70,8 @@ def publish_run(
     if quarantine_rows:
         results.write_rows(storage, layout.staged(run_id, "quarantine", "quarantine.parquet"), "quarantine", quarantine_rows)
     results.write_rows(storage, layout.staged(run_id, "runs", "run.parquet"), "runs", [run_row])
-    marker = {"run_id": run_id, "run_date": run_date, "audit": audit or {}}
-    storage.write_bytes_atomic(layout.publish_marker(run_id), json.dumps(marker, sort_keys=True, default=str).encode())
+    marker = PublishMarker(run_id, run_date, audit or {})
+    storage.write_bytes_atomic(layout.publish_marker(run_id), marker.to_bytes())
     return publish_staged(storage, layout, run_id, on_tables)
 
 
@@ -88,19 +88,21 @@ def publish_staged(storage: Storage, layout: OutputLayout, run_id: str,
     Returns:
         The published file URL by table.
     """
-    marker = json.loads(storage.read_bytes(layout.publish_marker(run_id)))
+    marker_url = layout.publish_marker(run_id)
+    marker = PublishMarker.from_bytes(storage.read_bytes(marker_url), marker_url)
     staged = {t: urls for t, urls in staged_tables(storage, layout, run_id).items() if t not in NOT_TABLES}
     staged.setdefault("completions", [])  # every row quarantined: still one (empty) completions file
     published: dict[str, str] = {}
     # completions first, runs last: a reader who sees the runs row sees every table of the run
     for table in sorted(staged, key=lambda t: (t == "runs", t != "completions", t)):
-        url = layout.table_part(table, marker["run_date"], run_id)
+        url = layout.table_part(table, marker.run_date, run_id)
         results.merge_parquet(storage, sorted(staged[table]), url, results.TABLES.get(table))
         published[table] = url
     if on_tables is not None:
         on_tables(dict(published))
     done_index.add_runs(storage, layout, {run_id: published["completions"]})  # before the commit: see done_index
-    storage.put_if_absent(layout.commit(run_id), results.commit_record(run_id, published, marker["audit"]))
+    commit = CommitRecord(run_id, results.utc_now().isoformat(), published, marker.audit)
+    storage.put_if_absent(layout.commit(run_id), commit.to_bytes())
     storage.remove_tree(layout.run_staging(run_id))
     return published
 

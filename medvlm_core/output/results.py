@@ -1,4 +1,6 @@
-"""The result tables: their schemas (the contract downstream queries use), row builders and the writers.
+"""Writing the result tables: rows to Arrow, validated Parquet files, merges at publish, the result key.
+
+The tables' columns are defined once, in ``output/tables.py``; this module writes them.
 
 The tables are hive-partitioned by ``run_date``, one file per table per run (``medvlm_core.output.paths`` names
 every place under an output). Every published file is written atomically, so a reader sees all of a run's
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
@@ -17,115 +18,16 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from medvlm_core.output import status
 from medvlm_core.errors import RunError
-from medvlm_core.output.paths import OutputLayout
+from medvlm_core.output.tables import COMPLETIONS, QUARANTINE, RUN_TABLES, RUNS, rows_to_arrow, validate_table
 from medvlm_core.storage import Storage
 
 
-TIMESTAMP = pa.timestamp("us", tz="UTC")
-
-COMPLETIONS_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("result_key", pa.string()),
-        ("document_id", pa.string()),
-        ("page", pa.int32()),
-        ("page_count", pa.int32()),
-        ("manifest_row", pa.int64()),
-        ("image_uri", pa.string()),
-        ("image_sha256", pa.string()),
-        ("image_format", pa.string()),
-        ("image_width", pa.int32()),
-        ("image_height", pa.int32()),
-        ("patient_id", pa.string()),
-        ("encounter_id", pa.string()),
-        ("prompt_id", pa.string()),
-        ("prompt_sha256", pa.string()),
-        ("model_name", pa.string()),
-        ("model_sha256", pa.string()),
-        ("mmproj_sha256", pa.string()),
-        ("chat_format", pa.string()),
-        ("params_json", pa.string()),
-        ("completion", pa.string()),
-        ("finish_reason", pa.string()),
-        ("prompt_tokens", pa.int32()),
-        ("completion_tokens", pa.int32()),
-        ("fetch_ms", pa.float64()),
-        ("preprocess_ms", pa.float64()),
-        ("latency_ms", pa.float64()),
-        # Reasoning models: the thinking block (completion is then the answer alone), its tokens, and whether
-        # medvlm's reasoning budget closed it.
-        ("reasoning", pa.string()),
-        ("reasoning_tokens", pa.int32()),
-        ("reasoning_budget_hit", pa.bool_()),
-        # Confidence of the answer: mean and least log-probability of its tokens under the model; with
-        # --top-logprobs N, the alternatives per token as JSON [[[token, logprob], ...], ...].
-        ("mean_logprob", pa.float64()),
-        ("min_logprob", pa.float64()),
-        ("top_logprobs", pa.string()),
-        ("status", pa.string()),
-        ("error_type", pa.string()),
-        ("error_message", pa.string()),
-        ("created_at", TIMESTAMP),
-    ]
-)
-
-RUNS_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("flow_run_id", pa.string()),
-        ("status", pa.string()),
-        ("started_at", TIMESTAMP),
-        ("finished_at", TIMESTAMP),
-        ("wall_seconds", pa.float64()),
-        ("manifest_uri", pa.string()),
-        ("output_uri", pa.string()),
-        ("model_name", pa.string()),
-        ("model_sha256", pa.string()),
-        ("mmproj_sha256", pa.string()),
-        ("chat_format", pa.string()),
-        ("prompt_id", pa.string()),
-        ("prompt_sha256", pa.string()),
-        ("params_json", pa.string()),
-        ("manifest_rows", pa.int64()),
-        ("quarantined_rows", pa.int64()),
-        ("skipped_rows", pa.int64()),
-        ("skipped_pages", pa.int64()),
-        ("processed_rows", pa.int64()),
-        ("pages_ok", pa.int64()),
-        ("pages_error", pa.int64()),
-        ("pages_truncated", pa.int64()),
-        ("reconciled", pa.bool_()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("pages_per_second", pa.float64()),
-        ("completion_tokens_per_second", pa.float64()),
-        # Object-store calls repeated after a transient failure (throttling, 5xx, resets) up to the publish.
-        ("storage_retries", pa.int64()),
-        # The engine's memory plan: the pages decoded together (lowered to fit), its estimate and the budget.
-        ("n_parallel", pa.int64()),
-        ("memory_needed_mb", pa.float64()),
-        ("memory_budget_mb", pa.float64()),
-        ("medvlm_version", pa.string()),
-    ]
-)
-
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("manifest_uri", pa.string()),
-        ("row_number", pa.int64()),
-        ("row_json", pa.string()),
-        ("column", pa.string()),
-        ("check", pa.string()),
-        ("failing_value", pa.string()),
-        ("reason", pa.string()),
-        ("created_at", TIMESTAMP),
-    ]
-)
-
-TABLES = {"completions": COMPLETIONS_SCHEMA, "runs": RUNS_SCHEMA, "quarantine": QUARANTINE_SCHEMA}
+# The run tables' Arrow schemas, derived from their one definition (``output/tables.py``).
+COMPLETIONS_SCHEMA = COMPLETIONS.arrow_schema()
+RUNS_SCHEMA = RUNS.arrow_schema()
+QUARANTINE_SCHEMA = QUARANTINE.arrow_schema()
+TABLES = {name: table.arrow_schema() for name, table in RUN_TABLES.items()}
 
 
 def utc_now() -> datetime:
@@ -168,10 +70,19 @@ class DoneKeys:
         return len(self.keys)
 
 
-def to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    """Rows (dicts) as an Arrow table of exactly ``schema`` (missing keys become nulls)."""
-    names = schema.names
-    return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], schema=schema)
+def to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema, table_name: str = "") -> pa.Table:
+    """Rows (dicts) as an Arrow table of exactly ``schema``: missing keys become nulls, and a key that is not
+    a column is an error (``tables.UnknownColumnError``), so a misspelt column is never written as null.
+
+    Args:
+        rows: the rows.
+        schema: the table's schema.
+        table_name: named in the error.
+
+    Returns:
+        The Arrow table.
+    """
+    return rows_to_arrow(rows, schema, table_name)
 
 
 @contextmanager
@@ -195,14 +106,13 @@ def write_parquet(storage: Storage, url: str, table: pa.Table) -> None:
 def write_rows(
     storage: Storage, url: str, table_name: str, rows: Iterable[dict[str, Any]], schema: pa.Schema | None = None
 ) -> int:
-    """Validate rows against the table's pandera model, then write them as one atomic Parquet file.
+    """Check rows against the table's definition (``tables.validate_table``), then write them as one atomic
+    Parquet file.
 
     ``schema`` is needed for structured tables (their columns come from the extraction's JSON schema).
     """
-    from medvlm_core.validation import validate_output
-
-    table = to_table(rows, schema or TABLES[table_name])
-    validate_output(table_name, table)
+    table = to_table(rows, schema or TABLES[table_name], table_name)
+    validate_table(table_name, table)
     write_parquet(storage, url, table)
     return table.num_rows
 
@@ -238,9 +148,3 @@ def merge_parquet(storage: Storage, sources: list[str], url: str, schema: pa.Sch
                     rows += group.num_rows
                     writer.write_table(group)
     return rows
-
-
-def commit_record(run_id: str, tables: dict[str, str], audit: dict[str, Any] | None = None) -> bytes:
-    """The JSON body of a commit record: the run's published files and how it ran (no document data)."""
-    body = {"run_id": run_id, "committed_at": utc_now().isoformat(), "tables": tables, **(audit or {})}
-    return json.dumps(body, sort_keys=True, default=str).encode()

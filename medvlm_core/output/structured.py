@@ -17,6 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from medvlm_core.output.tables import STRUCTURED_KEYS
+
 # Bounded strings and arrays keep a constrained answer finite even when a model rambles.
 _TEXT = {"type": "string", "maxLength": 300}
 _SHORT = {"type": "string", "maxLength": 60}
@@ -69,17 +71,8 @@ CLINICAL_SCHEMA: dict[str, Any] = {
     "required": ["diagnoses", "medications", "instructions"],
 }
 
-KEY_FIELDS = [
-    ("run_id", pa.string()),
-    ("result_key", pa.string()),
-    ("document_id", pa.string()),
-    ("page", pa.int32()),
-    ("patient_id", pa.string()),
-    ("encounter_id", pa.string()),
-    ("item_index", pa.int32()),
-    # exp(mean log-probability) of the tokens of the item's values: ~1 when the model was sure of every value.
-    ("confidence", pa.float64()),
-]
+# The leading columns of every extraction table, from their one definition (``output/tables.py``).
+KEY_FIELDS = [(c.name, c.type) for c in STRUCTURED_KEYS]
 
 _ARROW_TYPES = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
 _TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")

@@ -15,7 +15,9 @@ from medvlm_core.engine.types import Engine
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.output.paths import shard_prefix
 from medvlm_core.inputs.manifest import ManifestRow
-from medvlm_core.run.pages import PageWork, RunSpec, error_row, process_rows, row_prompt
+from medvlm_core.run.pages import (
+    STRUCTURED_ROWS, PageWork, RunSpec, completion_columns, error_row, process_rows, row_prompt,
+)
 from medvlm_core.inputs.prompts import SCHEMAS, get_prompt
 from medvlm_core.storage import Storage
 from medvlm_core.output.structured import tables_for
@@ -48,7 +50,7 @@ def stage_chunk(
     url = spec.layout.staged_chunk(spec.run_id, "completions", chunk_index, shard_index)
     summary = ChunkSummary(chunk_index, url)
     out = [r for r in process_rows(engine, rows, spec, storage, done, on_row=summary.add) if r["status"] != status.SKIPPED]
-    results.write_rows(storage, url, "completions", out)
+    results.write_rows(storage, url, "completions", [completion_columns(r) for r in out])
     stage_structured(spec, out, chunk_index, shard_index, storage)
     return summary
 
@@ -90,7 +92,7 @@ def structured_tables(spec: RunSpec, out: list[dict]) -> dict[str, tuple[list[di
         for table, (_, arrow) in tables_for(prompt.prompt_id, prompt.schema).items():
             tables[table] = ([], arrow)
     for row in out:
-        for table, rows in (row.get("structured") or {}).items():
+        for table, rows in (row.get(STRUCTURED_ROWS) or {}).items():
             tables[table][0].extend(rows)
     return tables
 

@@ -260,7 +260,7 @@ def error_row(work: PageWork, spec: RunSpec, prompt: Prompt, error: DocumentErro
 
 
 def _add_structured(out: dict[str, Any], prompt: Prompt, result: Generation) -> None:
-    """Parse a constrained answer into ``out["structured"]`` (table -> rows), or mark it truncated/invalid."""
+    """Parse a constrained answer into ``out[STRUCTURED_ROWS]`` (table -> rows), or mark it truncated/invalid."""
     if out["finish_reason"] == "length":
         # Cut off at max_tokens: the JSON is incomplete, so no partial rows reach the tables.
         out["status"] = row_status.TRUNCATED
@@ -275,7 +275,24 @@ def _add_structured(out: dict[str, Any], prompt: Prompt, result: Generation) -> 
                    error_message=f"{out['image_uri']}: the model's answer is not the JSON the schema asks for")
         return
     keys = {k: out[k] for k in ("run_id", "result_key", "document_id", "page", "patient_id", "encounter_id")}
-    out["structured"] = flatten(prompt.prompt_id, prompt.schema, answer, keys, confidence)
+    out[STRUCTURED_ROWS] = flatten(prompt.prompt_id, prompt.schema, answer, keys, confidence)
+
+
+# The key of a result row that carries its structured tables' rows (``_add_structured``) to ``chunks``: not a
+# column of the completions table, so it is taken out before the row is written (``completion_columns``).
+STRUCTURED_ROWS = "structured"
+
+
+def completion_columns(row: dict[str, Any]) -> dict[str, Any]:
+    """A result row as the completions table's columns: without the structured rows it carries.
+
+    Args:
+        row: a result row.
+
+    Returns:
+        The row without ``STRUCTURED_ROWS``.
+    """
+    return {k: v for k, v in row.items() if k != STRUCTURED_ROWS}
 
 
 def _safe_prompt(row: ManifestRow, default: Prompt) -> tuple[Prompt, DocumentError | None]:

@@ -117,7 +117,7 @@ def test_batches_give_the_same_plan_as_one_pass(tmp_path):
 )
 def test_resolved_uris_are_what_storage_resolve_gives(uris, base_dir):
     from medvlm_core import storage as st
-    from medvlm_core.validation import ROW
+    from medvlm_core.inputs.manifest_checks import ROW
 
     frame = pl.DataFrame({ROW: list(range(1, len(uris) + 1)), "document_id": ["d"] * len(uris), "image_uri": uris,
                           **{c: [None] * len(uris) for c in ("page", "prompt_id", "prompt", "patient_id", "encounter_id", "sha256")}},

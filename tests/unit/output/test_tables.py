@@ -1,5 +1,6 @@
-"""The output tables' pandera models refuse rows that would break downstream queries; the one-query check
-that runs before pandera agrees with it."""
+"""The output tables, each defined once (``medvlm_core.output.tables``): the Arrow and pandera schemas come
+from the definition, a row with a key that is not a column is refused, the checks refuse rows that would break
+downstream queries, and the one-query check that runs before pandera agrees with it."""
 
 from __future__ import annotations
 
@@ -11,8 +12,57 @@ from hypothesis import strategies as hst
 from pandera.errors import SchemaError, SchemaErrors
 
 from conftest import HEX64, completion_row, run_row
-from medvlm_core.output import results
-from medvlm_core.validation import ROW, CompletionsModel, ManifestModel, RunsModel, passes, validate_output
+from medvlm_core.inputs.manifest_checks import ROW, ManifestModel
+from medvlm_core.output import results, tables
+from medvlm_core.output.tables import COMPLETIONS, EVAL_TABLES, RUN_TABLES, RUNS, UnknownColumnError
+from medvlm_core.output.tables import validate_table as validate_output
+from medvlm_core.storage import Storage
+from medvlm_core.validation import passes
+
+CompletionsModel = COMPLETIONS.pandera_schema()
+RunsModel = RUNS.pandera_schema()
+
+
+@pytest.mark.parametrize("table", [*RUN_TABLES.values(), *EVAL_TABLES.values()], ids=lambda t: t.name)
+def test_each_table_is_one_definition(table):
+    arrow = table.arrow_schema()
+    checks = table.pandera_schema()
+    assert arrow.names == list(table.column_names) == list(checks.columns)
+    assert len(set(arrow.names)) == len(arrow.names)
+    for column in table.columns:
+        assert column.description.strip(), f"{table.name}.{column.name} has no description"
+        assert checks.columns[column.name].nullable == column.nullable
+        assert pl.from_arrow(pa_array_of(column.type)).dtype == checks.columns[column.name].dtype.type
+    if table.name in RUN_TABLES:
+        assert results.TABLES[table.name].equals(arrow)  # the writers use the derived schema
+    doc = table.markdown()
+    assert all(f"`{name}`" in doc for name in table.column_names)
+
+
+def pa_array_of(arrow_type):
+    import pyarrow
+
+    return pyarrow.array([], arrow_type)
+
+
+def test_a_row_with_a_key_that_is_not_a_column_is_refused(tmp_path):
+    row = completion_row()
+    row["compleiton"] = row.pop("completion")  # misspelt: would have been written as a null completion
+    with pytest.raises(UnknownColumnError, match=r"row 1 for the completions table .*\['compleiton'\]"):
+        results.write_rows(Storage(), str(tmp_path / "c.parquet"), "completions", [row])
+    assert not (tmp_path / "c.parquet").exists()
+    with pytest.raises(UnknownColumnError, match="runs"):
+        RUNS.rows_to_arrow([run_row(), dict(run_row(), pages_okay=1)])
+    # a column a row leaves out is null, as before
+    table = results.to_table([{"run_id": "r"}], results.RUNS_SCHEMA, "runs")
+    assert table.column("pages_ok").to_pylist() == [None]
+
+
+def test_structured_tables_lead_with_the_defined_keys():
+    from medvlm_core.output.structured import CLINICAL_SCHEMA, tables_for
+
+    for _, schema in tables_for("clinical_extraction", CLINICAL_SCHEMA).values():
+        assert schema.names[:len(tables.STRUCTURED_KEYS)] == [c.name for c in tables.STRUCTURED_KEYS]
 
 
 def completion(**change):
