@@ -13,19 +13,17 @@ import json
 import posixpath
 from typing import Any
 
-import pyarrow as pa
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 from prefect.states import Failed
 
 from medvlm.flows.batch import run_batch
 from medvlm.flows.prepare import run_name, start_run
-from medvlm_core.output import results
 from medvlm_core import storage as st
 from medvlm_core.errors import RunError
 from medvlm_core.inputs.images import DOCUMENT_EXTENSIONS
 from medvlm_core.output.paths import OutputLayout
-from medvlm_core.inputs.manifest import FORMATS
+from medvlm_core.inputs.manifest import write_manifest, FORMATS
 from medvlm_core.run.options import RunOptions
 from medvlm_core.output.results import utc_now
 from medvlm_core.run.context import RunContext, make_run_id
@@ -119,8 +117,7 @@ def _write_generated_manifest(storage: Storage, layout: OutputLayout, input_pref
     """A manifest for loose documents: one row per file, its path under the prefix as document_id."""
     rows = [{"document_id": _relative(u, input_prefix), "image_uri": u} for u in documents]
     url = st.join(layout.nightly_state(), "manifests", make_run_id(utc_now()) + ".parquet")
-    table = results.to_table(rows, pa.schema([("document_id", pa.string()), ("image_uri", pa.string())]))
-    results.write_parquet(storage, url, table)
+    write_manifest(storage, url, rows)
     return url
 
 

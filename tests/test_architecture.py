@@ -430,3 +430,57 @@ def test_pyproject_lists_every_package():
     expected |= set(folders)
     assert set(config["packages"]) == expected, "pyproject.toml [tool.setuptools] packages must list every package"
     assert config["package-dir"] == folders  # a user's own tasks.py or flows/ cannot shadow medvlm's
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. The folder tree is the architecture: short modules, a small top level, each output table defined once
+
+MAX_MODULE_LINES = 500
+MAX_TOP_LEVEL_MODULES = 12
+# Where Arrow schemas and pandera models may be written out by hand: the output tables' one definition, the
+# inputs' models (the manifest, the gold file), and internal files that are not output tables (the manifest
+# plan, the done index's buckets, the schema a structured extraction derives from its prompt's JSON schema).
+SCHEMA_OWNERS = {
+    "medvlm_core/output/tables.py", "medvlm_core/inputs/manifest_checks.py", "medvlm_core/inputs/manifest.py",
+    "medvlm_core/evals/gold.py", "medvlm_core/output/done_index.py", "medvlm_core/output/structured.py",
+}
+
+
+def test_no_module_is_over_500_lines():
+    long = [f"{_rel(p)}: {n} lines" for p in _files(CORE, "flows", "tasks")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES]
+    assert not long, f"modules over {MAX_MODULE_LINES} lines (split them by job):\n  " + "\n  ".join(long)
+
+
+def test_the_core_top_level_is_small():
+    modules = sorted(p.name for p in (ROOT / CORE).glob("*.py"))
+    assert len(modules) <= MAX_TOP_LEVEL_MODULES, (
+        f"medvlm_core has {len(modules)} modules at its top level (at most {MAX_TOP_LEVEL_MODULES}): put each in "
+        f"the subpackage of its stage: {', '.join(modules)}"
+    )
+
+
+def _hand_written_schemas(path: Path) -> list[tuple[int, str]]:
+    """``pa.schema(...)`` / ``pyarrow.schema(...)`` calls and ``DataFrameModel`` subclasses in a file."""
+    found = []
+    for node in ast.walk(_parse(path)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "schema":
+            if isinstance(node.func.value, ast.Name) and node.func.value.id in ("pa", "pyarrow"):
+                found.append((node.lineno, ast.unparse(node)[:60]))
+        elif isinstance(node, ast.ClassDef) and any(ast.unparse(b).endswith("DataFrameModel") for b in node.bases):
+            found.append((node.lineno, f"class {node.name}(DataFrameModel)"))
+    return found
+
+
+def test_output_tables_are_defined_once():
+    offenders = [f"{_rel(p)}:{line}: {what}" for p in _files(CORE, "flows", "tasks") if _rel(p) not in SCHEMA_OWNERS
+                 for line, what in _hand_written_schemas(p)]
+    assert not offenders, (
+        "an output table's columns are defined once, in medvlm_core/output/tables.py (Arrow schema and pandera "
+        "schema are derived from it); these write one out by hand:\n  " + "\n  ".join(offenders)
+    )
+    from medvlm_core.output import results, tables
+
+    for name, table in tables.RUN_TABLES.items():
+        assert results.TABLES[name].equals(table.arrow_schema())
+        assert list(table.pandera_schema().columns) == list(table.column_names)

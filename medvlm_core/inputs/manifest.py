@@ -309,3 +309,18 @@ def rows_of(frame: pl.DataFrame) -> list[ManifestRow]:
         One ``ManifestRow`` per row, in order.
     """
     return [ManifestRow(**record) for record in frame.select(PLAN_SCHEMA.names).iter_rows(named=True)]
+
+
+def write_manifest(storage: Storage, url: str, rows: list[dict[str, str]]) -> None:
+    """Write a Parquet manifest of the required columns (the nightly flow's manifest of loose documents).
+
+    Args:
+        storage: where to write it.
+        url: the manifest's URL (``.parquet``).
+        rows: ``document_id`` and ``image_uri`` of each document.
+    """
+    schema = pa.schema([(name, pa.string()) for name in REQUIRED_COLUMNS])
+    from medvlm_core.output.results import write_parquet
+
+    write_parquet(storage, url, pa.Table.from_pylist([{name: row[name] for name in REQUIRED_COLUMNS} for row in rows],
+                                                     schema=schema))
