@@ -4,10 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Portable CPU build (AVX2, no -march=native) so the cached wheel runs on any x86-64 worker of the pool.
-# For a GPU worker see README ("GPU workers").
+# For a GPU worker see docs/gpu-workers.md.
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test docs clean
 
 # PYTHONWARNINGS=ignore: setuptools prints an informational "Editable installation" banner on every editable
 # install (a meta path finder serves the three top-level packages); nothing is wrong, so the demo stays quiet.
@@ -22,10 +22,15 @@ setup: $(BIN)/medvlm
 demo: setup
 	$(BIN)/medvlm demo
 
-# Two pytest-xdist workers, a test file each at a time: most tests wait on subprocesses, servers and workers, so
-# two files at once keep both cores busy (a module's fixtures, such as a Prefect stack, stay in one worker).
+# The docs site first (seconds; a broken link or page fails it), then the suite on two pytest-xdist workers, a
+# test file each at a time: most tests wait on subprocesses, servers and workers, so two files at once keep both
+# cores busy (a module's fixtures, such as a Prefect stack, stay in one worker).
 test: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 clean:
 	rm -rf $(VENV) medvlm-demo .pytest_cache

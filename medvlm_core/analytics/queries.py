@@ -1,4 +1,4 @@
-"""The built-in queries: the questions analysts ask first (``medvlm query --example NAME``, the ``medvlm-report``
+"""The built-in queries: the questions analysts ask first (``medvlm query NAME``, the ``medvlm-report``
 flow). Tests run each of them on real pipeline output."""
 
 # They read the current views, except throughput_per_run (each run row is its own fact).
