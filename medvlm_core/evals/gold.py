@@ -37,7 +37,8 @@ from pandera.errors import SchemaError, SchemaErrors
 
 from medvlm_core import storage as st
 from medvlm_core.errors import DocumentError, RunError
-from medvlm_core.evals.matching import FIELD_KINDS, is_empty, to_bool
+from medvlm_core.evals.matching import FIELD_KINDS
+from medvlm_core.evals.normalize import is_empty, to_bool
 from medvlm_core.inputs.manifest import manifest_format, parse_table
 from medvlm_core.storage import Storage
 from medvlm_core.output.structured import CLINICAL_SCHEMA

@@ -13,7 +13,8 @@ import io
 import json
 from typing import Any
 
-from medvlm_core.evals.scoring import ITEM_COLUMNS, ALL_FIELDS, NO_ANSWER, Evaluation, PageResult, SystemScores
+from medvlm_core.evals.answers import ITEM_COLUMNS
+from medvlm_core.evals.scores import ALL_FIELDS, NO_ANSWER, Evaluation, PageResult, SystemScores
 
 _CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px 36px; color: #1d2330; }
