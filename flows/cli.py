@@ -8,26 +8,20 @@ run finished but the counts do not reconcile, 2 when the run cannot start (the m
 from __future__ import annotations
 
 import argparse
-import csv
 import io
-import os
 import sys
 import types
 import typing
-from pathlib import Path
 from typing import Any, Sequence
 
-EXIT_OK, EXIT_UNRECONCILED, EXIT_CANNOT_RUN = 0, 1, 2
+from medvlm.flows.demo import cmd_demo, cmd_make_tiny_model
+from medvlm.flows.in_process import (
+    EXIT_OK, EXIT_UNRECONCILED, errors_last, fail, print_eval, print_summary, run_eval, run_flow,
+)
+
 # Names of the example queries (medvlm_core.analytics.EXAMPLE_QUERIES), listed without importing DuckDB.
 EXAMPLES = ("medications_per_diagnosis", "conditional_instructions", "errors_by_type", "still_failing", "document_status",
             "throughput_per_run")
-
-
-def _prefect_defaults() -> None:
-    """Settings that make the first run work offline; set before Prefect is imported, never overriding."""
-    # A fresh ephemeral server needs more than Prefect's 20 s default to migrate its database.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -94,7 +88,7 @@ def _flag_kinds(annotation: Any) -> list[Any]:
     return [inner]
 
 
-def _flow_options(args: argparse.Namespace) -> dict[str, Any]:
+def flow_options(args: argparse.Namespace) -> dict[str, Any]:
     """The run options given on the command line (flat names), with ``--mode structured`` applied."""
     from medvlm_core.run.options import option_fields
 
@@ -166,44 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_flow(manifest: str, output: str, model: str, mmproj: str | None, options: dict[str, Any]) -> tuple[int, dict | None, str | None]:
-    """Run the batch flow in-process.
-
-    Args:
-        manifest: the manifest URI.
-        output: the output URI.
-        model: the model URI.
-        mmproj: the mmproj URI.
-        options: run options by their (flat) names.
-
-    Returns:
-        ``(exit status, summary or None, error message or None)``.
-    """
-    _prefect_defaults()
-    from medvlm.flows.batch import medvlm_batch
-
-    state = medvlm_batch(manifest=manifest, output=output, model=model, mmproj=mmproj, options=options, return_state=True)
-    if not state.is_completed():
-        return EXIT_CANNOT_RUN, None, state.message or "the run failed"
-    summary = state.result()
-    return (EXIT_OK if summary["reconciled"] else EXIT_UNRECONCILED), summary, None
-
-
-def print_summary(summary: dict, out=sys.stdout) -> None:
-    """Counts and locations of a finished run (no document data)."""
-    print(f"run {summary['run_id']}: {summary['manifest_rows']} manifest rows -> "
-          f"{summary['pages_ok']} ok pages, {summary['pages_error']} error pages, "
-          f"{summary['quarantined_rows']} quarantined, {summary['skipped_rows']} skipped "
-          f"({summary['skipped_pages']} pages already done); "
-          f"reconciled={summary['reconciled']}", file=out)
-    if summary["error_types"]:
-        print("errors by type: " + ", ".join(f"{k}={v}" for k, v in summary["error_types"].items()), file=out)
-    print(f"throughput: {summary['pages_per_second']:.2f} pages/s, "
-          f"{summary['completion_tokens_per_second']:.1f} completion tokens/s over {summary['wall_seconds']:.1f} s", file=out)
-    for table, url in summary["published"].items():
-        print(f"  {table}: {url}", file=out)
-
-
 def _storage(endpoint: str | None):
     """Storage for the commands that read without a run (validate, query): the endpoint flag, else the settings'."""
     from medvlm_core.settings import Settings
@@ -215,13 +171,12 @@ def _storage(endpoint: str | None):
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``medvlm run``: the batch flow over a manifest, in this process."""
-    code, summary, error = run_flow(args.manifest, args.output, args.model, args.mmproj, _flow_options(args))
+    code, summary, error = run_flow(args.manifest, args.output, args.model, args.mmproj, flow_options(args))
     if error is not None:
-        print(f"medvlm: error: {error}", file=sys.stderr)
-        return code
+        return fail(error, code)
     print_summary(summary)
     if code == EXIT_UNRECONCILED:
-        print("medvlm: error: the run's counts do not reconcile; see the runs table", file=sys.stderr)
+        return fail("the run's counts do not reconcile; see the runs table", code)
     return code
 
 
@@ -233,8 +188,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         plan = read_manifest(args.manifest, _storage(args.s3_endpoint))
     except RunError as exc:
-        print(f"medvlm: error: {exc}", file=sys.stderr)
-        return EXIT_CANNOT_RUN
+        return fail(str(exc))
     print(f"{args.manifest}: {plan.total_rows} rows, {plan.valid_rows} valid, {len(plan.quarantined)} would be quarantined")
     by_check: dict[str, list[dict]] = {}
     for record in plan.quarantined:
@@ -258,12 +212,10 @@ def cmd_query(args: argparse.Namespace) -> int:
     try:
         table = query(args.output, sql, _storage(args.s3_endpoint))
     except RunError as exc:
-        print(f"medvlm: error: {exc}", file=sys.stderr)
-        return EXIT_CANNOT_RUN
+        return fail(str(exc))
     if args.format == "parquet":
         if not args.out:
-            print("medvlm: error: --format parquet needs --out FILE", file=sys.stderr)
-            return EXIT_CANNOT_RUN
+            return fail("--format parquet needs --out FILE")
         pq.write_table(table, args.out)
     elif args.format == "csv":
         if args.out:
@@ -289,64 +241,6 @@ def _print_table(table, limit: int = 50) -> None:
     print(f"({table.num_rows} rows{', first ' + str(limit) + ' shown' if table.num_rows > limit else ''})")
 
 
-def run_eval(output: str, gold: str, run_ids: list[str] | None, eval_options: dict[str, Any],
-             s3_endpoint: str | None = None) -> tuple[int, dict | None, str | None]:
-    """Run the eval flow in-process.
-
-    Args:
-        output: the output URI.
-        gold: the gold file's URI.
-        run_ids: the runs to score (None: the current answers).
-        eval_options: evaluation options by name.
-        s3_endpoint: endpoint of an S3-compatible store.
-
-    Returns:
-        ``(exit status, the flow's result or None, error message or None)``.
-    """
-    _prefect_defaults()
-    from medvlm.flows.eval import medvlm_eval
-
-    options = {"s3_endpoint": s3_endpoint} if s3_endpoint else None
-    state = medvlm_eval(output=output, gold=gold, run_ids=run_ids, options=options, eval_options=eval_options,
-                        return_state=True)
-    if not state.is_completed():
-        return EXIT_CANNOT_RUN, None, state.message or "the evaluation failed"
-    return EXIT_OK, state.result(), None
-
-
-def print_eval(result: dict, out=None) -> None:
-    """The headline scores of an evaluation and where its tables and report are (no document data).
-
-    Args:
-        result: what the ``medvlm-eval`` flow returned.
-        out: where to print (default: standard output).
-    """
-    out = out or sys.stdout
-
-    def fmt(v: Any) -> str:
-        return "-" if v is None else f"{v:.3f}"
-
-    width = max([len("run")] + [len(r["system"]) for r in result["headline"]])
-    print(f"eval {result['eval_id']}", file=out)
-    print(f"{'run':<{width}} {'table':<13} {'precision':>9} {'recall':>7} {'F1':>6} {'95% CI':>13} {'gold':>5} "
-          f"{'no answer':>9}", file=out)
-    for r in result["headline"]:
-        ci = "-" if r["ci_low"] is None else f"{r['ci_low']:.2f} to {r['ci_high']:.2f}"
-        print(f"{r['system']:<{width}} {r['table'][:13]:<13} {fmt(r['precision']):>9} {fmt(r['recall']):>7} "
-              f"{fmt(r['f1']):>6} {ci:>13} {r['gold_items']:>5} {r['pages_without_answer']:>9}", file=out)
-    for c in result["comparisons"]:
-        if c["table"] == "all":
-            diff = "-" if c["difference"] is None else f"{c['difference']:+.3f}"
-            ci = "" if c["ci_low"] is None else f" (95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f})"
-            print(f"{c['system']} vs {c['baseline']}: {c['metric']} {diff}{ci}", file=out)
-    for label, n in result["review_rows"].items():
-        print(f"{label}: {n} rows to review", file=out)
-    for note in result["notes"]:
-        print(f"note: {note}", file=out)
-    for name, url in result["written"].items():
-        print(f"  {name}: {url}", file=out)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     """``medvlm eval``: score runs against a gold file, in this process.
 
@@ -362,156 +256,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.key_fields:
         pairs = [k.split("=", 1) for k in args.key_fields]
         if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
-            print("medvlm: error: --key takes TABLE=FIELD", file=sys.stderr)
-            return EXIT_CANNOT_RUN
+            return fail("--key takes TABLE=FIELD")
         options["key_fields"] = dict(pairs)
     code, result, error = run_eval(args.output, args.gold, args.run_ids, options, args.s3_endpoint)
     if error is not None:
-        print(f"medvlm: error: {error}", file=sys.stderr)
-        return code
+        return fail(error, code)
     print_eval(result)
     return code
-
-
-def _have_demo_extra() -> bool:
-    """Whether the development tools' dependencies are installed (else say how to get them)."""
-    import importlib.util
-
-    if importlib.util.find_spec("gguf") is None:
-        print("medvlm: error: this command needs the demo extra: pip install 'medvlm[demo]'", file=sys.stderr)
-        return False
-    return True
-
-
-def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    """``medvlm make-tiny-model``: write a tiny random-weight VLM for tests."""
-    if not _have_demo_extra():
-        return EXIT_CANNOT_RUN
-    from medvlm_core.testing.tiny_model import make_tiny_model
-
-    try:
-        model = make_tiny_model(args.out, family=args.family, seed=args.seed, reasoning=args.reasoning)
-    except ValueError as exc:
-        print(f"medvlm: error: {exc}", file=sys.stderr)
-        return EXIT_CANNOT_RUN
-    print(f"model:  {model.model_path}\nmmproj: {model.mmproj_path}")
-    return EXIT_OK
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """``medvlm demo``: synthetic documents through the whole flow (a generated tiny model by default)."""
-    if not _have_demo_extra():
-        return EXIT_CANNOT_RUN
-    from medvlm_core.testing.demo_docs import write_demo_documents
-    from medvlm_core.testing.tiny_model import make_tiny_model
-
-    if args.model and not args.mmproj:
-        print("medvlm: error: --model needs --mmproj", file=sys.stderr)
-        return EXIT_CANNOT_RUN
-    workdir = Path(args.workdir).resolve()
-    records = write_demo_documents(workdir / "documents")
-    manifest = workdir / "manifest.csv"
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
-    tiny = args.model is None
-    if tiny:
-        made = make_tiny_model(workdir / "model", family=args.family)
-        model, mmproj = str(made.model_path), str(made.mmproj_path)
-    else:
-        model, mmproj = args.model, args.mmproj
-    print(f"demo: {len(records)} synthetic documents and a manifest in {workdir}")
-    max_tokens = args.max_tokens or (256 if args.mode == "structured" else 48)
-    options: dict[str, Any] = dict(max_tokens=max_tokens, n_ctx=4096, force=True)  # a re-run shows fresh rows
-    if args.mode == "structured":
-        options["prompt_id"] = "clinical_extraction"
-    params = dict(manifest=str(manifest), output=str(workdir / "output"), model=model, mmproj=mmproj, options=options)
-    if args.s3:
-        code, summary, error = _demo_on_s3(workdir, params)
-    else:
-        code, summary, error = run_flow(**params)
-        if summary:
-            print()
-            print_summary(summary)
-            _print_demo_rows(summary["published"]["completions"])
-    if error is not None:
-        print(f"medvlm: error: {error}", file=sys.stderr)
-        return code
-    print()
-    if tiny:
-        print("Note: the model is a tiny random-weight model generated for this demo; its text is meaningless.")
-        print("Point the demo at a real VLM to get real answers, for example:")
-        print("  medvlm demo --model Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf --mmproj mmproj-Qwen2.5-VL-7B-Instruct-f16.gguf")
-    if args.mode == "structured" and not args.s3 and summary:
-        code = max(code, _demo_eval(workdir, summary["run_id"], tiny))
-    if not args.s3:
-        print(f"Query the tables: medvlm query errors_by_type --output {workdir / 'output'}")
-        print(f"  or any SQL:    medvlm query \"select status, count(*) from completions group by status\" "
-              f"--output {workdir / 'output'}")
-    return code
-
-
-def _demo_eval(workdir: Path, run_id: str, tiny: bool) -> int:
-    """Score the demo run against the demo documents' gold labels and say where the report is."""
-    from medvlm_core.testing.demo_docs import write_demo_gold
-
-    gold = write_demo_gold(workdir / "gold.csv")
-    print()
-    print(f"demo: scoring the run against the demo documents' gold labels ({gold})")
-    code, result, error = run_eval(str(workdir / "output"), str(gold), [run_id], {})
-    if error is not None:
-        print(f"medvlm: error: {error}", file=sys.stderr)
-        return code
-    print_eval(result)
-    if tiny:
-        print("The scores are near zero, as they should be: the tiny random model extracts nothing meaningful. "
-              "A real VLM scores here what it gets right.")
-    print(f"Open the report in a browser: {result['written']['report']}")
-    print(f"Score again or compare runs: medvlm eval --output {workdir / 'output'} --gold {gold} --run RUN_ID --run RUN_ID")
-    return EXIT_OK
-
-
-def _demo_on_s3(workdir: Path, params: dict) -> tuple[int, dict | None, str | None]:
-    """Start SeaweedFS on loopback, upload documents, manifest and model, run s3:// -> s3://, stop it."""
-    import s3fs
-
-    from medvlm_core.testing.s3_server import LocalS3Server
-
-    bucket = "medvlm-demo"
-    with LocalS3Server(workdir / "s3") as server:
-        print(f"demo: local S3 server (SeaweedFS) at {server.endpoint_url}, bucket {bucket}")
-        server.create_bucket(bucket)
-        os.environ.update(server.env())  # the standard AWS variables, as on a real deployment
-        fs = s3fs.S3FileSystem(**server.storage_options())
-        prefix = f"s3://{bucket}"
-        fs.put(str(workdir / "documents"), f"{prefix}/incoming/documents", recursive=True)
-        fs.put(params["manifest"], f"{prefix}/incoming/manifest.csv")
-        fs.put(params["model"], f"{prefix}/models/{Path(params['model']).name}")
-        fs.put(params["mmproj"], f"{prefix}/models/{Path(params['mmproj']).name}")
-        params = dict(params, manifest=f"{prefix}/incoming/manifest.csv", output=f"{prefix}/output",
-                      model=f"{prefix}/models/{Path(params['model']).name}",
-                      mmproj=f"{prefix}/models/{Path(params['mmproj']).name}")
-        code, summary, error = run_flow(**params)
-        if summary:
-            print()
-            print_summary(summary)
-            _print_demo_rows(summary["published"]["completions"], fs)
-            print(f"\nThe S3 server stops when the demo ends; its data stays in {workdir / 's3'}.")
-    return code, summary, error
-
-
-def _print_demo_rows(completions_url: str, filesystem=None) -> None:
-    import pyarrow.parquet as pq
-
-    path = completions_url.replace("s3://", "") if filesystem is not None else completions_url
-    table = pq.read_table(path, filesystem=filesystem).to_pylist()
-    print()
-    print(f"{'document_id':<16} {'page':>4} {'status':<6} {'tokens':>6} {'ms':>7}  completion (first 50 chars)")
-    for r in table:
-        text = (r["completion"] or r["error_type"] or "").replace("\n", " ")[:50]
-        print(f"{r['document_id']:<16} {r['page'] or '':>4} {r['status']:<6} {r['completion_tokens'] or 0:>6} "
-              f"{r['latency_ms'] or 0:>7.0f}  {text}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -521,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": cmd_run, "demo": cmd_demo, "validate": cmd_validate, "query": cmd_query,
         "make-tiny-model": cmd_make_tiny_model, "eval": cmd_eval,
     }
-    return handlers[args.command](args)
+    with errors_last():
+        return handlers[args.command](args)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,17 @@ def bucket_of(document_id: str, buckets: int) -> int:
     return int.from_bytes(hashlib.sha256(document_id.encode("utf-8")).digest()[:8], "big") % buckets
 
 
-def _bucket_url(layout: OutputLayout, bucket: int, version: int = VERSION) -> str:
+def bucket_url(layout: OutputLayout, bucket: int, version: int = VERSION) -> str:
+    """Where bucket ``bucket`` of the index lives (its file name says the index's version).
+
+    Args:
+        layout: the output's layout.
+        bucket: the bucket's number.
+        version: the index's version (version 1 buckets are Parquet, version 2 Arrow IPC).
+
+    Returns:
+        The bucket's URL.
+    """
     return st.join(layout.done_index(), f"bucket-{bucket:04x}{_SUFFIX[version]}")
 
 
@@ -142,7 +152,7 @@ def _existing_buckets(storage: Storage, layout: OutputLayout, version: int) -> s
 def _read_bucket(storage: Storage, layout: OutputLayout, bucket: int, existing: set[str] | None,
                  version: int) -> pa.Table:
     """A bucket's pairs; empty if it has none (not in ``existing``, or missing where ``existing`` is None)."""
-    url = _bucket_url(layout, bucket, version)
+    url = bucket_url(layout, bucket, version)
     if existing is not None and url not in existing:
         return _SCHEMA.empty_table()
     try:
@@ -162,7 +172,7 @@ def _write_bucket(storage: Storage, layout: OutputLayout, bucket: int, table: pa
     sink = io.BytesIO()
     with pa.ipc.new_file(sink, _SCHEMA) as writer:
         writer.write_table(table.cast(_SCHEMA))
-    url = _bucket_url(layout, bucket)
+    url = bucket_url(layout, bucket)
     with no_space_is_a_run_error(url):
         storage.write_bytes_atomic(url, sink.getvalue())
 

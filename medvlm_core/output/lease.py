@@ -66,7 +66,7 @@ def _read_text(path: str) -> str | None:
         return None
 
 
-def _process_start(pid: int) -> str | None:
+def process_start(pid: int) -> str | None:
     """When process ``pid`` started (clock ticks since boot, Linux), None when unknown."""
     stat = _read_text(f"/proc/{pid}/stat")
     if not stat or ")" not in stat:
@@ -75,7 +75,7 @@ def _process_start(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None  # field 22 of proc(5); fields[0] is field 3
 
 
-def _machine() -> str | None:
+def machine_id() -> str | None:
     """Where a pid means one process: the boot and the pid namespace (Linux), None elsewhere."""
     boot = _read_text("/proc/sys/kernel/random/boot_id")
     try:
@@ -98,7 +98,7 @@ def process_gone(host: str, machine: str | None, pid: int, started: str | None) 
         True if the holder ran here and its pid no longer exists or now belongs to a newer process; False if
         it is alive or cannot be checked from here.
     """
-    if host != socket.gethostname() or machine is None or machine != _machine():
+    if host != socket.gethostname() or machine is None or machine != machine_id():
         return False
     try:
         os.kill(pid, 0)
@@ -106,7 +106,7 @@ def process_gone(host: str, machine: str | None, pid: int, started: str | None) 
         return True
     except PermissionError:  # exists, owned by another user
         pass
-    now_started = _process_start(pid)
+    now_started = process_start(pid)
     return started is not None and now_started is not None and now_started != started
 
 
@@ -220,8 +220,8 @@ class OutputLease:
         now = time.time()
         return LeaseRecord(
             epoch=epoch, run_id=self.run_id, token=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(),
-            acquired_at=_iso(now), expires_at=_iso(now + self.ttl_s), machine=_machine(),
-            process_started=_process_start(os.getpid()),
+            acquired_at=_iso(now), expires_at=_iso(now + self.ttl_s), machine=machine_id(),
+            process_started=process_start(os.getpid()),
         )
 
     def _busy_message(self, holder: LeaseRecord) -> str:

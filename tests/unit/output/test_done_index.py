@@ -123,7 +123,7 @@ def test_a_run_that_answers_known_pages_again_rewrites_no_bucket(output):
     assert done_index.add_runs(storage, layout, publish("20260202T020000Z-mixed000", "2026-02-02", pairs[:5] + fresh)) == len(gained)
     after = {u: storage.read_bytes(u) for u in storage.list_files(layout.done_index(), ".arrow")}
     changed = {u for u in after if before.get(u) != after[u]}
-    assert changed == {done_index._bucket_url(layout, b) for b in gained}
+    assert changed == {done_index.bucket_url(layout, b) for b in gained}
     for url in changed:  # old keys kept, each pair once
         table = read_bucket(after[url])
         pairs_there = list(zip(table["document_id"].to_pylist(), table["result_key"].to_pylist()))

@@ -28,7 +28,7 @@ import pytest
 from conftest import batch, write_manifest
 from medvlm_core.errors import RunError
 from medvlm_core.output.paths import OutputLayout
-from medvlm_core.output.lease import LeaseRecord, OutputLease, _machine, _process_start
+from medvlm_core.output.lease import LeaseRecord, OutputLease, machine_id, process_start
 from medvlm_core.storage import Storage, s3_options
 
 MEDVLM = str(Path(sys.executable).with_name("medvlm"))
@@ -177,12 +177,12 @@ def test_dead_process_on_this_machine_is_taken_over_at_once(tmp_path):
     import socket
 
     # A lease of a live process here (this one), not expired: busy.
-    plant(out, "run-alive", expires_in=600, host=socket.gethostname(), pid=os.getpid(), machine=_machine(),
-          process_started=_process_start(os.getpid()))
+    plant(out, "run-alive", expires_in=600, host=socket.gethostname(), pid=os.getpid(), machine=machine_id(),
+          process_started=process_start(os.getpid()))
     with pytest.raises(RunError, match="run run-alive"):
         lease(out, "run-next").acquire("fail")
     # The same, from a process that has exited: taken over without waiting for the expiry.
-    plant(out, "run-killed", expires_in=600, host=socket.gethostname(), pid=finished.pid, machine=_machine(),
+    plant(out, "run-killed", expires_in=600, host=socket.gethostname(), pid=finished.pid, machine=machine_id(),
           process_started="1")
     assert lease(out, "run-next").acquire("fail").epoch == 2
     # Another machine's holder cannot be checked from here: only its expiry counts.

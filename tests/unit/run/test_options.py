@@ -8,7 +8,7 @@ import inspect
 import pytest
 
 from medvlm.flows.batch import medvlm_batch
-from medvlm.flows.cli import _flow_options, build_parser
+from medvlm.flows.cli import flow_options, build_parser
 from medvlm.flows.fanout import medvlm_fanout
 from medvlm.flows.nightly import medvlm_nightly
 from medvlm.flows.shard import medvlm_shard
@@ -43,14 +43,14 @@ def test_every_option_is_a_flag_with_its_help_and_default():
         action = by_dest[field.name]
         assert field.info.description and field.info.description.split(" (")[0] in (action.help or ""), field.name
     # no flags: exactly the model's defaults
-    assert RunOptions.parse(_flow_options(run_args())) == RunOptions()
+    assert RunOptions.parse(flow_options(run_args())) == RunOptions()
 
 
 def test_flags_map_onto_the_same_options_as_a_flow_parameter():
     args = run_args("--max-tokens", "7", "--temperature", "0.5", "--stop", "A", "--stop", "B", "--no-isolate",
                     "--n-parallel", "3", "--force", "--allow", "/data", "--sse", "AES256", "--image-max-tokens", "64",
                     "--mode", "structured")
-    from_cli = RunOptions.parse(_flow_options(args))
+    from_cli = RunOptions.parse(flow_options(args))
     flat = RunOptions.parse({"max_tokens": 7, "temperature": 0.5, "stop": ["A", "B"], "isolate": False, "n_parallel": 3,
                              "force": True, "allowed_locations": ["/data"], "sse": "AES256", "image_max_tokens": 64,
                              "prompt_id": "clinical_extraction"})
