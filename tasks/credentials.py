@@ -59,18 +59,42 @@ def load_credentials_block(name: str) -> dict[str, Any]:
             "endpoint_url": client.endpoint_url if client is not None else None,
         }
     except Exception as exc:  # ValueError for a missing block, others for a server or type problem
-        raise RunError(f"credentials block {name!r} cannot be loaded ({type(exc).__name__})") from None
+        what = "an AwsCredentials" if kind == "aws-credentials" else "an S3Bucket"
+        raise RunError(f"credentials block {name!r} cannot be loaded as {what} block ({type(exc).__name__}); "
+                       f"the forms are aws-credentials/NAME, s3-bucket/NAME or a Secret block's NAME") from None
     return {k: v for k, v in values.items() if v}
 
 
+def _loads(slug: str) -> bool:
+    """Whether the block ``type/name`` can be loaded (a probe for a better error message)."""
+    try:
+        import prefect_aws  # noqa: F401  (registers the block types)
+        from prefect.blocks.core import Block
+
+        Block.load(slug)
+        return True
+    except Exception:  # missing, unknown type, server down: not that block
+        return False
+
+
 def _secret_block(name: str) -> dict[str, Any]:
-    """The JSON value of the Prefect Secret block ``name``; RunError (naming the block only) if unusable."""
+    """The JSON value of the Prefect Secret block ``name``; RunError (naming the block only) if unusable.
+
+    A bare name is a Secret block's: when there is none but a prefect-aws block of that name exists, the error
+    says which ``type/NAME`` to pass instead.
+    """
     from prefect.blocks.system import Secret
 
     try:
         value = Secret.load(name).get()
     except Exception as exc:  # ValueError for a missing block, others for a server problem
-        raise RunError(f"credentials block {name!r} cannot be loaded ({type(exc).__name__})") from None
+        typed = [f"{kind}/{name}" for kind in ("aws-credentials", "s3-bucket") if _loads(f"{kind}/{name}")]
+        if typed:
+            raise RunError(f"credentials block {name!r}: a bare name is a Secret block's, and there is no Secret "
+                           f"block {name!r}; a prefect-aws block of that name exists: pass {typed[0]!r}") from None
+        raise RunError(f"credentials block {name!r} cannot be loaded: tried a Secret block of that name "
+                       f"({type(exc).__name__}); name a prefect-aws block with its type, aws-credentials/NAME or "
+                       f"s3-bucket/NAME") from None
     if isinstance(value, str):
         try:
             value = json.loads(value)

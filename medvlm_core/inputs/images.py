@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from medvlm_core import errors
 from medvlm_core.run.params import ImageOptions
@@ -200,11 +200,28 @@ def _raster_pages(
         ) from None
     except UnidentifiedImageError:
         raise DocumentError(errors.UNREADABLE_IMAGE, f"{name}: {fmt} header not recognised (corrupt file)") from None
+    except ValueError as exc:
+        if _metadata_over_limit(exc):
+            raise DocumentError(
+                errors.TOO_LARGE, f"{name}: its PNG metadata (text chunks) is over Pillow's safety limit "
+                f"({PngImagePlugin.MAX_TEXT_CHUNK // 1024 // 1024} MiB a chunk); the image itself may be fine: strip "
+                f"the metadata (for example `mogrify -strip FILE`) and submit it again"
+            ) from None
+        raise DocumentError(
+            errors.UNREADABLE_IMAGE, f"{name}: {fmt} data is corrupt or truncated ({type(exc).__name__})"
+        ) from None
     except Exception as exc:  # damaged files raise OSError, SyntaxError, KeyError, TypeError, struct.error...
         # Decoders of untrusted bytes fail in many ways; every one of them means "this file is damaged".
         raise DocumentError(
             errors.UNREADABLE_IMAGE, f"{name}: {fmt} data is corrupt or truncated ({type(exc).__name__})"
         ) from None
+
+
+def _metadata_over_limit(exc: ValueError) -> bool:
+    """Pillow refuses a PNG whose text chunks decompress past ``MAX_TEXT_CHUNK`` (or add up past
+    ``MAX_TEXT_MEMORY``), a defence against metadata bombs: the pixels were never the problem."""
+    text = str(exc)
+    return "MAX_TEXT_CHUNK" in text or "MAX_TEXT_MEMORY" in text or "memory used in text chunks" in text
 
 
 def _pdf_pages(

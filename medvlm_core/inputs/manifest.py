@@ -133,7 +133,26 @@ def parse_table(data: bytes, fmt: str, url: str, what: str = "manifest") -> pl.D
             return pl.read_ndjson(io.BytesIO(data), infer_schema_length=None)
         return pl.read_parquet(io.BytesIO(data))
     except Exception as exc:  # polars raises many types for malformed input
+        if fmt != "parquet":
+            _refuse_if_not_utf8(data, url, what)
         raise RunError(f"{what} {url}: not a readable {fmt} file ({type(exc).__name__})") from None
+
+
+def _refuse_if_not_utf8(data: bytes, url: str, what: str) -> None:
+    """A text file that is not UTF-8 (a CSV saved by Excel on Windows is cp1252): say where and how to fix it.
+
+    Called only once parsing has failed, so a valid file pays nothing. The message names the line, never the
+    bytes (a document id may be patient data).
+    """
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RunError(
+            f"{what} {url}: not UTF-8 text (line {line} has a byte UTF-8 does not allow, as in a file saved as "
+            f"cp1252/Windows-1252 or Latin-1); save it as UTF-8 (Excel: Save As > 'CSV UTF-8'), or convert it: "
+            f"iconv -f cp1252 -t utf-8 IN.csv > OUT.csv"
+        ) from None
 
 
 def read_manifest_frame(url: str, storage: Storage) -> pl.DataFrame:

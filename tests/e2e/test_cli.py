@@ -85,3 +85,17 @@ def test_make_tiny_model_command(tmp_path):
     assert proc.returncode == 0 and (tmp_path / "tiny-qwen2vl.gguf").exists() and (tmp_path / "tiny-qwen2vl-mmproj.gguf").exists()
     proc = medvlm("make-tiny-model", "--out", str(tmp_path), "--family", "gpt9")
     assert proc.returncode == 2 and "gpt9" in proc.stderr
+
+
+def test_a_failed_run_ends_with_its_error(tmp_path, demo_docs, tiny_llava):
+    """The temporary Prefect server stops before the error is printed: the error is the last line a user reads."""
+    manifest = write_manifest(tmp_path / "manifest.csv", demo_docs)
+    done = subprocess.run(
+        [MEDVLM, "run", "--manifest", str(manifest), "--output", str(tmp_path / "out"),
+         "--model", str(tmp_path / "no-such-model.gguf"), "--mmproj", str(tiny_llava.mmproj_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, env=os.environ.copy(),
+    )
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stdout[-3000:]
+    assert lines[-1].startswith("medvlm: error: ") and "no-such-model.gguf" in lines[-1], lines[-5:]
+    assert any("Stopping temporary server" in line for line in lines[:-1]), lines[-5:]  # it did start one

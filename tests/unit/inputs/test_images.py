@@ -151,3 +151,16 @@ def test_sniffing_uses_content_not_extension():
 def test_data_uri_roundtrip():
     uri = to_data_uri(Image.new("RGB", (8, 8), "red"))
     assert uri.startswith("data:image/png;base64,")
+
+
+def test_a_png_metadata_bomb_is_named_as_metadata_over_the_limit():
+    """An oversized text chunk (the pixels are fine) is not reported as corrupt image data."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * (PngImagePlugin.MAX_TEXT_CHUNK + 1), zip=True)  # compresses to ~2 KB
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), "white").save(buf, "PNG", pnginfo=info)
+    err = error_of(buf.getvalue())
+    assert err.error_type == errors.TOO_LARGE
+    assert "metadata" in err.message and "safety limit" in err.message and "corrupt" not in err.message

@@ -125,3 +125,16 @@ def test_resolved_uris_are_what_storage_resolve_gives(uris, base_dir):
     frame = frame.filter(pl.col("image_uri").str.strip_chars().str.len_chars() > 0)
     got = resolved_rows(frame.with_columns(pl.col(ROW).cast(pl.Int64)), base_dir)["image_uri"].to_list()
     assert got == [st.resolve(u.strip(), base_dir) for u in frame["image_uri"].to_list()]
+
+
+def test_a_manifest_saved_as_cp1252_says_so_and_where(tmp_path):
+    """Excel on Windows saves CSV as cp1252: the error names the line and the fix, never the bytes."""
+    path = tmp_path / "m.csv"
+    path.write_bytes("document_id,image_uri\ndoc-1,a.png\ncaf\u00e9-2,b.png\n".encode("cp1252"))
+    with pytest.raises(RunError) as info:
+        read_manifest(str(path), Storage())
+    message = str(info.value)
+    assert str(path) in message and "not UTF-8" in message and "line 3" in message and "CSV UTF-8" in message
+    assert "caf" not in message  # the document id is not repeated
+    path.write_bytes("\ufeffdocument_id,image_uri\ndoc-1,a.png\ncaf\u00e9-2,b.png\n".encode("utf-8"))  # Excel's UTF-8
+    assert read_manifest(str(path), Storage()).valid_rows == 2

@@ -247,3 +247,10 @@ def test_credentials_from_prefect_aws_blocks(s3_server, tmp_path, prefix, tiny_l
     state = batch(return_state=True, manifest=f"{prefix}/m.csv", output=f"{prefix}/out", model=str(tiny_llava.model_path),
                   mmproj=str(tiny_llava.mmproj_path), credentials_block=f"{kind}/no-such-block")
     assert state.is_failed() and f"credentials block '{kind}/no-such-block' cannot be loaded" in state.message
+    if kind == "aws-credentials":
+        # a bare name is a Secret block's: the error says which typed name to pass instead
+        state = batch(return_state=True, manifest=f"{prefix}/m.csv", output=f"{prefix}/out",
+                      model=str(tiny_llava.model_path), mmproj=str(tiny_llava.mmproj_path),
+                      credentials_block="medvlm-test-aws")
+        assert state.is_failed() and "pass 'aws-credentials/medvlm-test-aws'" in state.message, state.message
+        assert creds.secret_key not in state.message
