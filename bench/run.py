@@ -177,7 +177,7 @@ def bench_stall(engine, images, prompt, params, n_seq: int) -> list[dict]:
 
 
 def bench_scoring(vocab: int = 151_936, tokens: int = 2000) -> dict:
-    """The scoring of one token (log-softmax over the vocabulary, as BatchedEngine._score does) at a real model's
+    """The scoring of one token (log-softmax over the vocabulary, as Sampling.score does) at a real model's
     vocabulary size (Qwen2.5-VL's), on random logits: the confidences' cost per generated token on any backend."""
     import numpy as np
 
@@ -192,10 +192,10 @@ def bench_scoring(vocab: int = 151_936, tokens: int = 2000) -> dict:
 
 def _handoff_child(connection) -> None:
     """The receiving end of bench_handoff: take each page's pixels as the isolated engine's child does, then ack."""
-    from medvlm_core.engine.isolated import _shared_pixels
+    from medvlm_core.engine.shared_pixels import read_pixels
 
     while (message := connection.recv()) is not None:
-        _shared_pixels(message)
+        read_pixels(message)
         connection.send(message.id)
 
 
@@ -207,7 +207,8 @@ def bench_handoff(images, repeats: int = 3) -> list[dict]:
 
     from medvlm_core.run.params import GenerationParams
     from medvlm_core.engine import Request
-    from medvlm_core.engine.isolated import BlockPool, PageRequest, _Pending, _page_request
+    from medvlm_core.engine.child_messages import PageRequest
+    from medvlm_core.engine.shared_pixels import BlockPool, page_request, release_block
 
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe()
@@ -223,11 +224,11 @@ def bench_handoff(images, repeats: int = 3) -> list[dict]:
                     rgb = image.convert("RGB")
                     message, block = PageRequest(i, i, 0, rgb.size, rgb.tobytes(), PROMPT, GenerationParams(), None), None
                 else:
-                    message, block = _page_request(i, i, Request(i, image, PROMPT, GenerationParams()),
-                                                   pool if way == "pooled" else None)
+                    message, block = page_request(i, i, Request(i, image, PROMPT, GenerationParams()),
+                                                  pool if way == "pooled" else None)
                 here.send(message)
                 here.recv()
-                _Pending(i, message, block, pool if way == "pooled" else None).release()
+                release_block(block, pool if way == "pooled" else None)
             ms = (time.perf_counter() - started) * 1000 / len(images)
             out.append({"path": f"handoff-{way}", "parallel": None, "docs": len(images), "ms_per_page": ms,
                         "page": f"{images[0].width}x{images[0].height} RGB"})
@@ -655,7 +656,7 @@ def main(argv=None) -> int:
         chat_format,
     ).start()
     engine.generate(images[0], prompt, params)  # warm-up (first graph allocation)
-    threads = (engine._llm.n_threads, engine._llm.n_threads_batch)
+    threads = (engine.llm.n_threads, engine.llm.n_threads_batch)
     results = [bench_naive(engine, images[: args.naive_docs or len(images)], prompt, params)]  # the baseline, always
     overlaps = [{"off": False, "on": True}[x] for x in args.overlap.split(",")]
     workers = [int(x) for x in args.encode_workers.split(",")]

@@ -14,7 +14,7 @@ def start_child(main: str, *args: Any) -> None:
     """Set OpenMP's wait policy, load llama.cpp, then run the child's main loop.
 
     Args:
-        main: ``"module:function"``, the child's main loop (``medvlm_core.engine.isolated:_child_main``), named
+        main: ``"module:function"``, the child's main loop (``medvlm_core.engine.child_loop:child_main``), named
             rather than imported so that the engine package, and numpy with it, loads after llama.cpp.
         args: its arguments.
     """

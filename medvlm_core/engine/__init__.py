@@ -2,9 +2,13 @@
 
 * ``types``: ``Request``, ``Generation`` and the ``Engine`` protocol.
 * ``llama``: ``VisionEngine``, one page at a time (loads the model and the vision projector).
-* ``batched``: ``BatchedEngine``, several pages decoded together over a loaded ``VisionEngine``.
+* ``batched``: ``BatchedEngine``, several pages decoded together over a loaded ``VisionEngine`` (its scheduler);
+  its parts: ``chat_render`` (the prompt text), ``encoding`` (vision encoding, on encoder threads),
+  ``prefill`` (a page into its sequence), ``sampling`` (sampler chains, token scores), ``slot`` (a page's
+  decoding state and its ``Generation``), ``reasoning_markers`` (the thinking block apart from the answer).
 * ``isolated``: ``IsolatedEngine``, the batched engine in a supervised child process (native crashes cost
-  one page, not the run).
+  one page, not the run); its parts: ``child_messages`` (the pipe protocol), ``child_process`` (starting and
+  hearing a child), ``child_loop`` (the child's side), ``shared_pixels`` (page pixels in shared memory).
 * ``stream``: ``SharedStream``, overlapping ``generate_many`` calls (a worker's chunks) fed to one running batch.
 * ``registry``: ``shared_engine``, the process-wide engine picked from the config (behind a ``SharedStream``).
 """

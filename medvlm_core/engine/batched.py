@@ -21,88 +21,24 @@ some backends; where that flips a near-tie, the answers can differ (see BENCHMAR
 
 from __future__ import annotations
 
-import ctypes
 import inspect
 import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Generator, Iterable, Iterator
-
-import numpy as np
+from typing import Any, Iterable, Iterator
 
 from medvlm_core import errors
-from medvlm_core.run.params import GenerationParams
+from medvlm_core.engine.chat_render import PromptRenderer
+from medvlm_core.engine.encoding import END, Encoded, Failed, PageEncoder
 from medvlm_core.engine.llama import VisionEngine
-from medvlm_core.engine.types import NOT_YET, NOT_YET_WAIT_S, Engine, Generation, RawPixels, Request, Result
+from medvlm_core.engine.prefill import Filling, Prefill
+from medvlm_core.engine.reasoning_markers import close_thinking, find_close, find_open
+from medvlm_core.engine.sampling import Sampling
+from medvlm_core.engine.slot import Slot
+from medvlm_core.engine.types import NOT_YET_WAIT_S, Engine, Generation, Request, Result
 from medvlm_core.errors import DocumentError, RunError
-from medvlm_core.inputs.images import to_rgb
 from medvlm_core.model.memory_plan import encode_workers_for
-from medvlm_core.threads import put_unless_stopped
-
-_SENTINEL = "\x00medvlm-image\x00"
-
-
-@dataclass
-class _Encoded:
-    """A request whose image is encoded: libmtmd's chunks plus a copy of each media chunk's embeddings."""
-
-    request: Request
-    chunks: Any  # mtmd_input_chunks, owned: freed by BatchedEngine._release
-    embeddings: list[Any]  # per chunk: a ctypes float array for media chunks, None for text chunks
-    n_tokens: int
-    encode_ms: float
-    started: float
-    opens_thinking: bool = False  # the rendered prompt ends with the think_open marker (Qwen3-style templates)
-
-
-@dataclass
-class _Failed:
-    """A request that failed before prefill (a document error) or an exception from the request source."""
-
-    request: Request | None
-    error: BaseException
-
-
-@dataclass
-class _Filling:
-    """The page being prefilled a slice at a time (``interleave_prefill``) while the others decode."""
-
-    seq: int
-    encoded: _Encoded
-    steps: Generator[None, None, "_Slot"]
-    longest_ms: float = 0.0  # the longest slice so far: the longest pause it made the others take
-
-
-_END = object()  # the encoder thread has consumed every request
-_NO_CALLBACK = None  # a NULL mtmd_helper_post_decode_callback, made on first use (needs llama_cpp loaded)
-
-
-@dataclass
-class _Slot:
-    request: Request
-    seq: int
-    sampler: Any
-    n_past: int
-    prompt_tokens: int
-    pending: int  # the token to feed at the next step
-    pieces: bytearray
-    generated: int
-    started: float
-    encode_ms: float = 0.0
-    # Reasoning (see _think): in a thinking block now; it may still open (free text, nothing generated yet);
-    # where in ``pieces`` the thinking text and the answer begin.
-    thinking: bool = False
-    may_open: bool = False
-    think_start: int = 0
-    think_end: int = 0
-    answer_start: int = 0
-    reasoning_tokens: int = 0
-    budget_hit: bool = False
-    forced: deque = field(default_factory=deque)  # tokens fed without sampling (the budget's closing marker)
-    # per sampled token: (byte offset in pieces, logprob, top alternatives)
-    scores: list = field(default_factory=list)
 
 
 class BatchedEngine(Engine):
@@ -135,11 +71,6 @@ class BatchedEngine(Engine):
             raise RunError(f"n_seq must be >= 1, got {n_seq}")
         import llama_cpp
 
-        global _NO_CALLBACK
-        if _NO_CALLBACK is None:
-            import llama_cpp.mtmd_cpp as mtmd_cpp
-
-            _NO_CALLBACK = mtmd_cpp.mtmd_helper_post_decode_callback()
         self._llama_cpp = llama_cpp
         self.engine = engine
         self.n_seq = n_seq
@@ -150,12 +81,11 @@ class BatchedEngine(Engine):
         # llama.cpp sizes contexts in multiples of 256 cells: keep every slot the same, whole size.
         self.ctx_per_seq = -(-(ctx_per_seq or engine.config.n_ctx) // 256) * 256
         llm = engine.llm
-        self._handler = llm.chat_handler
-        self._handler._init_mtmd_context(llm)
-        self._mtmd = self._handler._mtmd_cpp
-        self._vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
-        self._n_embd_inp = llama_cpp.llama_model_n_embd_inp(llm._model.model)
-        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        handler = llm.chat_handler
+        handler._init_mtmd_context(llm)
+        self._mtmd = handler._mtmd_cpp
+        vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+        n_embd_inp = llama_cpp.llama_model_n_embd_inp(llm._model.model)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.ctx_per_seq * n_seq
         params.n_batch = engine.config.n_batch
@@ -174,16 +104,15 @@ class BatchedEngine(Engine):
             raise RunError(f"llama.cpp could not create a context for {n_seq} sequences of {self.ctx_per_seq} tokens")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(n_seq, 0, 1)
-        self.interleave_prefill = interleave_prefill
-        self._embd_batch = None  # llama_batch_ext for image slices, made on first use
+        self._sampling = Sampling(llama_cpp, self._ctx, vocab, self.ctx_per_seq, engine.grammar_text)
+        self._prefill = Prefill(llama_cpp, self._ctx, handler, n_embd_inp, engine.config.n_batch, interleave_prefill,
+                                self._sampling)
         # Per page admitted while others were decoding: the longest pause it caused them (ms). A measurement for the
         # benchmark (the whole prefill without interleaving, one slice with it); kept to the last 10,000 pages.
         self.admission_pauses_ms: deque = deque(maxlen=10_000)
-        self._piece = ctypes.create_string_buffer(256)
-        self._rendered: dict[str, str] = {}  # prompt -> rendered text: compiling the template costs ~ms per page
+        self._renderer = PromptRenderer(llm, handler)
         workers = encode_workers if encode_workers is not None else encode_workers_for(engine.config)
-        # The handler's context is the first encoder (and serves prefill); the others are extra copies.
-        self._encoders = [self._handler.mtmd_ctx] + [self._new_mtmd_context() for _ in range(max(1, workers) - 1)]
+        self._encoder = PageEncoder(llama_cpp, llm, handler, workers, n_embd_inp, self.ctx_per_seq, self.render_prompt)
 
     @property
     def loaded(self) -> bool:
@@ -194,6 +123,11 @@ class BatchedEngine(Engine):
     def load_seconds(self) -> float:
         """How long the model took to load (the ``VisionEngine``'s load)."""
         return self.engine.load_seconds
+
+    @property
+    def interleave_prefill(self) -> bool:
+        """Whether a new page's image is prefilled a slice at a time between decode steps (set at construction)."""
+        return self._prefill.interleave
 
     def start(self) -> "BatchedEngine":
         """Nothing to do: the batched context is made on construction.
@@ -211,38 +145,20 @@ class BatchedEngine(Engine):
     @property
     def encode_workers(self) -> int:
         """How many vision-encoder contexts encode pages in parallel (with ``overlap``)."""
-        return len(self._encoders)
-
-    def _new_mtmd_context(self) -> Any:
-        """Another libmtmd context of the same projector on the same device, set up as the handler's own."""
-        lc, llm = self._llama_cpp, self.engine.llm
-        params = self._mtmd.mtmd_context_params_default()  # with the image token budget, as the handler's
-        params.use_gpu = getattr(self._handler, "use_gpu", True)
-        params.print_timings = False
-        params.n_threads = llm.n_threads
-        enabled = llm.context_params.flash_attn_type == lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if enabled else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        ctx = self._mtmd.mtmd_init_from_file(self._handler.clip_model_path.encode(), llm._model.model, params)
-        if not ctx:
-            raise RunError(f"libmtmd could not open another encoder context for {self._handler.clip_model_path}")
-        return ctx
+        return len(self._encoder.contexts)
 
     def close(self) -> None:
         """Free the batched context and the extra encoder contexts (the model stays loaded in the VisionEngine)."""
-        for ctx in self._encoders[1:]:
-            self._mtmd.mtmd_free(ctx)
-        self._encoders = self._encoders[:1]
-        if self._embd_batch is not None:
-            self._llama_cpp.llama_batch_ext_free(self._embd_batch)
-            self._embd_batch = None
+        self._encoder.close()
+        self._prefill.close()
         if self._ctx:
             self._llama_cpp.llama_batch_free(self._batch)
             self._llama_cpp.llama_free(self._ctx)
             self._ctx = None
 
-    # -- prompt and sampling, exactly as the single-sequence handler does ------------------------
     def render_prompt(self, prompt: str, system: str | None = None) -> str:
-        """The chat-formatted prompt text with libmtmd's media marker where the image goes (cached per prompt).
+        """The chat-formatted prompt text with libmtmd's media marker where the image goes (cached per prompt),
+        exactly as the single-sequence chat handler renders it.
 
         Args:
             prompt: the user's question.
@@ -251,412 +167,7 @@ class BatchedEngine(Engine):
         Returns:
             The text libmtmd tokenizes.
         """
-        key = (prompt, system)
-        text = self._rendered.get(key)
-        if text is None:
-            if len(self._rendered) > 256:  # row-level prompts can be many: keep the cache small
-                self._rendered.clear()
-            text = self._rendered[key] = self._render(prompt, system)
-        return text
-
-    def _render(self, prompt: str, system: str | None) -> str:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-        from llama_cpp import llama_chat_format as lcf
-
-        llm = self.engine.llm
-        marker = self._mtmd.mtmd_default_marker().decode("utf-8")
-        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _SENTINEL}},
-                                                 {"type": "text", "text": prompt}]}]
-        if system:
-            messages = [{"role": "system", "content": system}] + messages
-        handler = self._handler
-        if isinstance(handler, lcf.MTMDChatHandler):
-            import jinja2.ext
-
-            env = ImmutableSandboxedEnvironment(
-                trim_blocks=True, lstrip_blocks=True,
-                extensions=[lcf.Jinja2ChatFormatter.IgnoreGenerationTags, jinja2.ext.loopcontrols],
-            )
-            env.filters["tojson"] = lcf.Jinja2ChatFormatter.tojson
-
-            def raise_exception(message: str):
-                raise ValueError(message)
-
-            return env.from_string(handler._get_chat_template(llm)).render(
-                messages=handler._get_template_messages(messages, marker), add_generation_prompt=True,
-                eos_token=handler._decode_token_piece(llm.detokenize([llm.token_eos()])),
-                bos_token=handler._decode_token_piece(llm.detokenize([llm.token_bos()])),
-                raise_exception=raise_exception, functions=None, function_call=None, tools=None, tool_choice=None,
-                strftime_now=lcf.Jinja2ChatFormatter.strftime_now,
-            )
-        if handler.DEFAULT_SYSTEM_MESSAGE is not None and not system:
-            messages = [{"role": "system", "content": handler.DEFAULT_SYSTEM_MESSAGE}] + messages
-        text = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(handler.CHAT_FORMAT).render(
-            messages=messages, add_generation_prompt=True,
-            eos_token=llm.detokenize([llm.token_eos()]), bos_token=llm.detokenize([llm.token_bos()]),
-        )
-        return text.replace(_SENTINEL, marker)
-
-    def _sampler(self, params: GenerationParams, schema: dict | None) -> Any:
-        """The sampler chain for ``params``, as llama-cpp-python builds it for a completion: logit bias, penalties,
-        grammar (``schema``), then greedy at temperature 0, else mirostat or top-k/typical/top-p/min-p, then
-        (dynamic) temperature and a seeded draw."""
-        lc = self._llama_cpp
-        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        add = lambda sampler: lc.llama_sampler_chain_add(chain, sampler)  # noqa: E731
-        bias = dict(params.logit_bias)
-        bias.update({token: float("-inf") for token in params.banned_tokens})
-        if bias:
-            entries = (lc.llama_logit_bias * len(bias))(*[lc.llama_logit_bias(t, b) for t, b in sorted(bias.items())])
-            add(lc.llama_sampler_init_logit_bias(self._n_vocab, len(bias), entries))
-        last_n = self.ctx_per_seq if params.repeat_last_n == -1 else params.repeat_last_n
-        add(lc.llama_sampler_init_penalties(self._n_vocab, last_n, params.repeat_penalty, params.frequency_penalty,
-                                            params.presence_penalty))
-        if schema is not None:
-            gbnf = self.engine.grammar_text(schema).encode("utf-8")
-            add(lc.llama_sampler_init_grammar(self._vocab, gbnf, b"root"))
-        if params.temperature == 0.0:
-            add(lc.llama_sampler_init_greedy())
-            return chain
-        if params.mirostat:
-            add(lc.llama_sampler_init_temp(params.temperature))
-            if params.mirostat == 1:
-                add(lc.llama_sampler_init_mirostat(self._n_vocab, params.seed, params.mirostat_tau, params.mirostat_eta, 100))
-            else:
-                add(lc.llama_sampler_init_mirostat_v2(params.seed, params.mirostat_tau, params.mirostat_eta))
-            return chain
-        add(lc.llama_sampler_init_top_k(params.top_k))
-        add(lc.llama_sampler_init_typical(params.typical_p, params.min_keep))
-        add(lc.llama_sampler_init_top_p(params.top_p, params.min_keep))
-        add(lc.llama_sampler_init_min_p(params.min_p, params.min_keep))
-        if params.dynatemp_range > 0:
-            add(lc.llama_sampler_init_temp_ext(params.temperature, params.dynatemp_range, params.dynatemp_exponent))
-        else:
-            add(lc.llama_sampler_init_temp(params.temperature))
-        add(lc.llama_sampler_init_dist(params.seed))
-        return chain
-
-    def _sample(self, slot: _Slot, index: int) -> int:
-        # llama_sampler_sample also accepts the token into the chain (grammar state, penalty history).
-        return self._llama_cpp.llama_sampler_sample(slot.sampler, self._ctx, index)
-
-    # -- encode (any thread) and prefill (the decoding thread) --------------------------------------
-    def _encode(self, request: Request, encoder: Any = None) -> _Encoded:
-        """Tokenize the prompt and image and run the vision encoder (``encoder``: a libmtmd context, default the
-        handler's); the embeddings are copied out."""
-        mtmd = self._mtmd
-        encoder = encoder or self._handler.mtmd_ctx
-        started = time.perf_counter()
-        # Raw RGB pixels straight into libmtmd: the same pixels the single path's PNG round trip yields
-        # (PNG is lossless), without ~30 ms of PNG encoding and decoding per 1.3 MP page.
-        if isinstance(request.image, RawPixels):  # from the isolated engine's parent: already raw RGB
-            width, height, data = request.image.width, request.image.height, request.image.data
-        else:
-            image = to_rgb(request.image)
-            width, height, data = image.width, image.height, bytearray(image.tobytes())
-        bitmap = mtmd.mtmd_bitmap_init(width, height, (ctypes.c_uint8 * len(data)).from_buffer(data))
-        if not bitmap:
-            raise DocumentError(errors.INFERENCE_ERROR, "libmtmd could not read the page image")
-        chunks = mtmd.mtmd_input_chunks_init()
-        try:
-            rendered = self.render_prompt(request.prompt, request.system)
-            opens = request.params.reasoning == "separate" and rendered.rstrip().endswith(request.params.think_open)
-            text = rendered.encode("utf-8")
-            entry = mtmd.mtmd_input_text()
-            entry.text, entry.text_len, entry.add_special, entry.parse_special = text, len(text), True, True
-            bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
-            if mtmd.mtmd_tokenize(encoder, chunks, ctypes.byref(entry), bitmaps, 1) != 0:
-                raise DocumentError(errors.INFERENCE_ERROR, "libmtmd could not tokenize the request")
-            n_tokens = mtmd.mtmd_helper_get_n_tokens(chunks)
-            if n_tokens + 1 > self.ctx_per_seq:
-                raise DocumentError(
-                    errors.CONTEXT_OVERFLOW,
-                    f"image and prompt do not fit in {self.ctx_per_seq} tokens per sequence; raise --n-ctx or lower the pixel budget",
-                )
-            encode_started = time.perf_counter()
-            embeddings = []
-            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-                if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                    embeddings.append(None)
-                    continue
-                if mtmd.mtmd_encode_chunk(encoder, chunk) != 0:
-                    raise DocumentError(errors.INFERENCE_ERROR, "libmtmd failed to encode the page image")
-                size = mtmd.mtmd_input_chunk_get_n_tokens(chunk) * self._n_embd_inp
-                copy = (ctypes.c_float * size)()
-                ctypes.memmove(copy, mtmd.mtmd_get_output_embd(encoder), size * ctypes.sizeof(ctypes.c_float))
-                embeddings.append(copy)
-            encode_ms = (time.perf_counter() - encode_started) * 1000.0
-            return _Encoded(request, chunks, embeddings, n_tokens, encode_ms, started, opens)
-        except BaseException:
-            mtmd.mtmd_input_chunks_free(chunks)
-            raise
-        finally:
-            mtmd.mtmd_bitmap_free(bitmap)
-
-    def _release(self, encoded: _Encoded) -> None:
-        self._mtmd.mtmd_input_chunks_free(encoded.chunks)
-        encoded.chunks = None
-        encoded.embeddings = []
-
-    def _prefill(self, encoded: _Encoded, seq: int) -> _Slot:
-        """Decode an encoded request's prompt and image embeddings into sequence ``seq`` at once; sample the first
-        token."""
-        steps = self._prefill_steps(encoded, seq)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
-
-    def _prefill_steps(self, encoded: _Encoded, seq: int) -> Generator[None, None, _Slot]:
-        """``_prefill`` one slice at a time: yields after each image slice that is not the last thing decoded (the
-        caller may run a decode step of the other sequences there), returns the slot. The first token is sampled
-        right after the last chunk's decode, before anything else touches the logits."""
-        mtmd, lc = self._mtmd, self._llama_cpp
-        sampler = None
-        try:
-            n_past = 0
-            n_chunks = mtmd.mtmd_input_chunks_size(encoded.chunks)
-            for i in range(n_chunks):
-                chunk = mtmd.mtmd_input_chunks_get(encoded.chunks, i)
-                new_n_past = lc.llama_pos(n_past)  # the text path adds to it, the image path sets it
-                embd = encoded.embeddings[i]
-                last = i == n_chunks - 1
-                if embd is None:
-                    rc = mtmd.mtmd_helper_eval_chunk_single(
-                        self._handler.mtmd_ctx, self._ctx, chunk, n_past, seq, self.engine.config.n_batch,
-                        last, ctypes.byref(new_n_past),
-                    )
-                elif not self.interleave_prefill or mtmd.mtmd_decode_use_non_causal(self._handler.mtmd_ctx, chunk):
-                    # Non-causal image attention (Gemma 3) needs the whole image in one batch: not sliced.
-                    rc = mtmd.mtmd_helper_decode_image_chunk(
-                        self._handler.mtmd_ctx, self._ctx, chunk, embd, n_past, seq, self.engine.config.n_batch,
-                        ctypes.byref(new_n_past), _NO_CALLBACK, None,
-                    )
-                else:
-                    n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-                    positions = self._image_positions(chunk, n_past, n_tokens)
-                    step = self.engine.config.n_batch
-                    for offset in range(0, n_tokens, step):
-                        self._decode_embeddings(embd, positions, offset, min(step, n_tokens - offset), seq)
-                        if not (last and offset + step >= n_tokens):
-                            yield
-                    new_n_past.value = n_past + mtmd.mtmd_input_chunk_get_n_pos(chunk)
-                    rc = 0
-                if rc != 0:
-                    raise DocumentError(errors.INFERENCE_ERROR, "llama.cpp failed to evaluate the prompt")
-                n_past = new_n_past.value
-            request = encoded.request
-            # A thinking block is free text: the schema's grammar starts at its end (see _end_thinking).
-            sampler = self._sampler(request.params, None if encoded.opens_thinking else request.schema)
-            slot = _Slot(request, seq, sampler, n_past, n_past, 0, bytearray(), 0, encoded.started, encoded.encode_ms)
-            separate = request.params.reasoning == "separate"
-            slot.thinking = encoded.opens_thinking
-            # A model may open the block itself; not under a grammar, which allows only the answer.
-            slot.may_open = separate and not slot.thinking and request.schema is None
-            slot.pending = self._sample(slot, -1)
-            return slot
-        except BaseException:  # a failure, or the generator closed mid-prefill (the consumer stopped)
-            if sampler is not None:
-                lc.llama_sampler_free(sampler)
-            lc.llama_memory_seq_rm(self._memory, seq, -1, -1)
-            raise
-        finally:
-            self._release(encoded)
-
-    def _image_positions(self, chunk: Any, n_past: int, n_tokens: int) -> list[tuple[int, ...]]:
-        """Each image token's position, as libmtmd's helper lays them out: M-RoPE models (Qwen-VL) get
-        (t, y, x, z) from libmtmd's decoder positions, the others ``n_past + i``."""
-        mtmd = self._mtmd
-        if not mtmd.mtmd_decode_use_mrope(self._handler.mtmd_ctx):
-            return [(n_past + k,) for k in range(n_tokens)]
-        tokens = mtmd.mtmd_input_chunk_get_tokens_image(chunk)
-        out = []
-        for k in range(n_tokens):
-            p = mtmd.mtmd_image_tokens_get_decoder_pos(tokens, n_past, k)
-            out.append((p.t, p.y, p.x, p.z))
-        return out
-
-    def _decode_embeddings(self, embd: Any, positions: list[tuple[int, ...]], offset: int, n: int, seq: int) -> None:
-        """Decode image embedding rows ``offset`` to ``offset + n`` into sequence ``seq`` (one llama.cpp call)."""
-        lc = self._llama_cpp
-        if self._embd_batch is None:
-            self._embd_batch = lc.llama_batch_ext_init(self._ctx)
-        batch = self._embd_batch
-        lc.llama_batch_ext_clear(batch)
-        row = self._n_embd_inp * ctypes.sizeof(ctypes.c_float)
-        base = ctypes.addressof(embd)
-        pos = (lc.llama_pos * 4)()
-        for k in range(offset, offset + n):
-            data = ctypes.cast(base + k * row, ctypes.POINTER(ctypes.c_float))
-            idx = lc.llama_batch_ext_add_embd(batch, seq, lc.llama_embd(data, 1, self._n_embd_inp))
-            if idx < 0:
-                raise DocumentError(errors.INFERENCE_ERROR, f"llama.cpp refused an image embedding ({idx})")
-            for j, value in enumerate(positions[k]):
-                pos[j] = value
-            lc.llama_batch_ext_set_pos(batch, idx, pos)
-        if lc.llama_process(self._ctx, lc.LLAMA_PROCESS_TYPE_DECODE, batch) != 0:
-            raise DocumentError(errors.INFERENCE_ERROR, "llama.cpp failed to evaluate the page image")
-
-    def _encoder_threads(self, source: Iterator[Request], out: "queue.Queue[Any]", stop: threading.Event) -> list[threading.Thread]:
-        """Start one thread per encoder context, each taking requests from ``source`` (in turn, under a lock) and
-        putting them encoded into ``out``; the last one to end puts ``_END``, or the source's exception (after
-        every page taken before it, which are still answered)."""
-        taking = threading.Lock()
-        running = [len(self._encoders)]
-        failure: list[BaseException] = []
-
-        def put(item: Any) -> bool:
-            return put_unless_stopped(out, item, stop)
-
-        def work(encoder: Any) -> None:
-            try:
-                while not stop.is_set():
-                    try:
-                        with taking:
-                            request = next(source, _END)
-                    except BaseException as exc:  # the request source itself failed: the decoding thread raises it
-                        failure.append(exc)
-                        return
-                    if request is _END:
-                        return
-                    if request is NOT_YET:  # more may come: the decoding thread goes on meanwhile
-                        stop.wait(NOT_YET_WAIT_S)
-                        continue
-                    try:
-                        item: Any = self._encode(request, encoder)
-                    except DocumentError as exc:
-                        item = _Failed(request, exc)
-                    if not put(item):
-                        if isinstance(item, _Encoded):
-                            self._release(item)
-                        return
-            finally:
-                with taking:
-                    running[0] -= 1
-                    last = running[0] == 0
-                if last:
-                    put(_Failed(None, failure[0]) if failure else _END)
-
-        threads = [threading.Thread(target=work, args=(encoder,), name=f"medvlm-encoder-{i}", daemon=True)
-                   for i, encoder in enumerate(self._encoders)]
-        for thread in threads:
-            thread.start()
-        return threads
-
-    def _finish(self, slot: _Slot, reason: str) -> Generation:
-        self._llama_cpp.llama_sampler_free(slot.sampler)
-        self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
-        raw = bytes(slot.pieces)
-        reasoning = None
-        answer_at = slot.answer_start
-        if slot.thinking:  # still thinking when it ended: no answer
-            reasoning, answer_at = raw[slot.think_start:], len(raw)
-        elif slot.think_end or slot.answer_start:
-            reasoning = raw[slot.think_start:slot.think_end]
-        answer = raw[answer_at:]
-        stripped = answer.lstrip()
-        base = answer_at + len(answer) - len(stripped)  # where the answer text starts in ``pieces``
-        text = stripped.decode("utf-8", errors="ignore")
-        for stop in slot.request.params.stop:
-            if stop and stop in text:
-                text, reason = text[: text.index(stop)], "stop"
-        kept = [(max(0, offset - base), lp, top) for offset, lp, top in slot.scores if offset >= answer_at]
-        latency_ms = (time.perf_counter() - slot.started) * 1000.0
-        return Generation(
-            text, reason, slot.prompt_tokens, slot.generated, latency_ms, slot.encode_ms,
-            reasoning=None if reasoning is None else reasoning.decode("utf-8", errors="ignore").strip(),
-            reasoning_tokens=slot.reasoning_tokens, reasoning_budget_hit=slot.budget_hit,
-            token_logprobs=tuple(lp for _, lp, _ in kept), token_offsets=tuple(o for o, _, _ in kept),
-            top_logprobs=tuple(top for _, _, top in kept) if slot.request.params.logprobs else (),
-        )
-
-    def _score(self, index: int, token: int, top_n: int) -> tuple[float, tuple]:
-        """The sampled token's log-probability under the model's own distribution (the logits before any sampler:
-        penalties, grammar and temperature shape the choice, not the model's confidence), and the top-N."""
-        logits = np.ctypeslib.as_array(self._llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
-        peak = float(logits.max())
-        log_z = peak + float(np.log(np.exp(logits - peak).sum()))
-        top: tuple = ()
-        if top_n:
-            best = np.argpartition(-logits, top_n - 1)[:top_n]
-            best = best[np.argsort(-logits[best], kind="stable")]
-            top = tuple((self._piece_of(int(t)).decode("utf-8", errors="replace"), float(logits[t]) - log_z) for t in best)
-        return float(logits[token]) - log_z, top
-
-    def _piece_of(self, token: int) -> bytes:
-        n = self._llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
-        return self._piece.raw[: max(n, 0)]
-
-    def _take(self, slot: _Slot, index: int) -> str | None:
-        """Account for the token just sampled (from the logits at ``index``); the finish reason if it is done."""
-        token = slot.pending
-        params = slot.request.params
-        if slot.thinking and params.max_reasoning_tokens is not None and slot.reasoning_tokens >= params.max_reasoning_tokens:
-            self._close_thinking(slot)  # the budget is spent: the sampled token is dropped, the block closed
-            return self._done(slot)
-        if self._llama_cpp.llama_vocab_is_eog(self._vocab, token):
-            return "stop"
-        if not slot.thinking and self.confidences:  # answer tokens (and ones that may open a block) are scored
-            logprob, top = self._score(index, token, params.logprobs)
-            slot.scores.append((len(slot.pieces), logprob, top))
-        slot.pieces += self._piece_of(token)
-        slot.generated += 1
-        if slot.thinking:
-            slot.reasoning_tokens += 1
-            self._find_close(slot)
-        elif slot.may_open:
-            self._find_open(slot)
-        return self._done(slot)
-
-    def _done(self, slot: _Slot) -> str | None:
-        """The finish reason if a limit is reached or a stop string was generated (in the answer), else None."""
-        params = slot.request.params
-        if (params.max_tokens != -1 and slot.generated >= params.max_tokens) or \
-                slot.n_past + 1 + len(slot.forced) >= self.ctx_per_seq:
-            return "length"
-        if params.stop and not slot.thinking:
-            answer = bytes(slot.pieces[slot.answer_start:]).decode("utf-8", errors="ignore")
-            if any(s in answer for s in params.stop):
-                return "stop"
-        return None
-
-    # -- reasoning: a thinking block (think_open ... think_close) apart from the answer ---------------------
-    def _find_open(self, slot: _Slot) -> None:
-        """While nothing but whitespace and a prefix of think_open was generated, watch for the block to open."""
-        marker = slot.request.params.think_open.encode("utf-8")
-        text = bytes(slot.pieces).lstrip()
-        if text.startswith(marker):
-            slot.thinking, slot.may_open = True, False
-            slot.think_start = len(slot.pieces) - len(text) + len(marker)
-            slot.scores.clear()  # the marker is not part of the answer
-        elif not marker.startswith(text):
-            slot.may_open = False  # the answer began
-
-    def _find_close(self, slot: _Slot) -> None:
-        marker = slot.request.params.think_close.encode("utf-8")
-        at = slot.pieces.find(marker, slot.think_start)
-        if at >= 0:
-            self._end_thinking(slot, at, at + len(marker))
-
-    def _close_thinking(self, slot: _Slot) -> None:
-        """The reasoning budget is spent: append the closing marker as if the model had written it."""
-        closing = f"\n{slot.request.params.think_close}\n\n"
-        tokens = self.engine.llm.tokenize(closing.encode("utf-8"), add_bos=False, special=True)
-        at = len(slot.pieces)
-        slot.pieces += closing.encode("utf-8")
-        slot.generated += len(tokens)
-        slot.pending, slot.forced = tokens[0], deque(tokens[1:])
-        slot.budget_hit = True
-        self._end_thinking(slot, at, len(slot.pieces))
-
-    def _end_thinking(self, slot: _Slot, think_end: int, answer_start: int) -> None:
-        slot.thinking = False
-        slot.think_end, slot.answer_start = think_end, answer_start
-        if slot.request.schema is not None:  # the answer is constrained from here: a fresh chain with the grammar
-            self._llama_cpp.llama_sampler_free(slot.sampler)
-            slot.sampler = self._sampler(slot.request.params, slot.request.schema)
+        return self._renderer.render(prompt, system)
 
     def generate_many(self, requests: Iterable[Request]) -> Iterator[tuple[Any, Result]]:
         """Answer every request, yielding ``(key, Generation or DocumentError)`` as each finishes.
@@ -667,11 +178,11 @@ class BatchedEngine(Engine):
         """
         with self.engine.lock:  # one llama.cpp model in use at a time in this process
             if not self.overlap:
-                yield from self._run(self._encode_inline(iter(requests)), blocking=True)
+                yield from self._run(self._encoder.inline(iter(requests)), blocking=True)
                 return
             encoded: queue.Queue[Any] = queue.Queue(maxsize=self.encode_ahead)
             stop = threading.Event()
-            threads = self._encoder_threads(iter(requests), encoded, stop)
+            threads = self._encoder.start_threads(iter(requests), encoded, stop)
             try:
                 yield from self._run(encoded, blocking=False)
             finally:
@@ -683,26 +194,10 @@ class BatchedEngine(Engine):
                         item = encoded.get_nowait()
                     except queue.Empty:
                         break
-                    if isinstance(item, _Encoded):
-                        self._release(item)
+                    if isinstance(item, Encoded):
+                        item.free(self._mtmd)
 
-    def _encode_inline(self, source: Iterator[Request]) -> Iterator[Any]:
-        while True:
-            try:
-                request = next(source, _END)
-            except Exception as exc:  # the request source failed: as with the encoder thread
-                yield _Failed(None, exc)
-                return
-            if request is _END:
-                return
-            if request is NOT_YET:
-                yield None  # nothing to admit now: the decode loop goes on
-                continue
-            try:
-                yield self._encode(request)
-            except DocumentError as exc:
-                yield _Failed(request, exc)
-
+    # -- the scheduler: admit pages into free slots, then one decode step of every live page ----------------
     def _run(self, source: Any, blocking: bool) -> Iterator[tuple[Any, Generation | DocumentError]]:
         """The decode loop over encoded requests: a plain iterator (``blocking``) or the encoder's queue.
 
@@ -711,15 +206,15 @@ class BatchedEngine(Engine):
         while others decode is prefilled one slice per decode step (``filling``), one page at a time.
         """
         lc = self._llama_cpp
-        live: dict[int, _Slot] = {}
+        live: dict[int, Slot] = {}
         free = list(range(self.n_seq - 1, -1, -1))
         exhausted = False
         pending_error: BaseException | None = None
-        filling: _Filling | None = None
+        filling: Filling | None = None
 
         def next_item() -> Any:
             if blocking:
-                return next(source, _END)  # _encode_inline never raises
+                return next(source, END)  # PageEncoder.inline never raises
             try:
                 return source.get(block=not live and filling is None)
             except queue.Empty:
@@ -733,10 +228,10 @@ class BatchedEngine(Engine):
                         if blocking and not live and filling is None:
                             time.sleep(NOT_YET_WAIT_S)  # nothing in flight here either: ask the source again soon
                         break
-                    if item is _END:
+                    if item is END:
                         exhausted = True
                         break
-                    if isinstance(item, _Failed):
+                    if isinstance(item, Failed):
                         if item.request is None:  # the request source raised: finish what is in flight, then raise
                             pending_error, exhausted = item.error, True
                             break
@@ -744,84 +239,137 @@ class BatchedEngine(Engine):
                         continue
                     seq = free.pop()
                     if live and self.interleave_prefill:
-                        filling = _Filling(seq, item, self._prefill_steps(item, seq))
+                        filling = Filling(seq, item, self._prefill.steps(item, seq))
                         break
-                    started = time.perf_counter()
-                    try:
-                        slot = self._prefill(item, seq)
-                    except DocumentError as exc:
-                        free.append(seq)
-                        yield item.request.key, exc
-                        continue
-                    if live:
-                        self.admission_pauses_ms.append((time.perf_counter() - started) * 1000.0)
-                    reason = self._take(slot, -1)
-                    if reason is not None:
-                        free.append(seq)
-                        yield item.request.key, self._finish(slot, reason)
-                        continue
-                    live[seq] = slot
+                    finished = self._admit_whole(item, seq, live, free)
+                    if finished is not None:
+                        yield finished
                 if filling is not None:  # one slice of the page being prefilled, then a decode step of the others
-                    current, slot = filling, None
-                    started = time.perf_counter()
-                    try:
-                        next(current.steps)
-                    except StopIteration as done:
-                        slot = done.value
-                    except DocumentError as exc:
+                    done, finished = self._fill_slice(filling, live, free)
+                    if done:
                         filling = None
-                        free.append(current.seq)
-                        yield current.encoded.request.key, exc
-                    current.longest_ms = max(current.longest_ms, (time.perf_counter() - started) * 1000.0)
-                    if slot is not None:
-                        filling = None
-                        if live:
-                            self.admission_pauses_ms.append(current.longest_ms)
-                        reason = self._take(slot, -1)  # the logits of the prefill's last decode, just made
-                        if reason is not None:
-                            free.append(current.seq)
-                            yield current.encoded.request.key, self._finish(slot, reason)
-                        else:
-                            live[current.seq] = slot
+                    if finished is not None:
+                        yield finished
                 if not live:
                     if exhausted and filling is None:
                         if pending_error is not None:
                             raise pending_error
                         return
                     continue
-                order = sorted(live)
-                self._batch.n_tokens = len(order)
-                for i, seq in enumerate(order):
-                    slot = live[seq]
-                    self._batch.token[i] = slot.pending
-                    self._batch.pos[i] = slot.n_past
-                    self._batch.n_seq_id[i] = 1
-                    self._batch.seq_id[i][0] = seq
-                    self._batch.logits[i] = 1
-                if lc.llama_decode(self._ctx, self._batch) != 0:
-                    for seq in order:
-                        slot = live.pop(seq)
-                        self._finish(slot, "error")
-                        free.append(seq)
-                        yield slot.request.key, DocumentError(errors.INFERENCE_ERROR, "llama.cpp failed to decode the batch")
-                    continue
-                for i, seq in enumerate(order):
-                    slot = live[seq]
-                    slot.n_past += 1
-                    if slot.forced:  # fed, not sampled (the budget's closing marker)
-                        slot.pending = slot.forced.popleft()
-                        continue
-                    slot.pending = self._sample(slot, i)
-                    reason = self._take(slot, i)
-                    if reason is not None:
-                        del live[seq]
-                        free.append(seq)
-                        yield slot.request.key, self._finish(slot, reason)
+                yield from self._decode_step(live, free)
         finally:  # the consumer stopped early (or an error): free the slots still in flight
             if filling is not None:
                 if inspect.getgeneratorstate(filling.steps) == inspect.GEN_CREATED:
-                    self._release(filling.encoded)  # never started: its cleanup would not run
+                    filling.encoded.free(self._mtmd)  # never started: its cleanup would not run
                 filling.steps.close()  # frees its sequence, sampler and chunks
             for slot in live.values():
                 lc.llama_sampler_free(slot.sampler)
                 lc.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+
+    def _admit_whole(self, item: Encoded, seq: int, live: dict[int, Slot],
+                     free: list[int]) -> tuple[Any, Result] | None:
+        """Prefill a page into sequence ``seq`` at once and take its first token: it joins ``live``, or its
+        ``(key, result)`` is returned (an error, or done already) and ``seq`` goes back to ``free``."""
+        started = time.perf_counter()
+        try:
+            slot = self._prefill.whole(item, seq)
+        except DocumentError as exc:
+            free.append(seq)
+            return item.request.key, exc
+        if live:
+            self.admission_pauses_ms.append((time.perf_counter() - started) * 1000.0)
+        reason = self._take(slot, -1)
+        if reason is not None:
+            free.append(seq)
+            return item.request.key, self._finish(slot, reason)
+        live[seq] = slot
+        return None
+
+    def _fill_slice(self, filling: Filling, live: dict[int, Slot],
+                    free: list[int]) -> tuple[bool, tuple[Any, Result] | None]:
+        """Prefill one slice of the page being filled; at its end take its first token (it joins ``live``).
+
+        Returns:
+            ``(done, finished)``: whether the page's prefill is over (it failed, finished or went live), and its
+            ``(key, result)`` when it failed or finished at once (its sequence back in ``free``).
+        """
+        slot = None
+        started = time.perf_counter()
+        try:
+            next(filling.steps)
+        except StopIteration as done:
+            slot = done.value
+        except DocumentError as exc:
+            free.append(filling.seq)
+            return True, (filling.encoded.request.key, exc)
+        filling.longest_ms = max(filling.longest_ms, (time.perf_counter() - started) * 1000.0)
+        if slot is None:
+            return False, None
+        if live:
+            self.admission_pauses_ms.append(filling.longest_ms)
+        reason = self._take(slot, -1)  # the logits of the prefill's last decode, just made
+        if reason is not None:
+            free.append(filling.seq)
+            return True, (filling.encoded.request.key, self._finish(slot, reason))
+        live[filling.seq] = slot
+        return True, None
+
+    def _decode_step(self, live: dict[int, Slot], free: list[int]) -> Iterator[tuple[Any, Result]]:
+        """One ``llama_decode`` of the next token of every live page, then a token sampled for each; yields the
+        pages that finished (all of them, with an error, if the decode failed)."""
+        order = sorted(live)
+        self._batch.n_tokens = len(order)
+        for i, seq in enumerate(order):
+            slot = live[seq]
+            self._batch.token[i] = slot.pending
+            self._batch.pos[i] = slot.n_past
+            self._batch.n_seq_id[i] = 1
+            self._batch.seq_id[i][0] = seq
+            self._batch.logits[i] = 1
+        if self._llama_cpp.llama_decode(self._ctx, self._batch) != 0:
+            for seq in order:
+                slot = live.pop(seq)
+                self._finish(slot, "error")
+                free.append(seq)
+                yield slot.request.key, DocumentError(errors.INFERENCE_ERROR, "llama.cpp failed to decode the batch")
+            return
+        for i, seq in enumerate(order):
+            slot = live[seq]
+            slot.n_past += 1
+            if slot.forced:  # fed, not sampled (the budget's closing marker)
+                slot.pending = slot.forced.popleft()
+                continue
+            slot.pending = self._sampling.sample(slot.sampler, i)
+            reason = self._take(slot, i)
+            if reason is not None:
+                del live[seq]
+                free.append(seq)
+                yield slot.request.key, self._finish(slot, reason)
+
+    def _take(self, slot: Slot, index: int) -> str | None:
+        """Account for the token just sampled (from the logits at ``index``); the finish reason if it is done."""
+        token = slot.pending
+        params = slot.request.params
+        if slot.thinking and params.max_reasoning_tokens is not None and slot.reasoning_tokens >= params.max_reasoning_tokens:
+            # the budget is spent: the sampled token is dropped, the block closed
+            close_thinking(slot, self.engine.llm.tokenize, self._sampling)
+            return slot.finish_reason(self.ctx_per_seq)
+        if self._sampling.is_end(token):
+            return "stop"
+        if not slot.thinking and self.confidences:  # answer tokens (and ones that may open a block) are scored
+            logprob, top = self._sampling.score(index, token, params.logprobs)
+            slot.scores.append((len(slot.pieces), logprob, top))
+        slot.pieces += self._sampling.piece(token)
+        slot.generated += 1
+        if slot.thinking:
+            slot.reasoning_tokens += 1
+            find_close(slot, self._sampling)
+        elif slot.may_open:
+            find_open(slot)
+        return slot.finish_reason(self.ctx_per_seq)
+
+    def _finish(self, slot: Slot, reason: str) -> Generation:
+        """Free the page's sampler chain and sequence; its ``Generation``."""
+        self._sampling.free(slot.sampler)
+        self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+        return slot.generation(reason)

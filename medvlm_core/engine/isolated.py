@@ -35,142 +35,38 @@ the one the crash tests use, which calls llama.cpp's real ``ggml_abort``. Produc
 
 As with any "spawn" child, the child imports the parent's ``__main__`` module (as ``__mp_main__``): a
 script that creates an ``IsolatedEngine`` must keep its top-level work under ``if __name__ == "__main__":``.
+
+This module is the supervisor (intake, retries, crash and hang accounting); the other parts are
+``child_messages`` (what goes over the pipes), ``child_process`` (starting a child, writing to it, hearing from
+it), ``child_loop`` (the child's side) and ``shared_pixels`` (the page pixels' shared-memory hand-off).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
-import multiprocessing
-import multiprocessing.connection as mp_connection
-import os
-from multiprocessing import shared_memory
-import queue
-import secrets
-import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from medvlm_core import errors
+from medvlm_core.engine.child_messages import (
+    Answer, EndOfStream, Fatal, FaultInjector, PageFailed, PageRequest, describe_exit,
+)
+from medvlm_core.engine.child_process import Child, ChildDied, ChildHung, spawn_child
+from medvlm_core.engine.shared_pixels import BlockPool, page_request, release_block
+from medvlm_core.engine.types import NOT_YET, NOT_YET_WAIT_S, Engine, Request, Result
+from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.run.params import EngineConfig, GenerationParams
-from medvlm_core.engine.types import NOT_YET, NOT_YET_WAIT_S, Engine, Generation, RawPixels, Request, Result
-from medvlm_core.errors import DocumentError, RunError, error_detail, short_message
-from medvlm_core.inputs.images import to_rgb
-from medvlm_core.isolated_child import start_child
 
-# A fault injector (tests only): called in the child with (intake, attempt) before each page is taken.
-FaultInjector = Callable[[int, int], None]
+__all__ = ["FaultInjector", "IsolatedEngine", "PAGE_TIMEOUT_BASE_S", "PAGE_TIMEOUT_PER_TOKEN_S"]
 
 
-@contextlib.contextmanager
-def _main_not_rerun() -> Iterator[None]:
-    """Start a spawned child without running the user's ``__main__`` script in it again.
-
-    ``spawn`` re-imports the parent's main module in the child; a plain script that loads a model at its top
-    level (no ``if __name__ == "__main__":`` guard, as in the README's examples) would then load it again in the
-    child and fail there. The child runs only ``_child_main`` from this module, so the main module is hidden from
-    multiprocessing's preparation data while the child starts (it reads them synchronously in ``start()``).
-    """
-    main = sys.modules.get("__main__")
-    saved = {name: getattr(main, name) for name in ("__file__", "__spec__") if main is not None and hasattr(main, name)}
-    try:
-        for name in saved:
-            setattr(main, name, None)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(main, name, value)
-
-
-# -- the messages between parent and child (pickled over the pipes) --------------------------------
-@dataclass(frozen=True)
-class PageRequest:
-    """Parent -> child: one page. Pixels as raw RGB bytes in a shared-memory block named ``shared`` (the parent
-    owns it until the page is answered), or in ``pixels`` when no block could be made; the page's key stays in
-    the parent."""
-
-    id: int
-    intake: int
-    attempt: int  # 0 in a stream, 1 in the solo retry after a crash
-    size: tuple[int, int]
-    pixels: bytes | None
-    prompt: str
-    params: GenerationParams
-    schema: dict | None
-    system: str | None = None
-    shared: str | None = None
-
-
-@dataclass(frozen=True)
-class EndOfStream:
-    """Parent -> child: no more pages in the current stream (the child finishes what it has)."""
-
-
-@dataclass(frozen=True)
-class Stop:
-    """Parent -> child: exit."""
-
-
-@dataclass(frozen=True)
-class Ready:
-    """Child -> parent, once: the model is loaded."""
-
-    load_seconds: float
-
-
-@dataclass(frozen=True)
-class LoadFailed:
-    """Child -> parent, once: the model could not be loaded (a one-line, PHI-free message)."""
-
-    message: str
-
-
-@dataclass(frozen=True)
-class Answer:
-    """Child -> parent: a page's completion."""
-
-    id: int
-    generation: Generation
-
-
-@dataclass(frozen=True)
-class PageFailed:
-    """Child -> parent: a page's DocumentError."""
-
-    id: int
-    error_type: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Idle:
-    """Child -> parent: the current stream is done."""
-
-
-@dataclass(frozen=True)
-class Fatal:
-    """Child -> parent: the batched engine raised something other than a DocumentError; the child exits."""
-
-    message: str
-
-
-_STOP_WAIT_S = 5.0  # a clean child exits in well under a second; past this it is killed
-
-
-def describe_exit(exitcode: int | None) -> str:
-    """A process exit status in words: a signal name (``SIGSEGV``) or ``exit code N``."""
-    if exitcode is None:
-        return "no exit status"
-    if exitcode < 0:
-        try:
-            return signal.Signals(-exitcode).name
-        except ValueError:
-            return f"signal {-exitcode}"
-    return f"exit code {exitcode}"
+# The default page deadline: generous, so that only a stuck llama.cpp call reaches it (a 2-core CPU makes an
+# 8B model's tokens at ~2 per second; a GPU at ~50).
+PAGE_TIMEOUT_BASE_S = 120.0
+PAGE_TIMEOUT_PER_TOKEN_S = 2.0
 
 
 @dataclass
@@ -190,96 +86,10 @@ class _Pending:
         """Give the page's shared-memory block back to its pool, or free it (once the page is answered or given
         up). Idempotent."""
         block, self.block = self.block, None
-        if block is None:
-            return
-        if self.pool is not None:
-            self.pool.give(block)
-        else:
-            _free_block(block)
+        release_block(block, self.pool)
 
     def attempt(self, attempt: int) -> PageRequest:
         return dataclasses.replace(self.message, attempt=attempt)
-
-
-class _Died(Exception):
-    """The child process ended (its description in ``args[0]``)."""
-
-
-class _Hung(Exception):
-    """The child sent nothing for ``args[0]`` seconds while pages were in flight."""
-
-
-# The default page deadline: generous, so that only a stuck llama.cpp call reaches it (a 2-core CPU makes an
-# 8B model's tokens at ~2 per second; a GPU at ~50).
-PAGE_TIMEOUT_BASE_S = 120.0
-PAGE_TIMEOUT_PER_TOKEN_S = 2.0
-
-
-class _Child:
-    """One running child process, its pipe ends and the sender thread that writes its requests."""
-
-    def __init__(self, process: Any, requests: Any, results: Any):
-        self.process = process
-        self.requests = requests  # the parent's sending end
-        self.results = results  # the parent's receiving end
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._sender = threading.Thread(target=_send_loop, args=(self._outbox, requests),
-                                        name="medvlm-isolated-sender", daemon=True)
-        self._sender.start()
-
-    def send(self, message: Any) -> None:
-        """Queue a message for the child (never blocks: the sender thread does the writing)."""
-        self._outbox.put(message)
-
-    def receive(self, timeout: float | None = None) -> Any:
-        """The child's next message; ``_Died`` once it has exited and every message it sent has been read;
-        ``_Hung`` when it sent nothing for ``timeout`` seconds."""
-        sentinel = self.process.sentinel
-        while True:
-            ready = mp_connection.wait([self.results, sentinel], timeout)
-            if not ready:
-                raise _Hung(timeout)
-            # Read what the child wrote before it died first: those pages did finish.
-            if self.results in ready or self.results.poll():
-                try:
-                    return self.results.recv()
-                except (EOFError, OSError):
-                    break
-                except Exception:  # a message cut short by the death: the death is what counts
-                    break
-            if sentinel in ready:
-                break
-        self.process.join(_STOP_WAIT_S)
-        if self.process.is_alive():  # its result pipe closed but it lives on: unusable, end it
-            self.process.kill()
-            self.process.join()
-        raise _Died(describe_exit(self.process.exitcode))
-
-    def stop(self, graceful: bool) -> None:
-        """End the child: ask it to stop (``graceful``) and wait a few seconds, else kill it."""
-        if graceful and self.process.is_alive():
-            self.send(Stop())
-        self._outbox.put(None)  # ends the sender thread once it has written what is queued
-        if graceful:
-            self._sender.join(_STOP_WAIT_S)
-            self.process.join(_STOP_WAIT_S)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self._sender.join(_STOP_WAIT_S)  # a write to a dead child fails at once, ending the thread
-        self.requests.close()
-        self.results.close()
-
-
-def _send_loop(outbox: queue.SimpleQueue, connection: Any) -> None:
-    while True:
-        message = outbox.get()
-        if message is None:
-            return
-        try:
-            connection.send(message)
-        except (OSError, ValueError):  # the child is gone; the receiving side notices its death
-            return
 
 
 class IsolatedEngine(Engine):
@@ -318,7 +128,7 @@ class IsolatedEngine(Engine):
         self.load_seconds = 0.0
         self.restarts = 0  # children started after the first one
         self.crashes = 0  # children that died while working
-        self._child: _Child | None = None
+        self._child: Child | None = None
         self._open = False  # between start() and close()
         self._failed: str | None = None  # set once crashes exceeded max_restarts
         self._lock = threading.RLock()
@@ -334,6 +144,12 @@ class IsolatedEngine(Engine):
     def loaded(self) -> bool:
         """True between ``start()`` and ``close()`` (a crashed child is replaced on the next page)."""
         return self._open
+
+    @property
+    def pixel_blocks(self) -> BlockPool:
+        """The shared-memory blocks that hand page pixels to the child, reused from page to page (its ``created``
+        and ``free`` counts are for measurements and tests)."""
+        return self._blocks
 
     def start(self) -> "IsolatedEngine":
         """Spawn the child and wait until it has loaded the model (idempotent).
@@ -362,35 +178,9 @@ class IsolatedEngine(Engine):
             child.stop(graceful=True)
         self._blocks.close()  # after the child: it may still be reading a page's block until it stops
 
-    def _spawn(self) -> _Child:
-        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked llama.cpp or thread state
-        request_recv, request_send = ctx.Pipe(duplex=False)
-        result_recv, result_send = ctx.Pipe(duplex=False)
-        # The child starts outside this package, so that it loads llama.cpp before numpy (isolated_child).
-        process = ctx.Process(target=start_child,
-                              args=(f"{__name__}:_child_main", self.config, self.chat_format, self.log_phi, self.fault,
-                                    request_recv, result_send),
-                              name="medvlm-inference", daemon=True)
-        started = time.perf_counter()
-        with _main_not_rerun():
-            process.start()
-        # Only the child holds these ends now, so its death reads as EOF here.
-        request_recv.close()
-        result_send.close()
-        child = _Child(process, request_send, result_recv)
-        model = self.config.model_path
-        if not mp_connection.wait([result_recv, process.sentinel], self.start_timeout_s):
-            child.stop(graceful=False)
-            raise RunError(f"the inference process did not load {model} within {self.start_timeout_s:g} s")
-        try:
-            message = child.receive()
-        except _Died as died:
-            child.stop(graceful=False)
-            raise RunError(f"the inference process died ({died.args[0]}) while loading {model}") from None
-        if not isinstance(message, Ready):
-            child.stop(graceful=True)
-            raise RunError(getattr(message, "message", "the inference process sent no ready message"))
-        self.load_seconds = time.perf_counter() - started
+    def _spawn(self) -> Child:
+        child, self.load_seconds = spawn_child(self.config, self.chat_format, self.log_phi, self.fault,
+                                               self.start_timeout_s)
         return child
 
     def _crashed(self, how: str) -> None:
@@ -407,7 +197,7 @@ class IsolatedEngine(Engine):
                             f"{self.max_restarts} tolerated); see llama.cpp's messages above for the cause")
             self.close()
 
-    def _ready_child(self) -> _Child:
+    def _ready_child(self) -> Child:
         """The running child, started anew if it crashed or was stopped; RunError once given up or closed."""
         if self._failed:
             raise RunError(self._failed)
@@ -455,7 +245,7 @@ class IsolatedEngine(Engine):
                             continue
                         if not pending:
                             heard = time.monotonic()
-                        item = _Pending(request.key, *_page_request(next(self._ids), intake, request, self._blocks),
+                        item = _Pending(request.key, *page_request(next(self._ids), intake, request, self._blocks),
                                         pool=self._blocks)
                     except StopIteration:
                         exhausted = True
@@ -478,7 +268,7 @@ class IsolatedEngine(Engine):
                     if message is None:  # no message within the short wait: ask the source again
                         continue
                     heard = time.monotonic()
-                except (_Died, _Hung) as failure:
+                except (ChildDied, ChildHung) as failure:
                     if not self._open:  # close() from another thread, not a crash
                         raise RunError("the IsolatedEngine was closed while generating") from None
                     self._crashed(_how(failure))
@@ -505,23 +295,23 @@ class IsolatedEngine(Engine):
             for item in pending.values():  # unanswered (an error, or the consumer stopped): their blocks go
                 item.release()  # (after the child that could still read them has stopped)
 
-    def _receive(self, child: _Child, pending: dict[int, _Pending], heard: float, short: bool) -> Any:
+    def _receive(self, child: Child, pending: dict[int, _Pending], heard: float, short: bool) -> Any:
         """The child's next message; with ``short``, None when none comes within ``NOT_YET_WAIT_S`` (the caller
         asks its source again, so that a page that becomes ready is sent to a child with free slots at once
         rather than after its next answer).
 
         Raises:
-            _Died: the child exited.
-            _Hung: it sent nothing for the page timeout of the pages in flight, counted from ``heard``.
+            ChildDied: the child exited.
+            ChildHung: it sent nothing for the page timeout of the pages in flight, counted from ``heard``.
         """
         deadline = max(self.page_timeout(p.message.params) for p in pending.values())
         left = deadline - (time.monotonic() - heard)
         try:
             return child.receive(max(0.0, min(left, NOT_YET_WAIT_S) if short else left))
-        except _Hung:
+        except ChildHung:
             if short and time.monotonic() - heard < deadline:
                 return None
-            raise _Hung(deadline) from None
+            raise ChildHung(deadline) from None
 
     def _answer(self, message: Any, pending: dict[int, _Pending]) -> tuple[Any, Result] | None:
         """The (key, result) a child message answers, None for bookkeeping messages and stale answers."""
@@ -576,9 +366,9 @@ class IsolatedEngine(Engine):
             while solo:
                 try:
                     message = child.receive(self.page_timeout(item.message.params))
-                except (_Died, _Hung) as failure:
+                except (ChildDied, ChildHung) as failure:
                     self._crashed(_how(failure))
-                    if isinstance(failure, _Hung):
+                    if isinstance(failure, ChildHung):
                         yield item.key, DocumentError(
                             errors.TIMEOUT, f"no answer within the page timeout ({failure.args[0]:.0f} s); the "
                             "inference process was ended and restarted")
@@ -594,236 +384,8 @@ class IsolatedEngine(Engine):
                     yield answered
 
 
-def _free_block(block: Any) -> None:
-    block.close()
-    try:
-        block.unlink()
-    except FileNotFoundError:
-        pass
-
-
-class BlockPool:
-    """The parent's shared-memory blocks for page pixels, reused from page to page.
-
-    A new block costs its memory's page faults and zeroing on first write (about 5 ms for a 1000x1300 page on
-    this project's VM, BENCHMARKS.md's hand-off) where a reused one costs a copy (under 1 ms). A block is the
-    child's to read only while its page is unanswered: it comes back here when the page is answered or given
-    up, and the next page's pixels go in it. At most ``keep`` free blocks are kept (the engine's window: as
-    many as can be in flight at once); the rest, and all of them at ``close()``, are unlinked.
-
-    Args:
-        keep: free blocks kept for reuse.
-    """
-
-    # Sizes are rounded up to this, so pages of nearly the same size share blocks.
-    GRAIN = 1 << 20
-
-    def __init__(self, keep: int):
-        self.keep = keep
-        self._free: list[Any] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        self.created = 0  # blocks made (measurements, tests)
-
-    def take(self, size: int) -> Any:
-        """A block of at least ``size`` bytes: the smallest free one that fits, else a new one.
-
-        Args:
-            size: bytes needed.
-
-        Returns:
-            A ``SharedMemory`` named ``shared_block_prefix() + hex``.
-
-        Raises:
-            OSError: no block can be made (``/dev/shm`` full or absent).
-        """
-        with self._lock:
-            fits = [b for b in self._free if b.size >= size]
-            if fits:
-                block = min(fits, key=lambda b: b.size)
-                self._free.remove(block)
-                return block
-        block = shared_memory.SharedMemory(create=True, size=-(-max(1, size) // self.GRAIN) * self.GRAIN,
-                                           name=shared_block_prefix() + secrets.token_hex(8))
-        self.created += 1
-        return block
-
-    def give(self, block: Any) -> None:
-        """Take a block back: kept for the next page, or unlinked when the pool is full or closed.
-
-        Args:
-            block: a block ``take`` gave.
-        """
-        with self._lock:
-            if not self._closed and len(self._free) < self.keep:
-                self._free.append(block)
-                return
-        _free_block(block)
-
-    @property
-    def closed(self) -> bool:
-        """True once ``close()`` was called."""
-        return self._closed
-
-    @property
-    def free(self) -> int:
-        """Free blocks held now."""
-        with self._lock:
-            return len(self._free)
-
-    def close(self) -> None:
-        """Unlink every free block; blocks given back later are unlinked too. Idempotent."""
-        with self._lock:
-            self._closed = True
-            free, self._free = self._free, []
-        for block in free:
-            _free_block(block)
-
-
 def _how(failure: Exception) -> str:
     """A child's failure in words: its exit (``SIGABRT``) or its silence."""
-    if isinstance(failure, _Hung):
+    if isinstance(failure, ChildHung):
         return f"no answer within {failure.args[0]:.0f} s"
     return failure.args[0]
-
-
-def _page_request(rid: int, intake: int, request: Request, pool: BlockPool | None = None) -> tuple[PageRequest, Any]:
-    """What the child needs of a request, without its key, and the shared-memory block holding its pixels.
-
-    Pixels are raw RGB (BatchedEngine converts to RGB anyway, and ``tobytes`` of a palette image alone would lose
-    its palette), written once into a shared-memory block (from ``pool``, else a new one) that the child reads in
-    place: no pickling of ~4 MB per page through the pipe (BENCHMARKS.md, the hand-off). Where no block can be
-    made (``/dev/shm`` full or absent) they go through the pipe.
-    """
-    image = to_rgb(request.image)
-    data = image.tobytes()
-    block = None
-    try:
-        block = (pool or BlockPool(keep=0)).take(len(data))  # keep=0: a new block, the caller frees it
-        block.buf[: len(data)] = data
-    except OSError:
-        if block is not None:
-            _free_block(block)
-        block = None
-    message = PageRequest(rid, intake, 0, image.size, None if block else data, request.prompt, request.params,
-                          request.schema, request.system, block.name if block else None)
-    return message, block
-
-
-def shared_block_prefix() -> str:
-    """How this process's shared-memory blocks are named (then random hex), so that an operator, or a test,
-    sees whose a block in ``/dev/shm`` is.
-
-    Returns:
-        ``medvlm_<pid>_``.
-    """
-    return f"medvlm_{os.getpid()}_"
-
-
-def _shared_pixels(message: PageRequest) -> bytearray:
-    """The page's pixels: from the pipe, or copied out of the parent's shared-memory block (closed here; the
-    parent unlinks it). Spawned children share the parent's resource tracker, so attaching registers nothing new."""
-    if message.shared is None:
-        return bytearray(message.pixels or b"")
-    block = shared_memory.SharedMemory(name=message.shared)
-    try:
-        return bytearray(block.buf[: message.size[0] * message.size[1] * 3])
-    finally:
-        block.close()
-
-
-# -- the child --------------------------------------------------------------------------------------
-
-class _Stream:
-    """The child's side of one stream: Requests read from the pipe until EndOfStream (or Stop / EOF)."""
-
-    def __init__(self, connection: Any, first: Any, fault: FaultInjector | None):
-        self.connection = connection
-        self.first = first
-        self.fault = fault
-        self.stopped = False  # the parent asked the child to stop (or went away)
-
-    def __iter__(self) -> Iterator[Request | None]:
-        message = self.first
-        while True:
-            if message is None:
-                # Nothing in the pipe yet: NOT_YET, so that the batched engine goes on decoding the pages it has
-                # (blocking here would stall an inline-encoder engine's decode loop while the parent waits for
-                # an answer) and asks again.
-                yield NOT_YET
-            elif isinstance(message, EndOfStream):
-                return
-            elif not isinstance(message, PageRequest):  # Stop
-                self.stopped = True
-                return
-            else:
-                if self.fault is not None:
-                    self.fault(message.intake, message.attempt)  # tests: the pages before this one are in flight
-                pixels = RawPixels(message.size[0], message.size[1], _shared_pixels(message))  # straight to libmtmd
-                yield Request(message.id, pixels, message.prompt, message.params, message.schema, message.system)
-            try:
-                message = self.connection.recv() if self.connection.poll() else None
-            except (EOFError, OSError):  # the parent is gone
-                self.stopped = True
-                return
-
-
-def _child_main(config: EngineConfig, chat_format: str, log_phi: bool, fault: FaultInjector | None,
-                requests: Any, results: Any) -> None:
-    """The child process: load the model, report ready, then answer streams of requests until stopped."""
-    # Ctrl-C reaches the whole process group; the parent decides when the child stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from medvlm_core.engine.batched import BatchedEngine
-    from medvlm_core.engine.llama import VisionEngine
-
-    engine = batched = None
-    try:
-        try:
-            # The child answers every page through the batched context; the engine's own context only has
-            # to exist (llama-cpp-python makes one per model), so keep it small instead of another n_ctx of KV.
-            small = config.replace(n_ctx=max(256, config.n_batch))
-            engine = VisionEngine(small, chat_format, log_phi=log_phi).start()
-            batched = BatchedEngine(engine, n_seq=config.n_parallel, ctx_per_seq=config.n_ctx,
-                                    overlap=config.overlap_encode, encode_workers=config.encode_workers,
-                                    interleave_prefill=config.interleave_prefill)
-        except RunError as exc:
-            results.send(LoadFailed(str(exc)))
-            return
-        except Exception as exc:  # e.g. ValueError for a bad mmproj; no traceback: the parent shows one line
-            # Loading sees no document, so llama-cpp-python's text (file paths, reasons) carries no PHI.
-            results.send(LoadFailed(f"llama.cpp could not load {config.model_path} with {config.mmproj_path} "
-                                    f"({type(exc).__name__}: {short_message(exc)})"))
-            return
-        results.send(Ready(engine.load_seconds))
-        while True:
-            try:
-                message = requests.recv()
-            except (EOFError, OSError):
-                return
-            if isinstance(message, Stop):
-                return
-            stream = _Stream(requests, message, fault)
-            try:
-                for rid, result in batched.generate_many(stream):
-                    if isinstance(result, DocumentError):
-                        results.send(PageFailed(rid, result.error_type, result.message))
-                    else:
-                        results.send(Answer(rid, result))
-            except (BrokenPipeError, EOFError):
-                return
-            except RunError as exc:
-                results.send(Fatal(str(exc)))
-                return
-            except Exception as exc:
-                results.send(Fatal(f"the batched engine failed{error_detail(exc, log_phi)}"))
-                return
-            if stream.stopped:
-                return
-            results.send(Idle())
-    except (BrokenPipeError, EOFError, OSError):  # the parent went away mid-send
-        return
-    finally:
-        if batched is not None:
-            batched.close()
-        if engine is not None:
-            engine.close()

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from medvlm_core import errors
 from medvlm_core.run.params import EngineConfig, GenerationParams
 from medvlm_core.engine import BatchedEngine, IsolatedEngine, Request, SharedStream, VisionEngine
-from medvlm_core.engine.isolated import shared_block_prefix
+from medvlm_core.engine.shared_pixels import BlockPool, page_request, read_pixels, release_block, shared_block_prefix
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.testing.faults import NativeAbort, Stall
 from support.reliability_report import record
@@ -88,7 +88,7 @@ def test_the_culprit_page_gets_an_engine_crash_error_and_the_others_their_answer
         results = dict(engine.generate_many(requests(pages)))
         # every page's pixel block, the crashed ones' too, is back in the engine's pool (none leaked), ...
         pooled = shared_blocks() - before
-        assert len(pooled) == engine._blocks.free == engine._blocks.created <= engine.window
+        assert len(pooled) == engine.pixel_blocks.free == engine.pixel_blocks.created <= engine.window
         assert sorted(results) == [("page", i) for i in range(N_PAGES)]
         crashed = results.pop(("page", 4))
         assert isinstance(crashed, DocumentError)
@@ -215,29 +215,27 @@ def test_a_page_that_hangs_becomes_a_timeout_error_and_the_others_their_answers(
 
 
 def test_pixels_go_through_shared_memory_or_the_pipe_when_it_cannot_be_made(config, pages, expected, monkeypatch):
-    from medvlm_core.engine import isolated
+    from multiprocessing import shared_memory
 
-    message, block = isolated._page_request(7, 0, Request("k", pages[0], PROMPT, PARAMS))
+    message, block = page_request(7, 0, Request("k", pages[0], PROMPT, PARAMS))
     try:
         assert message.pixels is None and message.shared == block.name  # the pipe carries only the block's name
         assert block.name in shared_blocks()  # named for this process
-        assert isolated._shared_pixels(message) == pages[0].tobytes()
+        assert read_pixels(message) == pages[0].tobytes()
     finally:
-        isolated._Pending("k", message, block).release()
+        release_block(block)
     assert block.name not in shared_blocks()
 
     def no_shared_memory(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(isolated.shared_memory, "SharedMemory", no_shared_memory)
+    monkeypatch.setattr(shared_memory, "SharedMemory", no_shared_memory)
     with IsolatedEngine(config, "llava-1-5") as engine:
         results = dict(engine.generate_many(requests(pages, 4)))
     assert {key[1]: r.text for key, r in results.items()} == {i: expected[i] for i in range(4)}
 
 
 def test_pixel_blocks_are_reused_from_page_to_page_and_freed_at_close(config, pages, expected):
-    from medvlm_core.engine.isolated import BlockPool
-
     before = shared_blocks()
     pool = BlockPool(keep=2)
     first = pool.take(5)
@@ -256,9 +254,9 @@ def test_pixel_blocks_are_reused_from_page_to_page_and_freed_at_close(config, pa
 
     with IsolatedEngine(config, "llava-1-5") as engine:
         one = dict(engine.generate_many(requests(pages, 4)))
-        made = engine._blocks.created
+        made = engine.pixel_blocks.created
         two = dict(engine.generate_many(requests(pages, 4)))
-        assert engine._blocks.created == made <= engine.window  # the second call reused the first call's blocks
+        assert engine.pixel_blocks.created == made <= engine.window  # the second call reused the first call's blocks
     assert {key[1]: r.text for key, r in one.items()} == {key[1]: r.text for key, r in two.items()} == {
         i: expected[i] for i in range(4)}
     assert shared_blocks() == before
