@@ -1,1 +1,1 @@
-"""Benchmark harness of medvlm (see bench/run.py and BENCHMARKS.md)."""
+"""Benchmark harness of medvlm (see bench/run.py and docs/benchmarks.md)."""

@@ -38,7 +38,7 @@ PAYLOAD=${PAYLOAD:-}
 PY=${PYTHON:-python3}
 
 # The payload's wheels (no package index) in a folder of their own, first on the path of the machine's python3,
-# whose numpy and Pillow they use (how ../shared/gpu ran llama_cpp on the lent H200). medvlm is not installed:
+# whose numpy and Pillow they use (how llama_cpp ran on the lent H200). medvlm is not installed:
 # bench.run and bench.gpu_summary run from this checkout (python -m puts it first on the path).
 payload_site() {
   "$PY" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$WORK/site" "$PAYLOAD"/whl/*.whl
@@ -46,7 +46,7 @@ payload_site() {
   PYBIN=$PY
 }
 
-# CUDA as the lent H200 has it (../shared/gpu/bench.sh built there with these): nvcc perhaps off the PATH, cuBLAS's
+# CUDA as the lent H200 has it (the build that worked there used these): nvcc perhaps off the PATH, cuBLAS's
 # headers perhaps only in a pip wheel (nvidia/cu13), libcuda perhaps only as libcuda.so.1. Sets CUDA_ARGS and, for
 # a pip wheel's cuBLAS, CUBLAS_ARGS, CUBLAS_INC and CUDA_TK (CMake).
 cuda_setup() {
@@ -98,7 +98,7 @@ cuda_setup() {
                             /usr/lib64/libcuda.so.1 2>/dev/null | head -1 || true)
     if [ -n "$drv" ]; then CUDA_ARGS+=("-DCUDA_cuda_driver_LIBRARY=$drv"); else CUDA_ARGS+=(-DGGML_CUDA_NO_VMM=ON); fi
   fi
-  # The GPU's own architecture (9.0 -> 90 on an H200, as ../shared/gpu built): CMake's "native" needs CMake 3.24+
+  # The GPU's own architecture (9.0 -> 90 on an H200): CMake's "native" needs CMake 3.24+
   # and a probe program; "native" only where nvidia-smi cannot tell.
   if [ -z "${CUDA_ARCH:-}" ]; then
     CUDA_ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .' || true)
@@ -138,7 +138,7 @@ if [ "$MODE" = gpu ]; then
   rc=0
   cmake -S "$LLAMA" -B "$WORK/build" "${GEN[@]}" "${FLAGS[@]}" "${CUBLAS_ARGS[@]}" >> "$OUT/build.log" 2>&1 || rc=$?
   if [ "$rc" != 0 ] && [ -n "$CUBLAS_INC" ]; then
-    # ../shared/gpu/bench.sh's fallback: the wheel's cuBLAS linked into the toolkit itself (the machine is
+    # The fallback that worked on the H200: the wheel's cuBLAS linked into the toolkit itself (the machine is
     # thrown away after the window), then a plain configure
     say "configure failed with the wheel's cuBLAS passed in; retrying with it linked into $CUDA_TK"
     for f in "$CUBLAS_INC"/*.h; do ln -sf "$f" "$CUDA_TK/include/$(basename "$f")"; done

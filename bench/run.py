@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import base64
 import contextlib
+import io
 import json
 import os
 import platform
-import base64
-import io
 import resource
 import shutil
 import socket
@@ -43,7 +43,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
 
 PROMPT = "Identify the primary diagnoses and list all prescribed medications."  # the flow's default is its own
 
@@ -205,10 +204,10 @@ def bench_handoff(images, repeats: int = 3) -> list[dict]:
     way now), one page at a time, round trip (prepare, send, take, ack)."""
     import multiprocessing
 
-    from medvlm_core.run.params import GenerationParams
     from medvlm_core.engine import Request
     from medvlm_core.engine.child_messages import PageRequest
     from medvlm_core.engine.shared_pixels import BlockPool, page_request, release_block
+    from medvlm_core.run.params import GenerationParams
 
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe()
@@ -251,8 +250,8 @@ def bench_openmp(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: 
     from statistics import median_high as median
     from unittest import mock
 
-    from medvlm_core.run.params import EngineConfig
     from medvlm_core.engine import IsolatedEngine, Request
+    from medvlm_core.run.params import EngineConfig
 
     config = EngineConfig(str(model), str(mmproj), n_ctx=n_ctx, n_parallel=n_seq, n_threads=n_threads,
                           flash_attn=flash_attn)
@@ -364,19 +363,6 @@ def bench_server(binary: str, model: Path, mmproj: Path, images, prompt, params,
 
 
 @contextlib.contextmanager
-def _stream_per_chunk():
-    """The shared engine without its ``SharedStream``: each chunk drains the batch (as before issue 17's item 3)."""
-    from medvlm_core.engine import registry
-
-    shared = registry._create_shared
-    registry._create_shared = registry._create
-    try:
-        yield
-    finally:
-        registry._create_shared = shared
-
-
-@contextlib.contextmanager
 def _heartbeat(on: bool):
     """Prefect's flow-run heartbeat as it is (on: Prefect's default, every 180 s) or off for the flow runs inside.
     Off is the setting's ``None``, which only code can set (an environment variable must be an integer >= 30),
@@ -433,15 +419,15 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
 
     from PIL import Image
 
-    from medvlm_core.run.params import ImageOptions
-    from medvlm_core.engine import Request, close_shared_engines
+    from medvlm_core.engine import Request, close_shared_engines, registry
     from medvlm_core.engine.registry import current_shared_engine
     from medvlm_core.inputs.images import load_pages
+    from medvlm_core.run.params import ImageOptions
 
     # The engine alone: the very engine the flow runs on (its shared engine: the same child process when
     # isolated), on the same pages decoded beforehand, timed right after each flow run. Paired like this the
     # comparison is orchestration and I/O alone, free of the speed differences between engine instances (up to
-    # 25% on a small machine, between processes and within one: BENCHMARKS.md) that a second engine would add.
+    # 25% on a small machine, between processes and within one: docs/benchmarks.md) that a second engine would add.
     decoded = [Image.open(path).convert("RGB") for path in page_files]
 
     def engine_s(requests) -> float:
@@ -472,7 +458,7 @@ def bench_flow(model, mmproj, chat_format, images, params, n_seq: int, n_ctx: in
     heartbeats = (True,) if len(streams) > 1 else (True, False)
     for isolate in (True,) if quick else isolation:
         for stream in streams:
-            with _stream_per_chunk() if stream == "per chunk" else contextlib.nullcontext():
+            with registry.stream_per_chunk() if stream == "per chunk" else contextlib.nullcontext():
                 if not quick:
                     medvlm_batch(**locations, options=dict(options, isolate=isolate))  # untimed: Prefect, model load
                     engine_alone_s()  # untimed: as warm as the flow
@@ -627,9 +613,9 @@ def main(argv=None) -> int:
 
     load_llama_cpp()  # this process opens the model: llama.cpp before anything imports numpy
 
-    from medvlm_core.run.params import EngineConfig, GenerationParams
     from medvlm_core.engine import VisionEngine
     from medvlm_core.model.files import choose_chat_format, inspect_model
+    from medvlm_core.run.params import EngineConfig, GenerationParams
 
     workdir = Path(tempfile.mkdtemp(prefix="medvlm-bench-"))
     atexit.register(shutil.rmtree, workdir, True)  # models, pages and flow outputs: only the JSON is kept

@@ -15,14 +15,14 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from medvlm.flows.inference import run_chunks
 from medvlm.flows.finish import finish_run
+from medvlm.flows.inference import run_chunks
 from medvlm.flows.prepare import guard_output, run_name, start_run
 from medvlm_core import storage as st
 from medvlm_core.errors import RunError
 from medvlm_core.inputs.manifest import read_manifest
-from medvlm_core.run.options import RunOptions
 from medvlm_core.run.context import RunContext, make_spec, prepare_model, release_output
+from medvlm_core.run.options import RunOptions
 
 
 # validate_parameters=False: the options are validated by RunOptions.parse, whose error names the bad

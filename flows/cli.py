@@ -16,7 +16,14 @@ from typing import Any, Sequence
 
 from medvlm.flows.demo import cmd_demo, cmd_make_tiny_model
 from medvlm.flows.in_process import (
-    EXIT_OK, EXIT_UNRECONCILED, errors_last, fail, print_eval, print_summary, run_eval, run_flow,
+    EXIT_OK,
+    EXIT_UNRECONCILED,
+    errors_last,
+    fail,
+    print_eval,
+    print_summary,
+    run_eval,
+    run_flow,
 )
 
 # Names of the example queries (medvlm_core.analytics.EXAMPLE_QUERIES), listed without importing DuckDB.
@@ -119,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="./medvlm-demo")
     demo.add_argument("--model", help="text model GGUF (default: generate the tiny random model)")
     demo.add_argument("--mmproj", help="vision projector GGUF (with --model)")
-    demo.add_argument("--family", default="llava", help="tiny model family when generating (see README: Model families)")
+    demo.add_argument("--family", default="llava", help="tiny model family when generating (docs: Models, model families)")
     demo.add_argument("--max-tokens", type=int, default=None,
                       help="tokens per page (default: 48; 256 with --mode structured, room for the JSON to close)")
     demo.add_argument("--mode", choices=["text", "structured"], default="text",
@@ -154,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = add("make-tiny-model", help="write a tiny random-weight VLM (text GGUF + mmproj) for tests")
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--family", default="llava", help="llava, qwen2vl, qwen3vl, gemma3, internvl, minicpmv, ... "
-                      "(README: Model families)")
+                      "(docs: Models, model families)")
     tiny.add_argument("--reasoning", action="store_true", help="a Qwen3-style template that opens a thinking block")
     tiny.add_argument("--seed", type=int, default=0)
     return parser

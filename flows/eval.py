@@ -13,13 +13,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Failed
 
+from medvlm.tasks.credentials import build_storage
 from medvlm_core import storage as st
 from medvlm_core.errors import RunError
 from medvlm_core.evals import EvalOptions, evaluate, headline_markdown, write_evaluation
 from medvlm_core.evals.report import render_report
 from medvlm_core.run.options import RunOptions
 from medvlm_core.settings import Settings
-from medvlm.tasks.credentials import build_storage
 
 
 @flow(name="medvlm-eval", log_prints=False, validate_parameters=False)
@@ -29,7 +29,7 @@ def medvlm_eval(output: str, gold: str, run_ids: list[str] | None = None, option
 
     Args:
         output: the output folder or ``s3://`` prefix of medvlm runs.
-        gold: the gold file (CSV, JSONL or Parquet; README "Measuring accuracy").
+        gold: the gold file (CSV, JSONL or Parquet; docs/accuracy.md).
         run_ids: the runs to score side by side, the first as the baseline; None: the output's current answers.
         options: run options; only the storage ones are used (credentials block, S3 endpoint).
         eval_options: matching thresholds, bootstrap, review target (``medvlm_core.evals.EvalOptions``).

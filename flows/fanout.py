@@ -23,14 +23,14 @@ from prefect.states import Cancelled, Failed
 from medvlm.flows.finish import finish_run
 from medvlm.flows.prepare import guard_output, run_name, start_run
 from medvlm_core import storage as st
-from medvlm_core.run.accounting import ChunkSummary
-from medvlm_core.run.chunks import discard_staged_shard, stage_failed_rows
-from medvlm_core.run.params import EngineConfig
 from medvlm_core.errors import RunError
 from medvlm_core.inputs.manifest import plan_manifest
 from medvlm_core.model.files import ModelIdentity
-from medvlm_core.run.options import RunOptions
+from medvlm_core.run.accounting import ChunkSummary
+from medvlm_core.run.chunks import discard_staged_shard, stage_failed_rows
 from medvlm_core.run.context import RunContext, make_spec, prepare_model, release_output
+from medvlm_core.run.options import RunOptions
+from medvlm_core.run.params import EngineConfig
 from medvlm_core.run.shards import ShardPlanWriter, read_shard_record, read_shard_rows
 
 # Shard runs in flight per slot of the shard pool (so each worker has its next shard queued), and without a

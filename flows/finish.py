@@ -10,13 +10,13 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from medvlm_core.run.accounting import ChunkSummary, RunFacts, merge_summaries, run_row, run_summary
+from medvlm.tasks.publish import publish_run
 from medvlm_core.inputs.manifest import ManifestPlan
 from medvlm_core.model.files import ModelIdentity
 from medvlm_core.output.publish import run_date_of
 from medvlm_core.output.results import utc_now
+from medvlm_core.run.accounting import ChunkSummary, RunFacts, merge_summaries, run_row, run_summary
 from medvlm_core.run.context import RunContext, ensure_output_held, release_output
-from medvlm.tasks.publish import publish_run
 
 
 def finish_run(

@@ -7,15 +7,14 @@ from typing import Any
 from prefect import unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from medvlm_core.output import done_index
-from medvlm_core.output import results
-from medvlm_core.run.accounting import ChunkSummary
-from medvlm_core.run.chunks import stage_failed_rows
+from medvlm.tasks.inference import infer_chunk
 from medvlm_core.engine.registry import shared_engine
 from medvlm_core.inputs.manifest import ManifestRow
-from medvlm_core.run.pages import RunSpec
+from medvlm_core.output import done_index, results
+from medvlm_core.run.accounting import ChunkSummary
+from medvlm_core.run.chunks import stage_failed_rows
 from medvlm_core.run.context import RunContext, chunk_rows
-from medvlm.tasks.inference import infer_chunk
+from medvlm_core.run.pages import RunSpec
 
 
 def split_chunks(items: list, size: int) -> list[list]:

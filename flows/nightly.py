@@ -22,11 +22,11 @@ from medvlm.flows.prepare import run_name, start_run
 from medvlm_core import storage as st
 from medvlm_core.errors import RunError
 from medvlm_core.inputs.images import DOCUMENT_EXTENSIONS
+from medvlm_core.inputs.manifest import FORMATS, write_manifest
 from medvlm_core.output.paths import OutputLayout
-from medvlm_core.inputs.manifest import write_manifest, FORMATS
-from medvlm_core.run.options import RunOptions
 from medvlm_core.output.results import utc_now
 from medvlm_core.run.context import RunContext, make_run_id
+from medvlm_core.run.options import RunOptions
 from medvlm_core.storage import Storage
 
 

@@ -11,11 +11,18 @@ from typing import Any
 
 from prefect.runtime import flow_run
 
-from medvlm_core.run.options import RunOptions
-from medvlm_core.output.results import utc_now
-from medvlm_core.run.context import RunContext, acquire_output, check_output_writable, make_run_id, open_run, recover_output
-from medvlm_core.settings import Settings
 from medvlm.tasks.credentials import build_storage
+from medvlm_core.output.results import utc_now
+from medvlm_core.run.context import (
+    RunContext,
+    acquire_output,
+    check_output_writable,
+    make_run_id,
+    open_run,
+    recover_output,
+)
+from medvlm_core.run.options import RunOptions
+from medvlm_core.settings import Settings
 
 
 def run_name(kind: str):

@@ -14,13 +14,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
-from medvlm_core.output import results
+from medvlm.tasks.credentials import build_storage
 from medvlm_core import storage as st
 from medvlm_core.analytics import EXAMPLE_QUERIES, query
 from medvlm_core.errors import RunError
+from medvlm_core.output import results
 from medvlm_core.run.options import RunOptions
 from medvlm_core.settings import Settings
-from medvlm.tasks.credentials import build_storage
 
 # The built-in queries whose rows hold no document data (ids, text, names): only these are shown as a table
 # artifact; the others' rows stay in the report file.

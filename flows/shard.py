@@ -21,12 +21,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from medvlm.flows.inference import run_chunks
 from medvlm.flows.prepare import run_name, start_run
-from medvlm_core.run.accounting import merge_summaries
 from medvlm_core.errors import RunError
-from medvlm_core.run.options import RunOptions
 from medvlm_core.output.results import utc_now
-from medvlm_core.run.shards import ShardRecord, ShardWorker, read_shard_rows, write_shard_record
+from medvlm_core.run.accounting import merge_summaries
 from medvlm_core.run.context import make_spec, prepare_model
+from medvlm_core.run.options import RunOptions
+from medvlm_core.run.shards import ShardRecord, ShardWorker, read_shard_rows, write_shard_record
 
 
 @flow(

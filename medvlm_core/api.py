@@ -27,19 +27,19 @@ from typing import Any, Iterable
 import polars as pl
 import pyarrow as pa
 
-from medvlm_core.output import results
 from medvlm_core import storage as st
-from medvlm_core.run.chunks import structured_tables
 from medvlm_core.engine.registry import create_engine
 from medvlm_core.engine.types import Engine
 from medvlm_core.errors import RunError
 from medvlm_core.inputs.manifest import COLUMNS, ManifestPlan, plan_manifest
-from medvlm_core.run.pages import RunSpec, completion_columns, process_rows
+from medvlm_core.output import results
 from medvlm_core.output.results import utc_now
+from medvlm_core.output.tables import validate_table
+from medvlm_core.run.chunks import structured_tables
 from medvlm_core.run.context import RunContext, make_run_id, make_spec, open_run, prepare_model
+from medvlm_core.run.pages import RunSpec, completion_columns, process_rows
 from medvlm_core.settings import Settings
 from medvlm_core.storage import Storage, s3_options
-from medvlm_core.output.tables import validate_table
 
 
 @dataclass

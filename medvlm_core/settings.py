@@ -4,7 +4,7 @@
 pin) once, when a run starts; the run passes the object down to its storage, its engine and the isolated
 inference child, so nothing below reads the environment again. This is the only module of the library that
 looks at ``os.environ`` (through pydantic-settings, as Prefect and prefect-aws do); a test checks it, and
-another that the README's settings table lists exactly these fields.
+another that the docs' settings table (docs/settings.md) lists exactly these fields.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def prefer_passive_openmp() -> str:
     default spin before they sleep; medvlm runs graphs from more than one thread at once (the vision encoder
     ahead of the decode loop, several encoder contexts), and spinning teams take the cores from each other and
     from the page decoding. One graph is one parallel region (ggml synchronises inside it with its own
-    barriers), so sleeping threads cost one wake-up per graph (BENCHMARKS.md, the ``openmp`` path). libgomp reads
+    barriers), so sleeping threads cost one wake-up per graph (docs/benchmarks.md, the ``openmp`` path). libgomp reads
     the variable when it is loaded, so this runs before the first ``import llama_cpp`` of the process:
     importing ``medvlm_core.engine`` calls it. It is the one variable medvlm writes, never one it reads.
 
@@ -125,7 +125,7 @@ def load_llama_cpp() -> Any:
 
     Where a process is about to open a model, call this before anything imports numpy: on a CUDA build, processes
     that had loaded numpy first crashed inside ``llama_model_load_from_file``, five runs out of five, and ran
-    every time with llama_cpp loaded first (../shared/gpu/README.md, on an H200).
+    every time with llama_cpp loaded first (measured on an H200).
 
     Returns:
         The ``llama_cpp`` module.

@@ -6,11 +6,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+from medvlm_core.engine.registry import shared_engine
+from medvlm_core.inputs.manifest import ManifestRow
 from medvlm_core.output import results
 from medvlm_core.run.accounting import ChunkSummary
 from medvlm_core.run.chunks import stage_chunk
-from medvlm_core.engine.registry import shared_engine
-from medvlm_core.inputs.manifest import ManifestRow
 from medvlm_core.run.pages import RunSpec
 from medvlm_core.storage import Storage
 

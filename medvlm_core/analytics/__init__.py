@@ -7,7 +7,13 @@ current (``current_rule``) and the built-in queries (``queries``).
 from medvlm_core.analytics.current_rule import CURRENT_SUFFIX, DOCUMENT_STATUS
 from medvlm_core.analytics.queries import EXAMPLE_QUERIES
 from medvlm_core.analytics.views import (
-    connect, document_status, query, register_views, table_files, table_names, table_names_of,
+    connect,
+    document_status,
+    query,
+    register_views,
+    table_files,
+    table_names,
+    table_names_of,
 )
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Which row is current: the rule behind the ``*_current`` views and ``document_status``, as SQL.
 
-The current rule (``current_slots_sql`` is its only implementation; the README shows it):
+The current rule (``current_slots_sql`` is its only implementation; docs/analytics.md shows it):
 
 1. A *slot* is ``(document_id, prompt_id, page)``: one page may be asked several questions (prompt ids),
    and each question has one current answer. A changed model, prompt text or parameter under the same

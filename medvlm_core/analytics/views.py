@@ -17,7 +17,7 @@ Views made by ``connect`` / ``register_views``:
 
 ``runs`` has no current view: each of its rows is one run, a fact that stays true.
 
-Cost (bench/analytics_scale.py, BENCHMARKS.md): the rule sorts the history twice; on ~1M history rows and
+Cost (bench/analytics_scale.py, docs/benchmarks.md): the rule sorts the history twice; on ~1M history rows and
 2 cores the current views of every document take 2.4-5.6 s; one document through ``document_status(output,
 storage, document_id)`` 0.5-0.7 s (its rows are read once), through a ``WHERE document_id = ...`` on the
 views 1-2.7 s (DuckDB pushes the filter into every scan, but scans several times). A connection lists the
@@ -35,8 +35,12 @@ import pyarrow as pa
 
 from medvlm_core import storage as st
 from medvlm_core.analytics.current_rule import (
-    CORE_TABLES, CURRENT_SUFFIX, DOCUMENT_STATUS, current_quarantine_sql, current_rows_sql,
-    current_slots_sql, document_status_sql,
+    CORE_TABLES,
+    CURRENT_SUFFIX,
+    DOCUMENT_STATUS,
+    current_quarantine_sql,
+    current_rows_sql,
+    document_status_sql,
 )
 from medvlm_core.errors import RunError
 from medvlm_core.storage import Storage

@@ -16,7 +16,7 @@ The prompt is rendered exactly as the single-sequence chat handler renders it, a
 with the same chain llama-cpp-python builds (penalties, grammar, greedy or top-k/typical/top-p/min-p/temp/
 dist), so at temperature 0 a document's answer matches ``VisionEngine.generate`` (tests check this on the
 generated models). Decoding several sequences in one batch can change floating-point results slightly on
-some backends; where that flips a near-tie, the answers can differ (see BENCHMARKS.md).
+some backends; where that flips a near-tie, the answers can differ (see docs/benchmarks.md).
 """
 
 from __future__ import annotations

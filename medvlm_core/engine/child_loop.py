@@ -12,7 +12,16 @@ import signal
 from typing import Any, Iterator
 
 from medvlm_core.engine.child_messages import (
-    Answer, EndOfStream, Fatal, FaultInjector, Idle, LoadFailed, PageFailed, PageRequest, Ready, Stop,
+    Answer,
+    EndOfStream,
+    Fatal,
+    FaultInjector,
+    Idle,
+    LoadFailed,
+    PageFailed,
+    PageRequest,
+    Ready,
+    Stop,
 )
 from medvlm_core.engine.shared_pixels import read_pixels
 from medvlm_core.engine.types import NOT_YET, RawPixels, Request

@@ -52,7 +52,13 @@ from typing import Any, Iterable, Iterator
 
 from medvlm_core import errors
 from medvlm_core.engine.child_messages import (
-    Answer, EndOfStream, Fatal, FaultInjector, PageFailed, PageRequest, describe_exit,
+    Answer,
+    EndOfStream,
+    Fatal,
+    FaultInjector,
+    PageFailed,
+    PageRequest,
+    describe_exit,
 )
 from medvlm_core.engine.child_process import Child, ChildDied, ChildHung, spawn_child
 from medvlm_core.engine.shared_pixels import BlockPool, page_request, release_block

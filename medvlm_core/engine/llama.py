@@ -19,11 +19,11 @@ from typing import Any, Iterable, Iterator
 from PIL import Image
 
 from medvlm_core import errors
-from medvlm_core.run.params import EngineConfig, GenerationParams
 from medvlm_core.engine.types import Engine, Generation, Request, Result
 from medvlm_core.errors import DocumentError, RunError, error_detail, short_message
 from medvlm_core.inputs.images import to_data_uri
 from medvlm_core.model.files import CHAT_HANDLERS
+from medvlm_core.run.params import EngineConfig, GenerationParams
 
 # llama.cpp's enum values (llama.h: llama_split_mode; ggml.h: ggml_type) for the options' names.
 SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}

@@ -12,20 +12,23 @@ whichever way it runs: the batched engine's sampler chain, reasoning handling an
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
+from typing import Iterator
 
-from medvlm_core.run.params import EngineConfig
 from medvlm_core.engine.batched import BatchedEngine
 from medvlm_core.engine.isolated import FaultInjector, IsolatedEngine
 from medvlm_core.engine.llama import VisionEngine
 from medvlm_core.engine.stream import SharedStream
 from medvlm_core.engine.types import Engine, takes_requests_ahead
 from medvlm_core.errors import RunError
+from medvlm_core.run.params import EngineConfig
 
 _LOCK = threading.Lock()
 _CURRENT: dict[tuple, list[Engine]] = {}  # key -> the engines to close, outermost first
 _GAVE_UP: dict[tuple, str] = {}  # configs whose isolated engine kept crashing: not restarted in this process
 _FAULT: list[FaultInjector | None] = [None]
+_SHARE_STREAM = [True]  # False: each chunk drains the batch (``stream_per_chunk``)
 
 
 def inject_fault(fault: FaultInjector | None) -> None:
@@ -36,6 +39,20 @@ def inject_fault(fault: FaultInjector | None) -> None:
     """
     with _LOCK:
         _FAULT[0] = fault
+
+
+@contextlib.contextmanager
+def stream_per_chunk() -> Iterator[None]:
+    """Benchmarks only: process-wide engines created inside are not wrapped in a ``SharedStream``, so each
+    chunk drains the batch before the next one starts (how medvlm ran before one batch lived across chunks).
+    """
+    with _LOCK:
+        _SHARE_STREAM[0] = False
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _SHARE_STREAM[0] = True
 
 
 def _close_all_locked() -> None:
@@ -63,7 +80,7 @@ def _create_shared(config: EngineConfig, chat_format: str, log_phi: bool) -> lis
     # The chunk tasks running at once in the process feed one running stream: a chunk's end does not drain
     # the batch.
     layers = _create(config, chat_format, log_phi)
-    return [SharedStream(layers[0])] + layers
+    return [SharedStream(layers[0])] + layers if _SHARE_STREAM[0] else layers
 
 
 def shared_engine(config: EngineConfig, chat_format: str, log_phi: bool = False) -> Engine:

@@ -2,7 +2,7 @@
 
 The parent writes each page's raw RGB pixels once into a POSIX shared-memory block (``page_request``) and sends
 only the block's name; the child copies them out (``read_pixels``). That spares pickling ~4 MB per page through
-the pipe (BENCHMARKS.md, the hand-off). Blocks come from a ``BlockPool`` and go back to it when the page is
+the pipe (docs/benchmarks.md, the hand-off). Blocks come from a ``BlockPool`` and go back to it when the page is
 answered (``release_block``). Where no block can be made (``/dev/shm`` full or absent) the pixels go through the
 pipe instead.
 """
@@ -32,7 +32,7 @@ class BlockPool:
     """The parent's shared-memory blocks for page pixels, reused from page to page.
 
     A new block costs its memory's page faults and zeroing on first write (about 5 ms for a 1000x1300 page on
-    this project's VM, BENCHMARKS.md's hand-off) where a reused one costs a copy (under 1 ms). A block is the
+    this project's VM, docs/benchmarks.md's hand-off) where a reused one costs a copy (under 1 ms). A block is the
     child's to read only while its page is unanswered: it comes back here when the page is answered or given
     up, and the next page's pixels go in it. At most ``keep`` free blocks are kept (the engine's window: as
     many as can be in flight at once); the rest, and all of them at ``close()``, are unlinked.
@@ -126,7 +126,7 @@ def page_request(rid: int, intake: int, request: Request, pool: BlockPool | None
 
     Pixels are raw RGB (BatchedEngine converts to RGB anyway, and ``tobytes`` of a palette image alone would lose
     its palette), written once into a shared-memory block (from ``pool``, else a new one) that the child reads in
-    place: no pickling of ~4 MB per page through the pipe (BENCHMARKS.md, the hand-off). Where no block can be
+    place: no pickling of ~4 MB per page through the pipe (docs/benchmarks.md, the hand-off). Where no block can be
     made (``/dev/shm`` full or absent) they go through the pipe.
 
     Args:

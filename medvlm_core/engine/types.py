@@ -14,8 +14,8 @@ from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
 
 from PIL import Image
 
-from medvlm_core.run.params import GenerationParams
 from medvlm_core.errors import DocumentError
+from medvlm_core.run.params import GenerationParams
 
 
 @dataclass(frozen=True)

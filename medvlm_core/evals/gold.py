@@ -40,8 +40,8 @@ from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.evals.matching import FIELD_KINDS
 from medvlm_core.evals.normalize import is_empty, to_bool
 from medvlm_core.inputs.manifest import manifest_format, parse_table
-from medvlm_core.storage import Storage
 from medvlm_core.output.structured import CLINICAL_SCHEMA
+from medvlm_core.storage import Storage
 
 REQUIRED_COLUMNS = ("document_id", "table")
 RESERVED = ("document_id", "page", "table", "document_type")

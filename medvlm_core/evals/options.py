@@ -7,8 +7,8 @@ from typing import Any, Dict, Optional
 from pydantic import Field, ValidationError
 from pydantic.dataclasses import dataclass
 
-from medvlm_core.run.params import STRICT
 from medvlm_core.errors import RunError
+from medvlm_core.run.params import STRICT
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)

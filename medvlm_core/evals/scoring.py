@@ -42,7 +42,11 @@ from medvlm_core import storage as st
 from medvlm_core.analytics import register_views, table_names_of
 from medvlm_core.errors import RunError
 from medvlm_core.evals.answers import (
-    document_types_from_manifests, extraction_tables_of, find_systems, load_answers, load_items,
+    document_types_from_manifests,
+    extraction_tables_of,
+    find_systems,
+    load_answers,
+    load_items,
 )
 from medvlm_core.evals.bootstrap import bootstrap_weights, compare, interval, metric_samples
 from medvlm_core.evals.calibration import calibrate

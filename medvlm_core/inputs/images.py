@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from medvlm_core import errors
-from medvlm_core.run.params import ImageOptions
 from medvlm_core.errors import DocumentError
+from medvlm_core.run.params import ImageOptions
 
 # pdfium is not thread-safe: every pypdfium2 call in this process goes through this lock.
 _PDFIUM_LOCK = threading.Lock()

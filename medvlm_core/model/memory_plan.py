@@ -17,9 +17,9 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 
-from medvlm_core.run.params import EngineConfig
 from medvlm_core.errors import RunError
 from medvlm_core.model.files import read_gguf_metadata
+from medvlm_core.run.params import EngineConfig
 
 MIB = 1024 * 1024
 # Bytes per KV element: f16 2, f32 4, q8_0 34 bytes per block of 32.

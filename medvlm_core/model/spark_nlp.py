@@ -35,7 +35,7 @@ def _token_bias(value: Any) -> dict:
     return {str(int(k)): float(v) for k, v in dict(value).items()}
 
 
-# Spark NLP parameter -> (medvlm run option, conversion). The README's parameter table says the same.
+# Spark NLP parameter -> (medvlm run option, conversion). The parameter table in docs/models.md says the same.
 SPARK_TO_OPTION: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "nCtx": ("n_ctx", int),
     "nBatch": ("n_batch", int),
@@ -72,7 +72,7 @@ SPARK_TO_OPTION: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "disableTokenIds": ("banned_tokens", list),
 }
 # Saved, but not run options: the chat template is text (medvlm's option names a file), the thinking tag sets
-# two markers, and the rest has no llama.cpp counterpart medvlm exposes (see the README's table).
+# two markers, and the rest has no llama.cpp counterpart medvlm exposes (see the table in docs/models.md).
 NOT_MAPPED = ("useChatTemplate", "nKeep", "grammar", "tfsZ", "penalizeNl", "ignoreEos", "tokenBias", "samplers",
               "noKvOffload", "inputPrefix", "inputSuffix", "batchSize", "nDraft", "logVerbosity", "disableLog")
 

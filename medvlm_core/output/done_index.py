@@ -34,15 +34,14 @@ import json
 from typing import Iterable, Iterator
 
 import numpy as np
-
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from medvlm_core import errors
-from medvlm_core.output import status
 from medvlm_core import storage as st
 from medvlm_core.errors import DocumentError, RunError
+from medvlm_core.output import status
 from medvlm_core.output.paths import OutputLayout
 from medvlm_core.output.results import DoneKeys, no_space_is_a_run_error
 from medvlm_core.storage import Storage

@@ -13,11 +13,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Callable
 
-from medvlm_core.output import done_index
-from medvlm_core.output import results
 from medvlm_core.errors import DocumentError
-from medvlm_core.output.records import CommitRecord, PublishMarker
+from medvlm_core.output import done_index, results
 from medvlm_core.output.paths import NOT_TABLES, PUBLISH_MARKER, OutputLayout
+from medvlm_core.output.records import CommitRecord, PublishMarker
 from medvlm_core.storage import Storage
 
 

@@ -22,7 +22,6 @@ from medvlm_core.errors import RunError
 from medvlm_core.output.tables import COMPLETIONS, QUARANTINE, RUN_TABLES, RUNS, rows_to_arrow, validate_table
 from medvlm_core.storage import Storage
 
-
 # The run tables' Arrow schemas, derived from their one definition (``output/tables.py``).
 COMPLETIONS_SCHEMA = COMPLETIONS.arrow_schema()
 RUNS_SCHEMA = RUNS.arrow_schema()

@@ -11,10 +11,10 @@ from datetime import datetime
 from typing import Any
 
 import medvlm_core
-from medvlm_core.output import status
 from medvlm_core.inputs.manifest import ManifestPlan
-from medvlm_core.model.files import ModelIdentity
 from medvlm_core.inputs.prompts import Prompt
+from medvlm_core.model.files import ModelIdentity
+from medvlm_core.output import status
 
 
 @dataclass

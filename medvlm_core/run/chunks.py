@@ -8,19 +8,24 @@ or shard that failed as a whole as error rows, so no row is ever lost. Both retu
 from __future__ import annotations
 
 from medvlm_core import errors
-from medvlm_core.output import results
-from medvlm_core.output import status
-from medvlm_core.run.accounting import ChunkSummary
 from medvlm_core.engine.types import Engine
 from medvlm_core.errors import DocumentError, RunError
-from medvlm_core.output.paths import shard_prefix
 from medvlm_core.inputs.manifest import ManifestRow
-from medvlm_core.run.pages import (
-    STRUCTURED_ROWS, PageWork, RunSpec, completion_columns, error_row, process_rows, row_prompt,
-)
 from medvlm_core.inputs.prompts import SCHEMAS, get_prompt
-from medvlm_core.storage import Storage
+from medvlm_core.output import results, status
+from medvlm_core.output.paths import shard_prefix
 from medvlm_core.output.structured import tables_for
+from medvlm_core.run.accounting import ChunkSummary
+from medvlm_core.run.pages import (
+    STRUCTURED_ROWS,
+    PageWork,
+    RunSpec,
+    completion_columns,
+    error_row,
+    process_rows,
+    row_prompt,
+)
+from medvlm_core.storage import Storage
 
 
 def stage_chunk(

@@ -16,23 +16,23 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from medvlm_core.output import done_index
-from medvlm_core.run.params import EngineConfig, params_json
 from medvlm_core.errors import DocumentError, RunError
-from medvlm_core.output.paths import OutputLayout
-from medvlm_core.output.lease import OutputLease
-from medvlm_core.model.memory_plan import MemoryPlan, plan_memory
+from medvlm_core.inputs.prompts import Prompt, get_prompt, register_extraction
 from medvlm_core.model.cache import resolve_model_files
 from medvlm_core.model.files import ModelIdentity, identify_model
+from medvlm_core.model.memory_plan import MemoryPlan, plan_memory
+from medvlm_core.model.spark_nlp import read_saved_params, saved_options
+from medvlm_core.output import done_index
+from medvlm_core.output.lease import OutputLease
+from medvlm_core.output.paths import OutputLayout
+from medvlm_core.output.publish import recover_interrupted_publishes
+from medvlm_core.output.structured import load_extraction
 from medvlm_core.run.options import RunOptions, requested_options
 from medvlm_core.run.pages import RunSpec
-from medvlm_core.storage.locations import LocationPolicy
-from medvlm_core.inputs.prompts import Prompt, get_prompt, register_extraction
-from medvlm_core.output.publish import recover_interrupted_publishes
+from medvlm_core.run.params import EngineConfig, params_json
 from medvlm_core.settings import Settings
 from medvlm_core.storage import Storage
-from medvlm_core.output.structured import load_extraction
-from medvlm_core.model.spark_nlp import read_saved_params, saved_options
+from medvlm_core.storage.locations import LocationPolicy
 
 
 def make_run_id(started: datetime, source_id: str | None = None) -> str:

@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.dataclasses import dataclass
 from pydantic.fields import FieldInfo
 
-from medvlm_core.run.params import STRICT, EngineOptions, GenerationParams, ImageOptions
 from medvlm_core.errors import RunError
+from medvlm_core.run.params import STRICT, EngineOptions, GenerationParams, ImageOptions
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)

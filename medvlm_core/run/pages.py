@@ -28,18 +28,18 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from medvlm_core import errors
-from medvlm_core.output import status as row_status
-from medvlm_core.run.params import EngineConfig, GenerationParams, ImageOptions
 from medvlm_core.engine.types import Engine, Generation, Request, takes_requests_ahead
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.inputs.images import PageImage, load_pages
-from medvlm_core.output.paths import OutputLayout
 from medvlm_core.inputs.manifest import ManifestRow
-from medvlm_core.model.files import ModelIdentity
 from medvlm_core.inputs.prompts import Prompt, get_prompt
+from medvlm_core.model.files import ModelIdentity
+from medvlm_core.output import status as row_status
+from medvlm_core.output.paths import OutputLayout
 from medvlm_core.output.results import DoneKeys, result_key, utc_now
-from medvlm_core.storage import Storage
 from medvlm_core.output.structured import flatten, item_confidences
+from medvlm_core.run.params import EngineConfig, GenerationParams, ImageOptions
+from medvlm_core.storage import Storage
 from medvlm_core.threads import put_unless_stopped
 
 T = TypeVar("T")

@@ -62,7 +62,7 @@ class GenerationParams:
     logit_bias: Tuple[Tuple[int, float], ...] = _later((), "bias added to a token's logit: ID:BIAS (repeatable), or a "
                                                        "JSON object {id: bias} [tokenIdBias]")
     banned_tokens: Tuple[int, ...] = _later((), "token ids never generated (repeatable) [disableTokenIds]")
-    # Reasoning models: how a thinking block (think_open ... think_close) is handled (see README "Reasoning").
+    # Reasoning models: how a thinking block (think_open ... think_close) is handled (docs/models.md, reasoning models).
     reasoning: Literal["separate", "raw"] = _later(
         "separate", "separate: the thinking block goes to the reasoning column, the answer to completion; raw: "
         "completion keeps the text as generated [removeThinkingTag]")
@@ -143,9 +143,9 @@ class EngineOptions:
     cache_type_k: Literal["f16", "q8_0", "f32"] = Field("f16", description="KV cache type of keys")
     cache_type_v: Literal["f16", "q8_0", "f32"] = Field("f16", description="KV cache type of values (q8_0 needs flash attention)")
     # On this machine's CPU flash attention cut a ~1300-token page's encode from ~350 to ~150 ms
-    # (BENCHMARKS.md F vs D). Numerics only.
+    # (docs/history.md, runs F vs D). Numerics only.
     flash_attn: bool = Field(True, description="flash attention in the text model and the vision encoder")
-    # 8 keeps a GPU busy (2.6x the one-at-a-time loop's tokens/s on CPU, BENCHMARKS.md E) while the KV cache
+    # 8 keeps a GPU busy (2.6x the one-at-a-time loop's tokens/s on CPU, docs/history.md, run E) while the KV cache
     # stays modest: 8 x 8192 tokens is ~3.7 GB for a 7B Qwen2.5-VL (28 layers, 4 KV heads, f16). At
     # temperature 0 the answers equal n_parallel=1's.
     n_parallel: int = Field(8, ge=1, description="pages decoded together in one batch (n_ctx is then per page)")
@@ -153,9 +153,9 @@ class EngineOptions:
     # 4096 for Qwen-VL).
     image_min_tokens: Optional[int] = Field(None, ge=1, description="vision encoder: at least this many tokens per page")
     image_max_tokens: Optional[int] = Field(None, ge=1, description="vision encoder: at most this many tokens per page")
-    # Faster at every parallelism on the GPU and on this 2-core CPU too (BENCHMARKS.md). Same answers.
+    # Faster at every parallelism on the GPU and on this 2-core CPU too (docs/benchmarks.md). Same answers.
     overlap_encode: bool = Field(True, description="encode the next pages' images on a second thread while the batch decodes")
-    # On a GPU one encoder thread caps the engine at ~1.7 pages/s for a 7B Qwen2.5-VL page (../shared/gpu): several
+    # On a GPU one encoder thread caps the engine at ~1.7 pages/s for a 7B Qwen2.5-VL page (measured on an H200): several
     # contexts encode in parallel on the same device, each holding its own copy of the projector weights (~1.3 GB
     # for a 7B Qwen2.5-VL mmproj in f16). None = 1 on a CPU build or with no layer offloaded, else 2.
     encode_workers: Optional[int] = Field(None, ge=1, description="vision-encoder contexts encoding pages in parallel "

@@ -18,9 +18,9 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from medvlm_core.errors import RunError
+from medvlm_core.inputs.manifest import PLAN_SCHEMA, ManifestRow, rows_of
 from medvlm_core.output.paths import OutputLayout
 from medvlm_core.output.records import JsonRecord
-from medvlm_core.inputs.manifest import PLAN_SCHEMA, ManifestRow, rows_of
 from medvlm_core.storage import Storage
 
 SHARDS_PER_FILE = 64

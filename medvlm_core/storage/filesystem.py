@@ -33,7 +33,7 @@ from fsspec.core import url_to_fs
 from medvlm_core import errors
 from medvlm_core.errors import DocumentError
 from medvlm_core.storage.retries import RetryPolicy, is_transient
-from medvlm_core.storage.urls import LOCAL, dirname, normalize, protocol_of
+from medvlm_core.storage.urls import LOCAL, normalize, protocol_of
 
 # Object-store calls made at once by ``map_io`` (their network latency is what they wait on).
 IO_THREADS = 16

@@ -1,4 +1,4 @@
-"""The benchmark harness's quick mode runs end to end (no timing is asserted: figures live in BENCHMARKS.md)."""
+"""The benchmark harness's quick mode runs end to end (no timing is asserted: figures live in docs/benchmarks.md)."""
 
 from __future__ import annotations
 

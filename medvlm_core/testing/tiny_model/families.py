@@ -15,7 +15,10 @@ import numpy as np
 from medvlm_core.testing.tiny_model.templates import CHATML_TEMPLATE, QWEN2VL_TEMPLATE, thinking_template
 from medvlm_core.testing.tiny_model.text_decoder import TEXT_SPECS, write_decoder, write_text_model
 from medvlm_core.testing.tiny_model.vision import (
-    MMPROJ_WRITERS, write_llavanext_mmproj, write_mmproj, write_qwen25vl_mmproj,
+    MMPROJ_WRITERS,
+    write_llavanext_mmproj,
+    write_mmproj,
+    write_qwen25vl_mmproj,
 )
 
 FAMILIES = (

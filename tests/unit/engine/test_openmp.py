@@ -53,7 +53,7 @@ def test_the_isolated_child_waits_passively(tiny_llava):
 
 
 def test_the_isolated_child_loads_llama_cpp_before_numpy(tiny_llava, monkeypatch):
-    # On a CUDA build, processes that loaded numpy first crashed inside llama_model_load_from_file (../shared/gpu):
+    # On a CUDA build, processes that loaded numpy first crashed inside llama_model_load_from_file (seen on the lent H200):
     # the probe aborts the child (an engine_crash error) when numpy came first there.
     from PIL import Image
 
