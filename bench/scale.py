@@ -166,7 +166,7 @@ import polars, pyarrow, pandera.polars
 from medvlm_core.output import done_index
 from medvlm_core.inputs import manifest
 from medvlm_core.model import files as models
-from medvlm_core.run.context import shards
+from medvlm_core.run import shards
 out = {"seconds": 0.0}
 """
 

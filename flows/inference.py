@@ -14,7 +14,7 @@ from medvlm_core.output import done_index, results
 from medvlm_core.run.accounting import ChunkSummary
 from medvlm_core.run.chunks import stage_failed_rows
 from medvlm_core.run.context import RunContext, chunk_rows
-from medvlm_core.run.pages import RunSpec
+from medvlm_core.run.spec import RunSpec
 
 
 def split_chunks(items: list, size: int) -> list[list]:

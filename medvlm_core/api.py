@@ -37,7 +37,9 @@ from medvlm_core.output.results import utc_now
 from medvlm_core.output.tables import validate_table
 from medvlm_core.run.chunks import structured_tables
 from medvlm_core.run.context import RunContext, make_run_id, make_spec, open_run, prepare_model
-from medvlm_core.run.pages import RunSpec, completion_columns, process_rows
+from medvlm_core.run.pages import process_rows
+from medvlm_core.run.result_rows import completion_columns
+from medvlm_core.run.spec import RunSpec
 from medvlm_core.settings import Settings
 from medvlm_core.storage import Storage, s3_options
 

@@ -11,7 +11,7 @@ from medvlm_core.inputs.manifest import ManifestRow
 from medvlm_core.output import results
 from medvlm_core.run.accounting import ChunkSummary
 from medvlm_core.run.chunks import stage_chunk
-from medvlm_core.run.pages import RunSpec
+from medvlm_core.run.spec import RunSpec
 from medvlm_core.storage import Storage
 
 

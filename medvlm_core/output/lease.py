@@ -208,7 +208,7 @@ class OutputLease:
                 return None
             epoch, url = epochs[-1]
             try:
-                return LeaseRecord.from_bytes(self.storage.read_bytes(url))
+                return LeaseRecord.from_bytes(self.storage.read_bytes(url), url)
             except DocumentError:  # removed meanwhile (an older epoch being cleaned up): look again
                 continue
             except ValueError:  # an unreadable record cannot hold the output: treat it as released

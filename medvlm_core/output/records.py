@@ -77,7 +77,7 @@ def checked_json(record: type[JsonRecord], data: bytes, where: str = "") -> dict
         The JSON object.
 
     Raises:
-        ValueError: not a JSON object.
+        ValueError: not a JSON object, a record of another kind, or a version that is not a number.
         RunError: a version newer than ``record.VERSION``.
     """
     try:
@@ -86,9 +86,14 @@ def checked_json(record: type[JsonRecord], data: bytes, where: str = "") -> dict
             raise TypeError("not an object")
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where or 'data'}: not a {record.KIND} record ({type(exc).__name__})") from None
+    kind = raw.get("kind", record.KIND)
+    if kind != record.KIND:
+        raise ValueError(f"{where or 'data'}: a {kind!r} record, not a {record.KIND} record")
     version = raw.get("version", 1)
-    if not isinstance(version, int) or version > record.VERSION:
-        raise RunError(f"{where or 'a ' + record.KIND + ' record'}: {record.KIND} record version {version!r} is "
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{where or 'data'}: {record.KIND} record version {version!r} is not a version number")
+    if version > record.VERSION:
+        raise RunError(f"{where or 'a ' + record.KIND + ' record'}: {record.KIND} record version {version} is "
                        f"newer than this medvlm reads ({record.VERSION}): upgrade medvlm")
     return raw
 
@@ -152,5 +157,8 @@ class CommitRecord(JsonRecord):
             The record.
         """
         raw = checked_json(cls, data, where)
+        missing = [k for k in ("run_id", "committed_at", "tables") if k not in raw]
+        if missing:
+            raise ValueError(f"{where or 'data'}: not a {cls.KIND} record (no {', '.join(missing)})")
         audit = {k: v for k, v in raw.items() if k not in ("run_id", "committed_at", "tables", "kind", "version")}
         return cls(raw["run_id"], raw["committed_at"], raw["tables"], audit)

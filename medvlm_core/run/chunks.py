@@ -16,15 +16,9 @@ from medvlm_core.output import results, status
 from medvlm_core.output.paths import shard_prefix
 from medvlm_core.output.structured import tables_for
 from medvlm_core.run.accounting import ChunkSummary
-from medvlm_core.run.pages import (
-    STRUCTURED_ROWS,
-    PageWork,
-    RunSpec,
-    completion_columns,
-    error_row,
-    process_rows,
-    row_prompt,
-)
+from medvlm_core.run.pages import process_rows
+from medvlm_core.run.result_rows import STRUCTURED_ROWS, completion_columns, error_row, row_prompt
+from medvlm_core.run.spec import PageWork, RunSpec
 from medvlm_core.storage import Storage
 
 

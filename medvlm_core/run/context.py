@@ -28,8 +28,8 @@ from medvlm_core.output.paths import OutputLayout
 from medvlm_core.output.publish import recover_interrupted_publishes
 from medvlm_core.output.structured import load_extraction
 from medvlm_core.run.options import RunOptions, requested_options
-from medvlm_core.run.pages import RunSpec
 from medvlm_core.run.params import EngineConfig, params_json
+from medvlm_core.run.spec import RunSpec
 from medvlm_core.settings import Settings
 from medvlm_core.storage import Storage
 from medvlm_core.storage.locations import LocationPolicy

@@ -1,4 +1,5 @@
-"""The per-chunk work of a run, free of orchestration: manifest rows in, result rows out.
+"""The per-chunk work of a run, free of orchestration: manifest rows in, result rows out (``result_rows`` builds
+each row; ``spec`` holds what a chunk's work is made of).
 
 Stages, each with a clear input and output:
 
@@ -18,7 +19,6 @@ memory at any time, however long the chunk.
 from __future__ import annotations
 
 import hashlib
-import json
 import queue
 import threading
 import time
@@ -28,38 +28,19 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from medvlm_core import errors
-from medvlm_core.engine.types import Engine, Generation, Request, takes_requests_ahead
-from medvlm_core.errors import DocumentError, RunError
-from medvlm_core.inputs.images import PageImage, load_pages
+from medvlm_core.engine.types import Engine, Request, takes_requests_ahead
+from medvlm_core.errors import DocumentError
+from medvlm_core.inputs.images import load_pages
 from medvlm_core.inputs.manifest import ManifestRow
-from medvlm_core.inputs.prompts import Prompt, get_prompt
-from medvlm_core.model.files import ModelIdentity
-from medvlm_core.output import status as row_status
-from medvlm_core.output.paths import OutputLayout
-from medvlm_core.output.results import DoneKeys, result_key, utc_now
-from medvlm_core.output.structured import flatten, item_confidences
-from medvlm_core.run.params import EngineConfig, GenerationParams, ImageOptions
+from medvlm_core.inputs.prompts import Prompt
+from medvlm_core.output.results import DoneKeys
+from medvlm_core.run.params import ImageOptions
+from medvlm_core.run.result_rows import page_key, result_row, safe_prompt
+from medvlm_core.run.spec import PageWork, RunSpec
 from medvlm_core.storage import Storage
 from medvlm_core.threads import put_unless_stopped
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """Everything a chunk of a run needs. Plain data: picklable, and free of secrets and document data."""
-
-    run_id: str
-    layout: OutputLayout
-    engine: EngineConfig
-    model: ModelIdentity
-    generation: GenerationParams
-    images: ImageOptions
-    default_prompt: Prompt
-    params_json: str
-    fetch_workers: int = 4  # MEDVLM_FETCH_WORKERS
-    # Re-run pages whose result key already has an ok row (default: skip them).
-    force: bool = False
 
 
 @dataclass
@@ -69,21 +50,6 @@ class FetchedDocument:
     data: bytes
     sha256: str
     fetch_ms: float
-
-
-@dataclass
-class PageWork:
-    """One unit for the engine: a page image, or the error that replaced it."""
-
-    row: ManifestRow
-    page: int | None
-    page_count: int | None = None
-    image: PageImage | None = None
-    error: DocumentError | None = None
-    image_sha256: str | None = None
-    fetch_ms: float | None = None
-    preprocess_ms: float | None = None
-    skipped: bool = False
 
 
 def fetch_document(row: ManifestRow, storage: Storage, options: ImageOptions) -> FetchedDocument:
@@ -194,145 +160,6 @@ def prefetch(source: Iterable[T], depth: int = 2) -> Iterator[T]:
         thread.join(timeout=5)
 
 
-def row_prompt(row: ManifestRow, default: Prompt, system: str | None = None) -> Prompt:
-    """The prompt for a row: its own text, else its prompt id, else the run's prompt.
-
-    Args:
-        row: the manifest row.
-        default: the run's prompt.
-        system: the run's system prompt, for a row prompt whose library entry brings none.
-
-    Returns:
-        The prompt.
-
-    Raises:
-        RunError: the row names an unknown prompt id.
-    """
-    if row.prompt or row.prompt_id:
-        return get_prompt(row.prompt_id, row.prompt, system)
-    return default
-
-
-def page_key(spec: RunSpec, row: ManifestRow, prompt: Prompt, image_sha256: str | None, page: int | None) -> str:
-    """The result key of one page of one row under this run's model and parameters."""
-    return result_key(
-        row.document_id, image_sha256, page, spec.model.model_sha256, spec.model.mmproj_sha256, prompt.sha256,
-        spec.params_json,
-    )
-
-
-def base_row(work: PageWork, spec: RunSpec, prompt: Prompt) -> dict[str, Any]:
-    """The columns every result row has, ok or error."""
-    row = work.row
-    image = work.image if work.image is not None and work.image.image is not None else None
-    return {
-        "run_id": spec.run_id,
-        "result_key": page_key(spec, row, prompt, work.image_sha256, work.page),
-        "document_id": row.document_id,
-        "page": work.page,
-        "page_count": work.page_count,
-        "manifest_row": row.row_number,
-        "image_uri": row.image_uri,
-        "image_sha256": work.image_sha256,
-        "image_format": image.source_format if image else None,
-        "image_width": image.image.width if image else None,
-        "image_height": image.image.height if image else None,
-        "patient_id": row.patient_id,
-        "encounter_id": row.encounter_id,
-        "prompt_id": prompt.prompt_id,
-        "prompt_sha256": prompt.sha256,
-        "model_name": spec.model.model_name,
-        "model_sha256": spec.model.model_sha256,
-        "mmproj_sha256": spec.model.mmproj_sha256,
-        "chat_format": spec.model.chat_format,
-        "params_json": spec.params_json,
-        "fetch_ms": work.fetch_ms,
-        "preprocess_ms": work.preprocess_ms,
-        "created_at": utc_now(),
-    }
-
-
-def error_row(work: PageWork, spec: RunSpec, prompt: Prompt, error: DocumentError) -> dict[str, Any]:
-    """A result row recording why this page (or document) produced no completion."""
-    row = base_row(work, spec, prompt)
-    row.update(status=row_status.ERROR, error_type=error.error_type, error_message=error.message)
-    return row
-
-
-def _add_structured(out: dict[str, Any], prompt: Prompt, result: Generation) -> None:
-    """Parse a constrained answer into ``out[STRUCTURED_ROWS]`` (table -> rows), or mark it truncated/invalid."""
-    if out["finish_reason"] == "length":
-        # Cut off at max_tokens: the JSON is incomplete, so no partial rows reach the tables.
-        out["status"] = row_status.TRUNCATED
-        return
-    try:
-        answer = json.loads(out["completion"])
-        if not isinstance(answer, dict):
-            raise ValueError("not a JSON object")
-        confidence = item_confidences(result.text, result.token_logprobs, result.token_offsets)
-    except ValueError:
-        out.update(status=row_status.ERROR, error_type=errors.INVALID_OUTPUT,
-                   error_message=f"{out['image_uri']}: the model's answer is not the JSON the schema asks for")
-        return
-    keys = {k: out[k] for k in ("run_id", "result_key", "document_id", "page", "patient_id", "encounter_id")}
-    out[STRUCTURED_ROWS] = flatten(prompt.prompt_id, prompt.schema, answer, keys, confidence)
-
-
-# The key of a result row that carries its structured tables' rows (``_add_structured``) to ``chunks``: not a
-# column of the completions table, so it is taken out before the row is written (``completion_columns``).
-STRUCTURED_ROWS = "structured"
-
-
-def completion_columns(row: dict[str, Any]) -> dict[str, Any]:
-    """A result row as the completions table's columns: without the structured rows it carries.
-
-    Args:
-        row: a result row.
-
-    Returns:
-        The row without ``STRUCTURED_ROWS``.
-    """
-    return {k: v for k, v in row.items() if k != STRUCTURED_ROWS}
-
-
-def _safe_prompt(row: ManifestRow, default: Prompt) -> tuple[Prompt, DocumentError | None]:
-    try:
-        return row_prompt(row, default, default.system), None
-    except RunError as exc:
-        return default, DocumentError(errors.INVALID_ROW, str(exc))
-
-
-def _result_row(work: PageWork, spec: RunSpec, prompt: Prompt, result: Generation | DocumentError | None) -> dict[str, Any]:
-    """The row for one page: skipped, error, or the engine's answer (``result``)."""
-    if work.skipped:
-        out = base_row(work, spec, prompt)
-        out.update(status=row_status.SKIPPED)
-    elif work.error is not None:
-        out = error_row(work, spec, prompt, work.error)
-    elif isinstance(result, DocumentError):
-        out = error_row(work, spec, prompt, result)
-    else:
-        out = base_row(work, spec, prompt)
-        out.update(
-            status=row_status.OK,
-            completion=result.text,
-            finish_reason=result.finish_reason,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            latency_ms=result.latency_ms,
-            reasoning=result.reasoning,
-            reasoning_tokens=result.reasoning_tokens,
-            reasoning_budget_hit=result.reasoning_budget_hit,
-            mean_logprob=result.mean_logprob,
-            min_logprob=result.min_logprob,
-            top_logprobs=json.dumps(result.top_logprobs, separators=(",", ":")) if result.top_logprobs else None,
-        )
-        if prompt.schema is not None:
-            _add_structured(out, prompt, result)
-    work.image = None  # free the pixels before the next page
-    return out
-
-
 def process_rows(
     engine: Engine,
     rows: Iterable[ManifestRow],
@@ -361,7 +188,7 @@ def process_rows(
     """
 
     def is_done(row: ManifestRow, image_sha256: str, page: int) -> bool:
-        prompt, _ = _safe_prompt(row, spec.default_prompt)
+        prompt, _ = safe_prompt(row, spec.default_prompt)
         return page_key(spec, row, prompt, image_sha256, page) in done
 
     check = is_done if (done and not spec.force) else None
@@ -378,7 +205,7 @@ def process_rows(
 
 
 def _prepared(work: PageWork, spec: RunSpec) -> Prompt:
-    prompt, prompt_error = _safe_prompt(work.row, spec.default_prompt)
+    prompt, prompt_error = safe_prompt(work.row, spec.default_prompt)
     work.error = work.error or prompt_error
     return prompt
 
@@ -391,7 +218,7 @@ def _run(engine: Engine, pages: Iterable[PageWork], spec: RunSpec) -> Iterator[d
         for index, work in enumerate(pages):
             prompt = _prepared(work, spec)
             if work.skipped or work.error is not None:
-                ready.append(_result_row(work, spec, prompt, None))
+                ready.append(result_row(work, spec, prompt, None))
                 continue
             in_flight[index] = (work, prompt)
             yield Request(index, work.image.image, prompt.text, spec.generation, prompt.schema, prompt.system)
@@ -400,6 +227,6 @@ def _run(engine: Engine, pages: Iterable[PageWork], spec: RunSpec) -> Iterator[d
         while ready:
             yield ready.popleft()
         work, prompt = in_flight.pop(key)
-        yield _result_row(work, spec, prompt, result)
+        yield result_row(work, spec, prompt, result)
     while ready:
         yield ready.popleft()

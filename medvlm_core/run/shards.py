@@ -11,6 +11,7 @@ A shard that finishes leaves a ``ShardRecord`` (typed and versioned like every r
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -154,8 +155,9 @@ class ShardRecord(JsonRecord):
     memory: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.worker, dict):  # read back from JSON
-            object.__setattr__(self, "worker", ShardWorker(**self.worker))
+        if isinstance(self.worker, dict):  # read back from JSON; keys a later version added are ignored
+            known = {f.name for f in dataclasses.fields(ShardWorker)}
+            object.__setattr__(self, "worker", ShardWorker(**{k: v for k, v in self.worker.items() if k in known}))
 
 
 def write_shard_record(storage: Storage, layout: OutputLayout, run_id: str, record: ShardRecord) -> None:

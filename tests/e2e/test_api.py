@@ -69,7 +69,7 @@ def test_pages_are_decoded_where_the_engine_reads_its_requests(tmp_path, tiny_ll
     """An engine that reads its requests ahead (the isolated one, the batched one with its encoder thread) decodes
     the pages there; an engine that reads them between its own steps gets them from a prefetch thread. The
     answers are the same whichever does."""
-    from medvlm_core.run.context import pages as pipeline
+    from medvlm_core.run import pages as pipeline
 
     prefetched = []
     real = pipeline.prefetch

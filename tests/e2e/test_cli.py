@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.dataset as ds
+import pytest
 
 from conftest import write_manifest
 

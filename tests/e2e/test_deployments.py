@@ -28,7 +28,7 @@ from medvlm_core.testing.s3_server import free_port
 
 pytestmark = pytest.mark.e2e  # pytest -m 'not e2e' leaves these out
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 

@@ -49,7 +49,7 @@ def test_nightly_without_manifests_processes_new_documents(tmp_path, tiny_llava)
 
 
 def test_nightly_deployment_schedule_in_prefect_yaml():
-    config = yaml.safe_load((Path(__file__).parents[1] / "prefect.yaml").read_text())
+    config = yaml.safe_load((Path(__file__).parents[2] / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in config["deployments"]}
     assert set(deployments) == {"medvlm-batch", "medvlm-shard", "medvlm-fanout", "medvlm-nightly", "medvlm-report",
                                 "medvlm-eval"}

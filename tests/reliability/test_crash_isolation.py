@@ -17,10 +17,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from medvlm_core import errors
-from medvlm_core.run.params import EngineConfig, GenerationParams
 from medvlm_core.engine import BatchedEngine, IsolatedEngine, Request, SharedStream, VisionEngine
 from medvlm_core.engine.shared_pixels import BlockPool, page_request, read_pixels, release_block, shared_block_prefix
 from medvlm_core.errors import DocumentError, RunError
+from medvlm_core.run.params import EngineConfig, GenerationParams
 from medvlm_core.testing.faults import NativeAbort, Stall
 from support.reliability_report import record
 

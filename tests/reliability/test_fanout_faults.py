@@ -8,11 +8,11 @@ import uuid
 
 import pyarrow.dataset as ds
 import pytest
+from test_deployments import run_deployment, stack  # noqa: F401  (the Prefect server + deployments fixture)
 
 from conftest import write_manifest
 from support.fault_proxy import FaultProxy
 from support.reliability_report import record
-from test_deployments import run_deployment, stack  # noqa: F401  (the Prefect server + deployments fixture)
 
 pytestmark = pytest.mark.e2e
 BUCKET = "medvlm-fanout-faults"

@@ -8,10 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from medvlm_core.run.params import ImageOptions
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.inputs.images import load_pages
 from medvlm_core.inputs.manifest import COLUMNS, read_manifest
+from medvlm_core.run.params import ImageOptions
 from medvlm_core.storage import Storage
 from support.reliability_report import record
 

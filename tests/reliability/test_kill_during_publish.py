@@ -7,8 +7,6 @@ process group the moment the run's first table file is published (before its com
 
 from __future__ import annotations
 
-import pytest
-
 import glob
 import os
 import signal
@@ -19,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.dataset as ds
+import pytest
 
 from conftest import write_manifest
 from support.reliability_report import record

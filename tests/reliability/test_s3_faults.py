@@ -11,10 +11,10 @@ import pyarrow.dataset as ds
 import pytest
 
 from conftest import batch, write_manifest
-from support.fault_proxy import FaultProxy
 from medvlm_core import errors
 from medvlm_core.errors import DocumentError
 from medvlm_core.storage import RetryPolicy, Storage, s3_options
+from support.fault_proxy import FaultProxy
 from support.reliability_report import record
 
 BUCKET = "medvlm-faults"

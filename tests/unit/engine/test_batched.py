@@ -6,11 +6,11 @@ import pytest
 from PIL import Image
 
 from medvlm_core import errors
-from medvlm_core.run.params import EngineConfig, GenerationParams
 from medvlm_core.engine import BatchedEngine, Request, VisionEngine
-from medvlm_core.testing.demo_docs import DOCUMENTS, render_document
 from medvlm_core.errors import DocumentError
 from medvlm_core.output.structured import CLINICAL_SCHEMA
+from medvlm_core.run.params import EngineConfig, GenerationParams
+from medvlm_core.testing.demo_docs import DOCUMENTS, render_document
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import pytest
 from PIL import Image
 
 from medvlm_core import errors
-from medvlm_core.run.params import EngineConfig, GenerationParams
 from medvlm_core.engine import VisionEngine
-from medvlm_core.testing.demo_docs import DOCUMENTS, render_document
 from medvlm_core.errors import DocumentError, RunError
+from medvlm_core.run.params import EngineConfig, GenerationParams
+from medvlm_core.testing.demo_docs import DOCUMENTS, render_document
 
 
 @pytest.fixture(scope="module")

@@ -132,8 +132,8 @@ def test_chat_template_replaces_the_default(tmp_path):
 
 def test_engine_prompt_of_the_reasoning_variant_ends_open(models):
     """The prompt the engine really feeds libmtmd (BatchedEngine.render_prompt) ends inside the thinking block."""
-    from medvlm_core.run.params import EngineConfig
     from medvlm_core.engine import BatchedEngine, VisionEngine
+    from medvlm_core.run.params import EngineConfig
 
     model = models["qwen2vl", True]
     engine = VisionEngine(EngineConfig(str(model.model_path), str(model.mmproj_path), n_ctx=1024), "mtmd").start()

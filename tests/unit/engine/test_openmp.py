@@ -57,8 +57,8 @@ def test_the_isolated_child_loads_llama_cpp_before_numpy(tiny_llava, monkeypatch
     # the probe aborts the child (an engine_crash error) when numpy came first there.
     from PIL import Image
 
-    from medvlm_core.run.params import EngineConfig, GenerationParams
     from medvlm_core.engine import IsolatedEngine, Request
+    from medvlm_core.run.params import EngineConfig, GenerationParams
     from medvlm_core.testing.faults import RequireLlamaBeforeNumpy
 
     monkeypatch.setenv("GGML_NO_BACKTRACE", "1")

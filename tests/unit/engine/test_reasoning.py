@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from conftest import batch, write_manifest
-from medvlm_core.run.params import EngineConfig, GenerationParams, ImageOptions, params_json
 from medvlm_core.engine import BatchedEngine, Request, VisionEngine
 from medvlm_core.inputs.prompts import get_prompt
 from medvlm_core.output.structured import CLINICAL_SCHEMA
+from medvlm_core.run.params import EngineConfig, GenerationParams, ImageOptions, params_json
 from medvlm_core.testing.demo_docs import DOCUMENTS, render_document
 
 # Qwen3's layout: the generation prompt opens the thinking block.

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from conftest import batch, write_manifest
-from medvlm_core.run.params import EngineConfig, GenerationParams
 from medvlm_core.engine import BatchedEngine, IsolatedEngine, Request, VisionEngine
 from medvlm_core.engine.registry import close_shared_engines, current_shared_engine
 from medvlm_core.engine.stream import SharedStream
+from medvlm_core.run.params import EngineConfig, GenerationParams
 from medvlm_core.testing.demo_docs import DOCUMENTS, render_document
 from medvlm_core.testing.faults import NativeAbort
 

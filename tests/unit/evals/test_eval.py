@@ -22,8 +22,8 @@ from medvlm_core.errors import RunError
 from medvlm_core.evals import evaluate, matching, write_evaluation
 from medvlm_core.evals.gold import load_gold
 from medvlm_core.evals.report import render_report
-from medvlm_core.storage import Storage
 from medvlm_core.output.structured import CLINICAL_SCHEMA, tables_for
+from medvlm_core.storage import Storage
 from medvlm_core.testing.demo_docs import GOLD, write_demo_gold
 
 T0 = datetime(2026, 12, 1, 8, 0, tzinfo=timezone.utc)

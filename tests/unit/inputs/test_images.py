@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from medvlm_core import errors
-from medvlm_core.run.params import ImageOptions
 from medvlm_core.errors import DocumentError
 from medvlm_core.inputs.images import fit_to_budget, load_pages, sniff_format, to_data_uri
+from medvlm_core.run.params import ImageOptions
 
 OPTS = ImageOptions()
 

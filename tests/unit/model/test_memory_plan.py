@@ -11,9 +11,9 @@ import pyarrow.dataset as ds
 import pytest
 
 from conftest import batch, write_manifest
-from medvlm_core.run.params import EngineConfig
 from medvlm_core.errors import RunError
 from medvlm_core.model.memory_plan import MIB, kv_cache_bytes, plan_memory
+from medvlm_core.run.params import EngineConfig
 
 REPORT = re.compile(r"llama_kv_cache: size =\s+([0-9.]+) MiB \(\s*(\d+) cells,\s+(\d+) layers")
 

@@ -18,8 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import HEX64, completion_row, run_row
-from medvlm_core.output import done_index
-from medvlm_core.output import status
+from medvlm_core.output import done_index, status
 from medvlm_core.output.paths import OutputLayout
 from medvlm_core.storage import Storage, s3_options
 
@@ -252,8 +251,7 @@ def test_bucket_of_is_stable():
 def test_publish_calls_back_once_every_table_is_visible_and_before_its_bookkeeping(tmp_path):
     # What only reports on the tables (the flow's artifacts) starts from the callback, while the publish writes the
     # done index and the commit record: by then every table must be readable, and neither of those written yet.
-    from medvlm_core.output import publish
-    from medvlm_core.output import results
+    from medvlm_core.output import publish, results
 
     storage, layout = Storage(), OutputLayout.of(str(tmp_path / "out"))
     results.write_rows(storage, layout.staged_chunk("r1", "completions", 0), "completions", [completion_row()])

@@ -27,8 +27,8 @@ import pytest
 
 from conftest import batch, write_manifest
 from medvlm_core.errors import RunError
-from medvlm_core.output.paths import OutputLayout
 from medvlm_core.output.lease import LeaseRecord, OutputLease, machine_id, process_start
+from medvlm_core.output.paths import OutputLayout
 from medvlm_core.storage import Storage, s3_options
 
 MEDVLM = str(Path(sys.executable).with_name("medvlm"))

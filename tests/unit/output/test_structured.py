@@ -14,8 +14,8 @@ import pytest
 
 from conftest import batch, write_manifest
 from medvlm_core.analytics import EXAMPLE_QUERIES, query
-from medvlm_core.storage import Storage
 from medvlm_core.output.structured import CLINICAL_SCHEMA, flatten, tables_for
+from medvlm_core.storage import Storage
 
 MEDVLM = str(Path(sys.executable).with_name("medvlm"))
 

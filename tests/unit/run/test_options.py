@@ -8,7 +8,7 @@ import inspect
 import pytest
 
 from medvlm.flows.batch import medvlm_batch
-from medvlm.flows.cli import flow_options, build_parser
+from medvlm.flows.cli import build_parser, flow_options
 from medvlm.flows.fanout import medvlm_fanout
 from medvlm.flows.nightly import medvlm_nightly
 from medvlm.flows.shard import medvlm_shard
