@@ -221,7 +221,7 @@ def bench_handoff(images, repeats: int = 3) -> list[dict]:
             for i, image in enumerate(images):
                 if way == "pipe":  # the message as it was before shared memory: the pixels themselves
                     rgb = image.convert("RGB")
-                    message, block = PageRequest(i, i, 0, rgb.size, rgb.tobytes(), PROMPT, GenerationParams(), None), None
+                    message, block = PageRequest(i, i, 0, (rgb.size,), rgb.tobytes(), PROMPT, GenerationParams(), None), None
                 else:
                     message, block = page_request(i, i, Request(i, image, PROMPT, GenerationParams()),
                                                   pool if way == "pooled" else None)

@@ -41,18 +41,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``medvlm demo``: synthetic documents through the whole flow (a generated tiny model by default)."""
     if not _have_demo_extra():
         return EXIT_CANNOT_RUN
-    from medvlm_core.testing.demo_docs import write_demo_documents
+    from medvlm_core.testing.demo_docs import write_demo_documents, write_demo_multipage
     from medvlm_core.testing.tiny_model import make_tiny_model
 
     if args.model and not args.mmproj:
         return fail("--model needs --mmproj")
     workdir = Path(args.workdir).resolve()
-    records = write_demo_documents(workdir / "documents")
-    manifest = workdir / "manifest.csv"
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
+    records = write_demo_documents(workdir / "documents") + [write_demo_multipage(workdir / "documents")]
+    manifest = _write_manifest(workdir / "manifest.csv", records)
     tiny = args.model is None
     if tiny:
         made = make_tiny_model(workdir / "model", family=args.family)
@@ -73,6 +69,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print()
             print_summary(summary)
             _print_demo_rows(summary["published"]["completions"])
+            code, error = _demo_document(workdir, params, records[-1])
     if error is not None:
         return fail(error, code)
     print()
@@ -87,6 +84,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  or any SQL:    medvlm query \"select status, count(*) from completions group by status\" "
               f"--output {workdir / 'output'}")
     return code
+
+
+def _write_manifest(path: Path, records: list[dict]) -> Path:
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+    return path
+
+
+def _demo_document(workdir: Path, params: dict, record: dict) -> tuple[int, str | None]:
+    """The three-page discharge summary answered as one document (``--scope document``), after its pages."""
+    manifest = _write_manifest(workdir / "manifest-document.csv", [record])
+    print()
+    print(f"demo: {record['document_id']} has 3 pages; answered as one document (--scope document):")
+    code, summary, error = run_flow(**dict(params, manifest=str(manifest),
+                                           options=dict(params["options"], scope="document")))
+    if summary:
+        print_summary(summary)
+        _print_demo_rows(summary["published"]["completions"])
+    return code, error
 
 
 def _demo_eval(workdir: Path, run_id: str, tiny: bool) -> int:
@@ -146,5 +165,7 @@ def _print_demo_rows(completions_url: str, filesystem=None) -> None:
     print(f"{'document_id':<16} {'page':>4} {'status':<6} {'tokens':>6} {'ms':>7}  completion (first 50 chars)")
     for r in table:
         text = (r["completion"] or r["error_type"] or "").replace("\n", " ")[:50]
-        print(f"{r['document_id']:<16} {r['page'] or '':>4} {r['status']:<6} {r['completion_tokens'] or 0:>6} "
+        pages = r.get("pages")
+        page = r["page"] or (f"{pages[0]}-{pages[-1]}" if pages else "")  # a document answer: its pages
+        print(f"{r['document_id']:<16} {page:>4} {r['status']:<6} {r['completion_tokens'] or 0:>6} "
               f"{r['latency_ms'] or 0:>7.0f}  {text}")

@@ -109,7 +109,7 @@ async def _fan_out(logger: Any, ctx: RunContext, manifest: str, shard_size: int,
     storage, layout, run_id = ctx.storage, ctx.output, ctx.run_id
     guard_output(logger, ctx)
     # The manifest is validated a batch at a time and each shard's rows go straight to its plan file.
-    writer = ShardPlanWriter(storage, layout, run_id, shard_size)
+    writer = ShardPlanWriter(storage, layout, run_id, shard_size, keep_documents=ctx.options.documents.scope == "document")
     plan = plan_manifest(manifest, storage, ctx.policy, sink=writer)
     count = writer.close()
     limit = max_concurrent or await default_concurrency(deployment)

@@ -55,7 +55,7 @@ def finish_run(
         run_id=ctx.run_id, flow_run_id=str(flow_run.id) if flow_run.id else None, manifest=manifest,
         output=ctx.output.root, started=ctx.started, finished=utc_now(), identity=identity, params_json=params,
         default_prompt=ctx.default_prompt, storage_retries=ctx.storage.retries,
-        memory=memory or (ctx.memory.as_dict() if ctx.memory else None),
+        memory=memory or (ctx.memory.as_dict() if ctx.memory else None), scope=ctx.options.documents.scope,
     )
     row = run_row(facts, plan, total)
     quarantine_rows = [dict(q, run_id=ctx.run_id, manifest_uri=manifest, created_at=facts.finished) for q in plan.quarantined]

@@ -104,6 +104,8 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
           f"{summary['quarantined_rows']} quarantined, {summary['skipped_rows']} skipped "
           f"({summary['skipped_pages']} pages already done); "
           f"reconciled={summary['reconciled']}", file=out)
+    if summary.get("scope") == "document":
+        print(f"documents: {summary['documents_ok']} answered, {summary['documents_error']} error", file=out)
     if summary["error_types"]:
         print("errors by type: " + ", ".join(f"{k}={v}" for k, v in summary["error_types"].items()), file=out)
     print(f"throughput: {summary['pages_per_second']:.2f} pages/s, "

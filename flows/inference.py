@@ -14,6 +14,7 @@ from medvlm_core.output import done_index, results
 from medvlm_core.run.accounting import ChunkSummary
 from medvlm_core.run.chunks import stage_failed_rows
 from medvlm_core.run.context import RunContext, chunk_rows
+from medvlm_core.run.documents import document_chunks
 from medvlm_core.run.spec import RunSpec
 
 
@@ -63,7 +64,10 @@ def run_chunks(logger: Any, ctx: RunContext, spec: RunSpec, rows: list[ManifestR
     done = results.DoneKeys() if spec.force else done_index.load_done_keys(ctx.storage, ctx.output, documents)
     if len(done):
         logger.info("run %s: %d pages already have ok results in the output and are skipped", spec.run_id, len(done))
-    chunks = split_chunks(rows, chunk_rows(ctx))
+    if spec.documents.scope == "document":  # a document's rows stay in one chunk
+        chunks = document_chunks(rows, chunk_rows(ctx))
+    else:
+        chunks = split_chunks(rows, chunk_rows(ctx))
     futures = infer_chunk.map(
         list(range(len(chunks))), chunks, unmapped(spec), unmapped(ctx.storage), unmapped(done),
         unmapped(shard_index), unmapped(log_phi),

@@ -37,6 +37,7 @@ from medvlm_core.output.results import utc_now
 from medvlm_core.output.tables import validate_table
 from medvlm_core.run.chunks import structured_tables
 from medvlm_core.run.context import RunContext, make_run_id, make_spec, open_run, prepare_model
+from medvlm_core.run.documents import process_documents
 from medvlm_core.run.pages import process_rows
 from medvlm_core.run.result_rows import completion_columns
 from medvlm_core.run.spec import RunSpec
@@ -151,7 +152,8 @@ class MedicalVisionLLM:
             RunError: a manifest that cannot be read or lacks a required column.
         """
         plan = self._plan(manifest)
-        out = [r for r in process_rows(self._engine, plan.rows, self._spec, self._ctx.storage)]
+        process = process_documents if self._spec.documents.scope == "document" else process_rows
+        out = [r for r in process(self._engine, plan.rows, self._spec, self._ctx.storage)]
         out.sort(key=lambda r: (r["manifest_row"], r["page"] or 0))  # pages finish in any order; give them in order
         completions = results.to_table([completion_columns(r) for r in out], results.COMPLETIONS_SCHEMA)
         validate_table("completions", completions)

@@ -17,10 +17,13 @@ The current rule (``current_slots_sql`` is its only implementation; docs/analyti
    Once a forced re-run has failed the answer's key, the slot's latest attempt is current (an older answer
    does not come back). Equivalently, replaying the rows in time order: a row replaces the current one
    unless it is a failure under another key while the current one is ok (tests replay exactly this).
-4. A *document-level* row (``page`` null: the file could not be fetched or opened, so its pages are not
-   known) is its own slot per document and prompt id, superseded by any later row of that document and
-   prompt id with a page. It never displaces page rows: a document whose file went missing after it was
-   answered shows its ok pages and the current fetch error.
+4. A *document-level* row at page scope (``page`` null: the file could not be fetched or opened, so its pages
+   are not known) is its own slot per document and prompt id, superseded by any later page-scope row of that
+   document and prompt id with a page. It never displaces page rows: a document whose file went missing after
+   it was answered shows its ok pages and the current fetch error.
+6. *Scope* is part of the slot: a document-scope answer (``scope = 'document'``: one answer from all the
+   document's pages, ``page`` null) is the slot ``(document_id, prompt_id, 'document')``, apart from the
+   document's page answers (rules 1 to 4 apply within it). Rows written before scopes existed are page rows.
 5. Quarantine rows name their document through ``row_json``'s ``document_id``. Such a row is current while
    it belongs to the latest run that quarantined that document and no completion row of a later run exists
    for the document. A quarantine row without a document id is current while its run is the latest run of
@@ -40,7 +43,10 @@ CORE_TABLES = ("completions", "runs", "quarantine")
 CURRENT_SUFFIX = "_current"
 DOCUMENT_STATUS = "document_status"
 
-_RULE_COLUMNS = "document_id, prompt_id, page, result_key, run_id, manifest_row, created_at, status, error_type"
+_RULE_COLUMNS = ("document_id, prompt_id, scope, page, result_key, run_id, manifest_row, created_at, status, "
+                 "error_type")
+# Rows written before scopes existed are page rows.
+_SCOPED = f"select * replace (coalesce(scope, 'page') as scope) from {{completions}}"
 
 
 def current_slots_sql(completions: str = "completions") -> str:
@@ -53,9 +59,10 @@ def current_slots_sql(completions: str = "completions") -> str:
         completions: the relation holding the completions history (a view or CTE name).
 
     Returns:
-        SQL of a SELECT giving, per slot (document_id, prompt_id, page), its current row's document_id,
-        prompt_id, page, result_key, run_id, manifest_row, created_at, status and error_type.
+        SQL of a SELECT giving, per slot (document_id, prompt_id, scope, page), its current row's document_id,
+        prompt_id, scope, page, result_key, run_id, manifest_row, created_at, status and error_type.
     """
+    scoped = _SCOPED.format(completions=completions)
     return f"""
 select s.* from (
     select {_RULE_COLUMNS}
@@ -70,12 +77,12 @@ select s.* from (
             -- latest time the key was ok, over all its rows
             select *,
                 max(case when status = 'ok' then created_at end)
-                    over (partition by document_id, prompt_id, page, result_key) as _key_ok_at
-            from (select {_RULE_COLUMNS} from {completions})
-            qualify row_number() over (partition by document_id, prompt_id, page, result_key
+                    over (partition by document_id, prompt_id, scope, page, result_key) as _key_ok_at
+            from (select {_RULE_COLUMNS} from ({scoped}))
+            qualify row_number() over (partition by document_id, prompt_id, scope, page, result_key
                                        order by created_at desc, run_id desc, manifest_row desc) = 1
         )
-        window by_slot as (partition by document_id, prompt_id, page
+        window by_slot as (partition by document_id, prompt_id, scope, page
                            order by created_at desc, run_id desc, manifest_row desc
                            rows between unbounded preceding and unbounded following)
     )
@@ -84,11 +91,13 @@ select s.* from (
     where case when _answer_at = _last_ok_at then result_key = _answer_key else _rn = 1 end
 ) s
 left join (
-    -- a document-level row (page null) gives way to any later row of its document and prompt id with a page
+    -- at page scope, a document-level row (page null) gives way to any later row of its document and prompt
+    -- id with a page; a document-scope answer is a slot of its own
     select document_id, prompt_id, max(created_at) filter (where page is not null) as _last_page_row_at
-    from {completions} group by document_id, prompt_id
+    from ({scoped}) where scope = 'page' group by document_id, prompt_id
 ) l using (document_id, prompt_id)
-where s.page is not null or l._last_page_row_at is null or s.created_at > l._last_page_row_at
+where s.scope = 'document' or s.page is not null or l._last_page_row_at is null
+   or s.created_at > l._last_page_row_at
 """
 
 
@@ -166,8 +175,9 @@ def document_status_sql(completions: str = "completions", quarantine: str = "qua
 
     Returns:
         SQL of a SELECT of document_id, pages (distinct pages with a current row), prompts (distinct prompt
-        ids), ok, error, truncated (current rows: one per page and prompt id; a document-level error counts
-        one), quarantined (current quarantine rows), error_types (of the current errors), latest_run_id and
+        ids), ok, error, truncated (current page-scope rows: one per page and prompt id; a document-level error
+        counts one), document_answers and document_ok (current document-scope answers, per prompt id, and
+        those that are ok), quarantined (current quarantine rows), error_types (of the current errors), latest_run_id and
         latest_at (the latest run that wrote a completion or quarantine row for it).
     """
     return f"""
@@ -182,16 +192,19 @@ counts as (
     select document_id,
         count(distinct page) as pages,
         count(distinct prompt_id) as prompts,
-        count(*) filter (where status = 'ok') as ok,
-        count(*) filter (where status = 'error') as error,
-        count(*) filter (where status = 'truncated') as truncated,
-        list(distinct error_type order by error_type) filter (where status = 'error') as error_types
+        count(*) filter (where status = 'ok' and scope = 'page') as ok,
+        count(*) filter (where status = 'error' and scope = 'page') as error,
+        count(*) filter (where status = 'truncated' and scope = 'page') as truncated,
+        list(distinct error_type order by error_type) filter (where status = 'error') as error_types,
+        count(*) filter (where scope = 'document') as document_answers,
+        count(*) filter (where scope = 'document' and status = 'ok') as document_ok
     from ({current_slots_sql(completions)}) group by document_id
 ),
 documents as (select document_id from history union select document_id from quarantined)
 select d.document_id,
     coalesce(c.pages, 0) as pages, coalesce(c.prompts, 0) as prompts,
     coalesce(c.ok, 0) as ok, coalesce(c.error, 0) as error, coalesce(c.truncated, 0) as truncated,
+    coalesce(c.document_answers, 0) as document_answers, coalesce(c.document_ok, 0) as document_ok,
     coalesce(q.quarantined, 0) as quarantined,
     coalesce(c.error_types, []) as error_types,
     case when h.last_at is null or q.quarantined_at > h.last_at then q.quarantine_run_id

@@ -1,6 +1,8 @@
 """The llama.cpp engines behind one interface (``Engine``): requests in, completions out.
 
-* ``types``: ``Request``, ``Generation`` and the ``Engine`` protocol.
+* ``types``: ``Request`` (one page, a document's pages in one prompt, or a text-only prompt), ``Generation`` and
+  the ``Engine`` protocol. A request too long for a sequence is a ``context_overflow`` whose counts
+  ``overflow_counts`` reads.
 * ``llama``: ``VisionEngine``, one page at a time (loads the model and the vision projector).
 * ``batched``: ``BatchedEngine``, several pages decoded together over a loaded ``VisionEngine`` (its scheduler);
   its parts: ``chat_render`` (the prompt text), ``encoding`` (vision encoding, on encoder threads),
@@ -18,6 +20,7 @@ from medvlm_core.settings import prefer_passive_openmp
 prefer_passive_openmp()  # before any module of this package imports llama_cpp (libgomp reads it when loaded)
 
 from medvlm_core.engine.batched import BatchedEngine  # noqa: E402
+from medvlm_core.engine.encoding import overflow_counts  # noqa: E402
 from medvlm_core.engine.isolated import IsolatedEngine  # noqa: E402
 from medvlm_core.engine.llama import VisionEngine  # noqa: E402
 from medvlm_core.engine.registry import close_shared_engines, shared_engine  # noqa: E402
@@ -26,5 +29,5 @@ from medvlm_core.engine.types import Engine, Generation, RawPixels, Request, Res
 
 __all__ = [
     "BatchedEngine", "Engine", "Generation", "IsolatedEngine", "RawPixels", "Request", "Result", "SharedStream",
-    "VisionEngine", "close_shared_engines", "shared_engine",
+    "VisionEngine", "close_shared_engines", "overflow_counts", "shared_engine",
 ]

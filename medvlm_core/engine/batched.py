@@ -1,9 +1,12 @@
-"""Batched multi-document decoding: several pages share one llama.cpp context, one token each per step.
+"""Batched multi-document decoding: several requests share one llama.cpp context, one token each per step.
 
-``BatchedEngine`` keeps up to ``n_seq`` documents in flight. Each gets its own sequence (slot) in a second
-llama.cpp context of the loaded model: its image and prompt are prefilled into that slot through libmtmd,
+``BatchedEngine`` keeps up to ``n_seq`` requests in flight. Each gets its own sequence (slot) in a second
+llama.cpp context of the loaded model: its images and prompt are prefilled into that slot through libmtmd,
 then every step decodes one token for every live sequence in a single ``llama_decode`` batch. A finished
-sequence frees its slot (``llama_memory_seq_rm``) and the next document takes it (continuous refill).
+sequence frees its slot (``llama_memory_seq_rm``) and the next request takes it (continuous refill). A request
+holds one page, a document's pages in page order (one media marker per page in the prompt, each image encoded
+and prefilled in slices as a single page's is) or no image at all (a text-only prompt); each must fit its
+sequence's ``ctx_per_seq`` cells, else it is a ``context_overflow`` with the counts (``encoding.overflow_counts``).
 
 Vision encoding is split from prefill: a page's image is encoded by libmtmd into embeddings (``_encode``),
 and those embeddings are later decoded into a free slot (``_prefill``). With ``overlap`` on, encoding runs
@@ -14,9 +17,10 @@ batched llama context. The embeddings are copied out of libmtmd's buffer before 
 
 The prompt is rendered exactly as the single-sequence chat handler renders it, and each sequence samples
 with the same chain llama-cpp-python builds (penalties, grammar, greedy or top-k/typical/top-p/min-p/temp/
-dist), so at temperature 0 a document's answer matches ``VisionEngine.generate`` (tests check this on the
-generated models). Decoding several sequences in one batch can change floating-point results slightly on
-some backends; where that flips a near-tie, the answers can differ (see docs/benchmarks.md).
+dist), so at temperature 0 a request's answer matches ``VisionEngine.generate`` (llama-cpp-python's own chat
+completion, with the same images: tests check this on the generated models). Decoding several sequences in one
+batch can change floating-point results slightly on some backends; where that flips a near-tie, the answers can
+differ (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -53,17 +57,19 @@ class BatchedEngine(Engine):
         """
         Args:
             engine: the loaded single-page engine whose model and vision projector are used.
-            n_seq: pages decoded together.
-            ctx_per_seq: KV cells per page (default: the engine's n_ctx), rounded up to 256.
+            n_seq: requests decoded together.
+            ctx_per_seq: KV cells per sequence (default: the engine's n_ctx), rounded up to 256: a request's images,
+                text and answer together.
             overlap: encode images on a second thread while the batch decodes (off: inline, one thread).
-            encode_ahead: encoded pages waiting for a slot (default ``n_seq``); it bounds host memory to
-                about ``encode_ahead`` pages of embeddings (~24 MB each for a 7B model at 1656 image tokens).
+            encode_ahead: encoded requests waiting for a slot (default ``n_seq``); it bounds host memory to
+                about ``encode_ahead`` requests of embeddings (~24 MB per page for a 7B model at 1656 image tokens,
+                so a document request holds that per page: ``memory_plan.document_host_mb``).
             confidences: score every answer token (log-probabilities); off only to measure what that costs.
             encode_workers: vision-encoder threads (with ``overlap``), each with its own libmtmd context on the
                 same device (default: ``medvlm_core.model.memory_plan.encode_workers_for``).
-            interleave_prefill: a new page's image embeddings go into its slot ``n_batch`` tokens at a time, with
-                a decode step of the pages in flight between slices (off: the whole image at once, as libmtmd's
-                helper does, while the others wait).
+            interleave_prefill: a new request's image embeddings (each image's in turn) go into its slot ``n_batch``
+                tokens at a time, with a decode step of the requests in flight between slices (off: each whole image
+                at once, as libmtmd's helper does, while the others wait).
         """
         if not engine.loaded:
             raise RunError("load the VisionEngine before batching over it")
@@ -156,18 +162,19 @@ class BatchedEngine(Engine):
             self._llama_cpp.llama_free(self._ctx)
             self._ctx = None
 
-    def render_prompt(self, prompt: str, system: str | None = None) -> str:
-        """The chat-formatted prompt text with libmtmd's media marker where the image goes (cached per prompt),
+    def render_prompt(self, prompt: str, system: str | None = None, images: int = 1) -> str:
+        """The chat-formatted prompt text with libmtmd's media marker where each image goes (cached per prompt),
         exactly as the single-sequence chat handler renders it.
 
         Args:
             prompt: the user's question.
             system: the system prompt (None: the chat format's default, if it has one).
+            images: the request's page images (0: a text-only prompt).
 
         Returns:
             The text libmtmd tokenizes.
         """
-        return self._renderer.render(prompt, system)
+        return self._renderer.render(prompt, system, images)
 
     def generate_many(self, requests: Iterable[Request]) -> Iterator[tuple[Any, Result]]:
         """Answer every request, yielding ``(key, Generation or DocumentError)`` as each finishes.

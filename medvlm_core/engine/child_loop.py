@@ -1,4 +1,5 @@
-"""The isolated engine's child process: load the model, then answer streams of pages read from the pipe.
+"""The isolated engine's child process: load the model, then answer streams of requests read from the pipe (each
+with its pages: one, a document's, or none).
 
 ``medvlm_core.isolated_child.start_child`` loads llama.cpp first and then reaches ``child_main`` by name
 (``"medvlm_core.engine.child_loop:child_main"``), so this module, and numpy with the engine package, load after
@@ -23,8 +24,8 @@ from medvlm_core.engine.child_messages import (
     Ready,
     Stop,
 )
-from medvlm_core.engine.shared_pixels import read_pixels
-from medvlm_core.engine.types import NOT_YET, RawPixels, Request
+from medvlm_core.engine.shared_pixels import read_pages
+from medvlm_core.engine.types import NOT_YET, Request
 from medvlm_core.errors import DocumentError, RunError, error_detail, short_message
 from medvlm_core.run.params import EngineConfig
 
@@ -33,7 +34,8 @@ CHILD_MAIN = f"{__name__}:child_main"
 
 
 class PageStream:
-    """The child's side of one stream: Requests read from the pipe until EndOfStream (or Stop / EOF).
+    """The child's side of one stream: Requests (with all their pages) read from the pipe until EndOfStream (or
+    Stop / EOF).
 
     Args:
         connection: the child's receiving end of the request pipe.
@@ -63,8 +65,9 @@ class PageStream:
             else:
                 if self.fault is not None:
                     self.fault(message.intake, message.attempt)  # tests: the pages before this one are in flight
-                pixels = RawPixels(message.size[0], message.size[1], read_pixels(message))  # straight to libmtmd
-                yield Request(message.id, pixels, message.prompt, message.params, message.schema, message.system)
+                pages = read_pages(message)  # raw RGB, straight to libmtmd
+                image = pages[0] if len(pages) == 1 else (pages or None)  # as the parent's request held them
+                yield Request(message.id, image, message.prompt, message.params, message.schema, message.system)
             try:
                 message = self.connection.recv() if self.connection.poll() else None
             except (EOFError, OSError):  # the parent is gone

@@ -1,6 +1,7 @@
 """The messages between the isolated engine's parent and its child (pickled over the two pipes).
 
-Parent -> child: ``PageRequest`` (one page), ``EndOfStream`` (no more pages in the current stream), ``Stop``.
+Parent -> child: ``PageRequest`` (one request: a page, a document's pages or a text-only prompt), ``EndOfStream``
+(no more requests in the current stream), ``Stop``.
 Child -> parent: ``Ready`` or ``LoadFailed`` (once, after loading), then ``Answer`` / ``PageFailed`` per page,
 ``Idle`` when a stream is done, ``Fatal`` when the batched engine failed. A page's key stays in the parent: the
 child sees only integer ids. Messages carry no document text besides the page's own prompt and answer.
@@ -21,20 +22,26 @@ FaultInjector = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class PageRequest:
-    """Parent -> child: one page. Pixels as raw RGB bytes in a shared-memory block named ``shared`` (the parent
-    owns it until the page is answered), or in ``pixels`` when no block could be made; the page's key stays in
-    the parent."""
+    """Parent -> child: one request with its page images (one, several in page order, or none). Pixels as raw RGB
+    bytes, the pages one after another (``sizes``: each page's width and height), in a shared-memory block named
+    ``shared`` (the parent owns it until the request is answered), or in ``pixels`` when no block could be made;
+    neither for a text-only request. The request's key stays in the parent."""
 
     id: int
     intake: int
     attempt: int  # 0 in a stream, 1 in the solo retry after a crash
-    size: tuple[int, int]
+    sizes: tuple[tuple[int, int], ...]
     pixels: bytes | None
     prompt: str
     params: GenerationParams
     schema: dict | None
     system: str | None = None
     shared: str | None = None
+
+    @property
+    def images(self) -> int:
+        """How many page images the request holds."""
+        return len(self.sizes)
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,20 @@
-"""The batched engine's vision encoding: a page's prompt and image tokenized by libmtmd and its image run through
-the vision encoder, on any thread, ahead of the page's prefill.
+"""The batched engine's vision encoding: a request's prompt and images tokenized by libmtmd and its images run
+through the vision encoder, on any thread, ahead of the request's prefill.
 
-``PageEncoder`` holds the libmtmd contexts that encode (the chat handler's own, plus one copy of the projector
-per extra encoder thread). With ``overlap``, ``PageEncoder.start_threads`` encodes a few pages ahead on those
-threads while the decoding thread decodes the batch; without it, ``PageEncoder.inline`` encodes each page on the
-decoding thread when a slot is free. Each encoded page's embeddings are copied out of libmtmd's buffer before the
-next encode overwrites it.
+A request holds one page, a document's pages (one media marker and bitmap each, in page order) or none (a
+text-only prompt: tokenized with no bitmap, nothing to encode). ``PageEncoder`` holds the libmtmd contexts that
+encode (the chat handler's own, plus one copy of the projector per extra encoder thread). With ``overlap``,
+``PageEncoder.start_threads`` encodes a few requests ahead on those threads while the decoding thread decodes the
+batch; without it, ``PageEncoder.inline`` encodes each request on the decoding thread when a slot is free. Each
+image's embeddings are copied out of libmtmd's buffer before the next encode overwrites it. A request too long
+for a sequence is a ``context_overflow`` whose message gives the counts (``context_overflow``, ``overflow_counts``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -29,7 +32,7 @@ END = object()
 
 @dataclass
 class Encoded:
-    """A request whose image is encoded: libmtmd's chunks plus a copy of each media chunk's embeddings."""
+    """A request whose images are encoded: libmtmd's chunks plus a copy of each media chunk's embeddings."""
 
     request: Request
     chunks: Any  # mtmd_input_chunks, owned: freed by free()
@@ -68,12 +71,12 @@ class PageEncoder:
         handler: its multimodal chat handler, with its libmtmd context initialised (the first encoder).
         workers: encoder contexts in all (at least 1).
         n_embd_inp: the width of an image embedding row (``llama_model_n_embd_inp``).
-        ctx_per_seq: KV cells per sequence: a page whose tokens do not fit is a ``context_overflow``.
-        render: ``(prompt, system)`` -> the chat-formatted prompt text (``PromptRenderer.render``).
+        ctx_per_seq: KV cells per sequence: a request whose tokens do not fit is a ``context_overflow``.
+        render: ``(prompt, system, images)`` -> the chat-formatted prompt text (``PromptRenderer.render``).
     """
 
     def __init__(self, llama_cpp: Any, llm: Any, handler: Any, workers: int, n_embd_inp: int, ctx_per_seq: int,
-                 render: Callable[[str, str | None], str]):
+                 render: Callable[[str, str | None, int], str]):
         self._lc = llama_cpp
         self._llm = llm
         self._handler = handler
@@ -105,47 +108,51 @@ class PageEncoder:
         self.contexts = self.contexts[:1]
 
     def encode(self, request: Request, encoder: Any = None) -> Encoded:
-        """Tokenize the prompt and image and run the vision encoder; the embeddings are copied out.
+        """Tokenize the prompt with the request's images (one media marker and bitmap per image, none for a text-only
+        prompt) and run the vision encoder over every media chunk; the embeddings are copied out.
+
+        A request's images are encoded one after another on ``encoder`` (its thread): the other encoder threads
+        take the next requests meanwhile. Host memory held by an encoded request grows with its images (one copy
+        of each image's embeddings until its prefill).
 
         Args:
-            request: the page.
+            request: the request (one page, a document's pages, or none).
             encoder: the libmtmd context to use (default: the handler's); one thread at a time per context.
 
         Returns:
-            The encoded page, whose chunks the caller frees (``Encoded.free``).
+            The encoded request, whose chunks the caller frees (``Encoded.free``).
 
         Raises:
-            DocumentError: the page cannot be read, tokenized or encoded, or does not fit in a sequence.
+            DocumentError: an image cannot be read, the request cannot be tokenized or encoded, or it does not fit
+                in a sequence (``context_overflow``, its message made by ``context_overflow``: how many tokens it
+                needs and how many fit).
         """
         mtmd = self._mtmd
         encoder = encoder or self._handler.mtmd_ctx
         started = time.perf_counter()
-        # Raw RGB pixels straight into libmtmd: the same pixels the single path's PNG round trip yields
-        # (PNG is lossless), without ~30 ms of PNG encoding and decoding per 1.3 MP page.
-        if isinstance(request.image, RawPixels):  # from the isolated engine's parent: already raw RGB
-            width, height, data = request.image.width, request.image.height, request.image.data
-        else:
-            image = to_rgb(request.image)
-            width, height, data = image.width, image.height, bytearray(image.tobytes())
-        bitmap = mtmd.mtmd_bitmap_init(width, height, (ctypes.c_uint8 * len(data)).from_buffer(data))
-        if not bitmap:
-            raise DocumentError(errors.INFERENCE_ERROR, "libmtmd could not read the page image")
-        chunks = mtmd.mtmd_input_chunks_init()
+        images = request.images
+        bitmaps: list[Any] = []
+        chunks = None
         try:
-            rendered = self._render(request.prompt, request.system)
+            for image in images:
+                bitmap = _bitmap(mtmd, image)
+                if not bitmap:
+                    raise DocumentError(errors.INFERENCE_ERROR, "libmtmd could not read the page image")
+                bitmaps.append(bitmap)
+            chunks = mtmd.mtmd_input_chunks_init()
+            rendered = self._render(request.prompt, request.system, len(images))
             opens = request.params.reasoning == "separate" and rendered.rstrip().endswith(request.params.think_open)
             text = rendered.encode("utf-8")
             entry = mtmd.mtmd_input_text()
             entry.text, entry.text_len, entry.add_special, entry.parse_special = text, len(text), True, True
-            bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
-            if mtmd.mtmd_tokenize(encoder, chunks, ctypes.byref(entry), bitmaps, 1) != 0:
+            array = (mtmd.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
+            if mtmd.mtmd_tokenize(encoder, chunks, ctypes.byref(entry), array, len(bitmaps)) != 0:
                 raise DocumentError(errors.INFERENCE_ERROR, "libmtmd could not tokenize the request")
             n_tokens = mtmd.mtmd_helper_get_n_tokens(chunks)
+            # KV cells, not positions (M-RoPE images take fewer positions than cells): checked before any image is
+            # encoded, so a request too long for a sequence costs no encoder time.
             if n_tokens + 1 > self._ctx_per_seq:
-                raise DocumentError(
-                    errors.CONTEXT_OVERFLOW,
-                    f"image and prompt do not fit in {self._ctx_per_seq} tokens per sequence; raise --n-ctx or lower the pixel budget",
-                )
+                raise context_overflow(n_tokens, self._ctx_per_seq - 1, len(images))  # one cell kept for the answer
             encode_started = time.perf_counter()
             embeddings = []
             for i in range(mtmd.mtmd_input_chunks_size(chunks)):
@@ -155,6 +162,7 @@ class PageEncoder:
                     continue
                 if mtmd.mtmd_encode_chunk(encoder, chunk) != 0:
                     raise DocumentError(errors.INFERENCE_ERROR, "libmtmd failed to encode the page image")
+                # copied before the next chunk's encode overwrites libmtmd's output buffer
                 size = mtmd.mtmd_input_chunk_get_n_tokens(chunk) * self._n_embd_inp
                 copy = (ctypes.c_float * size)()
                 ctypes.memmove(copy, mtmd.mtmd_get_output_embd(encoder), size * ctypes.sizeof(ctypes.c_float))
@@ -162,10 +170,12 @@ class PageEncoder:
             encode_ms = (time.perf_counter() - encode_started) * 1000.0
             return Encoded(request, chunks, embeddings, n_tokens, encode_ms, started, opens)
         except BaseException:
-            mtmd.mtmd_input_chunks_free(chunks)
+            if chunks is not None:
+                mtmd.mtmd_input_chunks_free(chunks)
             raise
         finally:
-            mtmd.mtmd_bitmap_free(bitmap)
+            for bitmap in bitmaps:
+                mtmd.mtmd_bitmap_free(bitmap)
 
     def inline(self, source: Iterator[Request]) -> Iterator[Any]:
         """Encode each request when asked, on the caller's thread (no ``overlap``).
@@ -248,3 +258,54 @@ class PageEncoder:
         for thread in threads:
             thread.start()
         return threads
+
+
+def _bitmap(mtmd: Any, image: Any) -> Any:
+    """A libmtmd bitmap of one page (NULL if libmtmd refuses it), from raw RGB pixels without another conversion.
+
+    Raw RGB straight into libmtmd: the same pixels the single path's PNG round trip yields (PNG is lossless),
+    without ~30 ms of PNG encoding and decoding per 1.3 MP page.
+    """
+    if isinstance(image, RawPixels):  # from the isolated engine's parent: already raw RGB
+        width, height, data = image.width, image.height, image.data
+    else:
+        rgb = to_rgb(image)
+        width, height, data = rgb.width, rgb.height, bytearray(rgb.tobytes())
+    return mtmd.mtmd_bitmap_init(width, height, (ctypes.c_uint8 * len(data)).from_buffer(data))
+
+
+# The wording of a request that does not fit a sequence; ``overflow_counts`` reads the two numbers back (the run
+# level falls back to answering a document page by page on it, and the message is all that crosses the isolated
+# engine's pipe).
+_OVERFLOW = "the prompt{images} needs {needed} tokens and {fits} fit in a sequence"
+_OVERFLOW_NUMBERS = re.compile(r"needs (\d+) tokens and (\d+) fit in a sequence")
+
+
+def context_overflow(n_tokens: int, fits: int, images: int = 1, note: str = "") -> DocumentError:
+    """The ``context_overflow`` error of a request whose prompt does not fit a sequence.
+
+    Args:
+        n_tokens: the request's prompt tokens (text and image tokens: KV cells).
+        fits: the most prompt tokens a sequence takes.
+        images: the request's page images (for the wording).
+        note: said in parentheses after the counts (empty: nothing).
+
+    Returns:
+        The error; its message says how many tokens the prompt needs and how many fit (``overflow_counts``).
+    """
+    which = "" if images == 0 else " and its image" if images == 1 else f" and its {images} images"
+    message = _OVERFLOW.format(images=which, needed=n_tokens, fits=fits) + (f" ({note})" if note else "")
+    return DocumentError(errors.CONTEXT_OVERFLOW, f"{message}; raise --n-ctx or lower the pixel budget")
+
+
+def overflow_counts(error: BaseException | str) -> tuple[int, int] | None:
+    """The token counts of a ``context_overflow`` error made by ``context_overflow``.
+
+    Args:
+        error: the error, or its message.
+
+    Returns:
+        ``(needed, fits)``: the prompt's tokens and the most a sequence takes; None when the message has no counts.
+    """
+    match = _OVERFLOW_NUMBERS.search(getattr(error, "message", None) or str(error))
+    return (int(match.group(1)), int(match.group(2))) if match else None

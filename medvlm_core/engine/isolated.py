@@ -10,9 +10,12 @@ model or touches VRAM) and feeds it pages over pipes. When the child dies with p
 * a page whose solo run also kills the child is the culprit: it gets a ``DocumentError`` of type
   ``engine_crash`` ("the inference process died (SIGABRT) while processing this page"), the child is
   started again, and the run goes on; pages that were merely in the same batch get their normal results;
-* a child that answers nothing for the page timeout (``EngineConfig.page_timeout``, by default 120 s plus 2 s per
-  token a page may generate) while pages are in flight is hung: it is ended and treated like a crash, and the
-  page that hangs again alone gets a ``DocumentError`` of type ``timeout``;
+* a child that answers nothing for the request timeout of the requests in flight is hung: it is ended and treated
+  like a crash, and the request that hangs again alone gets a ``DocumentError`` of type ``timeout``. The timeout
+  is per page (``EngineConfig.page_timeout``, by default 120 s plus 2 s per token a request may generate) times
+  the request's pages (``request_timeout``): a document's request may take as long as its pages would alone;
+* a request holding several pages (a document in one prompt) is one unit throughout: all its pages go to the
+  child together, and a crash while it is in flight costs that request (``engine_crash``), as for one page;
 * more than ``max_restarts`` crashes (hangs included) in one ``IsolatedEngine``'s life raise ``RunError``: a model or
   machine that keeps crashing should fail the run loudly instead of looping.
 
@@ -21,7 +24,8 @@ The child inherits the parent's stderr, so llama.cpp's own messages (and an abor
 
 Transport: two one-way pipes (requests parent -> child, results child -> parent) and a sender thread in
 the parent that does all the writing, so a multi-MB page image blocking on a full pipe can never stop the
-parent from reading results (and the child from making progress). Page keys stay in the parent; the
+parent from reading results (and the child from making progress). A request's pixels, all its pages in one
+block, go through shared memory (``shared_pixels``). Page keys stay in the parent; the
 child only sees integer ids. At most ``window`` requests are unanswered at a time (as many as the child's
 batched engine can take ahead), which keeps intake lazy and memory bounded. Neither side blocks on a source
 that has nothing yet (``NOT_YET``, as ``SharedStream`` gives between chunks): the parent waits a few ms for the
@@ -127,7 +131,8 @@ class IsolatedEngine(Engine):
         # Unanswered requests at most: the child's batch (n_parallel), its encoded-ahead queue (as many
         # again, BatchedEngine's default) and one being encoded per encoder, plus one waiting in the pipe. The
         # parent never loads llama.cpp, so it cannot ask for the default number of encoders (1 on CPU, 2 on a
-        # GPU: medvlm_core.model.memory_plan.encode_workers_for): it counts the larger.
+        # GPU: medvlm_core.model.memory_plan.encode_workers_for): it counts the larger. Requests, not pages: a
+        # document's request holds all its pages' pixels (memory_plan.document_host_mb counts them).
         n = config.n_parallel
         self.window = n + (n + (config.encode_workers or 2) if config.overlap_encode else 0) + 1
         self.reads_ahead = True  # the parent takes requests while the child computes the window's pages
@@ -308,9 +313,10 @@ class IsolatedEngine(Engine):
 
         Raises:
             ChildDied: the child exited.
-            ChildHung: it sent nothing for the page timeout of the pages in flight, counted from ``heard``.
+            ChildHung: it sent nothing for the longest request timeout of the requests in flight, counted from
+                ``heard``.
         """
-        deadline = max(self.page_timeout(p.message.params) for p in pending.values())
+        deadline = max(self._timeout(p) for p in pending.values())
         left = deadline - (time.monotonic() - heard)
         try:
             return child.receive(max(0.0, min(left, NOT_YET_WAIT_S) if short else left))
@@ -337,7 +343,7 @@ class IsolatedEngine(Engine):
         return item.key, DocumentError(message.error_type, message.message)
 
     def page_timeout(self, params: GenerationParams) -> float:
-        """How long the child may go without answering while a page with ``params`` is in flight.
+        """How long the child may go without answering while a one-page request with ``params`` is in flight.
 
         Args:
             params: the page's sampling parameters.
@@ -350,6 +356,27 @@ class IsolatedEngine(Engine):
             return self.config.page_timeout
         tokens = self.config.n_ctx if params.max_tokens == -1 else params.max_tokens
         return PAGE_TIMEOUT_BASE_S + PAGE_TIMEOUT_PER_TOKEN_S * tokens
+
+    def request_timeout(self, params: GenerationParams, images: int) -> float:
+        """How long the child may go without answering while a request with ``params`` and ``images`` pages is in
+        flight: ``page_timeout`` times the number of pages (a text-only request counts as one).
+
+        Scaled linearly because a document's request does the work of its pages in one sequence (each page's
+        image encoded and prefilled in turn; the prompt, and so each decode step, grows with them) before it can
+        answer, and with nothing in between to show progress. A page's deadline is already generous (it catches a
+        stuck llama.cpp call, not a slow one), so the product is too, and a one-page request keeps its deadline.
+
+        Args:
+            params: the request's sampling parameters.
+            images: its page images.
+
+        Returns:
+            Seconds.
+        """
+        return self.page_timeout(params) * max(1, images)
+
+    def _timeout(self, item: _Pending) -> float:
+        return self.request_timeout(item.message.params, item.message.images)
 
     def _retry_alone(self, pending: dict[int, _Pending]) -> Iterator[tuple[Any, Result]]:
         """After a crash (or a hang) with ``pending`` in flight: run each of them alone in a new child, once.
@@ -371,23 +398,27 @@ class IsolatedEngine(Engine):
             solo = {item.id: item}
             while solo:
                 try:
-                    message = child.receive(self.page_timeout(item.message.params))
+                    message = child.receive(self._timeout(item))
                 except (ChildDied, ChildHung) as failure:
                     self._crashed(_how(failure))
-                    if isinstance(failure, ChildHung):
-                        yield item.key, DocumentError(
-                            errors.TIMEOUT, f"no answer within the page timeout ({failure.args[0]:.0f} s); the "
-                            "inference process was ended and restarted")
-                    else:
-                        yield item.key, DocumentError(
-                            errors.ENGINE_CRASH, f"the inference process died ({failure.args[0]}) while processing this page"
-                        )
+                    yield item.key, _culprit_error(failure, item.message.images)
                     if self._failed:  # the culprit's row first, then fail the run loudly
                         raise RunError(self._failed) from None
                     break
                 answered = self._answer(message, solo)
                 if answered is not None:
                     yield answered
+
+
+def _culprit_error(failure: Exception, images: int) -> DocumentError:
+    """The error of a request that killed (or hung) the child again alone: ``timeout`` or ``engine_crash``, worded
+    for a page, a request of several pages or a text-only prompt."""
+    what = "this page" if images == 1 else f"this request of {images} pages" if images else "this text-only prompt"
+    if isinstance(failure, ChildHung):
+        timeout = "the page timeout" if images == 1 else f"the request timeout for {what}"
+        return DocumentError(errors.TIMEOUT, f"no answer within {timeout} ({failure.args[0]:.0f} s); the "
+                             "inference process was ended and restarted")
+    return DocumentError(errors.ENGINE_CRASH, f"the inference process died ({failure.args[0]}) while processing {what}")
 
 
 def _how(failure: Exception) -> str:

@@ -1,10 +1,11 @@
-"""The single-page llama.cpp engine: load a text GGUF + mmproj once, then answer image + prompt.
+"""The single-sequence llama.cpp engine: load a text GGUF + mmproj once, then answer images + prompt.
 
 ``VisionEngine`` separates setup (``start``: model weights, vision projector, chat handler) from the
-per-page work (``generate``), the way Ray Data LLM processors and NeMo Curator stages do. One engine holds
-one llama.cpp context, which runs one sequence at a time; ``generate`` holds ``lock`` so that threads may
-share an engine safely. ``BatchedEngine`` decodes several pages over the same loaded model through the
-public accessors below (``llm``, ``chat_handler``, ``lock``, ``grammar_text``).
+per-request work (``generate``: one page, a document's pages in one prompt, or a text-only prompt), the way Ray
+Data LLM processors and NeMo Curator stages do. One engine holds one llama.cpp context, which runs one sequence
+at a time; ``generate`` holds ``lock`` so that threads may share an engine safely. ``BatchedEngine`` decodes
+several requests over the same loaded model through the public accessors below (``llm``, ``chat_handler``,
+``lock``, ``grammar_text``).
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import threading
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from PIL import Image
 
 from medvlm_core import errors
-from medvlm_core.engine.types import Engine, Generation, Request, Result
+from medvlm_core.engine.encoding import context_overflow
+from medvlm_core.engine.types import Engine, Generation, Page, RawPixels, Request, Result
 from medvlm_core.errors import DocumentError, RunError, error_detail, short_message
 from medvlm_core.inputs.images import to_data_uri
 from medvlm_core.model.files import CHAT_HANDLERS
@@ -58,6 +61,30 @@ class _ImageTokenBudget:
         if self._max:
             params.image_max_tokens = self._max
         return params
+
+
+def _pages(image: Page | Sequence[Page] | None) -> tuple[Page, ...]:
+    """A request's images as a tuple, as ``Request.images`` gives them."""
+    if image is None:
+        return ()
+    return tuple(image) if isinstance(image, (tuple, list)) else (image,)
+
+
+def _data_uri(page: Page) -> str:
+    """A page as the PNG data URI llama-cpp-python's handlers read (raw pixels made an image first)."""
+    if isinstance(page, RawPixels):
+        page = Image.frombytes("RGB", (page.width, page.height), bytes(page.data))
+    return to_data_uri(page)
+
+
+def _overflow(text: str, n_ctx: int, images: int) -> DocumentError:
+    """The ``context_overflow`` of llama-cpp-python's "Prompt exceeds n_ctx: A > B" (A: the prompt up to the chunk
+    that did not fit, so at least that many are needed; positions for M-RoPE models) or "Requested tokens (A)
+    exceed context window of B"; without a number, n_ctx + 1."""
+    match = re.search(r"(\d+) > \d+|\((\d+)\) exceed", text)
+    needed = int(match.group(1) or match.group(2)) if match else n_ctx + 1
+    return context_overflow(needed, n_ctx, images,
+                            f"n_ctx={n_ctx}; counted up to the part that did not fit: at least that many")
 
 
 class VisionEngine(Engine):
@@ -165,38 +192,35 @@ class VisionEngine(Engine):
         return self
 
     def generate(
-        self, image: Image.Image, prompt: str, params: GenerationParams, schema: dict[str, Any] | None = None,
-        system: str | None = None,
+        self, image: Page | Sequence[Page] | None, prompt: str, params: GenerationParams,
+        schema: dict[str, Any] | None = None, system: str | None = None,
     ) -> Generation:
-        """Answer ``prompt`` about ``image`` through llama-cpp-python's own chat completion.
+        """Answer ``prompt`` about ``image`` (one page, a document's pages or none) through llama-cpp-python's own
+        chat completion.
 
         The reference path: runs use ``BatchedEngine`` (one sequence or several), whose answers the tests
         compare with this one. It passes what ``create_chat_completion`` takes; it does not separate reasoning,
-        and ``repeat_last_n``, ``min_keep`` and dynamic temperature keep llama-cpp-python's defaults.
+        and ``repeat_last_n``, ``min_keep`` and dynamic temperature keep llama-cpp-python's defaults. The user
+        message holds one ``image_url`` part per page, in order, then the text.
 
         Args:
-            image: the page.
+            image: the page, the pages in order (a tuple or list), or None for a text-only prompt.
             prompt: the question.
             params: sampling parameters.
             schema: a JSON schema the answer is constrained to, or None for free text.
             system: the system prompt (None: the chat format's default).
 
         Returns:
-            The completion.
+            The completion. Its ``prompt_tokens`` is llama-cpp-python's count: for M-RoPE models (Qwen-VL) the
+            prompt's positions, fewer than its tokens.
 
         Raises:
-            DocumentError: ``inference_error`` or ``context_overflow`` for this page.
+            DocumentError: ``inference_error`` or ``context_overflow`` for this request.
         """
         llm = self.llm
-        messages = [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": to_data_uri(image)}},
-                    {"type": "text", "text": prompt},
-                ],
-            }
-        ]
+        pages = _pages(image)
+        content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": _data_uri(p)}} for p in pages]
+        messages = [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
         if system:
             messages.insert(0, {"role": "system", "content": system})
         bias = dict(params.logit_bias)
@@ -227,10 +251,7 @@ class VisionEngine(Engine):
             except ValueError as exc:
                 # llama-cpp-python's wordings: "Prompt exceeds n_ctx" (multimodal), "exceed context window".
                 if "n_ctx" in str(exc) or "context window" in str(exc):
-                    raise DocumentError(
-                        errors.CONTEXT_OVERFLOW,
-                        f"image and prompt do not fit in n_ctx={self.config.n_ctx}; raise --n-ctx or lower the pixel budget",
-                    ) from None
+                    raise _overflow(str(exc), llm.n_ctx(), len(pages)) from None
                 raise DocumentError(errors.INFERENCE_ERROR, f"llama.cpp rejected the request{error_detail(exc, self.log_phi)}") from None
             except Exception as exc:  # a native error surfaces as many types; the run must go on
                 raise DocumentError(errors.INFERENCE_ERROR, f"llama.cpp failed{error_detail(exc, self.log_phi)}") from None
@@ -249,14 +270,14 @@ class VisionEngine(Engine):
         """Answer requests one after another, in order, through ``generate`` (the reference path).
 
         Args:
-            requests: the pages, taken one at a time.
+            requests: the requests (each with its images), taken one at a time.
 
         Returns:
             An iterator of ``(key, Generation or DocumentError)``.
         """
         for request in requests:
             try:
-                yield request.key, self.generate(request.image, request.prompt, request.params, request.schema,
+                yield request.key, self.generate(request.images, request.prompt, request.params, request.schema,
                                                  request.system)
             except DocumentError as exc:
                 yield request.key, exc

@@ -1,10 +1,12 @@
-"""The batched engine's prefill: an encoded page's prompt and image embeddings decoded into a free sequence of
-the batched context, on the decoding thread, and its first token sampled.
+"""The batched engine's prefill: an encoded request's prompt and image embeddings decoded into a free sequence
+of the batched context, on the decoding thread, and its first token sampled.
 
-Text chunks go through libmtmd's helper. Image chunks go either whole (``interleave_prefill`` off, or an image
-whose attention is non-causal) through libmtmd's helper, or ``n_batch`` embedding rows at a time, so that the
-scheduler can run a decode step of the pages in flight between slices (``Prefill.steps``) instead of stalling
-them for the whole image.
+The chunks go in the order libmtmd tokenized them (text, then each image where its marker was, in page order),
+positions running on from one chunk to the next as in libmtmd's helper (an M-RoPE image advances them by its
+``n_pos``, not its token count). Text chunks go through libmtmd's helper. Image chunks go either whole
+(``interleave_prefill`` off, or an image whose attention is non-causal) through libmtmd's helper, or ``n_batch``
+embedding rows at a time, so that the scheduler can run a decode step of the requests in flight between slices
+(``Prefill.steps``) instead of stalling them for a whole image, or a whole document's images.
 """
 
 from __future__ import annotations
@@ -143,7 +145,8 @@ class Prefill:
             request = encoded.request
             # A thinking block is free text: the schema's grammar starts at its end (see reasoning_markers).
             sampler = self._sampling.chain(request.params, None if encoded.opens_thinking else request.schema)
-            slot = Slot(request, seq, sampler, n_past, n_past, 0, bytearray(), 0, encoded.started, encoded.encode_ms)
+            slot = Slot(request, seq, sampler, n_past, n_past, 0, bytearray(), 0, encoded.started, encoded.encode_ms,
+                        prompt_cells=encoded.n_tokens)
             separate = request.params.reasoning == "separate"
             slot.thinking = encoded.opens_thinking
             # A model may open the block itself; not under a grammar, which allows only the answer.

@@ -1,10 +1,11 @@
-"""Handing a page's pixels from the isolated engine's parent to its child through shared memory.
+"""Handing a request's page pixels from the isolated engine's parent to its child through shared memory.
 
-The parent writes each page's raw RGB pixels once into a POSIX shared-memory block (``page_request``) and sends
-only the block's name; the child copies them out (``read_pixels``). That spares pickling ~4 MB per page through
-the pipe (docs/benchmarks.md, the hand-off). Blocks come from a ``BlockPool`` and go back to it when the page is
-answered (``release_block``). Where no block can be made (``/dev/shm`` full or absent) the pixels go through the
-pipe instead.
+The parent writes a request's raw RGB pixels once into one POSIX shared-memory block (``page_request``): all of
+its pages one after another, in page order, so a document's request takes one block as a page's does. It sends
+only the block's name and the pages' sizes; the child copies them out (``read_pages``). That spares pickling ~4 MB
+per page through the pipe (docs/benchmarks.md, the hand-off). Blocks come from a ``BlockPool`` and go back to it
+when the request is answered (``release_block``). Where no block can be made (``/dev/shm`` full or absent) the
+pixels go through the pipe instead. A text-only request takes no block.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from multiprocessing import shared_memory
 from typing import Any
 
 from medvlm_core.engine.child_messages import PageRequest
-from medvlm_core.engine.types import Request
+from medvlm_core.engine.types import RawPixels, Request
 from medvlm_core.inputs.images import to_rgb
 
 
@@ -125,32 +126,41 @@ def page_request(rid: int, intake: int, request: Request, pool: BlockPool | None
     """What the child needs of a request, without its key, and the shared-memory block holding its pixels.
 
     Pixels are raw RGB (BatchedEngine converts to RGB anyway, and ``tobytes`` of a palette image alone would lose
-    its palette), written once into a shared-memory block (from ``pool``, else a new one) that the child reads in
-    place: no pickling of ~4 MB per page through the pipe (docs/benchmarks.md, the hand-off). Where no block can be
-    made (``/dev/shm`` full or absent) they go through the pipe.
+    its palette), every page's written once, one after another, into one shared-memory block (from ``pool``, else a
+    new one) that the child reads in place: no pickling of ~4 MB per page through the pipe (docs/benchmarks.md, the
+    hand-off). Where no block can be made (``/dev/shm`` full or absent) they go through the pipe. A text-only
+    request has neither.
 
     Args:
         rid: the id the child answers with.
-        intake: the page's 0-based place in its stream (for fault injection).
-        request: the page.
+        intake: the request's 0-based place in its stream (for fault injection).
+        request: the request (one page, a document's pages, or none).
         pool: where to take the block from; None: a new block, which the caller frees (``release_block``).
 
     Returns:
         ``(message, block)``: the message for the child (attempt 0) and the block, or None when the pixels are in
-        the message itself.
+        the message itself (or there are none).
     """
-    image = to_rgb(request.image)
-    data = image.tobytes()
+    images = [to_rgb(image) for image in request.images]
+    sizes = tuple(image.size for image in images)
+    total = sum(w * h * 3 for w, h in sizes)
     block = None
-    try:
-        block = (pool or BlockPool(keep=0)).take(len(data))  # keep=0: a new block, the caller frees it
-        block.buf[: len(data)] = data
-    except OSError:
-        if block is not None:
-            _free_block(block)
-        block = None
-    message = PageRequest(rid, intake, 0, image.size, None if block else data, request.prompt, request.params,
-                          request.schema, request.system, block.name if block else None)
+    pixels = None
+    if images:
+        try:
+            block = (pool or BlockPool(keep=0)).take(total)  # keep=0: a new block, the caller frees it
+            offset = 0
+            for image in images:  # page by page: no joined copy of a whole document in this process
+                data = image.tobytes()
+                block.buf[offset: offset + len(data)] = data
+                offset += len(data)
+        except OSError:
+            if block is not None:
+                _free_block(block)
+            block = None
+            pixels = b"".join(image.tobytes() for image in images)
+    message = PageRequest(rid, intake, 0, sizes, pixels, request.prompt, request.params, request.schema,
+                          request.system, block.name if block else None)
     return message, block
 
 
@@ -165,20 +175,47 @@ def shared_block_prefix() -> str:
 
 
 def read_pixels(message: PageRequest) -> bytearray:
-    """The page's pixels, in the child: from the pipe, or copied out of the parent's shared-memory block (closed
+    """The request's pixels, in the child: from the pipe, or copied out of the parent's shared-memory block (closed
     here; the parent unlinks it). Spawned children share the parent's resource tracker, so attaching registers
     nothing new.
 
     Args:
-        message: the page's request.
+        message: the request.
 
     Returns:
-        Raw RGB bytes, ``width * height * 3`` of them.
+        Raw RGB bytes of every page, one after another (``width * height * 3`` each; empty for a text-only request).
     """
+    return bytearray().join(_read(message))
+
+
+def read_pages(message: PageRequest) -> tuple[RawPixels, ...]:
+    """The request's pages as the batched engine takes them, in the child (each page's pixels copied once).
+
+    Args:
+        message: the request.
+
+    Returns:
+        One ``RawPixels`` per page, in page order (none for a text-only request).
+    """
+    return tuple(RawPixels(w, h, data) for (w, h), data in zip(message.sizes, _read(message)))
+
+
+def _read(message: PageRequest) -> list[bytearray]:
+    """Each page's raw RGB bytes, copied out of the pipe's bytes or the shared-memory block (closed after)."""
+    sizes = [w * h * 3 for w, h in message.sizes]
     if message.shared is None:
-        return bytearray(message.pixels or b"")
-    block = shared_memory.SharedMemory(name=message.shared)
+        source: Any = memoryview(message.pixels or b"")
+        block = None
+    else:
+        block = shared_memory.SharedMemory(name=message.shared)
+        source = block.buf
     try:
-        return bytearray(block.buf[: message.size[0] * message.size[1] * 3])
+        out, offset = [], 0
+        for size in sizes:
+            out.append(bytearray(source[offset: offset + size]))
+            offset += size
+        return out
     finally:
-        block.close()
+        if block is not None:
+            del source  # no export of the block's buffer may outlive it: close() refuses then
+            block.close()

@@ -30,6 +30,9 @@ class Slot:
     generated: int
     started: float
     encode_ms: float = 0.0
+    # KV cells the prompt took (0: as many as its positions). M-RoPE images (Qwen-VL) take fewer positions than
+    # cells, so with several images in a prompt the positions alone would let a sequence outgrow its cells.
+    prompt_cells: int = 0
     # Reasoning (see reasoning_markers): in a thinking block now; it may still open (free text, nothing generated
     # yet); where in ``pieces`` the thinking text and the answer begin.
     thinking: bool = False
@@ -43,6 +46,11 @@ class Slot:
     # per sampled token: (byte offset in pieces, logprob, top alternatives)
     scores: list = field(default_factory=list)
 
+    @property
+    def cells(self) -> int:
+        """KV cells the sequence holds now: the prompt's and one per token fed since."""
+        return max(self.n_past, self.prompt_cells + self.n_past - self.prompt_tokens)
+
     def finish_reason(self, ctx_per_seq: int) -> str | None:
         """Why the page is done after its latest token, if it is: a limit reached or a stop string generated (in
         the answer).
@@ -55,7 +63,7 @@ class Slot:
         """
         params = self.request.params
         if (params.max_tokens != -1 and self.generated >= params.max_tokens) or \
-                self.n_past + 1 + len(self.forced) >= ctx_per_seq:
+                self.cells + 1 + len(self.forced) >= ctx_per_seq:
             return "length"
         if params.stop and not self.thinking:
             answer = bytes(self.pieces[self.answer_start:]).decode("utf-8", errors="ignore")

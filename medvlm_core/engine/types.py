@@ -28,17 +28,34 @@ class RawPixels:
     data: bytearray
 
 
+Page = Image.Image | RawPixels
+
+
 @dataclass
 class Request:
-    """One page for an engine (a PIL image, or ``RawPixels`` for the batched engine). ``key`` comes back with
-    its result."""
+    """One prompt for an engine with its page images: one page (page scope), all the pages of a document in page
+    order (a document asked in one prompt), or none (a text-only prompt, such as the consolidation of a
+    document's page answers). A page is a PIL image, or ``RawPixels`` for the batched engine. ``key`` comes back
+    with its result.
+
+    ``image`` takes one page, a sequence of pages or None; ``images`` gives them as a tuple either way.
+    """
 
     key: Any
-    image: Image.Image | RawPixels
+    image: Page | tuple[Page, ...] | list[Page] | None
     prompt: str
     params: GenerationParams
     schema: dict | None = None
     system: str | None = None  # the system prompt (None: the chat format's default)
+
+    @property
+    def images(self) -> tuple[Page, ...]:
+        """The request's page images, in order (empty for a text-only prompt)."""
+        if self.image is None:
+            return ()
+        if isinstance(self.image, (tuple, list)):
+            return tuple(self.image)
+        return (self.image,)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import numpy as np
 
 from medvlm_core.evals import matching
 from medvlm_core.evals.answers import Answer, System
-from medvlm_core.evals.gold import GoldItem, GoldSet
+from medvlm_core.evals.gold import DOCUMENT_PAGE, GoldItem, GoldSet
 from medvlm_core.evals.matching import Thresholds, kind_of
 from medvlm_core.evals.normalize import is_empty, normalize, valid_value
 from medvlm_core.evals.options import EvalOptions
@@ -245,6 +245,34 @@ def item_validity(item: dict[str, Any], key: str, kinds: dict[str, str]) -> list
     return bad
 
 
+def document_answer(document_id: str, pages: list[Answer],
+                    document_answers: dict[str, Answer]) -> tuple[Answer | None, list[Answer]]:
+    """The answer a gold row labelling a whole document is scored against, and the answers holding its items.
+
+    A document-level row (a document-scope answer, or a file that could not be opened) is that answer. Without
+    one (a page-scope run), the document's page answers together are: ok when every page is, its text their
+    texts in page order, its items all of theirs.
+
+    Args:
+        document_id: the document.
+        pages: the system's page answers of the document, in page order.
+        document_answers: the system's document-level rows by document.
+
+    Returns:
+        ``(answer or None when the document has none, the answers whose items count)``.
+    """
+    whole = document_answers.get(document_id)
+    if whole is not None:
+        return whole, [whole]
+    if not pages:
+        return None, []
+    failed = next((p for p in pages if p.status != "ok"), None)
+    text = "\n\n".join(p.completion or "" for p in pages)
+    merged = Answer(document_id, DOCUMENT_PAGE, failed.status if failed else "ok", failed.error_type if failed else None,
+                    None, None, text)
+    return merged, pages
+
+
 def score_system(system: System, gold: GoldSet, answers: dict[tuple[str, int], Answer], document_answers: dict[str, Answer],
                  items: dict[str, dict[tuple[str, str], list[dict[str, Any]]]], kinds: dict[str, dict[str, str]],
                  document_types: dict[str, str], options: EvalOptions) -> SystemScores:
@@ -272,8 +300,15 @@ def score_system(system: System, gold: GoldSet, answers: dict[tuple[str, int], A
     doc_types: dict[tuple[str, str], Counts] = {}
     pages: dict[str, list[int]] = {}
     results = []
+    by_document: dict[str, list[Answer]] = {}
+    for (document_id, _), answer in sorted(answers.items()):
+        by_document.setdefault(document_id, []).append(answer)
     for document_id, page in gold.pages:
-        answer = answers.get((document_id, page)) or document_answers.get(document_id)
+        if page == DOCUMENT_PAGE:
+            answer, parts = document_answer(document_id, by_document.get(document_id, []), document_answers)
+        else:
+            answer = answers.get((document_id, page)) or document_answers.get(document_id)
+            parts = [answer] if answer is not None else []
         if answer is None and not any(gold.items_of(document_id, page, t) for t in system.tables):
             continue  # neither asked of this system nor labelled for its tables (another prompt's page)
         status = answer.status if answer is not None else "missing"
@@ -285,7 +320,8 @@ def score_system(system: System, gold: GoldSet, answers: dict[tuple[str, int], A
             golds = gold.items_of(document_id, page, table)
             gold_on_page += len(golds)
             if system.kind == "structured":
-                predicted = items.get(table, {}).get((answer.result_key, answer.run_id), []) if status == "ok" else []
+                predicted = [item for part in parts for item in items.get(table, {}).get((part.result_key, part.run_id), [])
+                             ] if status == "ok" else []
                 match = match_table(golds, predicted, gold.keys[table], kinds[table], thresholds)
                 result.tables[table] = match
                 got = match.counts

@@ -8,6 +8,14 @@ encoder context), the isolated child's small single-sequence context, and an est
 headroom). When the total exceeds the budget (the GPU's free memory when layers are offloaded to one, else the
 host's available memory; ``MEDVLM_MEMORY_BUDGET_MB`` overrides), ``n_parallel`` is lowered to what fits, or the run
 stops with the numbers when even one page does not.
+
+Document scope (several pages in one prompt) changes nothing on the device for a given ``n_ctx``: a sequence holds
+``n_ctx`` cells whatever fills them, and llama.cpp sizes its compute buffers by ``n_ubatch``, not by the prompt.
+What grows is (1) the context a document needs (``document_n_ctx``: the run level raises ``n_ctx`` to it, or
+answers page by page, and plans with that ``n_ctx`` as ever) and (2) host memory: the encoded embeddings of the
+requests waiting for a slot, and with ``isolate`` their pixels in shared memory, both per page of a request
+(``document_host_mb``). ``plan_document_memory`` is ``plan_memory`` with (2) counted for requests of several pages
+where the budget is the host's; for one page per request it is ``plan_memory`` itself.
 """
 
 from __future__ import annotations
@@ -133,6 +141,106 @@ def plan_memory(config: EngineConfig, budget_mb: float | None = None, gpu: str |
         )
     return MemoryPlan(config.n_parallel, chosen, weights / MIB, per_page / MIB, compute / MIB, needed(chosen),
                       float(budget_mb), source)
+
+
+def document_n_ctx(pages: int, image_tokens_per_page: int, text_tokens: int, max_tokens: int) -> int:
+    """The ``n_ctx`` (KV cells per sequence) that answers ``pages`` pages in one prompt, as llama.cpp rounds it.
+
+    Args:
+        pages: the pages in the prompt.
+        image_tokens_per_page: image tokens (KV cells, not M-RoPE positions) each page takes; the model's and
+            the image token budget's (``--image-max-tokens``) doing.
+        text_tokens: the rendered prompt's text tokens (chat template, question).
+        max_tokens: the answer's budget.
+
+    Returns:
+        Cells, a multiple of 256: what ``EngineConfig.n_ctx`` must be for the document to fit.
+    """
+    return _cells_per_page(pages * image_tokens_per_page + text_tokens + max_tokens + 1)
+
+
+def _n_embd_inp(model_path: str) -> int:
+    """The width of an image embedding row (``llama_model_n_embd_inp``): the embedding, times one plus the
+    deepstack layers where the model has them (Qwen3-VL)."""
+    meta = read_gguf_metadata(model_path)
+    arch = str(meta.get("general.architecture", "llama"))
+    deepstack = int(meta.get(f"{arch}.n_deepstack_layers") or 0)
+    return _text_shape(model_path)["embd"] * (1 + deepstack)
+
+
+def document_host_mb(config: EngineConfig, pages_per_request: int, image_tokens_per_page: int,
+                     page_pixels: int = 0, n_parallel: int | None = None) -> float:
+    """Host memory that the pages of requests beyond their first take while waiting: what a request of
+    ``pages_per_request`` pages holds more than a one-page request (which ``COMPUTE_HEADROOM`` covers).
+
+    The batched engine keeps up to ``n_parallel`` encoded requests waiting for a slot (its ``encode_ahead``), one
+    more per encoder being encoded and one being prefilled, each with a float32 copy of its images' embeddings;
+    with ``isolate`` the parent keeps every unanswered request's pixels in shared memory (its ``window``).
+
+    Args:
+        config: the engine config.
+        pages_per_request: pages in one prompt (the most of any document answered in one prompt).
+        image_tokens_per_page: image tokens per page.
+        page_pixels: pixels per page (width x height, at most ``ImageOptions.max_pixels``); 0 leaves the
+            isolated engine's shared memory out.
+        n_parallel: sequences (default: the config's).
+
+    Returns:
+        MiB; 0 for one page per request.
+    """
+    extra_pages = max(0, pages_per_request - 1)
+    n = n_parallel or config.n_parallel
+    workers = encode_workers_for(config)
+    held = n + (workers if config.overlap_encode else 0) + 1
+    embeddings = held * extra_pages * image_tokens_per_page * _n_embd_inp(config.model_path) * 4
+    window = n + (n + (config.encode_workers or 2) if config.overlap_encode else 0) + 1  # IsolatedEngine.window
+    pixels = window * extra_pages * page_pixels * 3 if config.isolate else 0
+    return (embeddings + pixels) / MIB
+
+
+def plan_document_memory(config: EngineConfig, pages_per_request: int, image_tokens_per_page: int,
+                         page_pixels: int = 0, budget_mb: float | None = None, gpu: str | None = None) -> MemoryPlan:
+    """``plan_memory`` for requests of ``pages_per_request`` pages (document scope, in one prompt).
+
+    ``config.n_ctx`` must already hold a document (``document_n_ctx``): the KV cache is planned from it as for
+    pages. Where the budget is the host's (no GPU offload), the documents' extra host memory
+    (``document_host_mb``) is counted too and ``n_parallel`` lowered until it fits; on a GPU it lives in host
+    memory, outside the GPU budget. With one page per request the plan is ``plan_memory``'s.
+
+    Args:
+        config: the engine config (its ``n_parallel`` is the wish, its ``n_ctx`` a document's).
+        pages_per_request: pages in one prompt.
+        image_tokens_per_page: image tokens per page.
+        page_pixels: pixels per page (for the isolated engine's shared memory; 0: not counted).
+        budget_mb: the memory available (None: detected).
+        gpu: the worker's ``CUDA_VISIBLE_DEVICES``.
+
+    Returns:
+        The plan (``needed_mb`` and ``compute_mb`` include the documents' extra host memory when counted).
+
+    Raises:
+        RunError: not even one sequence fits, with the numbers.
+    """
+    plan = plan_memory(config, budget_mb, gpu)
+    if pages_per_request <= 1 or plan.budget_source == "gpu":
+        return plan
+    chosen = plan.n_parallel
+
+    def needed(n: int) -> float:
+        return plan.weights_mb + plan.compute_mb + n * plan.kv_mb_per_page + document_host_mb(
+            config, pages_per_request, image_tokens_per_page, page_pixels, n)
+
+    while chosen > 1 and needed(chosen) > plan.budget_mb:
+        chosen -= 1
+    if needed(chosen) > plan.budget_mb:
+        raise RunError(
+            f"the model does not fit: one sequence of a {pages_per_request}-page document (n_ctx {config.n_ctx}) needs "
+            f"about {needed(1):,.0f} MiB and {plan.budget_source} memory offers {plan.budget_mb:,.0f} MiB; answer "
+            "documents page by page (map-reduce), lower --n-ctx or the pixel budget, or use a smaller model"
+        )
+    extra = document_host_mb(config, pages_per_request, image_tokens_per_page, page_pixels, chosen)
+    return MemoryPlan(plan.requested_parallel, chosen, plan.weights_mb, plan.kv_mb_per_page,
+                      plan.compute_mb + extra, needed(chosen), plan.budget_mb, plan.budget_source)
 
 
 def detect_budget_mb(offloading: bool, gpu: str | None = None) -> tuple[float, str]:

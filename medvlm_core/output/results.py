@@ -13,7 +13,7 @@ import errno
 import hashlib
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,6 +21,9 @@ import pyarrow.parquet as pq
 from medvlm_core.errors import RunError
 from medvlm_core.output.tables import COMPLETIONS, QUARANTINE, RUN_TABLES, RUNS, rows_to_arrow, validate_table
 from medvlm_core.storage import Storage
+
+if TYPE_CHECKING:
+    from medvlm_core.output.paths import OutputLayout
 
 # The run tables' Arrow schemas, derived from their one definition (``output/tables.py``).
 COMPLETIONS_SCHEMA = COMPLETIONS.arrow_schema()
@@ -147,3 +150,33 @@ def merge_parquet(storage: Storage, sources: list[str], url: str, schema: pa.Sch
                     rows += group.num_rows
                     writer.write_table(group)
     return rows
+
+
+def read_answers(storage: Storage, layout: "OutputLayout", keys: set[str]) -> dict[str, str]:
+    """The completions of ``keys`` already published in an output (``ok`` rows; the latest when a key has
+    several): the page answers a document's consolidation reuses instead of asking the pages again.
+
+    Reads the completions table's files one at a time (three columns, the keys filtered as each is read).
+
+    Args:
+        storage: where the output is.
+        layout: the output's layout.
+        keys: the result keys wanted.
+
+    Returns:
+        Result key -> completion, for the keys found.
+    """
+    import pyarrow.compute as pc
+
+    found: dict[str, tuple[Any, str]] = {}
+    if not keys:
+        return {}
+    wanted = pa.array(sorted(keys))
+    for url in storage.list_files(layout.table("completions"), ".parquet"):
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(url)),
+                              columns=["result_key", "status", "completion", "created_at"])
+        table = table.filter(pc.and_(pc.is_in(table["result_key"], value_set=wanted), pc.equal(table["status"], "ok")))
+        for row in table.to_pylist():
+            if row["result_key"] not in found or row["created_at"] > found[row["result_key"]][0]:
+                found[row["result_key"]] = (row["created_at"], row["completion"])
+    return {key: text for key, (_, text) in found.items()}

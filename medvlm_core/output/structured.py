@@ -3,13 +3,15 @@
 A prompt may carry a JSON schema. Generation is then constrained by a llama.cpp grammar built from the
 schema, so the output always parses (unless it was cut off at max_tokens: status ``truncated``, and no
 rows reach the structured tables). Each top-level array of objects in the answer becomes rows of a table:
-the built-in ``clinical_extraction`` fills ``diagnoses``, ``medications`` and ``instructions``; a
+the built-in ``clinical_extraction`` (and ``clinical_extraction_coded``, its schema with codes, traits and
+medication attributes) fills ``diagnoses``, ``medications`` and ``instructions``; a
 user-defined extraction fills a table named after its prompt id. Every row carries the keys that join it
 back to its page: run_id, result_key, document_id, page, patient_id, encounter_id, and its item_index.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -17,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from medvlm_core.output.code_tables import LINKED_COLUMNS
 from medvlm_core.output.tables import STRUCTURED_KEYS
 
 # Bounded strings and arrays keep a constrained answer finite even when a model rambles.
@@ -71,6 +74,43 @@ CLINICAL_SCHEMA: dict[str, Any] = {
     "required": ["diagnoses", "medications", "instructions"],
 }
 
+# ``clinical_extraction_coded``: the clinical schema plus what analysts join on (docs/codes.md). A prompt of its
+# own, because the schema is part of the prompt's hash and so of every result key: ``clinical_extraction`` stays
+# byte for byte what it was, and its answers keep their keys. Per diagnosis the model may give an ICD-10-CM code
+# (checked by the linking stage, medvlm_core/codes) and says Comprehend Medical's traits; per medication the
+# strength, dosage form and duration.
+_TRAIT = {"type": "boolean"}
+CODED_DIAGNOSIS_FIELDS: dict[str, Any] = {
+    "icd10cm_code": {"type": "string", "maxLength": 8},
+    "negated": _TRAIT, "historical": _TRAIT, "family_history": _TRAIT, "hypothetical": _TRAIT,
+}
+CODED_MEDICATION_FIELDS: dict[str, Any] = {"strength": _SHORT, "form": _SHORT, "duration": _SHORT}
+
+
+def coded_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """The clinical schema with the coded fields (``CODED_DIAGNOSIS_FIELDS``, ``CODED_MEDICATION_FIELDS``).
+
+    The traits and the medication attributes are required (a definite answer each); the code is not (the model
+    gives one only when it knows it).
+
+    Args:
+        schema: the clinical schema (``CLINICAL_SCHEMA``).
+
+    Returns:
+        A new schema; ``schema`` is not changed.
+    """
+    out = copy.deepcopy(schema)
+    for array, added in (("diagnoses", CODED_DIAGNOSIS_FIELDS), ("medications", CODED_MEDICATION_FIELDS)):
+        items = out["properties"][array]["items"]
+        items["properties"].update(copy.deepcopy(added))
+        items["required"] = list(items["required"]) + [name for name in added if name != "icd10cm_code"]
+    return out
+
+
+CLINICAL_CODED_SCHEMA: dict[str, Any] = coded_schema(CLINICAL_SCHEMA)
+# The prompts whose arrays fill the diagnoses, medications and instructions tables.
+CLINICAL_PROMPT_IDS = ("clinical_extraction", "clinical_extraction_coded")
+
 # The leading columns of every extraction table, from their one definition (``output/tables.py``).
 KEY_FIELDS = [(c.name, c.type) for c in STRUCTURED_KEYS]
 
@@ -89,14 +129,38 @@ def tables_for(prompt_id: str, schema: dict[str, Any]) -> dict[str, tuple[str, p
         for name, prop in (schema.get("properties") or {}).items()
         if prop.get("type") == "array" and isinstance(prop.get("items"), dict) and prop["items"].get("type") == "object"
     }
-    if prompt_id == "clinical_extraction":
-        return {name: (name, _arrow_schema(items, section=False)) for name, items in arrays.items()}
+    if prompt_id in CLINICAL_PROMPT_IDS:
+        return clinical_tables(arrays)
     if not _TABLE_NAME.match(prompt_id):
         raise ValueError(f"prompt id {prompt_id!r} cannot name a table (use lowercase letters, digits, _)")
     merged: dict[str, Any] = {}
     for items in arrays.values():
         merged.update(items.get("properties") or {})
     return {prompt_id: ("*", _arrow_schema({"properties": merged}, section=True))}
+
+
+def clinical_tables(arrays: dict[str, dict[str, Any]]) -> dict[str, tuple[str, pa.Schema]]:
+    """The clinical tables of either clinical prompt, each with one schema whichever prompt filled it.
+
+    A table's columns: the keys, the fields of both clinical schemas (the coded prompt's extra fields are null in
+    rows of ``clinical_extraction``), then the linked columns (``code_tables.LINKED_COLUMNS``), so that two prompts'
+    rows share a staged file and every run's files have the same columns.
+
+    Args:
+        arrays: the answer's array property -> its item schema.
+
+    Returns:
+        Table name -> (array property, Arrow schema).
+    """
+    out = {}
+    for name, items in arrays.items():
+        linked = LINKED_COLUMNS.get(name, ())
+        coded = CLINICAL_CODED_SCHEMA["properties"].get(name, {}).get("items", {}).get("properties", {})
+        properties = {**coded, **(items.get("properties") or {})}
+        fields = {k: v for k, v in properties.items() if k not in {c.name for c in linked}}
+        schema = _arrow_schema({"properties": fields}, section=False)
+        out[name] = (name, pa.schema(list(schema) + [pa.field(c.name, c.type) for c in linked]))
+    return out
 
 
 def _arrow_schema(items: dict[str, Any], section: bool) -> pa.Schema:
@@ -140,7 +204,9 @@ def flatten(prompt_id: str, schema: dict[str, Any], answer: dict[str, Any], keys
                 for name in arrow.names:
                     if name in item and name not in row:
                         value = item[name]
-                        row[name] = json.dumps(value) if isinstance(value, (dict, list)) else value
+                        if isinstance(value, (dict, list)) and not pa.types.is_list(arrow.field(name).type):
+                            value = json.dumps(value)
+                        row[name] = value
                 rows.append(row)
     return out
 
@@ -247,3 +313,66 @@ def load_extraction(text: str, source: str) -> tuple[str, str, dict[str, Any]]:
         raise ValueError(f"{source}: schema must be a JSON schema of type object")
     tables_for(spec["prompt_id"], spec["schema"])  # validates the table name
     return spec["prompt_id"], spec["prompt"], spec["schema"]
+
+
+# At document scope every item says which pages its evidence is on (``with_page_evidence``).
+PAGE_EVIDENCE = {"type": "array", "items": {"type": "integer", "minimum": 1}, "maxItems": 64}
+
+
+def with_page_evidence(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON schema whose items (the objects of its top-level arrays) also give ``pages``: where their evidence
+    is in the document (document scope).
+
+    Args:
+        schema: an extraction's JSON schema.
+
+    Returns:
+        A copy with ``pages`` in every item's properties (not required: the model may give none).
+    """
+    out = copy.deepcopy(schema)
+    for prop in (out.get("properties") or {}).values():
+        items = prop.get("items") if prop.get("type") == "array" else None
+        if isinstance(items, dict) and items.get("type") == "object":
+            items.setdefault("properties", {})["pages"] = dict(PAGE_EVIDENCE)
+    return out
+
+
+def document_items(answer: dict[str, Any], pages: list[int],
+                   confidence: dict[tuple[str, int], float] | None = None
+                   ) -> tuple[dict[str, Any], dict[tuple[str, int], float]]:
+    """A document-scope answer's items with their evidence pages checked and repeats merged.
+
+    Each item's ``pages`` keeps the page numbers that are pages of the document, sorted, once each (None when
+    none is left). Items that say the same thing apart from their pages (the same medication read on two pages)
+    are kept once, with the union of their pages.
+
+    Args:
+        answer: the parsed answer (top-level arrays of item objects).
+        pages: the document's pages that were answered.
+        confidence: (array key, item position) -> confidence, as ``item_confidences`` gives for ``answer``.
+
+    Returns:
+        ``(answer, confidence)`` with the positions of the kept items.
+    """
+    allowed, confidence = set(pages), confidence or {}
+    out: dict[str, Any] = dict(answer)
+    kept_confidence: dict[tuple[str, int], float] = {}
+    for key, items in answer.items():
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            continue
+        kept: list[dict[str, Any]] = []
+        seen: dict[str, int] = {}
+        for position, item in enumerate(items):
+            given = item.get("pages")
+            valid = sorted({p for p in given if isinstance(p, int) and p in allowed}) if isinstance(given, list) else []
+            content = json.dumps({k: v for k, v in item.items() if k != "pages"}, sort_keys=True)
+            if content in seen:  # a repeat: one item, its evidence on every page it was read on
+                first = kept[seen[content]]
+                first["pages"] = sorted(set(first["pages"] or []) | set(valid)) or None
+                continue
+            seen[content] = len(kept)
+            if (key, position) in confidence:
+                kept_confidence[(key, len(kept))] = confidence[(key, position)]
+            kept.append(dict(item, pages=valid or None))
+        out[key] = kept
+    return out, kept_confidence

@@ -16,6 +16,10 @@ from medvlm_core.inputs.prompts import Prompt
 from medvlm_core.model.files import ModelIdentity
 from medvlm_core.output import status
 
+# The key of a document-scope result row that lists the manifest rows it answers (several rows may name pages
+# of one document): not a column (``result_rows.completion_columns`` drops it), counted here.
+COVERED_ROWS = "covered_rows"
+
 
 @dataclass
 class ChunkSummary:
@@ -34,13 +38,20 @@ class ChunkSummary:
     error_types: dict[str, int] = field(default_factory=dict)
     slowest: list[tuple[float, str, int | None]] = field(default_factory=list)  # (latency_ms, document_id, page)
     storage_retries: int = 0  # object-store calls retried (set per shard; a flow adds its own Storage's count)
+    documents_ok: int = 0  # document scope: documents answered (ok or truncated)
+    documents_error: int = 0  # document scope: documents that ended in an error row
+    documents_skipped: int = 0  # document scope: documents whose answer was already in the output
 
     def add(self, row: dict) -> None:
         """Count one result row.
 
         Args:
-            row: a result row (any status, ``skipped`` included).
+            row: a result row (any status, ``skipped`` included). A document-scope answer counts as a
+                document, for every manifest row it covers (``COVERED_ROWS``).
         """
+        if row.get("scope") == "document":
+            self._add_document(row)
+            return
         if row["status"] == status.SKIPPED:
             self.pages_skipped += 1
             self.skipped_rows.add(row["manifest_row"])
@@ -58,6 +69,21 @@ class ChunkSummary:
             self.pages_error += 1
             self.error_types[row["error_type"]] = self.error_types.get(row["error_type"], 0) + 1
 
+    def _add_document(self, row: dict) -> None:
+        covered = row.get(COVERED_ROWS) or [row["manifest_row"]]
+        if row["status"] == status.SKIPPED:
+            self.documents_skipped += 1
+            self.skipped_rows.update(covered)
+            return
+        self.written_rows.update(covered)
+        if row["status"] in status.ANSWERED:
+            self.documents_ok += 1
+            self.prompt_tokens += row.get("prompt_tokens") or 0
+            self.completion_tokens += row.get("completion_tokens") or 0
+        else:
+            self.documents_error += 1
+            self.error_types[row["error_type"]] = self.error_types.get(row["error_type"], 0) + 1
+
     def merge(self, other: "ChunkSummary") -> None:
         """Add another summary's counts to this one (a shard's chunks, a run's shards).
 
@@ -67,7 +93,7 @@ class ChunkSummary:
         self.written_rows |= other.written_rows
         self.skipped_rows |= other.skipped_rows
         for name in ("pages_ok", "pages_error", "pages_skipped", "pages_truncated", "prompt_tokens", "completion_tokens",
-                     "storage_retries"):
+                     "storage_retries", "documents_ok", "documents_error", "documents_skipped"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for key, value in other.error_types.items():
             self.error_types[key] = self.error_types.get(key, 0) + value
@@ -149,6 +175,7 @@ class RunFacts:
     default_prompt: Prompt
     storage_retries: int  # the run's own Storage's retries (shards report theirs in their summaries)
     memory: dict | None = None  # the engine's memory plan (``MemoryPlan.as_dict``), when one was made
+    scope: str = "page"  # the run's scope (``DocumentOptions.scope``)
 
 
 def run_row(facts: RunFacts, plan: ManifestPlan, total: ChunkSummary) -> dict[str, Any]:
@@ -198,6 +225,9 @@ def run_row(facts: RunFacts, plan: ManifestPlan, total: ChunkSummary) -> dict[st
         "memory_needed_mb": (facts.memory or {}).get("needed_mb"),
         "memory_budget_mb": (facts.memory or {}).get("budget_mb"),
         "medvlm_version": medvlm_core.__version__,
+        "scope": facts.scope,
+        "documents_ok": total.documents_ok if facts.scope == "document" else None,
+        "documents_error": total.documents_error if facts.scope == "document" else None,
     }
 
 
@@ -212,8 +242,8 @@ def run_summary(row: dict[str, Any], total: ChunkSummary, published: dict[str, s
     Returns:
         The summary.
     """
-    keys = ("run_id", "manifest_rows", "quarantined_rows", "skipped_rows", "skipped_pages", "pages_ok", "pages_error",
-            "pages_truncated", "reconciled", "storage_retries", "wall_seconds", "pages_per_second",
+    keys = ("run_id", "scope", "manifest_rows", "quarantined_rows", "skipped_rows", "skipped_pages", "pages_ok",
+            "pages_error", "pages_truncated", "documents_ok", "documents_error", "reconciled", "storage_retries", "wall_seconds", "pages_per_second",
             "completion_tokens_per_second")
     return {
         **{k: row[k] for k in keys},

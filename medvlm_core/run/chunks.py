@@ -8,6 +8,7 @@ or shard that failed as a whole as error rows, so no row is ever lost. Both retu
 from __future__ import annotations
 
 from medvlm_core import errors
+from medvlm_core.codes.linking import link_structured
 from medvlm_core.engine.types import Engine
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.inputs.manifest import ManifestRow
@@ -16,6 +17,7 @@ from medvlm_core.output import results, status
 from medvlm_core.output.paths import shard_prefix
 from medvlm_core.output.structured import tables_for
 from medvlm_core.run.accounting import ChunkSummary
+from medvlm_core.run.documents import process_documents
 from medvlm_core.run.pages import process_rows
 from medvlm_core.run.result_rows import STRUCTURED_ROWS, completion_columns, error_row, row_prompt
 from medvlm_core.run.spec import PageWork, RunSpec
@@ -48,7 +50,8 @@ def stage_chunk(
     """
     url = spec.layout.staged_chunk(spec.run_id, "completions", chunk_index, shard_index)
     summary = ChunkSummary(chunk_index, url)
-    out = [r for r in process_rows(engine, rows, spec, storage, done, on_row=summary.add) if r["status"] != status.SKIPPED]
+    process = process_documents if spec.documents.scope == "document" else process_rows
+    out = [r for r in process(engine, rows, spec, storage, done, on_row=summary.add) if r["status"] != status.SKIPPED]
     results.write_rows(storage, url, "completions", [completion_columns(r) for r in out])
     stage_structured(spec, out, chunk_index, shard_index, storage)
     return summary
@@ -64,7 +67,9 @@ def stage_structured(spec: RunSpec, out: list[dict], chunk_index: int, shard_ind
         shard_index: its shard in a fan-out run.
         storage: where the output is.
     """
-    for table, (rows, schema) in structured_tables(spec, out).items():
+    tables = structured_tables(spec, out)
+    link_structured(tables, spec.run_id)  # the code columns of diagnoses and medications, and diagnosis_codes
+    for table, (rows, schema) in tables.items():
         url = spec.layout.staged_chunk(spec.run_id, table, chunk_index, shard_index)
         results.write_rows(storage, url, table, rows, schema)
 

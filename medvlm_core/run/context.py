@@ -320,7 +320,7 @@ def make_spec(ctx: RunContext, engine: EngineConfig, identity: ModelIdentity) ->
         run_id=ctx.run_id, layout=ctx.output, engine=engine, model=identity, generation=generation, images=images,
         default_prompt=ctx.default_prompt,
         params_json=params_json(generation, images, identity.chat_format, engine, engine.chat_template),
-        fetch_workers=ctx.settings.fetch_workers, force=ctx.options.output.force,
+        fetch_workers=ctx.settings.fetch_workers, force=ctx.options.output.force, documents=ctx.options.documents,
     )
 
 

@@ -1,6 +1,6 @@
 """One definition of every run option: ``RunOptions``, composed of the typed configs.
 
-A run's options are grouped by what they shape: the prompt, sampling (``GenerationParams``), page images
+A run's options are grouped by what they shape: the prompt, the scope (pages or whole documents), sampling (``GenerationParams``), page images
 (``ImageOptions``), the engine (``EngineOptions``), the model files' expected hashes, storage, the output and
 the location policy. Each knob is one field with its default, limits and help text; the ``medvlm`` CLI flags
 (``flows.cli``), the four flows' ``options`` parameter (and with it the form Prefect's UI shows for a
@@ -38,6 +38,20 @@ class PromptOptions:
     # For a GGUF without tokenizer.chat_template; its sha256 goes into params_json.
     chat_template_file: Optional[str] = Field(None, description="Jinja chat template file (path or s3://) used instead "
                                               "of the model's own; implies chat format mtmd [chatTemplate]")
+
+
+@dataclass(frozen=True, kw_only=True, config=STRICT)
+class DocumentOptions:
+    """Whether a run answers each page, or each whole document from all its pages (docs/documents.md)."""
+
+    scope: Literal["page", "document"] = Field(
+        "page", description="page: one answer per page; document: one answer per document from all its pages "
+        "(or the pages its manifest rows name), in page order")
+    document_method: Literal["auto", "single_prompt", "map_reduce"] = Field(
+        "auto", description="at document scope: all pages in one prompt (single_prompt), each page then a "
+        "text-only consolidation (map_reduce), or single_prompt when the pages fit n_ctx, else map_reduce (auto)")
+    max_document_pages: int = Field(
+        50, ge=1, description="at document scope: a document with more pages is an error row naming this limit")
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
@@ -103,6 +117,7 @@ class RunOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra={"additionalProperties": True})
 
     prompting: PromptOptions = Field(default_factory=PromptOptions)
+    documents: DocumentOptions = Field(default_factory=DocumentOptions)
     generation: GenerationParams = Field(default_factory=GenerationParams)
     images: ImageOptions = Field(default_factory=ImageOptions)
     engine: EngineOptions = Field(default_factory=EngineOptions)

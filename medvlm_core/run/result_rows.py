@@ -17,7 +17,8 @@ from medvlm_core.inputs.manifest import ManifestRow
 from medvlm_core.inputs.prompts import Prompt, get_prompt
 from medvlm_core.output import status as row_status
 from medvlm_core.output.results import result_key, utc_now
-from medvlm_core.output.structured import flatten, item_confidences
+from medvlm_core.output.structured import document_items, flatten, item_confidences
+from medvlm_core.run.accounting import COVERED_ROWS
 from medvlm_core.run.spec import PageWork, RunSpec
 
 
@@ -76,6 +77,7 @@ def base_row(work: PageWork, spec: RunSpec, prompt: Prompt) -> dict[str, Any]:
         "fetch_ms": work.fetch_ms,
         "preprocess_ms": work.preprocess_ms,
         "created_at": utc_now(),
+        "scope": "page",
     }
 
 
@@ -86,8 +88,17 @@ def error_row(work: PageWork, spec: RunSpec, prompt: Prompt, error: DocumentErro
     return row
 
 
-def _add_structured(out: dict[str, Any], prompt: Prompt, result: Generation) -> None:
-    """Parse a constrained answer into ``out[STRUCTURED_ROWS]`` (table -> rows), or mark it truncated/invalid."""
+def add_structured(out: dict[str, Any], prompt: Prompt, result: Generation,
+                   pages: list[int] | None = None) -> None:
+    """Parse a constrained answer into ``out[STRUCTURED_ROWS]`` (table -> rows), or mark it truncated/invalid.
+
+    Args:
+        out: the result row (its ``completion`` and keys).
+        prompt: the prompt with its JSON schema.
+        result: the engine's answer (for the items' confidences).
+        pages: at document scope, the document's pages: each item's ``pages`` evidence is kept within them and
+            items repeated across pages are kept once (``structured.document_items``).
+    """
     if out["finish_reason"] == "length":
         # Cut off at max_tokens: the JSON is incomplete, so no partial rows reach the tables.
         out["status"] = row_status.TRUNCATED
@@ -102,24 +113,27 @@ def _add_structured(out: dict[str, Any], prompt: Prompt, result: Generation) -> 
                    error_message=f"{out['image_uri']}: the model's answer is not the JSON the schema asks for")
         return
     keys = {k: out[k] for k in ("run_id", "result_key", "document_id", "page", "patient_id", "encounter_id")}
+    if pages is not None:
+        answer, confidence = document_items(answer, pages, confidence)
     out[STRUCTURED_ROWS] = flatten(prompt.prompt_id, prompt.schema, answer, keys, confidence)
 
 
-# The key of a result row that carries its structured tables' rows (``_add_structured``) to ``chunks``: not a
+# The key of a result row that carries its structured tables' rows (``add_structured``) to ``chunks``: not a
 # column of the completions table, so it is taken out before the row is written (``completion_columns``).
 STRUCTURED_ROWS = "structured"
 
 
 def completion_columns(row: dict[str, Any]) -> dict[str, Any]:
-    """A result row as the completions table's columns: without the structured rows it carries.
+    """A result row as the completions table's columns: without the structured rows it carries, nor the
+    manifest rows a document-scope answer covers (``accounting.COVERED_ROWS``).
 
     Args:
         row: a result row.
 
     Returns:
-        The row without ``STRUCTURED_ROWS``.
+        The row without ``STRUCTURED_ROWS`` and ``COVERED_ROWS``.
     """
-    return {k: v for k, v in row.items() if k != STRUCTURED_ROWS}
+    return {k: v for k, v in row.items() if k not in (STRUCTURED_ROWS, COVERED_ROWS)}
 
 
 def safe_prompt(row: ManifestRow, default: Prompt) -> tuple[Prompt, DocumentError | None]:
@@ -151,21 +165,33 @@ def result_row(work: PageWork, spec: RunSpec, prompt: Prompt, result: Generation
         out = error_row(work, spec, prompt, result)
     else:
         out = base_row(work, spec, prompt)
-        out.update(
-            status=row_status.OK,
-            completion=result.text,
-            finish_reason=result.finish_reason,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            latency_ms=result.latency_ms,
-            reasoning=result.reasoning,
-            reasoning_tokens=result.reasoning_tokens,
-            reasoning_budget_hit=result.reasoning_budget_hit,
-            mean_logprob=result.mean_logprob,
-            min_logprob=result.min_logprob,
-            top_logprobs=json.dumps(result.top_logprobs, separators=(",", ":")) if result.top_logprobs else None,
-        )
+        out.update(answer_columns(result))
         if prompt.schema is not None:
-            _add_structured(out, prompt, result)
+            add_structured(out, prompt, result)
     work.image = None  # free the pixels before the next page
     return out
+
+
+def answer_columns(result: Generation) -> dict[str, Any]:
+    """The columns an answer fills: ok status, the completion, its tokens, timing, reasoning and confidence.
+
+    Args:
+        result: the engine's answer.
+
+    Returns:
+        Column -> value.
+    """
+    return dict(
+        status=row_status.OK,
+        completion=result.text,
+        finish_reason=result.finish_reason,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        latency_ms=result.latency_ms,
+        reasoning=result.reasoning,
+        reasoning_tokens=result.reasoning_tokens,
+        reasoning_budget_hit=result.reasoning_budget_hit,
+        mean_logprob=result.mean_logprob,
+        min_logprob=result.min_logprob,
+        top_logprobs=json.dumps(result.top_logprobs, separators=(",", ":")) if result.top_logprobs else None,
+    )

@@ -29,52 +29,95 @@ SHARDS_PER_FILE = 64
 
 class ShardPlanWriter:
     """A ``manifest.plan_manifest`` sink that cuts the valid rows into shards of ``shard_size`` rows, in
-    manifest order, and writes each plan file (``SHARDS_PER_FILE`` shards) as soon as it is full.
+    manifest order, and writes each plan file (``SHARDS_PER_FILE`` shards, a row group each) as soon as it is full.
+
+    At document scope (``keep_documents``) a shard never splits a document: it ends after the last of the
+    adjacent rows of its last document (so a shard may hold a few more rows than ``shard_size``), and a
+    document whose rows come back after other documents' rows, once its shard is written, stops the run
+    (list a document's rows together).
 
     Args:
         storage: where the output is.
         layout: the output's layout.
         run_id: the fan-out run.
         shard_size: rows per shard.
+        keep_documents: keep each document's rows in one shard (document scope).
     """
 
-    def __init__(self, storage: Storage, layout: OutputLayout, run_id: str, shard_size: int):
+    def __init__(self, storage: Storage, layout: OutputLayout, run_id: str, shard_size: int,
+                 keep_documents: bool = False):
         self.storage, self.layout, self.run_id = storage, layout, run_id
         self.shard_size = max(1, shard_size)
+        self.keep_documents = keep_documents
         self.sizes: list[int] = []  # rows of each shard written so far
-        self._pending: list[pl.DataFrame] = []
-        self._pending_rows = 0
+        self._pending: pl.DataFrame | None = None
+        self._written_documents: set[str] = set()  # keep_documents: the documents of the shards written
 
     def __call__(self, rows: pl.DataFrame) -> None:
-        """Take a batch of valid rows; write every shard it completes.
+        """Take a batch of valid rows; write every plan file it completes.
 
         Args:
             rows: plan rows (``manifest.PLAN_SCHEMA``).
         """
-        self._pending.append(rows)
-        self._pending_rows += rows.height
-        while self._pending_rows >= self.shard_size * SHARDS_PER_FILE:
-            self._write(self.shard_size * SHARDS_PER_FILE)
+        self._pending = rows if self._pending is None else pl.concat([self._pending, rows])
+        while True:
+            cuts = self._cuts(final=False)
+            if len(cuts) < SHARDS_PER_FILE:
+                return
+            self._write(cuts[:SHARDS_PER_FILE])
 
     def close(self) -> int:
-        """Write the last, partial shard.
+        """Write the last plan file (its last shard may be partial).
 
         Returns:
             The number of shards.
         """
-        if self._pending_rows:
-            self._write(self._pending_rows)
+        cuts = self._cuts(final=True)
+        for start in range(0, len(cuts), SHARDS_PER_FILE):
+            self._write(cuts[start : start + SHARDS_PER_FILE])
         return len(self.sizes)
 
-    def _write(self, size: int) -> None:
-        rows = pl.concat(self._pending) if len(self._pending) > 1 else self._pending[0]
-        part, rest = rows.head(size), rows.slice(size)
+    def _cuts(self, final: bool) -> list[tuple[int, int]]:
+        """The (start, end) rows of the pending shards that are complete (all of them when ``final``)."""
+        rows = self._pending
+        if rows is None or rows.height == 0:
+            return []
+        ids = rows["document_id"].to_list() if self.keep_documents else None
+        cuts, start, n = [], 0, rows.height
+        while start < n:
+            end = start + self.shard_size
+            if end > n and not final:
+                break
+            end = min(end, n)
+            if ids is not None:
+                while end < n and ids[end] == ids[end - 1]:  # the document goes on: so does the shard
+                    end += 1
+                if end == n and not final:
+                    break  # the next batch may hold more of this document
+            cuts.append((start, end))
+            start = end
+        return cuts
+
+    def _write(self, cuts: list[tuple[int, int]]) -> None:
+        rows = self._pending
+        shards = [rows.slice(start, end - start) for start, end in cuts]
+        if self.keep_documents:
+            for shard in shards:
+                ids = set(shard["document_id"].to_list())
+                again = sorted(ids & self._written_documents)
+                if again:
+                    raise RunError(f"manifest row {shard.filter(pl.col('document_id') == again[0])['row_number'][0]}: "
+                                   f"document {again[0]!r} has rows apart from its others; at document scope a "
+                                   "fan-out keeps a document's rows in one shard: list them together")
+                self._written_documents |= ids
         url = self.layout.shard_plan(self.run_id, len(self.sizes) // SHARDS_PER_FILE)
-        table = part.select(PLAN_SCHEMA.names).to_arrow().cast(PLAN_SCHEMA)
         with self.storage.open_atomic(url) as f:
-            pq.write_table(table, f, row_group_size=self.shard_size, compression="zstd")  # a row group per shard
-        self.sizes += [min(self.shard_size, part.height - start) for start in range(0, part.height, self.shard_size)]
-        self._pending, self._pending_rows = ([rest] if rest.height else []), rest.height
+            with pq.ParquetWriter(f, PLAN_SCHEMA, compression="zstd") as writer:
+                for shard in shards:  # a row group per shard: a shard reads its own
+                    writer.write_table(shard.select(PLAN_SCHEMA.names).to_arrow().cast(PLAN_SCHEMA),
+                                       row_group_size=max(1, shard.height))
+        self.sizes += [shard.height for shard in shards]
+        self._pending = rows.slice(cuts[-1][1])
 
 
 def read_shard_rows(storage: Storage, layout: OutputLayout, run_id: str, shard_index: int) -> list[ManifestRow]:

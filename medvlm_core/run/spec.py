@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from medvlm_core.errors import DocumentError
 from medvlm_core.inputs.images import PageImage
@@ -11,6 +11,7 @@ from medvlm_core.inputs.manifest import ManifestRow
 from medvlm_core.inputs.prompts import Prompt
 from medvlm_core.model.files import ModelIdentity
 from medvlm_core.output.paths import OutputLayout
+from medvlm_core.run.options import DocumentOptions
 from medvlm_core.run.params import EngineConfig, GenerationParams, ImageOptions
 
 
@@ -29,6 +30,8 @@ class RunSpec:
     fetch_workers: int = 4  # MEDVLM_FETCH_WORKERS
     # Re-run pages whose result key already has an ok row (default: skip them).
     force: bool = False
+    # Page scope (one answer per page) or document scope (one per document), and how documents are answered.
+    documents: DocumentOptions = field(default_factory=DocumentOptions)
 
 
 @dataclass

@@ -180,3 +180,46 @@ def write_demo_documents(folder: str | Path) -> list[dict]:
             }
         )
     return records
+
+
+# A discharge summary of three pages, whose answer needs all of them: the diagnoses on page 1 are why the
+# medications on page 2 were prescribed, and the conditional instruction on page 3 is about a page-2 medication.
+MULTIPAGE_ID = "discharge-0004"
+MULTIPAGE: dict = {
+    "patient_id": "P-000104",
+    "encounter_id": "E-9004",
+    "pages": [
+        ("DISCHARGE SUMMARY (page 1 of 3)", [
+            "Patient: P-000104   Admitted: 2026-11-20   Discharged: 2026-11-24",
+            "Primary diagnoses:",
+            "  1. Community-acquired pneumonia, right lower lobe",
+            "  2. Type 2 diabetes mellitus with hyperglycemia",
+            "  3. Atrial fibrillation, new onset",
+        ]),
+        ("DISCHARGE SUMMARY (page 2 of 3)", [
+            "Discharge medications:",
+            "  - Amoxicillin-clavulanate 875/125 mg PO BID x 5 days",
+            "  - Metformin 1000 mg PO BID with meals",
+            "  - Apixaban 5 mg PO BID",
+            "  - Metoprolol succinate 25 mg PO daily",
+        ]),
+        ("DISCHARGE SUMMARY (page 3 of 3)", [
+            "Instructions:",
+            "  - Hold metformin if eGFR falls below 30 or before contrast imaging.",
+            "  - If heart rate is below 55, skip the metoprolol dose and call the clinic.",
+            "  - Return if fever above 38.5 C persists after 72 hours of antibiotics.",
+            "Follow-up: primary care in 1 week; cardiology in 4 weeks.",
+        ]),
+    ],
+}
+
+
+def write_demo_multipage(folder: str | Path) -> dict:
+    """Render the three-page discharge summary to ``folder/discharge-0004.pdf``; returns its manifest record."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pages = [render_document(title, lines) for title, lines in MULTIPAGE["pages"]]
+    path = folder / f"{MULTIPAGE_ID}.pdf"
+    pages[0].save(path, save_all=True, append_images=pages[1:], resolution=118)
+    return {"document_id": MULTIPAGE_ID, "image_uri": f"{folder.name}/{path.name}",
+            "patient_id": MULTIPAGE["patient_id"], "encounter_id": MULTIPAGE["encounter_id"]}

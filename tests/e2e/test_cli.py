@@ -60,19 +60,23 @@ def test_run_command_refuses_bad_setup_with_one_message(tmp_path, tiny_llava, de
 def test_demo_command(tmp_path):
     proc = medvlm("demo", "--workdir", str(tmp_path / "demo"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "3 manifest rows -> 3 ok pages" in proc.stdout
+    assert "4 manifest rows -> 6 ok pages" in proc.stdout
     assert "meaningless" in proc.stdout and "--mmproj" in proc.stdout
-    for doc in ("discharge-0001", "rx-0002", "lab-0003"):
+    for doc in ("discharge-0001", "rx-0002", "lab-0003", "discharge-0004"):
         assert doc in proc.stdout
-    rows = ds.dataset(tmp_path / "demo" / "output" / "completions", partitioning="hive").to_table()
-    assert rows.num_rows == 3
+    # the three-page discharge summary, then answered as one document
+    assert "documents: 1 answered, 0 error" in proc.stdout and "discharge-0004    1-3 ok" in proc.stdout
+    rows = ds.dataset(tmp_path / "demo" / "output" / "completions", partitioning="hive").to_table().to_pylist()
+    assert sorted((r["scope"], r["document_id"]) for r in rows if r["scope"] == "document") == [
+        ("document", "discharge-0004")]
+    assert len(rows) == 7
 
 
 def test_demo_command_s3_to_s3(tmp_path):
     proc = medvlm("demo", "--s3", "--workdir", str(tmp_path / "demo"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "local S3 server (SeaweedFS) at http://127.0.0.1:" in proc.stdout
-    assert "3 manifest rows -> 3 ok pages" in proc.stdout
+    assert "4 manifest rows -> 6 ok pages" in proc.stdout
     assert "completions: s3://medvlm-demo/output/completions/run_date=" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
     # the server was stopped with the demo

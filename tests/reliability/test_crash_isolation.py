@@ -1,6 +1,7 @@
 """Native-crash isolation (medvlm_core.isolated): a real ``ggml_abort`` in the inference child process costs
-only the culprit page (an ``engine_crash`` error row); the other pages in flight are re-run alone and get
-the same answers as the in-process batched engine; too many crashes fail the run loudly.
+only the culprit page (an ``engine_crash`` error row), or the culprit request when it holds a document's pages;
+the other pages in flight are re-run alone and get the same answers as the in-process batched engine; too many
+crashes fail the run loudly.
 
 The crashes are llama.cpp's own abort, injected by a ``NativeAbort`` fault handed to the engine, which
 passes it to its spawned child.
@@ -18,7 +19,14 @@ from PIL import Image, ImageDraw
 
 from medvlm_core import errors
 from medvlm_core.engine import BatchedEngine, IsolatedEngine, Request, SharedStream, VisionEngine
-from medvlm_core.engine.shared_pixels import BlockPool, page_request, read_pixels, release_block, shared_block_prefix
+from medvlm_core.engine.shared_pixels import (
+    BlockPool,
+    page_request,
+    read_pages,
+    read_pixels,
+    release_block,
+    shared_block_prefix,
+)
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.run.params import EngineConfig, GenerationParams
 from medvlm_core.testing.faults import NativeAbort, Stall
@@ -260,3 +268,99 @@ def test_pixel_blocks_are_reused_from_page_to_page_and_freed_at_close(config, pa
     assert {key[1]: r.text for key, r in one.items()} == {key[1]: r.text for key, r in two.items()} == {
         i: expected[i] for i in range(4)}
     assert shared_blocks() == before
+
+
+# Documents in one request: single pages, two three-page requests (intakes 2 and 5) and a text-only prompt.
+DOCUMENT_AT = (2, 5)
+
+
+def mixed_requests(pages) -> list[Request]:
+    out = []
+    for i in range(8):
+        if i in DOCUMENT_AT:
+            out.append(Request(("doc", i), tuple(pages[i:i + 3]), PROMPT, PARAMS))
+        elif i == 6:
+            out.append(Request(("text", i), None, "Merge: aspirin; aspirin.", PARAMS))
+        else:
+            out.append(Request(("page", i), pages[i], PROMPT, PARAMS))
+    return out
+
+
+@pytest.fixture(scope="module")
+def expected_mixed(config, pages):
+    """The mixed requests' answers from the batched engine in this process (no isolation)."""
+    engine = VisionEngine(config, "llava-1-5").start()
+    batched = BatchedEngine(engine, n_seq=config.n_parallel, ctx_per_seq=config.n_ctx, overlap=config.overlap_encode)
+    try:
+        got = dict(batched.generate_many(mixed_requests(pages)))
+    finally:
+        batched.close()
+        engine.close()
+    assert all(not isinstance(r, DocumentError) for r in got.values())
+    assert got[("doc", 2)].prompt_tokens > got[("page", 1)].prompt_tokens  # three images in its prompt
+    return {key: r.text for key, r in got.items()}
+
+
+def test_a_document_request_that_crashes_costs_that_request_only(config, pages, expected_mixed):
+    """The three-page request at intake 2 aborts the child every time (in its batch, then alone): an engine_crash
+    for it; the others in flight (the other three-page request and the text-only prompt among them) are re-run
+    alone and get their answers."""
+    before = shared_blocks()
+    with IsolatedEngine(config, "llava-1-5", fault=NativeAbort(on=frozenset({DOCUMENT_AT[0]}))) as engine:
+        results = dict(engine.generate_many(mixed_requests(pages)))
+        # every request's block (one per request, a document's three pages in one) is back in the pool
+        assert len(shared_blocks() - before) == engine.pixel_blocks.free == engine.pixel_blocks.created
+        crashed = results.pop(("doc", 2))
+        assert isinstance(crashed, DocumentError)
+        assert (crashed.error_type, crashed.message) == (
+            errors.ENGINE_CRASH, "the inference process died (SIGABRT) while processing this request of 3 pages")
+        assert {key: r.text for key, r in results.items()} == {
+            key: text for key, text in expected_mixed.items() if key != ("doc", 2)}
+        # one crash in the batch, one in the culprit's solo run: a new child after each
+        assert (engine.crashes, engine.restarts) == (2, 2) and engine.loaded
+        again = dict(engine.generate_many(mixed_requests(pages)[:2]))  # it goes on
+        assert {key: r.text for key, r in again.items()} == {("page", i): expected_mixed[("page", i)] for i in (0, 1)}
+    assert shared_blocks() == before
+    record("native abort: culprit 3-page request, isolated engine", inputs=len(expected_mixed),
+           faults={"SIGABRT": 2}, rows_lost=len(expected_mixed) - 1 - len(results))
+
+
+def test_the_deadline_of_a_request_scales_with_its_pages(config, pages, expected_mixed):
+    """A child silent for longer than one page's deadline but less than three pages' is not hung while a
+    three-page request is in flight (a one-page request would have been: the hang test above)."""
+    quick = config.replace(page_timeout=2.0)
+    document = mixed_requests(pages)[DOCUMENT_AT[0]]
+    with IsolatedEngine(quick, "llava-1-5", fault=Stall(once=frozenset({0}), seconds=2.5)) as engine:
+        assert engine.request_timeout(PARAMS, 3) == 3 * engine.page_timeout(PARAMS) == 6.0
+        assert engine.request_timeout(PARAMS, 0) == engine.request_timeout(PARAMS, 1) == 2.0  # text-only: one page
+        results = dict(engine.generate_many([document]))
+        assert results[document.key].text == expected_mixed[document.key] and engine.crashes == 0
+    default = IsolatedEngine(config, "llava-1-5")  # not started: the arithmetic only
+    assert default.request_timeout(PARAMS, 3) == 3 * (120.0 + 2.0 * PARAMS.max_tokens)
+
+
+def test_a_documents_pages_go_in_one_block_or_through_the_pipe(pages, monkeypatch):
+    from multiprocessing import shared_memory
+
+    document = Request("k", (pages[0], pages[3].convert("P"), pages[7]), PROMPT, PARAMS)
+    rgb = [image.convert("RGB") for image in document.images]
+    message, block = page_request(1, 0, document)
+    try:
+        assert message.pixels is None and message.shared == block.name and message.images == 3
+        assert message.sizes == tuple(image.size for image in rgb)
+        got = read_pages(message)
+        assert [(p.width, p.height, bytes(p.data)) for p in got] == [(i.width, i.height, i.tobytes()) for i in rgb]
+        assert read_pixels(message) == b"".join(image.tobytes() for image in rgb)
+    finally:
+        release_block(block)
+    assert block.name not in shared_blocks()
+    text_only, none = page_request(2, 1, Request("t", None, PROMPT, PARAMS))
+    assert none is None and text_only.sizes == () and read_pages(text_only) == ()
+
+    def no_shared_memory(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shared_memory, "SharedMemory", no_shared_memory)
+    message, block = page_request(3, 2, document)
+    assert block is None and message.shared is None
+    assert [bytes(p.data) for p in read_pages(message)] == [image.tobytes() for image in rgb]

@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -221,3 +222,23 @@ def test_a_damaged_shard_record_is_a_value_error_naming_the_file(output):
     storage.write_bytes_atomic(layout.shard_record(RUN, 1), b'{"shard_index": 1, "summ')
     with pytest.raises(ValueError, match=rf"^{layout.shard_record(RUN, 1)}: not a shard record"):
         read_shard_record(storage, layout, RUN, 1)
+
+
+def test_at_document_scope_a_shard_never_splits_a_document(tmp_path):
+    """A shard ends after its last document's adjacent rows; a document's rows apart from the others stop the run."""
+    layout = OutputLayout.of(str(tmp_path / "out"))
+    storage = Storage()
+    ids = ["a", "a", "a", "b", "c", "c", "d", "d", "d", "d", "e"]
+    frame = pl.from_arrow(PLAN_SCHEMA.empty_table()).vstack(pl.from_arrow(pa.Table.from_pylist(
+        [{"row_number": n, "document_id": d, "image_uri": f"/{d}.tif", "page": n} for n, d in enumerate(ids, 1)],
+        schema=PLAN_SCHEMA)))
+    writer = ShardPlanWriter(storage, layout, "r1", shard_size=2, keep_documents=True)
+    writer(frame.head(5))  # a batch boundary inside document c
+    writer(frame.slice(5))
+    count = writer.close()
+    shards = [[r.document_id for r in read_shard_rows(storage, layout, "r1", i)] for i in range(count)]
+    assert shards == [["a", "a", "a"], ["b", "c", "c"], ["d", "d", "d", "d"], ["e"]]
+    apart = ShardPlanWriter(storage, layout, "r2", shard_size=2, keep_documents=True)
+    with pytest.raises(RunError, match=r"manifest row 5: document 'a' has rows apart"):
+        apart(frame.with_columns(pl.Series("document_id", ["a", "a", "b", "b", "a"] + ["x"] * 6)))
+        apart.close()
