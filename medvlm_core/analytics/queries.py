@@ -18,6 +18,30 @@ EXAMPLE_QUERIES = {
         from document_status where error > 0 or quarantined > 0 order by latest_at desc, document_id""",
     "document_status": """
         select * from document_status order by document_id""",
+    # Coded answers (docs/codes.md): a diagnosis the document rules out, a relative's or a possibility is not the
+    # patient's; patients are counted by patient_id, documents besides (a manifest may have no patient ids).
+    "patients_by_icd10cm_chapter": """
+        select icd10cm_chapter as chapter, count(distinct patient_id) as patients,
+               count(distinct document_id) as documents, count(*) as diagnoses
+        from diagnoses_current
+        where icd10cm_code is not null and not coalesce(negated, false) and not coalesce(family_history, false)
+          and not coalesce(hypothetical, false)
+        group by icd10cm_chapter order by patients desc, documents desc, chapter""",
+    "patients_by_icd10cm_category": """
+        select icd10cm_category as category, any_value(icd10cm_chapter) as chapter,
+               count(distinct patient_id) as patients, count(distinct document_id) as documents,
+               count(*) as diagnoses, mode(icd10cm_code) as most_common_code
+        from diagnoses_current
+        where icd10cm_code is not null and not coalesce(negated, false) and not coalesce(family_history, false)
+          and not coalesce(hypothetical, false)
+        group by icd10cm_category order by patients desc, documents desc, category limit 100""",
+    "medications_by_generic_name": """
+        select generic_name, any_value(drugbank_id) as drugbank_id, count(distinct patient_id) as patients,
+               count(distinct document_id) as documents, count(*) as mentions,
+               list_slice(list(distinct name order by name), 1, 5) as written_as,
+               count(*) filter (where prn) as prn_mentions, median(frequency_per_day) as median_per_day
+        from medications_current where generic_name is not null
+        group by generic_name order by documents desc, generic_name limit 100""",
     "throughput_per_run": """
         select run_id, pages_ok, pages_error, skipped_pages, round(wall_seconds, 2) as seconds,
                round(pages_per_second, 3) as pages_per_second,

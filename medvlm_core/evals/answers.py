@@ -14,10 +14,12 @@ from medvlm_core.analytics import CURRENT_SUFFIX, table_names_of
 from medvlm_core.errors import RunError
 from medvlm_core.evals.gold import BUILTIN_FIELDS, GoldSet
 from medvlm_core.inputs.manifest import manifest_format, parse_table
-from medvlm_core.output.structured import KEY_FIELDS
+from medvlm_core.output.structured import CLINICAL_PROMPT_IDS, KEY_FIELDS
 from medvlm_core.storage import Storage
 
 STRUCTURED_PROMPT = "clinical_extraction"
+# The prompts that fill the built-in tables (clinical_extraction_coded adds codes and traits: docs/codes.md).
+STRUCTURED_PROMPTS = CLINICAL_PROMPT_IDS
 # Tables the evaluation itself writes into the output (never scored as extractions).
 EVAL_TABLES = ("evals", "review")
 # Columns of an extraction table that are not item fields (keys, provenance).
@@ -141,7 +143,7 @@ def find_systems(con: duckdb.DuckDBPyConnection, gold: GoldSet, run_ids: list[st
         for prompt_id in prompts:
             base = run_id or "current"
             label = base if len(prompts) == 1 else f"{base} {prompt_id}"
-            if prompt_id == STRUCTURED_PROMPT:
+            if prompt_id in STRUCTURED_PROMPTS:
                 kind, tables = "structured", [t for t in gold.tables if t in BUILTIN_FIELDS]
             elif prompt_id in extraction_tables:
                 kind, tables = "structured", [t for t in gold.tables if t == prompt_id]
@@ -230,6 +232,8 @@ def load_items(con: duckdb.DuckDBPyConnection, system: System, table: str,
     for item in iter_items(con, system, table):
         key = (item["result_key"], item["run_id"])
         if key in keys:
+            if item.get("icd10cm_code") and not item.get("icd10cm_category"):
+                item["icd10cm_category"] = item["icd10cm_code"][:3]  # scored like the gold's (gold.py)
             out.setdefault(key, []).append(item)
     return out
 

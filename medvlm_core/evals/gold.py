@@ -4,7 +4,9 @@ One row per labelled item, in the long form a spreadsheet makes easy:
 
 =====================  =====================================================================================
 ``document_id``        required; the document as the manifest names it
-``page``               optional; 1-based page (empty: 1)
+``page``               optional; 1-based page; empty: the whole document (its items are on some page of it:
+                       scored against a document-scope answer, or else all the document's page answers), or
+                       page 1 when other rows of the same document name pages
 ``table``              the table the item belongs to: ``diagnoses``, ``medications``, ``instructions`` or a
                        user extraction's table (its prompt id); empty: the row only says that the page was
                        labelled (a page with no items at all)
@@ -40,20 +42,28 @@ from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.evals.matching import FIELD_KINDS
 from medvlm_core.evals.normalize import is_empty, to_bool
 from medvlm_core.inputs.manifest import manifest_format, parse_table
-from medvlm_core.output.structured import CLINICAL_SCHEMA
+from medvlm_core.output.code_tables import LINKED_COLUMNS
+from medvlm_core.output.structured import CLINICAL_CODED_SCHEMA
 from medvlm_core.storage import Storage
 
 REQUIRED_COLUMNS = ("document_id", "table")
 RESERVED = ("document_id", "page", "table", "document_type")
+# The page of a gold row that labels a whole document (its ``page`` cell empty).
+DOCUMENT_PAGE = 0
 MAX_ID_CHARS = 256
 MAX_VALUE_CHARS = 2000
 ROW = "__row_number"
 MAX_PROBLEMS_SHOWN = 20
 
-# The built-in tables: their fields (from the clinical schema) and the field items are matched on.
+# The built-in tables: their fields (from the clinical schemas, the coded one's included, and the linked code
+# columns a gold file may label: docs/codes.md) and the field items are matched on.
 BUILTIN_FIELDS = {
-    name: tuple(prop["items"]["properties"]) for name, prop in CLINICAL_SCHEMA["properties"].items()
+    name: tuple(prop["items"]["properties"]) + tuple(c.name for c in LINKED_COLUMNS.get(name, ())
+                                                       if c.name not in prop["items"]["properties"])
+    for name, prop in CLINICAL_CODED_SCHEMA["properties"].items()
 }
+# A labelled ICD-10-CM code is also scored by its category (its first three characters).
+CODE_CATEGORY = ("icd10cm_code", "icd10cm_category")
 DEFAULT_KEYS = {"diagnoses": "name", "medications": "name", "instructions": "text"}
 
 
@@ -225,15 +235,21 @@ def load_gold(url: str, storage: Storage, tables: dict[str, dict[str, Any]] | No
 
     items: list[GoldItem] = []
     pages: dict[tuple[str, int], None] = {}
+    paged: set[str] = set()  # documents labelled page by page (a row of theirs names a page)
     document_types: dict[str, tuple[str, int]] = {}
     for row in frame.iter_rows(named=True):
         number = row[ROW]
         if number in problems:
             continue
         document_id = row["document_id"].strip()
-        page = int(float(row["page"])) if not is_empty(row["page"]) else 1
+        page = int(float(row["page"])) if not is_empty(row["page"]) else DOCUMENT_PAGE
+        if page != DOCUMENT_PAGE:
+            paged.add(document_id)
         table = (row["table"] or "").strip()
         values = {c: row[c].strip() for c in field_columns if not is_empty(row[c])}
+        code, category = CODE_CATEGORY
+        if values.get(code) and not values.get(category):
+            values[category] = "|".join(dict.fromkeys(alt.strip()[:3] for alt in values[code].split("|")))
         doc_type = (row["document_type"] or "").strip()
         if doc_type:
             seen = document_types.setdefault(document_id, (doc_type, number))
@@ -271,6 +287,11 @@ def load_gold(url: str, storage: Storage, tables: dict[str, dict[str, Any]] | No
         raise RunError(f"gold file {url}: {len(problems)} bad row(s): " + " | ".join(shown)
                        + (f" | and {more} more" if more > 0 else ""))
 
+    # An empty page labels the whole document, unless other rows of that document name pages: it is then page 1,
+    # as gold files written before whole-document answers have it.
+    items = [GoldItem(i.row_number, i.document_id, 1, i.table, i.values)
+             if i.page == DOCUMENT_PAGE and i.document_id in paged else i for i in items]
+    pages = {(d, 1 if p == DOCUMENT_PAGE and d in paged else p): None for d, p in pages}
     table_names = sorted({item.table for item in items})
     fields: dict[str, list[str]] = {}
     for item in items:

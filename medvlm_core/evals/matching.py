@@ -19,6 +19,8 @@ reasoning)
                           q12h = every 12 hours, PRN = as needed, QHS = at bedtime, ...; a duration
                           (``for 7 days``) and meal qualifiers (``with meals``) are left out
 ``bool`` (conditional)    true/false, yes/no, 1/0
+``code`` (icd10cm_code,   equal once dots, spaces and case are left out: ``E11.9`` = ``e119``; a labelled
+icd10cm_category)         code also scores its category, the first three characters (``gold``)
 ``exact`` (anything else) equal after normalisation
 ========================  ===============================================================================
 
@@ -59,6 +61,8 @@ FIELD_KINDS = {
     "route": "route",
     "frequency": "frequency",
     "conditional": "bool",
+    "icd10cm_code": "code",
+    "icd10cm_category": "code",
 }
 
 

@@ -231,7 +231,7 @@ def canonical(kind: str, value: Any) -> Any:
     """The form two values of a field are compared in (see the module docstring).
 
     Args:
-        kind: the field's kind (``FIELD_KINDS``: name, text, dose, unit, route, frequency, bool, exact).
+        kind: the field's kind (``FIELD_KINDS``: name, text, dose, unit, route, frequency, bool, code, exact).
         value: one value (not a ``|`` list).
 
     Returns:
@@ -247,6 +247,8 @@ def canonical(kind: str, value: Any) -> Any:
         return canonical_route(value) or normalize(value, drop_dots=True)
     if kind == "frequency":
         return frequency_terms(value) or normalize(value, drop_dots=True)
+    if kind == "code":  # an ICD-10-CM code: E11.9 = e119 = "E11 .9"
+        return re.sub(r"[^0-9A-Za-z]", "", unicodedata.normalize("NFKC", str(value))).upper()
     return normalize(value)
 
 

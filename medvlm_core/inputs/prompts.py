@@ -42,6 +42,19 @@ PROMPTS: dict[str, str] = {
         "instructions, marking conditional ones with their condition and giving follow-up intervals when "
         "stated. Use 'not stated' for missing values."
     ),
+    # clinical_extraction with codes, traits and medication attributes (docs/codes.md); its own id, so that
+    # clinical_extraction's text and schema, and so the result keys of its answers, stay as they were.
+    "clinical_extraction_coded": (
+        "You are a clinical documentation specialist. Read this medical document image and extract, as JSON: "
+        "the primary diagnoses with the evidence for each from the document and, when you know it, its ICD-10-CM "
+        "code; mark a diagnosis negated when the document rules it out, historical when it is a past condition, "
+        "family_history when it is a relative's, and hypothetical when it is only a possibility to consider. "
+        "Extract every prescribed medication with its dose, unit, route, frequency, strength, dosage form, "
+        "duration and the clinical reasoning for this patient, marking conditional medications (for example "
+        "'only if the ulcer fails to heal') with their condition; and the critical instructions, marking "
+        "conditional ones with their condition and giving follow-up intervals when stated. Use 'not stated' for "
+        "missing values."
+    ),
     "document_type": (
         "Classify this medical document. Answer with exactly one of: discharge_summary, prescription, "
         "lab_report, referral, radiology_report, insurance_form, other."
@@ -56,9 +69,10 @@ SYSTEM_PROMPTS: dict[str, str] = {}
 
 
 def _builtin_schemas() -> None:
-    from medvlm_core.output.structured import CLINICAL_SCHEMA
+    from medvlm_core.output.structured import CLINICAL_CODED_SCHEMA, CLINICAL_SCHEMA
 
     SCHEMAS["clinical_extraction"] = CLINICAL_SCHEMA
+    SCHEMAS["clinical_extraction_coded"] = CLINICAL_CODED_SCHEMA
 
 
 @dataclass(frozen=True)
