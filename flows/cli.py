@@ -1,4 +1,4 @@
-"""The ``medvlm`` command line: ``run``, ``demo``, ``validate``, ``query``, ``eval`` and ``make-tiny-model``.
+"""The ``medvlm`` command line: ``run``, ``demo``, ``validate``, ``query``, ``eval``, ``review`` and ``make-tiny-model``.
 
 ``medvlm run`` executes the ``medvlm-batch`` Prefect flow in this process (an ephemeral Prefect server
 when PREFECT_API_URL is not set). Exit status: 0 when every manifest row is accounted for, 1 when the
@@ -14,6 +14,7 @@ import types
 import typing
 from typing import Any, Sequence
 
+from medvlm.flows.codes_cli import add_codes_parser, cmd_codes
 from medvlm.flows.demo import cmd_demo, cmd_make_tiny_model
 from medvlm.flows.in_process import (
     EXIT_OK,
@@ -25,10 +26,12 @@ from medvlm.flows.in_process import (
     run_eval,
     run_flow,
 )
+from medvlm.flows.review_cli import add_review_parser, cmd_review
 
 # Names of the example queries (medvlm_core.analytics.EXAMPLE_QUERIES), listed without importing DuckDB.
 EXAMPLES = ("medications_per_diagnosis", "conditional_instructions", "errors_by_type", "still_failing", "document_status",
-            "throughput_per_run")
+            "throughput_per_run", "patients_by_icd10cm_chapter", "patients_by_icd10cm_category",
+            "medications_by_generic_name")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -158,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="field a user extraction table's items are matched on (repeatable)")
     ev.add_argument("--s3-endpoint", help="endpoint of an S3-compatible store (default: AWS_ENDPOINT_URL_S3)")
 
+    add_review_parser(add)
+    add_codes_parser(add)
+
     tiny = add("make-tiny-model", help="write a tiny random-weight VLM (text GGUF + mmproj) for tests")
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--family", default="llava", help="llava, qwen2vl, qwen3vl, gemma3, internvl, minicpmv, ... "
@@ -277,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
         "run": cmd_run, "demo": cmd_demo, "validate": cmd_validate, "query": cmd_query,
-        "make-tiny-model": cmd_make_tiny_model, "eval": cmd_eval,
+        "make-tiny-model": cmd_make_tiny_model, "eval": cmd_eval, "review": cmd_review,
+        "codes": cmd_codes,
     }
     with errors_last():
         return handlers[args.command](args)

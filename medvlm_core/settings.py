@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from medvlm_core.storage import RetryPolicy
@@ -55,6 +55,10 @@ class Settings(BaseSettings):
         None,
         validation_alias=AliasChoices("MEDVLM_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
         description="endpoint of an S3-compatible store when a run names none (standard AWS variables too)",
+    )
+    review_token: SecretStr | None = Field(
+        None,
+        description="the token every request to medvlm review serve must carry (default: a new one, printed at start)",
     )
     cuda_visible_devices: str | None = Field(
         None,

@@ -13,7 +13,11 @@ Views made by ``connect`` / ``register_views``:
   (joined on ``result_key`` and ``run_id``): a structured row follows its completion row's currency.
 * ``quarantine_current``: refused manifest rows that no later attempt has superseded.
 * ``document_status``: per document, its pages, how many current rows are ok / error / truncated, how many
-  current quarantine rows it has, and the latest run that wrote a row for it ("what is still failing?").
+  current quarantine rows it has, and the latest run that wrote a row for it ("what is still failing?"); with
+  ``reviewed`` (its current answers a reviewer marked done) when the output has corrections.
+* ``<structured table>_verified`` (when the output has ``corrections``, from ``medvlm review``): the current view
+  with the reviewers' corrections applied, plus ``verified_by`` and ``verified_at``
+  (``medvlm_core.review.corrections``). The review tables (``corrections``, ``access_log``) get no current view.
 
 ``runs`` has no current view: each of its rows is one run, a fact that stays true.
 
@@ -34,15 +38,25 @@ import duckdb
 import pyarrow as pa
 
 from medvlm_core import storage as st
+from medvlm_core.analytics.coded import register_coded_views
 from medvlm_core.analytics.current_rule import (
     CORE_TABLES,
     CURRENT_SUFFIX,
     DOCUMENT_STATUS,
     current_quarantine_sql,
     current_rows_sql,
+    current_slots_sql,
     document_status_sql,
 )
 from medvlm_core.errors import RunError
+from medvlm_core.output.tables import EVAL_TABLES, REVIEW_TABLES, RUN_TABLES
+from medvlm_core.review.corrections import (
+    CORRECTIONS_TABLE,
+    NOT_FIELDS,
+    VERIFIED_SUFFIX,
+    reviewed_answers_sql,
+    verified_sql,
+)
 from medvlm_core.storage import Storage
 
 _IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -106,6 +120,15 @@ def _columns(con: duckdb.DuckDBPyConnection, view: str) -> set[str]:
     return {row[0] for row in con.execute(f"select column_name from (describe {view})").fetchall()}
 
 
+# Arrow types of the run tables' columns as DuckDB spells them.
+_DUCKDB_TYPES = {"string": "varchar", "int32": "integer", "int64": "bigint", "double": "double", "bool": "boolean",
+                 "timestamp[us, tz=UTC]": "timestamptz", "list<item: int32>": "integer[]"}
+
+
+def _duckdb_type(arrow_type: object) -> str:
+    return _DUCKDB_TYPES[str(arrow_type)]
+
+
 def register_views(con: duckdb.DuckDBPyConnection, output: str, storage: Storage, current: bool = True) -> list[str]:
     """Add the history views and the current views of ``output``'s tables to an existing DuckDB connection.
 
@@ -134,10 +157,13 @@ def register_views(con: duckdb.DuckDBPyConnection, output: str, storage: Storage
         # the files listed once, not a glob: every view of the connection reads the same snapshot (a run
         # published meanwhile is not half seen), and no scan lists the store again
         listed = ", ".join("'" + url.replace("'", "''") + "'" for url in urls)
-        con.execute(
-            f"create or replace view {name} as select * from "
-            f"read_parquet([{listed}], hive_partitioning = true, union_by_name = true)"
-        )
+        source = f"read_parquet([{listed}], hive_partitioning = true, union_by_name = true)"
+        con.execute(f"create or replace view {name} as select * from {source}")
+        if name in RUN_TABLES:  # columns added since the oldest files were written: null there, as defined
+            missing = [c for c in RUN_TABLES[name].columns if c.name not in _columns(con, name)]
+            if missing:
+                added = ", ".join(f"null::{_duckdb_type(c.type)} as {c.name}" for c in missing)
+                con.execute(f"create or replace view {name} as select *, {added} from {source}")
     created = list(names)
     if not current or "completions" not in names:
         return created  # (without completions there is nothing to judge currency by)
@@ -149,17 +175,36 @@ def register_views(con: duckdb.DuckDBPyConnection, output: str, storage: Storage
         created.append(view)
 
     derived("completions" + CURRENT_SUFFIX, current_rows_sql("completions"))
+    structured = []
     for name in names:
-        if name in CORE_TABLES or name.endswith(CURRENT_SUFFIX):
+        if name in CORE_TABLES or name in REVIEW_TABLES or name.endswith(CURRENT_SUFFIX):
             continue
-        if {"document_id", "result_key", "run_id"} <= _columns(con, name):
+        columns = _columns(con, name)
+        if {"document_id", "result_key", "run_id"} <= columns:
             derived(name + CURRENT_SUFFIX, current_rows_sql(name))
+            if "item_index" in columns and name not in EVAL_TABLES:
+                structured.append(name)
+    register_coded_views(con, names, created)  # codes: the latest linking of each item is current (coded.py)
+    reviewed = CORRECTIONS_TABLE in names
+    for name in structured if reviewed else ():
+        fields = [(c, t) for c, t in con.execute(f"select column_name, column_type from (describe {name})").fetchall()
+                  if c not in NOT_FIELDS]
+        derived(name + VERIFIED_SUFFIX,
+                verified_sql(name, fields, name + CURRENT_SUFFIX, "completions" + CURRENT_SUFFIX, CORRECTIONS_TABLE))
     for view, columns in _PLACEHOLDERS.items():  # every run publishes them, but an output may predate that
         if view not in names:
             con.execute(f"create or replace temp view {view} as select {columns} where false")
     derived("quarantine" + CURRENT_SUFFIX, current_quarantine_sql())
-    derived(DOCUMENT_STATUS, document_status_sql())
+    status = document_status_sql()
+    derived(DOCUMENT_STATUS, _with_reviewed(status, "completions") if reviewed else status)
     return created
+
+
+def _with_reviewed(status_sql: str, completions: str) -> str:
+    """The document status with ``reviewed``: its current answers a reviewer marked done (``medvlm review``)."""
+    reviewed = reviewed_answers_sql(f"({current_slots_sql(completions)})", CORRECTIONS_TABLE)
+    return f"select d.*, coalesce(r.reviewed, 0) as reviewed from ({status_sql}) d left join ({reviewed}) r " \
+           "using (document_id)"
 
 
 def connect(output: str, storage: Storage, current: bool = True) -> duckdb.DuckDBPyConnection:
@@ -222,21 +267,24 @@ def document_status(output: str, storage: Storage, document_id: str | None = Non
 
     Returns:
         Columns document_id, pages, prompts, ok, error, truncated, quarantined, error_types, latest_run_id,
-        latest_at; ordered by document_id.
+        latest_at (and reviewed, when the output has corrections); ordered by document_id.
     """
     if document_id is None:
         return query(output, "select * from document_status order by document_id", storage)
-    # the document's rows first (one scan of each table), then the status over them: no current view needed
-    sql = f"""
-with one_completions as materialized (select * from completions where document_id = $document_id),
-one_quarantine as materialized (
-    select * from quarantine where json_extract_string(row_json, '$.document_id') = $document_id)
-select * from ({document_status_sql("one_completions", "one_quarantine")})"""
     con = connect(output, storage, current=False)
     try:
         for view, columns in _PLACEHOLDERS.items():  # an output that has no such table yet
             if view not in table_names_of(con):
                 con.execute(f"create temp view {view} as select {columns} where false")
+        status = document_status_sql("one_completions", "one_quarantine")
+        if CORRECTIONS_TABLE in table_names_of(con):
+            status = _with_reviewed(status, "one_completions")
+        # the document's rows first (one scan of each table), then the status over them: no current view needed
+        sql = f"""
+with one_completions as materialized (select * from completions where document_id = $document_id),
+one_quarantine as materialized (
+    select * from quarantine where json_extract_string(row_json, '$.document_id') = $document_id)
+select * from ({status})"""
         return con.sql(sql, params={"document_id": document_id}).to_arrow_table()
     except duckdb.Error as exc:
         raise RunError(f"query failed: {str(exc).splitlines()[0]}") from None

@@ -27,6 +27,9 @@ from medvlm_core import errors
 from medvlm_core.output import status as row_status
 
 TIMESTAMP = pyarrow.timestamp("us", tz="UTC")
+# The scopes of an answer and the methods of a document answer (``run/documents.py``).
+SCOPES = ("page", "document")
+METHODS = ("single_prompt", "map_reduce")
 HEX64 = r"^[0-9a-f]{64}$"
 
 
@@ -192,6 +195,7 @@ def status_matches_error_fields(data: Any) -> Any:
 
 S = pyarrow.string()
 I32 = pyarrow.int32()
+LIST_I32 = pyarrow.list_(pyarrow.int32())
 I64 = pyarrow.int64()
 F64 = pyarrow.float64()
 BOOL = pyarrow.bool_()
@@ -237,6 +241,14 @@ COMPLETIONS = Table("completions", "One row per document page and prompt: the mo
            checks=(Check("isin", tuple(errors.ERROR_TYPES)),)),
     Column("error_message", S, "What went wrong, without document text."),
     Column("created_at", TIMESTAMP, "When the row was made (UTC)."),
+    # Whole-document answers (docs/documents.md). Rows written before scopes existed have nulls here: page rows.
+    Column("scope", S, "page: the answer of one page; document: of a whole document (page null, pages listed).",
+           checks=(Check("isin", tuple(SCOPES)),)),
+    Column("pages", LIST_I32, "At document scope: the pages answered, in order."),
+    Column("method", S, "At document scope: single_prompt (all pages in one prompt) or map_reduce (each page, "
+                        "then a text-only consolidation).", checks=(Check("isin", tuple(METHODS)),)),
+    Column("image_token_budget", I32, "At document scope, single_prompt: the image tokens per page it was "
+                                      "lowered to so the document fits (null: not lowered)."),
 ), row_checks=(status_matches_error_fields,))
 
 RUNS = Table("runs", "One row per run: its counts, parameters, throughput and memory plan.", (
@@ -274,6 +286,9 @@ RUNS = Table("runs", "One row per run: its counts, parameters, throughput and me
     Column("memory_needed_mb", F64, "The memory plan's estimate."),
     Column("memory_budget_mb", F64, "The memory budget it was held to."),
     Column("medvlm_version", S, "The medvlm version that ran."),
+    Column("scope", S, "page or document (the run's scope)."),
+    _count("documents_ok", "At document scope: documents answered (ok or truncated).", nullable=True),
+    _count("documents_error", "At document scope: documents that ended in an error row.", nullable=True),
 ))
 
 QUARANTINE = Table("quarantine", "Manifest rows refused before processing, with the row as given and the reason.", (
@@ -350,11 +365,73 @@ STRUCTURED_KEYS = (
     Column("item_index", I32, "The item's 0-based index on its page.", nullable=False, checks=_ge(0)),
     Column("confidence", F64, "exp(mean log-probability) of the tokens of the item's values: ~1 when the model "
                               "was sure of every value."),
+    Column("pages", LIST_I32, "At document scope: the pages the item's evidence is on, within the document "
+                              "(null when the model gave none)."),
 )
 
 # The tables every run writes, and those medvlm eval writes.
 RUN_TABLES = {t.name: t for t in (COMPLETIONS, RUNS, QUARANTINE)}
 EVAL_TABLES = {t.name: t for t in (EVALS, REVIEW)}
+
+
+# -- the review workbench (medvlm review): a person's corrections and who opened which page ---------------
+
+CORRECTION_ACTIONS = ("accept", "edit", "delete", "add", "reviewed")
+
+
+def correction_names_its_item(data: Any) -> Any:
+    """An ``edit`` or ``add`` row names a field; ``accept`` and ``delete`` name an item and no field; ``reviewed``
+    (the page is done for the table) names neither item nor field; no row names both a model item and an added one."""
+    import polars as pl
+
+    action, item, added, field_ = (pl.col("action"), pl.col("item"), pl.col("added_item"), pl.col("field"))
+    one_item = item.is_not_null() ^ added.is_not_null()
+    return data.lazyframe.select(
+        pl.when(action == "reviewed").then(item.is_null() & added.is_null() & field_.is_null())
+        .when(action == "add").then(added.is_not_null() & item.is_null() & field_.is_not_null())
+        .when(action == "edit").then(one_item & field_.is_not_null())
+        .otherwise(one_item & field_.is_null())
+    )
+
+
+CORRECTIONS = Table("corrections", "Written by medvlm review: every reviewer action, one row each (append-only).", (
+    Column("submission_id", S, "One submission of a reviewer (one file): its rows were sent together.",
+           nullable=False),
+    Column("seq", I32, "The row's order within its submission.", nullable=False, checks=_ge(0)),
+    Column("created_at", TIMESTAMP, "When the submission was recorded (UTC).", nullable=False),
+    Column("reviewer", S, "Who made the correction (--reviewer or the login).", nullable=False),
+    Column("run_id", S, "The run of the answer corrected.", nullable=False),
+    _hex64("result_key", "The answer's key (the completion row): joins the correction to the page's items."),
+    Column("document_id", S, "The document.", nullable=False),
+    Column("page", I32, "The page."),
+    Column("prompt_id", S, "The answer's prompt id."),
+    Column("table_name", S, "The extraction table corrected.", nullable=False,
+           checks=(Check("str_matches", r"^[a-z][a-z0-9_]{0,62}$"),)),
+    Column("item", I32, "The model's item (its item_index); null for an added item or a page-level row.",
+           checks=_ge(0)),
+    Column("added_item", S, "Id of an item the reviewer added (every row of that item has it)."),
+    Column("action", S, "accept, edit (one row per field), delete, add (one row per field) or reviewed (the page "
+                        "is done for the table).", nullable=False, checks=(Check("isin", CORRECTION_ACTIONS),)),
+    Column("field", S, "The field edited or added."),
+    Column("value_before", S, "The field's value before (the model's, or an earlier correction's), as text."),
+    Column("value_after", S, "The field's value after, as text (null: cleared)."),
+), row_checks=(correction_names_its_item,))
+
+ACCESS_LOG = Table("access_log", "Written by medvlm review: who opened which document page, and when (the audit "
+                                 "trail).", (
+    Column("accessed_at", TIMESTAMP, "When (UTC).", nullable=False),
+    Column("reviewer", S, "Who.", nullable=False),
+    Column("action", S, "page (the page and its items were shown), image (its image was sent) or export (gold "
+                        "exported).", nullable=False, checks=(Check("isin", ("page", "image", "export")),)),
+    Column("document_id", S, "The document (null for an export)."),
+    Column("page", I32, "The page."),
+    Column("run_id", S, "The run of the answer shown."),
+    _hex64("result_key", "The answer shown.", nullable=True),
+    Column("client", S, "The client's address as the server saw it."),
+))
+
+# The tables the review workbench writes (never scored, never given a current view).
+REVIEW_TABLES = {t.name: t for t in (CORRECTIONS, ACCESS_LOG)}
 
 
 def structured_table(name: str, extra: Iterable[Column] = ()) -> Table:
