@@ -20,7 +20,8 @@ from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.inputs.prompts import Prompt, get_prompt, register_extraction
 from medvlm_core.model.cache import resolve_model_files
 from medvlm_core.model.files import ModelIdentity, identify_model
-from medvlm_core.model.memory_plan import MemoryPlan, plan_memory
+from medvlm_core.model.image_tokens import image_tokens_of
+from medvlm_core.model.memory_plan import MemoryPlan, plan_document_memory, plan_memory
 from medvlm_core.model.spark_nlp import read_saved_params, saved_options
 from medvlm_core.output import done_index
 from medvlm_core.output.lease import OutputLease
@@ -273,10 +274,24 @@ def prepare_model(ctx: RunContext) -> tuple[EngineConfig, ModelIdentity]:
     # A template of one's own is rendered by the generic handler, unless a chat format is forced.
     requested = engine.chat_format or ("mtmd" if template else None)
     identity = identify_model(engine.model_path, engine.mmproj_path, requested, ctx.settings.cache_dir)
-    ctx.memory = plan_memory(engine, ctx.settings.memory_budget_mb, ctx.settings.cuda_visible_devices)
+    ctx.memory = _plan_memory(ctx, engine)
     if ctx.memory.n_parallel < engine.n_parallel:  # the answers do not depend on it (tested)
         engine = engine.replace(n_parallel=ctx.memory.n_parallel)
     return engine, identity
+
+
+def _plan_memory(ctx: RunContext, engine: EngineConfig) -> MemoryPlan:
+    """The engine's memory plan; at document scope, for prompts of as many pages as fit one sequence (the pages
+    of requests waiting for a slot take host memory a page's request does not)."""
+    budget, gpu = ctx.settings.memory_budget_mb, ctx.settings.cuda_visible_devices
+    if ctx.options.documents.scope != "document":
+        return plan_memory(engine, budget, gpu)
+    side = int(ctx.options.images.max_pixels ** 0.5)
+    per_page = image_tokens_of(engine.mmproj_path).estimate(side, side)
+    if not per_page:  # no estimate for this projector: planned as pages (the engine still refuses overflows)
+        return plan_memory(engine, budget, gpu)
+    pages = max(1, min(ctx.options.documents.max_document_pages, engine.n_ctx // per_page))
+    return plan_document_memory(engine, pages, per_page, ctx.options.images.max_pixels, budget, gpu)
 
 
 def _apply_saved_parameters(ctx: RunContext, bundle: str) -> str | None:
