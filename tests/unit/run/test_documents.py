@@ -251,3 +251,19 @@ def test_a_documents_page_answers_stand_for_it_in_a_page_scope_run():
     whole = Answer("d", None, "ok", None, "kd", "r", "all")
     assert document_answer("d", pages, {"d": whole}) == (whole, [whole])
     assert document_answer("e", [], {}) == (None, [])
+
+
+def test_structured_at_document_scope_gives_one_answer_with_evidence_pages(tmp_path, tiny_llava, vitals_extraction):
+    path = tiff(tmp_path / "doc.tif", 3)
+    manifest = write_manifest(tmp_path / "m.csv", [{"document_id": "doc", "image_uri": str(path)}])
+    with MedicalVisionLLM.load(str(tiny_llava.model_path), str(tiny_llava.mmproj_path), scope="document",
+                               extraction=str(vitals_extraction), max_tokens=120, n_ctx=2048) as vlm:
+        result = vlm.transform(str(manifest))
+    [doc] = result.completions.to_pylist()
+    assert (doc["scope"], doc["method"], doc["status"]) == ("document", "single_prompt", "ok"), doc["error_message"]
+    items = result.tables["vitals"].to_pylist()
+    assert items and {(i["result_key"], i["page"]) for i in items} == {(doc["result_key"], None)}
+    for item in items:  # evidence within the document's pages, or none
+        assert item["pages"] is None or set(item["pages"]) <= {1, 2, 3}
+    contents = [(i["name"], i["value"]) for i in items]
+    assert len(contents) == len(set(contents))  # a repeated item is kept once
