@@ -450,7 +450,7 @@ def structured_table(name: str, extra: Iterable[Column] = ()) -> Table:
 def validate_table(table_name: str, table: pyarrow.Table) -> None:
     """Check an Arrow table against its definition before it is written.
 
-    A table that is neither a run table nor an eval table is held to the structured keys' checks.
+    A table that is neither a run, eval nor review table is held to the structured keys' checks.
 
     Args:
         table_name: the table's name.
@@ -467,7 +467,8 @@ def validate_table(table_name: str, table: pyarrow.Table) -> None:
 
     from medvlm_core.validation import passes
 
-    definition = RUN_TABLES.get(table_name) or EVAL_TABLES.get(table_name) or structured_table(table_name)
+    definition = (RUN_TABLES.get(table_name) or EVAL_TABLES.get(table_name) or REVIEW_TABLES.get(table_name)
+                  or structured_table(table_name))
     schema = definition.pandera_schema()
     frame = pl.from_arrow(table)
     if passes(schema, frame):

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from medvlm_core.output.paths import OutputLayout
 from medvlm_core.output.results import write_parquet
-from medvlm_core.output.tables import ACCESS_LOG, CORRECTIONS, STRUCTURED_KEYS, Table
+from medvlm_core.output.tables import ACCESS_LOG, CORRECTIONS, STRUCTURED_KEYS, Table, validate_table
 from medvlm_core.storage import Storage
 
 CORRECTIONS_TABLE = CORRECTIONS.name
@@ -61,26 +61,6 @@ def table_file(output: str, table: str, now: datetime, file_id: str) -> str:
     return OutputLayout.of(output).table_part(table, f"{now:%Y-%m-%d}", file_id)
 
 
-def _validate(table: Table, arrow: pa.Table) -> None:
-    """Check rows against the table's definition (pandera); the message names columns and checks, never values."""
-    import polars as pl
-    from pandera.errors import SchemaError, SchemaErrors
-
-    from medvlm_core.validation import passes
-
-    schema = table.pandera_schema()
-    frame = pl.from_arrow(arrow)
-    if passes(schema, frame):
-        return
-    try:
-        schema.validate(frame, lazy=True)
-    except (SchemaErrors, SchemaError) as exc:
-        cases = getattr(exc, "failure_cases", None)
-        detail = "" if cases is None else "; ".join(
-            sorted({f"{c['column']}:{c['check']}" for c in cases.select("column", "check").iter_rows(named=True)}))
-        raise RuntimeError(f"refusing to write an invalid {table.name} table ({detail})") from None
-
-
 def write_review_rows(storage: Storage, output: str, table: Table, rows: Iterable[dict[str, Any]], now: datetime,
                       file_id: str | None = None) -> str:
     """Validate rows and write them as one new file of a review table, atomically.
@@ -97,7 +77,7 @@ def write_review_rows(storage: Storage, output: str, table: Table, rows: Iterabl
         The file's URL.
     """
     arrow = table.rows_to_arrow(rows)
-    _validate(table, arrow)
+    validate_table(table.name, arrow)
     url = table_file(output, table.name, now, file_id or new_file_id(now))
     write_parquet(storage, url, arrow)
     return url
