@@ -15,6 +15,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from medvlm_core.analytics.views import table_names_of
 from medvlm_core.inputs.prompts import SCHEMAS
 from medvlm_core.output.structured import tables_for
 from medvlm_core.review.corrections import (
@@ -133,26 +134,13 @@ def key_field(table: str, fields: list[str]) -> str:
     return "name" if "name" in fields else "text" if "text" in fields else (fields[0] if fields else "name")
 
 
-def relations(con: duckdb.DuckDBPyConnection) -> set[str]:
-    """The views and tables of a connection (registered Arrow tables included).
-
-    Args:
-        con: the connection.
-
-    Returns:
-        Their names.
-    """
-    return {r[0] for r in con.execute("select view_name from duckdb_views() where not internal "
-                                      "union select table_name from duckdb_tables()").fetchall()}
-
-
 def ensure_corrections(con: duckdb.DuckDBPyConnection) -> None:
     """Make ``corrections`` an empty relation when the output has none yet (the SQL reads it either way).
 
     Args:
         con: a connection with the output's views.
     """
-    if CORRECTIONS_TABLE not in relations(con):
+    if CORRECTIONS_TABLE not in table_names_of(con):
         con.register(CORRECTIONS_TABLE, empty_corrections())
 
 
@@ -172,7 +160,7 @@ def prompt_tables(con: duckdb.DuckDBPyConnection, prompt_id: str | None) -> dict
     Returns:
         Table -> (relation name, [(field, DuckDB type)]); a free-text prompt has none.
     """
-    present = relations(con)
+    present = table_names_of(con)
     out: dict[str, tuple[str, list[tuple[str, str]]]] = {}
     schema = SCHEMAS.get(prompt_id or "")
     produced = tables_for(prompt_id, schema) if schema is not None and prompt_id else {}

@@ -25,12 +25,13 @@ from typing import Any, Iterable
 import duckdb
 
 from medvlm_core.analytics import CURRENT_SUFFIX
+from medvlm_core.analytics.views import table_names_of
 from medvlm_core.evals.answers import System, document_types_from_manifests
 from medvlm_core.evals.matching import kind_of
 from medvlm_core.evals.scores import item_validity
 from medvlm_core.output.tables import EVAL_TABLES, REVIEW_TABLES
 from medvlm_core.review.corrections import CORRECTIONS_TABLE, NOT_FIELDS
-from medvlm_core.review.pages import key_field, prompt_tables, relations
+from medvlm_core.review.pages import key_field, prompt_tables
 from medvlm_core.storage import Storage
 
 REASONS = ("picked", "no_answer", "invalid", "no_confidence", "low_confidence")
@@ -118,7 +119,7 @@ def eval_thresholds(con: duckdb.DuckDBPyConnection) -> dict[str, tuple[float, st
     Returns:
         Prompt id -> (threshold, eval id); empty when the output has no evaluation with a threshold.
     """
-    if "evals" not in relations(con):
+    if "evals" not in table_names_of(con):
         return {}
     rows = con.execute("""
         select prompt_id, arg_max(value, created_at), arg_max(eval_id, created_at) from evals
@@ -136,7 +137,7 @@ def structured_tables(con: duckdb.DuckDBPyConnection) -> dict[str, list[tuple[st
     Returns:
         Table -> [(field, DuckDB type)].
     """
-    present = relations(con)
+    present = table_names_of(con)
     out = {}
     for name in sorted(present):
         if name.endswith(CURRENT_SUFFIX) or name in REVIEW_TABLES or name in EVAL_TABLES:
@@ -258,7 +259,7 @@ def mark_done(con: duckdb.DuckDBPyConnection, entries: list[Entry]) -> None:
         con: a connection with the output's views.
         entries: the entries (changed in place).
     """
-    if CORRECTIONS_TABLE not in relations(con):
+    if CORRECTIONS_TABLE not in table_names_of(con):
         for entry in entries:
             entry.done = False
         return

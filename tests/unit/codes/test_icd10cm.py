@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from medvlm_core.codes import text
 from medvlm_core.codes.abbreviations import ABBREVIATIONS, register
 from medvlm_core.codes.icd10cm import code_set
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    """Nothing here uses Prefect (overrides the session's autouse server)."""
-    yield
-
-
-def _refused(*args, **kwargs):
-    raise OSError("no network in the code linking's tests")
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Every socket connection refused: the code sets load, search and look up offline (the first test to use
-    them in a process also loads them under the refusal)."""
-    for target, name in ((socket.socket, "connect"), (socket.socket, "connect_ex"), (socket, "create_connection")):
-        monkeypatch.setattr(target, name, _refused)
+from support.offline import no_network, prefect_server  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")

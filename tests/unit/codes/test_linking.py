@@ -4,10 +4,8 @@ the tables' definitions, scoring codes in medvlm eval, and ``medvlm codes`` look
 from __future__ import annotations
 
 import json
-import socket
 from datetime import datetime, timezone
 
-import pytest
 
 from medvlm_core.codes import linking
 from medvlm_core.evals.gold import BUILTIN_FIELDS
@@ -16,31 +14,13 @@ from medvlm_core.inputs.prompts import get_prompt
 from medvlm_core.output import results
 from medvlm_core.output.code_tables import CODE_TABLES, DIAGNOSIS_CODE_COLUMNS, MEDICATION_CODE_COLUMNS
 from medvlm_core.output.structured import CLINICAL_CODED_SCHEMA, CLINICAL_SCHEMA, flatten, tables_for
+from support.offline import no_network, prefect_server  # noqa: F401  (fixtures)
 
 KEYS = {"run_id": "r1", "result_key": "ab" * 32, "document_id": "d", "page": 1, "patient_id": "P", "encounter_id": "E"}
 AT = datetime(2026, 12, 6, tzinfo=timezone.utc)
 # clinical_extraction's prompt hash at the release before codes: the text and schema of its prompt, and so the
 # result key of every answer it has given, must not change (the coded fields have a prompt id of their own).
 CLINICAL_EXTRACTION_SHA256 = "1bd3085c1cdb8a521feac27ef3255aec5bc7f26a464637e73119c7d7802ced6a"
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    """Nothing here uses Prefect (overrides the session's autouse server)."""
-    yield
-
-
-def _refused(*args, **kwargs):
-    raise OSError("no network in the code linking's tests")
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Every socket connection refused: the code sets load, search and look up offline (the first test to use
-    them in a process also loads them under the refusal)."""
-    for target, name in ((socket.socket, "connect"), (socket.socket, "connect_ex"), (socket, "create_connection")):
-        monkeypatch.setattr(target, name, _refused)
-
 
 def clinical_tables(prompt_id="clinical_extraction_coded", schema=CLINICAL_CODED_SCHEMA):
     return {name: ([], arrow) for name, (_, arrow) in tables_for(prompt_id, schema).items()}
