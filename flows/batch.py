@@ -15,13 +15,9 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from medvlm.flows.finish import finish_run
-from medvlm.flows.inference import run_chunks
-from medvlm.flows.prepare import guard_output, run_name, start_run
-from medvlm_core import storage as st
+from medvlm.flows.prepare import prefect_hooks, run_name, start_run
 from medvlm_core.errors import RunError
-from medvlm_core.inputs.manifest import read_manifest
-from medvlm_core.run.context import RunContext, make_spec, prepare_model, release_output
+from medvlm_core.run.lifecycle import run_batch
 from medvlm_core.run.options import RunOptions
 
 
@@ -69,33 +65,7 @@ def medvlm_batch(
     """
     logger = get_run_logger()
     try:
-        return run_batch(logger, start_run(output, model, mmproj, options), manifest)
+        return run_batch(logger, start_run(output, model, mmproj, options), manifest, prefect_hooks())
     except RunError as exc:
         logger.error("run failed: %s", exc)
         return Failed(message=str(exc))
-
-
-def run_batch(logger: Any, ctx: RunContext, manifest: str) -> dict:
-    """The whole run in this process (also used by the nightly flow for each new manifest).
-
-    Args:
-        logger: the flow run's logger.
-        ctx: the run (``flows.prepare.start_run``).
-        manifest: the manifest URI.
-
-    Returns:
-        The run's summary.
-    """
-    manifest = st.normalize(manifest)
-    # Set-up runs in the flow itself, not in tasks: a problem here is one clean message and a Failed flow
-    # run, before any document is touched (a failing task would log a traceback for a user error).
-    plan = read_manifest(manifest, ctx.storage, ctx.policy)
-    logger.info("run %s: %d manifest rows, %d quarantined", ctx.run_id, plan.total_rows, len(plan.quarantined))
-    try:
-        guard_output(logger, ctx)  # takes the output's lease: given back here whatever happens
-        engine, identity = prepare_model(ctx)
-        spec = make_spec(ctx, engine, identity)
-        summaries = run_chunks(logger, ctx, spec, plan.rows)
-        return finish_run(logger, ctx, manifest, plan, summaries, identity, spec.params_json)
-    finally:
-        release_output(ctx)

@@ -11,7 +11,6 @@ relaunches a failed or lost shard a bounded number of times, and publishes every
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, get_client, get_run_logger
@@ -20,18 +19,14 @@ from prefect.deployments import run_deployment
 from prefect.flow_runs import wait_for_flow_run
 from prefect.states import Cancelled, Failed
 
-from medvlm.flows.finish import finish_run
-from medvlm.flows.prepare import guard_output, run_name, start_run
+from medvlm.flows.prepare import prefect_hooks, run_name, start_run
 from medvlm_core import storage as st
 from medvlm_core.errors import RunError
-from medvlm_core.inputs.manifest import plan_manifest
-from medvlm_core.model.files import ModelIdentity
-from medvlm_core.run.accounting import ChunkSummary
-from medvlm_core.run.chunks import discard_staged_shard, stage_failed_rows
-from medvlm_core.run.context import RunContext, make_spec, prepare_model, release_output
+from medvlm_core.run.context import RunContext, release_output
+from medvlm_core.run.fanout import failed_message, plan_shards, publish_shards
+from medvlm_core.run.lifecycle import guard_output
 from medvlm_core.run.options import RunOptions
-from medvlm_core.run.params import EngineConfig
-from medvlm_core.run.shards import ShardPlanWriter, read_shard_record, read_shard_rows
+from medvlm_core.run.shards import read_shard_record
 
 # Shard runs in flight per slot of the shard pool (so each worker has its next shard queued), and without a
 # readable pool.
@@ -109,12 +104,9 @@ async def _fan_out(logger: Any, ctx: RunContext, manifest: str, shard_size: int,
     storage, layout, run_id = ctx.storage, ctx.output, ctx.run_id
     guard_output(logger, ctx)
     # The manifest is validated a batch at a time and each shard's rows go straight to its plan file.
-    writer = ShardPlanWriter(storage, layout, run_id, shard_size, keep_documents=ctx.options.documents.scope == "document")
-    plan = plan_manifest(manifest, storage, ctx.policy, sink=writer)
-    count = writer.close()
+    plan, count = plan_shards(logger, ctx, manifest, shard_size)
     limit = max_concurrent or await default_concurrency(deployment)
-    logger.info("run %s: %d manifest rows (%d quarantined) in %d shards, at most %d at a time", run_id, plan.total_rows,
-                len(plan.quarantined), count, limit)
+    logger.info("run %s: %d shards, at most %d at a time", run_id, count, limit)
 
     pending = list(range(count))
     reasons: dict[int, str] = {}
@@ -149,39 +141,12 @@ async def _fan_out(logger: Any, ctx: RunContext, manifest: str, shard_size: int,
                 logger.warning("shard %d attempt %d failed: %s", index, attempt, reasons[index])
         pending = failed
 
-    records = [r for i in range(count) if (r := read_shard_record(storage, layout, run_id, i)) is not None]
-    summaries = [ChunkSummary.from_json(r.summary) for r in records]
-    if records:
-        identity, params = ModelIdentity(**records[0].identity), records[0].params_json
-    else:  # no shard finished: identify the model here so the error rows still say which model was asked for
-        engine, identity = prepare_model(ctx)
-        params = make_spec(ctx, engine, identity).params_json
-    if pending:
-        # No model is loaded here: the spec only labels the error rows (its engine config is a placeholder).
-        spec = make_spec(ctx, EngineConfig.of("", "", ctx.options.engine), identity)
-        for index in pending:
-            rows = read_shard_rows(storage, layout, run_id, index)
-            discard_staged_shard(storage, spec, index)  # a lost attempt may have staged part of it
-            summaries.append(
-                stage_failed_rows(0, rows, spec, storage, f"shard {index} failed after {max_attempts} attempt(s): {reasons[index]}", index)
-            )
-    summary = finish_run(
-        logger, ctx, manifest, plan, summaries, identity, params,
-        audit={"shards": [
-            {"shard_index": r.shard_index, "worker": asdict(r.worker), "started_at": r.started_at,
-             "finished_at": r.finished_at} for r in records
-        ], "failed_shards": {str(i): reasons[i] for i in pending}, "shard_attempts": {str(i): n for i, n in attempts.items()},
-            "max_concurrent_shards": limit,
-            "shard_counts": [{"shard": r.shard_index, "worker": r.worker.hostname, "pages_ok": s.pages_ok,
-                              "pages_error": s.pages_error, "pages_skipped": s.pages_skipped}
-                             for r, s in zip(records, summaries)]},
-        memory=next((r.memory for r in records if r.memory), None),
-    )
-    summary["shards"] = count
-    if pending:
-        detail = "; ".join(f"shard {i}: {reasons[i]}" for i in pending)
-        return Failed(message=f"{len(pending)} of {count} shard(s) failed ({detail}); their rows are error rows in run {run_id}")
-    return summary
+    failed = {i: f"after {max_attempts} attempt(s): {reasons[i]}" for i in pending}
+    summary = publish_shards(logger, ctx, manifest, plan, count, failed, prefect_hooks(),
+                             audit={"shard_attempts": {str(i): n for i, n in attempts.items()},
+                                    "max_concurrent_shards": limit})
+    message = failed_message(summary, reasons)
+    return Failed(message=message) if message else summary
 
 
 async def default_concurrency(deployment: str) -> int:

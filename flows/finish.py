@@ -1,4 +1,6 @@
-"""The end of a flow run: reconcile the counts, publish the run's tables, write the summary artifact."""
+"""What a Prefect flow run reports when its run publishes: the summary, counts (and shards) and link artifacts,
+and the ``medvlm.run.published`` event (the hooks ``flows.prepare.prefect_hooks`` plugs into the core's run API).
+"""
 
 from __future__ import annotations
 
@@ -8,74 +10,6 @@ from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
-from prefect.runtime import flow_run
-
-from medvlm.tasks.publish import publish_run
-from medvlm_core.inputs.manifest import ManifestPlan
-from medvlm_core.model.files import ModelIdentity
-from medvlm_core.output.publish import run_date_of
-from medvlm_core.output.results import utc_now
-from medvlm_core.run.accounting import ChunkSummary, RunFacts, merge_summaries, run_row, run_summary
-from medvlm_core.run.context import RunContext, ensure_output_held, release_output
-
-
-def finish_run(
-    logger: Any,
-    ctx: RunContext,
-    manifest: str,
-    plan: ManifestPlan,
-    summaries: list[ChunkSummary],
-    identity: ModelIdentity,
-    params: str,
-    audit: dict[str, Any] | None = None,
-    memory: dict | None = None,
-) -> dict[str, Any]:
-    """Reconcile the counts, publish the run's tables atomically, write the artifact.
-
-    Args:
-        logger: the flow run's logger.
-        ctx: the run.
-        manifest: the manifest URI (normalised).
-        plan: the validated manifest.
-        summaries: the chunks' (or shards') counts.
-        identity: the model's identity.
-        params: the run's ``params_json``.
-        audit: how the run ran (shards, workers), for the commit record.
-        memory: the engine's memory plan (default: this process's, when it planned one).
-
-    Returns:
-        The run's summary (``medvlm_core.run.accounting.run_summary``).
-
-    Raises:
-        RunError: the run lost the output's lease to another run (nothing is published); the lease is given
-            back once the run is published.
-    """
-    total = merge_summaries(summaries)
-    facts = RunFacts(
-        run_id=ctx.run_id, flow_run_id=str(flow_run.id) if flow_run.id else None, manifest=manifest,
-        output=ctx.output.root, started=ctx.started, finished=utc_now(), identity=identity, params_json=params,
-        default_prompt=ctx.default_prompt, storage_retries=ctx.storage.retries,
-        memory=memory or (ctx.memory.as_dict() if ctx.memory else None), scope=ctx.options.documents.scope,
-    )
-    row = run_row(facts, plan, total)
-    quarantine_rows = [dict(q, run_id=ctx.run_id, manifest_uri=manifest, created_at=facts.finished) for q in plan.quarantined]
-    ensure_output_held(ctx)  # a run whose lease was taken over must not publish: the other run does these pages
-    artifacts = RunArtifacts((audit or {}).get("shard_counts"))
-    try:
-        # The artifacts only report on the tables: they are written from the moment every table is visible, while
-        # the publish writes the done index and the commit record (a later run finishes those if this one dies).
-        published = publish_run(ctx.storage, ctx.output, ctx.run_id, run_date_of(ctx.started), quarantine_rows, row,
-                                audit, on_tables=lambda tables: artifacts.start(run_summary(row, total, tables)))
-        release_output(ctx)  # published: the next run on this output may start deciding what is done
-    finally:
-        artifacts.wait()
-    summary = run_summary(row, total, published)
-    emit_published(summary)
-    logger.info(
-        "run %s done: %d ok, %d error, %d skipped pages; %d quarantined rows; reconciled=%s",
-        ctx.run_id, total.pages_ok, total.pages_error, total.pages_skipped, len(plan.quarantined), row["reconciled"],
-    )
-    return summary
 
 
 class RunArtifacts:
@@ -85,13 +19,10 @@ class RunArtifacts:
     The threads run in copies of the context this object was made in (the flow run's): Prefect finds the flow run
     the artifacts belong to there, also when ``start`` is called from inside the publishing task.
 
-    Args:
-        shard_counts: a fan-out's counts per shard.
     """
 
-    def __init__(self, shard_counts: list[dict] | None = None):
+    def __init__(self):
         self._context = contextvars.copy_context()
-        self._shard_counts = shard_counts
         self._pool: ThreadPoolExecutor | None = None
         self._futures: list = []
 
@@ -99,9 +30,9 @@ class RunArtifacts:
         """Start writing the artifacts of ``summary``.
 
         Args:
-            summary: the run's summary.
+            summary: the run's summary (with a fan-out's ``shard_counts``).
         """
-        writers = [lambda: publish_artifact(summary), lambda: publish_counts_artifact(summary, self._shard_counts),
+        writers = [lambda: publish_artifact(summary), lambda: publish_counts_artifact(summary, summary.get("shard_counts")),
                    lambda: publish_link_artifact(summary)]
         self._pool = ThreadPoolExecutor(len(writers), thread_name_prefix="medvlm-artifacts")
         self._futures = [self._pool.submit(self._context.copy().run, writer) for writer in writers]

@@ -17,8 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 from prefect.states import Failed
 
-from medvlm.flows.batch import run_batch
-from medvlm.flows.prepare import run_name, start_run
+from medvlm.flows.prepare import prefect_hooks, run_name, start_run
 from medvlm_core import storage as st
 from medvlm_core.errors import RunError
 from medvlm_core.inputs.images import DOCUMENT_EXTENSIONS
@@ -26,6 +25,7 @@ from medvlm_core.inputs.manifest import FORMATS, write_manifest
 from medvlm_core.output.paths import OutputLayout
 from medvlm_core.output.results import utc_now
 from medvlm_core.run.context import RunContext, make_run_id
+from medvlm_core.run.lifecycle import run_batch
 from medvlm_core.run.options import RunOptions
 from medvlm_core.storage import Storage
 
@@ -127,7 +127,7 @@ def _run_one(ctx: RunContext, manifest: str, fan_out: bool, deployment: str, sha
     if not fan_out:
         try:
             run = ctx.next_run(utc_now())  # a random id part: two manifests may start within one second
-            return run_batch(logger, run, manifest), None
+            return run_batch(logger, run, manifest, prefect_hooks()), None
         except RunError as exc:
             return None, str(exc)
     child = run_deployment(

@@ -1,8 +1,9 @@
-"""The set-up every medvlm flow shares: settings, storage, run id, locations and the output's guards.
+"""The set-up every medvlm flow shares: how a Prefect flow run opens a run of the core's run API.
 
-``start_run`` is the one place a flow run turns its parameters into a ``RunContext``
-(``medvlm_core.run.context``): the settings are read once here and passed down, and a problem is a ``RunError``
-that the flow turns into one clear message.
+``start_run`` turns a flow run's parameters into a ``RunContext`` (``medvlm_core.run.lifecycle.start_run``) with
+the credentials of a Prefect block and the flow run's id; ``prefect_hooks`` is what Prefect plugs into the run:
+the mapped ``infer-chunk`` task, the ``publish-run`` task, progress and summary artifacts and the published event.
+A problem is a ``RunError`` that the flow turns into one clear message.
 """
 
 from __future__ import annotations
@@ -11,18 +12,14 @@ from typing import Any
 
 from prefect.runtime import flow_run
 
-from medvlm.tasks.credentials import build_storage
-from medvlm_core.output.results import utc_now
-from medvlm_core.run.context import (
-    RunContext,
-    acquire_output,
-    check_output_writable,
-    make_run_id,
-    open_run,
-    recover_output,
-)
+from medvlm.flows.finish import RunArtifacts, emit_published
+from medvlm.flows.inference import ChunkProgress, prefect_chunks
+from medvlm.tasks.credentials import block_credentials
+from medvlm.tasks.publish import publish_run
+from medvlm_core.run import lifecycle
+from medvlm_core.run.context import RunContext
+from medvlm_core.run.lifecycle import RunHooks
 from medvlm_core.run.options import RunOptions
-from medvlm_core.settings import Settings
 
 
 def run_name(kind: str):
@@ -47,6 +44,11 @@ def run_name(kind: str):
     return name
 
 
+def flow_run_id() -> str | None:
+    """This flow run's id (None outside a flow run)."""
+    return str(flow_run.id) if flow_run.id else None
+
+
 def start_run(
     output: str,
     model: str,
@@ -69,29 +71,16 @@ def start_run(
     Raises:
         RunError: bad options, locations outside the policy, an unusable credentials block or extraction.
     """
-    opts = RunOptions.parse(options)
-    settings = Settings()
-    started = utc_now()
-    storage = build_storage(opts.storage, settings)
-    run_id = run_id or make_run_id(started, str(flow_run.id) if flow_run.id else None)
-    return open_run(run_id, started, output, model, mmproj, options, settings, storage)
+    return lifecycle.start_run(output, model, mmproj, options, credentials=block_credentials, run_id=run_id,
+                               source_id=flow_run_id())
 
 
-def guard_output(logger: Any, ctx: RunContext) -> None:
-    """Before a run decides what is done: check the output is writable, take its lease (one run at a time; wait
-    for another run's, or fail, as ``on_busy`` says), finish interrupted publishes.
+def prefect_hooks() -> RunHooks:
+    """What a Prefect flow run plugs into the core's run API; made inside the flow run (its artifacts belong to it).
 
-    The caller gives the lease back (``medvlm_core.run.context.release_output``) in a ``finally``.
-
-    Args:
-        logger: the flow run's logger.
-        ctx: the run.
-
-    Raises:
-        RunError: the output cannot be written, or another run holds its lease (the message names it).
+    Returns:
+        The hooks.
     """
-    check_output_writable(ctx)
-    acquire_output(ctx, logger)
-    for run_id in recover_output(ctx):
-        logger.warning("output %s: finished publishing run %s, which was interrupted while publishing",
-                       ctx.output.root, run_id)
+    artifacts = RunArtifacts()
+    return RunHooks(source_id=flow_run_id(), map_chunks=prefect_chunks, publish=publish_run, progress=ChunkProgress,
+                    on_tables=artifacts.start, on_publish_end=artifacts.wait, on_published=emit_published)

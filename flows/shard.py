@@ -9,24 +9,17 @@ nothing depends on result persistence, and it publishes all shards' rows at once
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from medvlm.flows.inference import run_chunks
-from medvlm.flows.prepare import run_name, start_run
+from medvlm.flows.prepare import prefect_hooks, run_name, start_run
 from medvlm_core.errors import RunError
-from medvlm_core.output.results import utc_now
-from medvlm_core.run.accounting import merge_summaries
-from medvlm_core.run.context import make_spec, prepare_model
+from medvlm_core.run.fanout import run_shard
 from medvlm_core.run.options import RunOptions
-from medvlm_core.run.shards import ShardRecord, ShardWorker, read_shard_rows, write_shard_record
 
 
 @flow(
@@ -59,19 +52,7 @@ def medvlm_shard(
     logger = get_run_logger()
     try:
         ctx = start_run(output, model, mmproj, options, run_id=run_id)
-        rows = read_shard_rows(ctx.storage, ctx.output, run_id, shard_index)
-        engine, identity = prepare_model(ctx)
-        spec = make_spec(ctx, engine, identity)
-        logger.info("shard %d of run %s: %d manifest rows", shard_index, run_id, len(rows))
-        total = merge_summaries(run_chunks(logger, ctx, spec, rows, shard_index))
-        total.storage_retries += ctx.storage.retries  # this worker's object-store retries, for the run row
-        worker = ShardWorker(socket.gethostname(), os.getpid(), ctx.settings.cuda_visible_devices,
-                             str(flow_run.id) if flow_run.id else None)
-        record = ShardRecord(shard_index, total.to_json(), asdict(identity), spec.params_json, worker,
-                             ctx.started.isoformat(), utc_now().isoformat(),
-                             ctx.memory.as_dict() if ctx.memory else None)
-        write_shard_record(ctx.storage, ctx.output, run_id, record)
-        return asdict(record)
+        return asdict(run_shard(logger, ctx, shard_index, prefect_hooks()))
     except RunError as exc:
         logger.error("shard %d failed: %s", shard_index, exc)
         return Failed(message=str(exc))

@@ -18,9 +18,10 @@ import json
 from typing import Any
 
 from medvlm_core.errors import RunError
+from medvlm_core.run import context
 from medvlm_core.run.options import StorageOptions
 from medvlm_core.settings import Settings
-from medvlm_core.storage import Storage, s3_options
+from medvlm_core.storage import Storage
 
 
 def load_credentials_block(name: str) -> dict[str, Any]:
@@ -105,12 +106,29 @@ def _secret_block(name: str) -> dict[str, Any]:
     return value
 
 
-def build_storage(options: StorageOptions, settings: Settings) -> Storage:
-    """The run's Storage: explicit options, then the block's credentials, then the AWS environment.
+def block_credentials(options: StorageOptions) -> dict[str, Any]:
+    """The ``CredentialsSource`` of a Prefect flow run (``medvlm_core.run.context.build_storage``): the block the
+    run's ``credentials_block`` names, if any.
 
     Args:
-        options: the run's storage options (``sse`` asks S3 to encrypt every object the run writes).
-        settings: the process settings (the endpoint when the run names none, the retry policy).
+        options: the run's storage options.
+
+    Returns:
+        The block's S3 settings (empty without a block: the AWS environment applies).
+
+    Raises:
+        RunError: the block cannot be used.
+    """
+    return load_credentials_block(options.credentials_block) if options.credentials_block else {}
+
+
+def build_storage(options: StorageOptions, settings: Settings) -> Storage:
+    """The Storage of a flow that is not a run (eval, report): explicit options, then the block's credentials,
+    then the AWS environment.
+
+    Args:
+        options: the storage options.
+        settings: the process settings.
 
     Returns:
         The storage.
@@ -118,21 +136,4 @@ def build_storage(options: StorageOptions, settings: Settings) -> Storage:
     Raises:
         RunError: the credentials block cannot be used.
     """
-    creds = load_credentials_block(options.credentials_block) if options.credentials_block else {}
-    extra = dict(options.storage_options or {})
-    if creds.get("region_name"):
-        extra["client_kwargs"] = dict(extra.get("client_kwargs") or {}, region_name=creds["region_name"])
-    if options.sse:
-        sse = dict(extra.get("s3_additional_kwargs") or {}, ServerSideEncryption=options.sse)
-        if options.sse_kms_key_id:
-            sse["SSEKMSKeyId"] = options.sse_kms_key_id
-        extra["s3_additional_kwargs"] = sse
-    s3 = s3_options(
-        endpoint_url=options.s3_endpoint or creds.get("endpoint_url") or settings.s3_endpoint,
-        key=creds.get("aws_access_key_id"),
-        secret=creds.get("aws_secret_access_key"),
-        token=creds.get("aws_session_token"),
-        profile=creds.get("profile_name"),
-        extra=extra,
-    )
-    return Storage({"s3": s3}, retry=settings.retry_policy())
+    return context.build_storage(options, settings, block_credentials)

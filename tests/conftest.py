@@ -16,6 +16,10 @@ from pathlib import Path
 
 import pytest
 
+# The Airflow provider's tests need an environment of their own (Airflow and Prefect cannot share one): they run
+# with make test-airflow.
+collect_ignore = ["airflow"]
+
 _PREFECT_HOME = tempfile.mkdtemp(prefix="medvlm-test-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ.pop("PREFECT_API_URL", None)

@@ -25,7 +25,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = "medvlm_core"
-ORCHESTRATION = ("prefect", "flows", "tasks", "medvlm")  # medvlm.flows, medvlm.tasks
+ORCHESTRATION = ("prefect", "airflow", "flows", "tasks", "medvlm")  # medvlm.flows, medvlm.tasks, medvlm.airflow
+PROVIDER = "airflow_provider"  # installed as medvlm.airflow
 TESTING = "medvlm_core.testing"
 
 # Where reading or passing on the environment is allowed (paths relative to the repository root).
@@ -136,9 +137,26 @@ def test_core_imports_no_orchestration():
             elif runtime and any(_within(c, TESTING) for c in candidates if c):
                 offenders.append(f"{_rel(path)}:{line}: {statement} (development tools, not the runtime)")
     assert not offenders, (
-        "medvlm_core must not import prefect, flows or tasks, and its runtime must not import "
+        "medvlm_core must not import prefect, airflow, flows, tasks or the provider, and its runtime must not import "
         "medvlm_core.testing:\n  " + "\n  ".join(offenders)
     )
+
+
+def test_the_two_orchestrators_never_import_each_other():
+    """The Prefect layer (flows, tasks) and the Airflow provider live in environments that cannot hold both: each
+    imports only the core (and its own orchestrator)."""
+    offenders = []
+    for path in _files("flows", "tasks"):
+        for line, candidates, statement in _imported_names(_parse(path), "x", False):
+            if candidates[0].split(".")[0] == "airflow" or _within(candidates[0], "medvlm.airflow"):
+                offenders.append(f"{_rel(path)}:{line}: {statement}")
+    for path in _files(PROVIDER):
+        for line, candidates, statement in _imported_names(_parse(path), "x", False):
+            top = candidates[0].split(".")[0]
+            if top == "prefect" or top.startswith("prefect_") or _within(candidates[0], "medvlm.flows") \
+                    or _within(candidates[0], "medvlm.tasks"):
+                offenders.append(f"{_rel(path)}:{line}: {statement}")
+    assert not offenders, "flows/tasks must not import Airflow, nor the provider Prefect:\n  " + "\n  ".join(offenders)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -299,7 +317,7 @@ def _environment_uses(path: Path) -> list[tuple[int, str]]:
 
 def test_environment_is_read_only_by_settings():
     offenders = []
-    for path in _files(CORE, "tasks", "flows"):
+    for path in _files(CORE, "tasks", "flows", PROVIDER):
         rel = _rel(path)
         if rel in ENV_ALLOWED_FILES or rel.startswith(ENV_ALLOWED_DIRS):
             continue
@@ -364,7 +382,7 @@ def _docstring_targets(path: Path):
 def test_public_names_have_docstrings():
     total = 0
     undocumented = []
-    for path in _files(CORE, "tasks", "flows"):
+    for path in _files(CORE, "tasks", "flows", PROVIDER):
         for qualname, documented in _docstring_targets(path):
             total += 1
             if not documented:
@@ -430,7 +448,8 @@ def test_pyproject_lists_every_package():
     import tomllib
 
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    folders = {"medvlm.flows": "flows", "medvlm.tasks": "tasks"}
+    folders = {"medvlm.flows": "flows", "medvlm.tasks": "tasks", "medvlm.airflow": PROVIDER,
+               "medvlm.airflow.example_dags": f"{PROVIDER}/example_dags"}
     expected = {_module_name(p) for p in _files(CORE) if _is_package(p)}
     expected |= set(folders)
     assert set(config["packages"]) == expected, "pyproject.toml [tool.setuptools] packages must list every package"
@@ -452,7 +471,7 @@ SCHEMA_OWNERS = {
 
 
 def test_no_module_is_over_500_lines():
-    long = [f"{_rel(p)}: {n} lines" for p in _files(CORE, "flows", "tasks")
+    long = [f"{_rel(p)}: {n} lines" for p in _files(CORE, "flows", "tasks", PROVIDER)
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES]
     assert not long, f"modules over {MAX_MODULE_LINES} lines (split them by job):\n  " + "\n  ".join(long)
 

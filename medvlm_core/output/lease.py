@@ -352,6 +352,63 @@ class OutputLease:
             raise RunError(f"output {self.layout.root}: run {self.run_id} lost its lease{who} (no renewal for "
                            f"{self.ttl_s:.0f} s?); nothing was published, the run holding the lease does these pages")
 
+    # -- handing over between processes -------------------------------------------------------------
+    def hand_over(self, ttl_s: float) -> str:
+        """Keep the lease for this run after this process ends, for a later step of the run to take back
+        (``take_back``): an orchestrator whose planning, shards and publishing are separate processes (Airflow).
+
+        Renewal stops; the record no longer names a process (so it is never seen as a dead holder's) and expires
+        ``ttl_s`` from now unless the run takes it back and renews it.
+
+        Args:
+            ttl_s: how long the lease stays held without a renewal (the run's longest expected gap).
+
+        Returns:
+            The lease's token, which ``take_back`` needs (not a secret: it only names this holding).
+
+        Raises:
+            RunError: this run no longer holds the lease.
+        """
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)
+        with self._lock:
+            held = self.held
+            current = self.current() if held is not None else None
+            if held is None or current is None or current.token != held.token:
+                if held is not None:
+                    self._mark_lost(current)
+                raise RunError(f"output {self.layout.root}: run {self.run_id} does not hold its lease")
+            detached = dataclasses.replace(held, pid=0, machine=None, process_started=None,
+                                           expires_at=_iso(time.time() + ttl_s))
+            self.storage.write_bytes_atomic(self.layout.lease_epoch(held.epoch), detached.to_bytes())
+            self.held = None
+            return held.token
+
+    def take_back(self, token: str) -> LeaseRecord:
+        """Hold again the lease an earlier step of this run handed over (``hand_over``); renew, check and release
+        it as usual afterwards.
+
+        Args:
+            token: the token ``hand_over`` returned.
+
+        Returns:
+            The record.
+
+        Raises:
+            RunError: the lease was released, expired or taken by another run meanwhile (the message names who
+                holds it).
+        """
+        current = self.current()
+        if current is None or current.token != token or current.released or current.expires <= time.time():
+            who = f"; {current.describe()} holds it" if current is not None and not current.free() else ""
+            raise RunError(f"output {self.layout.root}: run {self.run_id} lost its lease while its steps ran (it was "
+                           f"released, or expired after its hand-over time){who}; nothing was published")
+        with self._lock:
+            self.held, self.lost, self.lost_to = current, False, None
+        return current
+
     # -- giving back -------------------------------------------------------------------------------
     def release(self) -> bool:
         """Give the lease back (mark our record released) if it is still ours; stop renewing.

@@ -214,6 +214,18 @@ class OutputLayout:
         """
         return st.join(self.run_staging(run_id), SHARD_PLANS, f"part-{part:05d}.parquet")
 
+    def fanout_plan(self, run_id: str) -> str:
+        """Where a fan-out whose steps run in separate processes leaves its plan's counts and quarantined rows for
+        its publishing step (``medvlm_core.run.fanout.FanoutPlanRecord``).
+
+        Args:
+            run_id: the fan-out run.
+
+        Returns:
+            Its URL.
+        """
+        return st.join(self.run_staging(run_id), SHARD_PLANS, "plan.json")
+
     def publish_marker(self, run_id: str) -> str:
         """The marker that says a run's publish has begun (see ``medvlm_core.output.publish``).
 

@@ -14,7 +14,7 @@ import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 from medvlm_core.errors import DocumentError, RunError
 from medvlm_core.inputs.prompts import Prompt, get_prompt, register_extraction
@@ -28,12 +28,51 @@ from medvlm_core.output.lease import OutputLease
 from medvlm_core.output.paths import OutputLayout
 from medvlm_core.output.publish import recover_interrupted_publishes
 from medvlm_core.output.structured import load_extraction
-from medvlm_core.run.options import RunOptions, requested_options
+from medvlm_core.run.options import RunOptions, StorageOptions, requested_options
 from medvlm_core.run.params import EngineConfig, params_json
 from medvlm_core.run.spec import RunSpec
 from medvlm_core.settings import Settings
-from medvlm_core.storage import Storage
+from medvlm_core.storage import Storage, s3_options
 from medvlm_core.storage.locations import LocationPolicy
+
+
+# Resolves a run's S3 credentials from its storage options (a Prefect block, an Airflow connection): a dict of
+# aws_access_key_id, aws_secret_access_key, aws_session_token, profile_name, region_name, endpoint_url (those set).
+CredentialsSource = Callable[[StorageOptions], dict[str, Any]]
+
+
+def build_storage(options: StorageOptions, settings: Settings, credentials: CredentialsSource | None = None) -> Storage:
+    """The run's Storage: explicit options, then the orchestrator's credentials, then the AWS environment.
+
+    Args:
+        options: the run's storage options (``sse`` asks S3 to encrypt every object the run writes).
+        settings: the process settings (the endpoint when the run names none, the retry policy).
+        credentials: resolves the credentials for ``options`` (None: the AWS environment only).
+
+    Returns:
+        The storage.
+
+    Raises:
+        RunError: the credentials cannot be resolved (the message names their source, never a value).
+    """
+    creds = credentials(options) if credentials is not None else {}
+    extra = dict(options.storage_options or {})
+    if creds.get("region_name"):
+        extra["client_kwargs"] = dict(extra.get("client_kwargs") or {}, region_name=creds["region_name"])
+    if options.sse:
+        sse = dict(extra.get("s3_additional_kwargs") or {}, ServerSideEncryption=options.sse)
+        if options.sse_kms_key_id:
+            sse["SSEKMSKeyId"] = options.sse_kms_key_id
+        extra["s3_additional_kwargs"] = sse
+    s3 = s3_options(
+        endpoint_url=options.s3_endpoint or creds.get("endpoint_url") or settings.s3_endpoint,
+        key=creds.get("aws_access_key_id"),
+        secret=creds.get("aws_secret_access_key"),
+        token=creds.get("aws_session_token"),
+        profile=creds.get("profile_name"),
+        extra=extra,
+    )
+    return Storage({"s3": s3}, retry=settings.retry_policy())
 
 
 def make_run_id(started: datetime, source_id: str | None = None) -> str:
@@ -233,6 +272,48 @@ def release_output(ctx: RunContext) -> bool:
     """
     lease, ctx.lease = ctx.lease, None
     return lease.release() if lease is not None else False
+
+
+def hand_over_output(ctx: RunContext, ttl_s: float) -> str:
+    """Keep the output's lease for this run after this process ends (``OutputLease.hand_over``): the planning
+    step of a fan-out whose steps run in separate processes.
+
+    Args:
+        ctx: the run, holding the lease.
+        ttl_s: how long the lease stays held until a later step takes it back.
+
+    Returns:
+        The token ``take_back_output`` needs.
+
+    Raises:
+        RunError: the run does not hold the lease.
+    """
+    lease, ctx.lease = ctx.lease, None
+    if lease is None:
+        raise RunError(f"output {ctx.output.root}: run {ctx.run_id} does not hold its lease")
+    return lease.hand_over(ttl_s)
+
+
+def take_back_output(ctx: RunContext, token: str) -> OutputLease:
+    """Hold again, in this process, the lease an earlier step of this run handed over; renewed until
+    ``release_output``.
+
+    Args:
+        ctx: the run.
+        token: what ``hand_over_output`` returned.
+
+    Returns:
+        The lease (also ``ctx.lease``).
+
+    Raises:
+        RunError: the lease was lost meanwhile (nothing may be published).
+    """
+    lease = OutputLease(ctx.storage, ctx.output, ctx.run_id, ctx.settings.lease_ttl_s, ctx.settings.lease_poll_s)
+    lease.take_back(token)
+    lease.renew()
+    ctx.lease = lease
+    lease.start_renewing()
+    return lease
 
 
 def recover_output(ctx: RunContext) -> list[str]:
