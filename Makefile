@@ -7,7 +7,11 @@ BIN := $(VENV)/bin
 # For a GPU worker see docs/gpu-workers.md.
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF
 
-.PHONY: setup demo test docs clean
+# The Airflow provider's environment: Airflow 3 and the core, no Prefect (the two cannot share one).
+AIRFLOW_VENV ?= .venv-airflow
+AIRFLOW_BIN := $(AIRFLOW_VENV)/bin
+
+.PHONY: setup demo test test-airflow docs clean
 
 # PYTHONWARNINGS=ignore: setuptools prints an informational "Editable installation" banner on every editable
 # install (a meta path finder serves the three top-level packages); nothing is wrong, so the demo stays quiet.
@@ -29,8 +33,18 @@ test: setup
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
+$(AIRFLOW_BIN)/airflow: pyproject.toml
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_BIN)/pip install --quiet --upgrade pip
+	CMAKE_ARGS="$(CMAKE_ARGS)" PYTHONWARNINGS=ignore $(AIRFLOW_BIN)/pip install --quiet -e '.[airflow-test]'
+	touch $@
+
+# The provider's suite in its own environment: airflow dags test on the example DAGs (a few minutes).
+test-airflow: $(AIRFLOW_BIN)/airflow
+	$(AIRFLOW_BIN)/python -m pytest -q -p no:cacheprovider --confcutdir=tests/airflow tests/airflow
+
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 clean:
-	rm -rf $(VENV) medvlm-demo .pytest_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) medvlm-demo .pytest_cache

@@ -61,7 +61,8 @@ class MedvlmOperator(BaseOperator):
     """What every medvlm operator shares: the model, the output, the options and the credentials.
 
     Args:
-        output: the output folder or ``s3://`` prefix.
+        output_uri: the output folder or ``s3://`` prefix (``output`` in the flows; an operator's ``output`` is its
+            XCom result).
         model: the text GGUF (or a .zip bundle of both files).
         mmproj: the vision projector GGUF.
         options: the run's options (``medvlm_core.run.options.RunOptions``'s fields, flat or grouped), checked when
@@ -70,14 +71,14 @@ class MedvlmOperator(BaseOperator):
             extra: ``region_name``, ``endpoint_url``, ``aws_session_token``); empty: the AWS environment.
     """
 
-    template_fields: Sequence[str] = ("output", "model", "mmproj", "options", "aws_conn_id")
+    template_fields: Sequence[str] = ("output_uri", "model", "mmproj", "options", "aws_conn_id")
     template_fields_renderers = {"options": "json"}
     ui_color = "#d8ecf3"
 
-    def __init__(self, *, output: str, model: str, mmproj: str | None = None, options: Any = None,
+    def __init__(self, *, output_uri: str, model: str, mmproj: str | None = None, options: Any = None,
                  aws_conn_id: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.output, self.model, self.mmproj, self.options = output, model, mmproj, options
+        self.output_uri, self.model, self.mmproj, self.options = output_uri, model, mmproj, options
         self.aws_conn_id = aws_conn_id
         if options is not None and not _templated(options):
             self._options()  # a bad option fails the DAG file's parsing, before any run
@@ -124,7 +125,7 @@ class MedvlmOperator(BaseOperator):
         from medvlm.airflow.connections import connection_credentials
         from medvlm_core.run.lifecycle import start_run
 
-        return start_run(self.output, self.model, self.mmproj or None, self._options(),
+        return start_run(self.output_uri, self.model, self.mmproj or None, self._options(),
                          credentials=connection_credentials(self.aws_conn_id or None), run_id=run_id,
                          source_id=self.hooks(context).source_id, started=started)
 

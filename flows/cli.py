@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from medvlm.flows.codes_cli import add_codes_parser, cmd_codes
 from medvlm.flows.demo import cmd_demo, cmd_make_tiny_model
 from medvlm.flows.in_process import (
+    EXIT_CANNOT_RUN,
     EXIT_OK,
     EXIT_UNRECONCILED,
     errors_last,
@@ -286,8 +287,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "make-tiny-model": cmd_make_tiny_model, "eval": cmd_eval, "review": cmd_review,
         "codes": cmd_codes,
     }
-    with errors_last():
-        return handlers[args.command](args)
+    try:
+        with errors_last():
+            return handlers[args.command](args)
+    except ModuleNotFoundError as exc:  # an environment with the core only, or Airflow's (no Prefect)
+        if not (exc.name or "").split(".")[0].startswith("prefect"):
+            raise
+        print(f"medvlm {args.command}: needs Prefect, which this environment lacks: pip install 'medvlm[prefect]' "
+              "(under Airflow, run medvlm with the medvlm.airflow operators instead)", file=sys.stderr)
+        return EXIT_CANNOT_RUN
 
 
 if __name__ == "__main__":

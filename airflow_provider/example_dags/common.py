@@ -39,7 +39,7 @@ def run_params(**defaults: Any) -> dict[str, Param]:
 
 
 # The templated arguments every medvlm operator of the examples takes from the params.
-RUN_ARGS = dict(output="{{ params.output }}", model="{{ params.model }}", mmproj="{{ params.mmproj }}",
+RUN_ARGS = dict(output_uri="{{ params.output }}", model="{{ params.model }}", mmproj="{{ params.mmproj }}",
                 options="{{ params.options }}", aws_conn_id="{{ params.aws_conn_id }}")
 
 # Where the shards run. In a DAG of your own: a pool sized to the GPU workers' slots (``airflow pools set gpu 4

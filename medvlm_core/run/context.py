@@ -11,6 +11,8 @@ before any document is touched.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -81,12 +83,15 @@ def make_run_id(started: datetime, source_id: str | None = None) -> str:
     Args:
         started: the run's start (UTC).
         source_id: the orchestrator's id of this run (e.g. the Prefect flow run id), so tables and the
-            orchestrator join; a random id when None.
+            orchestrator join (another form, such as Airflow's ``airflow:dag/run/task``, by its sha256); a random
+            id when None.
 
     Returns:
         ``YYYYMMDDTHHMMSSZ-xxxxxxxx``.
     """
     source = (source_id or uuid.uuid4().hex).replace("-", "")
+    if not re.fullmatch(r"[0-9a-f]{8,}", source):  # not a UUID (Airflow's dag/run/task): its digest names the run
+        source = hashlib.sha256(source.encode()).hexdigest()
     return f"{started:%Y%m%dT%H%M%SZ}-{source[:8]}"
 
 
