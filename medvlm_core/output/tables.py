@@ -253,7 +253,7 @@ COMPLETIONS = Table("completions", "One row per document page and prompt: the mo
 
 RUNS = Table("runs", "One row per run: its counts, parameters, throughput and memory plan.", (
     Column("run_id", S, "The run's id (also names its files).", nullable=False, unique=True),
-    Column("flow_run_id", S, "The Prefect flow run, when there is one."),
+    Column("flow_run_id", S, "The orchestrator's run: the Prefect flow run id, or airflow:DAG/RUN/TASK."),
     Column("status", S, "How the run ended."),
     Column("started_at", TIMESTAMP, "When the run started (UTC)."),
     Column("finished_at", TIMESTAMP, "When the run published (UTC)."),

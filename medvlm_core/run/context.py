@@ -37,7 +37,6 @@ from medvlm_core.settings import Settings
 from medvlm_core.storage import Storage, s3_options
 from medvlm_core.storage.locations import LocationPolicy
 
-
 # Resolves a run's S3 credentials from its storage options (a Prefect block, an Airflow connection): a dict of
 # aws_access_key_id, aws_secret_access_key, aws_session_token, profile_name, region_name, endpoint_url (those set).
 CredentialsSource = Callable[[StorageOptions], dict[str, Any]]

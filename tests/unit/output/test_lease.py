@@ -105,6 +105,37 @@ def test_second_run_fails_at_once_or_waits_a_bounded_time(output):
     assert second.release() is True and second.current().released
 
 
+def test_a_lease_handed_over_between_processes_stays_held_until_taken_back(output):
+    """An Airflow fan-out: its planning task hands the lease over, its publishing task (another process) takes it
+    back with the token; meanwhile no other run gets the output, and a dead planner's pid does not free it."""
+    planner = lease(output, "run-fanout")
+    planner.acquire("fail")
+    token = planner.hand_over(ttl_s=30)
+    handed = planner.current()
+    assert handed.token == token and handed.pid == 0 and handed.machine is None and not handed.released
+    assert not handed.gone() and not handed.free()
+    with pytest.raises(RunError, match="is busy: run run-fanout"):
+        lease(output, "run-other").acquire("fail")
+
+    with pytest.raises(RunError, match="lost its lease while its steps ran"):
+        lease(output, "run-fanout").take_back("not-the-token")
+    publisher = lease(output, "run-fanout")
+    assert publisher.take_back(token).epoch == handed.epoch
+    publisher.ensure_held()  # renews: the publisher holds it like any holder
+    assert publisher.release() is True
+    assert lease(output, "run-other").acquire("fail").run_id == "run-other"
+
+
+def test_a_handed_over_lease_that_expired_is_lost(output):
+    planner = lease(output, "run-fanout")
+    planner.acquire("fail")
+    token = planner.hand_over(ttl_s=0.2)
+    time.sleep(0.4)
+    assert lease(output, "run-next").acquire("fail").run_id == "run-next"  # expired: the output is free again
+    with pytest.raises(RunError, match=r"lost its lease while its steps ran .*; run run-next \(host"):
+        lease(output, "run-fanout").take_back(token)
+
+
 def test_racing_runs_get_exactly_one_winner(output):
     def race(prefix: str, n: int = 5) -> list[str]:
         barrier = threading.Barrier(n)
