@@ -141,6 +141,12 @@ def test_the_environment_has_airflow_and_the_provider_but_no_prefect(stack):
     listed = subprocess.run([str(BIN / "airflow"), "providers", "list"], env=stack["env"], capture_output=True,
                             text=True, timeout=300)
     assert listed.returncode == 0 and "medvlm" in listed.stdout
+    errors = subprocess.run([str(BIN / "airflow"), "dags", "list-import-errors", "--local"], env=stack["env"],
+                            capture_output=True, text=True, timeout=300)
+    assert errors.returncode == 0 and "medvlm" not in errors.stdout, errors.stdout  # every DAG file parses
+    dags = subprocess.run([str(BIN / "airflow"), "dags", "list", "--local"], env=stack["env"], capture_output=True,
+                          text=True, timeout=300)
+    assert all(d in dags.stdout for d in ("medvlm_batch", "medvlm_fanout", "medvlm_nightly")), dags.stdout
     # the Prefect-only command says what to install instead of a traceback
     cli = subprocess.run([str(BIN / "medvlm"), "run", "--manifest", "m.csv", "--output", "o", "--model", "x.gguf"],
                          capture_output=True, text=True, timeout=120)
@@ -178,6 +184,17 @@ def test_a_shard_that_dies_is_retried_by_airflow_exactly_once(stack, reference_k
     completions, runs = check_run(stack, "analytics/flaky")
     assert len(completions) == PAGES and {r["result_key"] for r in completions} == reference_keys
     assert len(runs) == 1
+
+
+def test_a_shard_that_fails_for_good_becomes_error_rows_and_fails_the_run(stack):
+    done = dags_test(stack, "medvlm_fanout_shard_fails", output="s3://analytics/failing", shard_size=1)
+    assert done.returncode != 0  # the publishing task fails, naming the shard, after publishing
+    assert "1 of 3 shard(s) failed (shard 1: its task shard failed)" in done.stdout + done.stderr
+    completions, runs = table(stack, "analytics/failing", "completions"), table(stack, "analytics/failing", "runs")
+    failed = [r for r in completions if r["status"] == "error"]
+    assert len(completions) == PAGES and len(failed) == 1 and failed[0]["error_type"] == "task_failed"
+    assert "shard 1 failed without leaving its record" in failed[0]["error_message"]
+    assert len(runs) == 1 and runs[0]["reconciled"] and runs[0]["pages_error"] == 1
 
 
 def test_bad_options_fail_before_any_work_naming_the_option(stack):
