@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -217,6 +218,11 @@ def test_no_credential_or_document_text_reaches_xcom_logs_or_the_database(stack)
     home = Path(stack["env"]["AIRFLOW_HOME"])
     database = [p for p in home.rglob("*.db")]
     assert database and any(b"medvlm_run" in p.read_bytes() for p in database)  # the XCom is there
+    # each published run left an event on the examples' Asset, its counts in the event's extra
+    with sqlite3.connect(home / "airflow.db") as db:
+        events = [json.loads(extra) for (extra,) in db.execute(
+            "select e.extra from asset_event e join asset a on a.id = e.asset_id where a.name = 'medvlm_results'")]
+    assert len(events) >= 3 and all(e["reconciled"] and "pages_ok" in e and "run_id" in e for e in events)
     for path in [p for p in home.rglob("*") if p.is_file()]:
         data = path.read_bytes()
         assert secret.encode() not in data, f"the S3 secret key is in {path}"
