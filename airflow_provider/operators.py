@@ -54,7 +54,24 @@ def parse_options(options: Any) -> Any:
 
 
 def _templated(value: Any) -> bool:
-    return "{{" in json.dumps(value, default=str) or "{%" in json.dumps(value, default=str)
+    text = json.dumps(value, default=str)
+    return "{{" in text or "{%" in text
+
+
+def source_id(context: Any) -> str:
+    """The task instance a run (or a step of it) runs in: ``airflow:DAG/RUN/TASK`` (``[N]`` for a mapped one), the
+    runs row's ``flow_run_id``.
+
+    Args:
+        context: the task's context.
+
+    Returns:
+        The id.
+    """
+    ti = context["ti"]
+    map_index = getattr(ti, "map_index", -1)
+    suffix = f"[{map_index}]" if map_index is not None and map_index >= 0 else ""
+    return f"airflow:{ti.dag_id}/{ti.run_id}/{ti.task_id}{suffix}"
 
 
 class MedvlmOperator(BaseOperator):
@@ -106,18 +123,14 @@ class MedvlmOperator(BaseOperator):
         """
         from medvlm_core.run.lifecycle import RunHooks
 
-        ti = context["ti"]
-        map_index = getattr(ti, "map_index", -1)
-        suffix = f"[{map_index}]" if map_index is not None and map_index >= 0 else ""
-        return RunHooks(source_id=f"airflow:{ti.dag_id}/{ti.run_id}/{ti.task_id}{suffix}")
+        return RunHooks(source_id=source_id(context))
 
-    def start(self, context: Any, run_id: str | None = None, started: datetime | None = None) -> Any:
+    def start(self, context: Any, run_id: str | None = None) -> Any:
         """Open the run (``medvlm_core.run.lifecycle.start_run``) with this task's credentials.
 
         Args:
             context: the task's context.
             run_id: the run's id when a planning task made it.
-            started: when the run started, for its publishing step.
 
         Returns:
             The run's context.
@@ -127,7 +140,7 @@ class MedvlmOperator(BaseOperator):
 
         return start_run(self.output_uri, self.model, self.mmproj or None, self._options(),
                          credentials=connection_credentials(self.aws_conn_id or None), run_id=run_id,
-                         source_id=self.hooks(context).source_id, started=started)
+                         source_id=source_id(context))
 
     def pull_run(self, context: Any, plan_task_id: str) -> dict[str, Any]:
         """What the planning task left in XCom (run id, shard count, lease token).
@@ -164,10 +177,11 @@ class MedvlmOperator(BaseOperator):
         self.log.info("medvlm run %s: %s", counts["run_id"],
                       json.dumps({k: v for k, v in counts.items() if k != "published"}, default=str))
         events = context.get("outlet_events")
-        for asset in self.outlets or ():
-            if events is not None:
-                events[asset].extra = {k: counts[k] for k in ("run_id", "output", "pages_ok", "pages_error",
-                                                                "quarantined_rows", "reconciled") if k in counts}
+        if events is not None and self.outlets:
+            extra = {k: counts[k] for k in ("run_id", "output", "pages_ok", "pages_error", "quarantined_rows",
+                                            "reconciled") if k in counts}
+            for asset in self.outlets:
+                events[asset].extra = extra
         return counts
 
 
@@ -338,11 +352,11 @@ class MedvlmPublishShardsOperator(MedvlmOperator):
             record, plan = load_fanout_plan(ctx)
             ctx.started = datetime.fromisoformat(record.started_at)
             take_back_output(ctx, run["lease"])
-            why = f"without leaving its record (task {self.shard_task_id} failed; see its log)"
-            failed = {i: why for i in range(record.shards)}  # used only for the shards without a record
             try:
-                summary = publish_shards(self.log, ctx, record.manifest, plan, record.shards, failed,
-                                         self.hooks(context), audit={"orchestrator": "airflow"})
+                summary = publish_shards(
+                    self.log, ctx, record.manifest, plan, record.shards, {}, self.hooks(context),
+                    audit={"orchestrator": "airflow"},
+                    otherwise=f"without leaving its record (task {self.shard_task_id} failed; see its log)")
             except BaseException:
                 if ctx.lease is not None:  # not published: keep the lease for this task's retry
                     hand_over_output(ctx, DEFAULT_LEASE_HAND_OVER_S)
@@ -350,7 +364,7 @@ class MedvlmPublishShardsOperator(MedvlmOperator):
         except RunError as exc:
             raise AirflowFailException(f"run {run['run_id']} failed: {exc}") from None
         counts = self.report(context, summary)
-        message = failed_message(summary, {i: f"its task {self.shard_task_id} failed" for i in range(record.shards)})
+        message = failed_message(summary, {}, otherwise=f"its task {self.shard_task_id} failed")
         if message:
             raise AirflowFailException(message)
         if not summary["reconciled"]:

@@ -1,4 +1,5 @@
-"""The mapped inference task: one chunk of manifest rows -> staged Parquet files (``medvlm_core.run.chunks``)."""
+"""The mapped inference task: one chunk of manifest rows -> staged Parquet files
+(``medvlm_core.run.lifecycle.infer_chunk_here``)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from medvlm_core.engine.registry import shared_engine
 from medvlm_core.inputs.manifest import ManifestRow
 from medvlm_core.output import results
 from medvlm_core.run.accounting import ChunkSummary
-from medvlm_core.run.chunks import stage_chunk
+from medvlm_core.run.lifecycle import infer_chunk_here
 from medvlm_core.run.spec import RunSpec
 from medvlm_core.storage import Storage
 
@@ -39,10 +39,4 @@ def infer_chunk(
     Returns:
         The chunk's counts.
     """
-    engine = shared_engine(spec.engine, spec.model.chat_format, log_phi)
-    summary = stage_chunk(engine, chunk_index, rows, spec, storage, done, shard_index)
-    get_run_logger().info(
-        "chunk %d: %d manifest rows -> %d ok, %d error, %d skipped pages",
-        chunk_index, len(rows), summary.pages_ok, summary.pages_error, summary.pages_skipped,
-    )
-    return summary
+    return infer_chunk_here(get_run_logger(), chunk_index, rows, spec, storage, done, shard_index, log_phi)

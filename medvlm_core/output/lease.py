@@ -341,6 +341,12 @@ class OutputLease:
                 self.logger.warning("output %s: could not renew the lease of run %s (%s); trying again",
                                     self.layout.root, self.run_id, type(exc).__name__)
 
+    def _stop_renewing(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)
+
     def ensure_held(self) -> None:
         """Check (and renew) the lease right before publishing.
 
@@ -369,10 +375,7 @@ class OutputLease:
         Raises:
             RunError: this run no longer holds the lease.
         """
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=30)
+        self._stop_renewing()
         with self._lock:
             held = self.held
             current = self.current() if held is not None else None
@@ -418,10 +421,7 @@ class OutputLease:
         Returns:
             True if this call released it.
         """
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=30)
+        self._stop_renewing()
         with self._lock:
             held, self.held = self.held, None
             if held is None:

@@ -110,6 +110,7 @@ def publish_shards(
     failed: dict[int, str],
     hooks: RunHooks | None = None,
     audit: dict[str, Any] | None = None,
+    otherwise: str = "without leaving its record",
 ) -> dict[str, Any]:
     """Publish a fan-out: every finished shard's staged rows, and ``task_failed`` error rows for every shard
     without a record, as one run.
@@ -123,10 +124,10 @@ def publish_shards(
         plan: the run's plan (``plan_shards`` or ``load_fanout_plan``).
         count: the number of shards.
         failed: why each shard that failed for good failed, as the end of "shard N failed ..." (``after 2
-            attempt(s): could not launch ...``); a shard without a record and not named here failed "without
-            leaving its record".
+            attempt(s): could not launch ...``).
         hooks: the orchestrator's hooks.
         audit: how the orchestrator ran the shards (attempts, concurrency), for the commit record.
+        otherwise: why a shard without a record and not in ``failed`` failed.
 
     Returns:
         The run's summary, with ``shards`` and ``failed_shards`` (their indexes).
@@ -135,7 +136,7 @@ def publish_shards(
     summaries = [ChunkSummary.from_json(r.summary) for r in records]
     finished = {r.shard_index for r in records}
     missing = [i for i in range(count) if i not in finished]
-    reasons = {i: failed.get(i) or "without leaving its record" for i in missing}
+    reasons = {i: failed.get(i) or otherwise for i in missing}
     if records:
         identity, params = ModelIdentity(**records[0].identity), records[0].params_json
     else:  # no shard finished: identify the model here so the error rows still say which model was asked for
@@ -167,13 +168,14 @@ def publish_shards(
     return summary
 
 
-def failed_message(summary: dict[str, Any], reasons: dict[int, str]) -> str | None:
+def failed_message(summary: dict[str, Any], reasons: dict[int, str],
+                   otherwise: str = "finished without its record") -> str | None:
     """The one-line failure of a fan-out that published some shards as error rows, or None when none failed.
 
     Args:
         summary: the run's summary (``publish_shards``).
-        reasons: why each shard failed (by shard; a shard not named here is said to have finished without its
-            record).
+        reasons: why each shard failed, by shard.
+        otherwise: why a shard not in ``reasons`` failed.
 
     Returns:
         The message (shard indexes and reasons only).
@@ -181,7 +183,7 @@ def failed_message(summary: dict[str, Any], reasons: dict[int, str]) -> str | No
     missing = summary.get("failed_shards") or []
     if not missing:
         return None
-    detail = "; ".join(f"shard {i}: {reasons.get(i, 'finished without its record')}" for i in missing)
+    detail = "; ".join(f"shard {i}: {reasons.get(i, otherwise)}" for i in missing)
     return (f"{len(missing)} of {summary['shards']} shard(s) failed ({detail}); their rows are error rows in run "
             f"{summary['run_id']}")
 
@@ -241,11 +243,12 @@ def load_fanout_plan(ctx: RunContext) -> tuple[FanoutPlanRecord, ManifestPlan]:
     record = FanoutPlanRecord.from_bytes(ctx.storage.read_bytes(url), url)
     numbers = array("q")
     for part in range((record.shards + SHARDS_PER_FILE - 1) // SHARDS_PER_FILE):
-        fs, path = ctx.storage.filesystem(ctx.output.shard_plan(ctx.run_id, part))
+        part_url = ctx.output.shard_plan(ctx.run_id, part)
+        fs, path = ctx.storage.filesystem(part_url)
 
         def read(fs=fs, path=path):
             with fs.open(path, "rb") as f:
                 return pq.read_table(f, columns=["row_number"]).column("row_number").to_pylist()
 
-        numbers.extend(ctx.storage.call(ctx.output.shard_plan(ctx.run_id, part), read))
+        numbers.extend(ctx.storage.call(part_url, read))
     return record, ManifestPlan(quarantined=record.quarantined, total_rows=record.total_rows, row_numbers=numbers)

@@ -14,7 +14,6 @@ shard, publish them as one run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from medvlm_core import storage as st
@@ -61,6 +60,31 @@ class ChunkMapper(Protocol):
                  ) -> Iterable[ChunkSummary | BaseException]: ...
 
 
+def infer_chunk_here(logger: Any, index: int, rows: list[ManifestRow], spec: RunSpec, storage: st.Storage,
+                     done: results.DoneKeys | None, shard_index: int | None, log_phi: bool) -> ChunkSummary:
+    """One chunk in this process: the process's shared engine over its rows, their result rows staged, its counts
+    logged (what an orchestrator's chunk task runs).
+
+    Args:
+        logger: where the chunk's counts are logged.
+        index: the chunk's number in its run (or shard): names its files.
+        rows: its manifest rows.
+        spec: the run.
+        storage: where documents and the output are.
+        done: result keys already answered (their pages are skipped unless ``spec.force``).
+        shard_index: the shard in a fan-out run.
+        log_phi: the ``MEDVLM_LOG_PHI`` debug setting.
+
+    Returns:
+        The chunk's counts.
+    """
+    engine = shared_engine(spec.engine, spec.model.chat_format, log_phi)
+    summary = stage_chunk(engine, index, rows, spec, storage, done, shard_index)
+    logger.info("chunk %d: %d manifest rows -> %d ok, %d error, %d skipped pages", index, len(rows),
+                summary.pages_ok, summary.pages_error, summary.pages_skipped)
+    return summary
+
+
 def in_process_chunks(logger: Any, chunks: list[list[ManifestRow]], spec: RunSpec, storage: st.Storage,
                       done: results.DoneKeys, shard_index: int | None, log_phi: bool
                       ) -> Iterator[ChunkSummary | Exception]:
@@ -78,16 +102,11 @@ def in_process_chunks(logger: Any, chunks: list[list[ManifestRow]], spec: RunSpe
     Yields:
         Each chunk's counts, or the exception that failed it.
     """
-    engine = shared_engine(spec.engine, spec.model.chat_format, log_phi)
     for index, rows in enumerate(chunks):
         try:
-            summary = stage_chunk(engine, index, rows, spec, storage, done, shard_index)
+            yield infer_chunk_here(logger, index, rows, spec, storage, done, shard_index, log_phi)
         except Exception as exc:  # the caller records the chunk's rows as errors
             yield exc
-            continue
-        logger.info("chunk %d: %d manifest rows -> %d ok, %d error, %d skipped pages", index, len(rows),
-                    summary.pages_ok, summary.pages_error, summary.pages_skipped)
-        yield summary
 
 
 @dataclass
@@ -125,7 +144,6 @@ def start_run(
     credentials: CredentialsSource | None = None,
     run_id: str | None = None,
     source_id: str | None = None,
-    started: datetime | None = None,
 ) -> RunContext:
     """Open a run from an orchestrator's parameters: options validated, settings read once, storage built.
 
@@ -138,7 +156,6 @@ def start_run(
             connection); None: the AWS environment only.
         run_id: the run's id when it exists already (a shard or a publish step works under it); None makes one.
         source_id: the orchestrator's own run id (seeds a new run id).
-        started: when the run started (a step of a run that started earlier); default now.
 
     Returns:
         The run's context.
@@ -148,7 +165,7 @@ def start_run(
     """
     opts = RunOptions.parse(options)
     settings = Settings()
-    started = started or utc_now()
+    started = utc_now()
     storage = build_storage(opts.storage, settings, credentials)
     run_id = run_id or make_run_id(started, source_id)
     return open_run(run_id, started, output, model, mmproj, options, settings, storage)
